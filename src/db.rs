@@ -1,0 +1,177 @@
+//! Connecting, migrating and verifying the database.
+//!
+//! Why here: every command needs the same pool (same role, same limits), and `migrate` must
+//! apply apalis-postgres's queue schema and ours in one step, then grant the worker role what
+//! it needs on both. `verify` is the design's post-migration check: it reads the catalog, not
+//! our own migration history, so it also catches an index someone created by hand.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Executor, PgPool};
+
+use crate::config::DatabaseSettings;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A pool whose connections run as `settings.role` (when set), so the worker's queries are
+/// checked by the same privileges and RLS policies in tests as in production.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let opts: PgConnectOptions = settings
+        .url
+        .parse()
+        .with_context(|| format!("invalid DATABASE_URL {}", crate::config::redact_url(&settings.url)))?;
+    let opts = opts.application_name("embed-worker");
+    let role = settings.role.clone();
+    PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            let role = role.clone();
+            Box::pin(async move {
+                if !role.is_empty() {
+                    conn.execute(sqlx::AssertSqlSafe(format!("SET ROLE {}", quote_ident(&role))))
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(opts)
+        .await
+        .with_context(|| format!("connecting to {}", crate::config::redact_url(&settings.url)))
+}
+
+/// A pool as the login role, for migrations and administration.
+pub async fn connect_admin(url: &str) -> anyhow::Result<PgPool> {
+    let settings = DatabaseSettings {
+        url: url.to_string(),
+        max_connections: 4,
+        role: String::new(),
+    };
+    connect(&settings).await
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// apalis-postgres's migrations (schema `apalis`), then ours, then the worker role's grants on
+/// the queue schema. Idempotent: a second run changes nothing.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    apalis_postgres::PostgresStorage::setup(pool)
+        .await
+        .context("apalis-postgres migrations")?;
+    MIGRATOR.run(pool).await.context("embed-worker migrations")?;
+    pool.execute(
+        r#"
+        GRANT USAGE ON SCHEMA apalis TO embed_worker;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA apalis TO embed_worker;
+        GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA apalis TO embed_worker;
+        GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA apalis TO embed_worker;
+        "#,
+    )
+    .await
+    .context("granting embed_worker the apalis schema")?;
+    Ok(())
+}
+
+/// One vector index as the catalog describes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct VectorIndex {
+    pub name: String,
+    pub access_method: String,
+    pub options: Vec<String>,
+    pub definition: String,
+    pub valid: bool,
+}
+
+/// Every index on a `vector` column or expression of any table.
+pub async fn vector_indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
+    Ok(sqlx::query_as::<_, VectorIndex>(
+        r#"
+        SELECT i.relname::text AS name,
+               am.amname::text AS access_method,
+               coalesce(i.reloptions, '{}')::text[] AS options,
+               pg_get_indexdef(i.oid) AS definition,
+               x.indisvalid AS valid
+          FROM pg_index x
+          JOIN pg_class i ON i.oid = x.indexrelid
+          JOIN pg_am am ON am.oid = i.relam
+         WHERE am.amname IN ('hnsw', 'ivfflat')
+            OR EXISTS (SELECT 1 FROM pg_opclass oc
+                         JOIN pg_type t ON t.oid = oc.opcintype
+                        WHERE oc.oid = ANY (x.indclass) AND t.typname = 'vector')
+         ORDER BY 1
+        "#,
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The result of `verify`: what was found and what is wrong.
+#[derive(Debug)]
+pub struct VerifyReport {
+    pub indexes: Vec<VectorIndex>,
+    pub problems: Vec<String>,
+}
+
+/// The design's post-migration check. `default_index` is the default model's index name.
+pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<VerifyReport> {
+    let indexes = vector_indexes(pool).await?;
+    let mut problems = Vec::new();
+    for ix in &indexes {
+        if ix.access_method == "ivfflat" {
+            problems.push(format!(
+                "index {} uses IVFFlat; the design requires HNSW",
+                ix.name
+            ));
+        }
+        if !ix.valid {
+            problems.push(format!("index {} is INVALID (a failed CONCURRENTLY build?)", ix.name));
+        }
+    }
+    match indexes.iter().find(|ix| ix.name == default_index) {
+        None => problems.push(format!("default model HNSW index {default_index} is missing")),
+        Some(ix) => {
+            if ix.access_method != "hnsw" {
+                problems.push(format!("{default_index} is not HNSW"));
+            }
+            for want in ["m=16", "ef_construction=64"] {
+                if !ix.options.iter().any(|o| o == want) {
+                    problems.push(format!("{default_index} lacks {want}"));
+                }
+            }
+            if !ix.definition.contains("vector_cosine_ops") {
+                problems.push(format!("{default_index} does not use vector_cosine_ops"));
+            }
+        }
+    }
+    let rls: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT relname::text, relrowsecurity FROM pg_class
+          WHERE relname IN ('rag_embeddings', 'question_templates') AND relkind = 'r'
+            AND relnamespace = 'public'::regnamespace",
+    )
+    .fetch_all(pool)
+    .await?;
+    for table in ["rag_embeddings", "question_templates"] {
+        match rls.iter().find(|(t, _)| t == table) {
+            Some((_, true)) => {}
+            Some((_, false)) => problems.push(format!("row-level security is off on {table}")),
+            None => problems.push(format!("table {table} is missing")),
+        }
+    }
+    let trigger: Option<(bool,)> = sqlx::query_as(
+        "SELECT tgenabled <> 'D' FROM pg_trigger
+          WHERE tgname = 'trg_rag_embeddings_check_source'
+            AND tgrelid = to_regclass('public.rag_embeddings')",
+    )
+    .fetch_optional(pool)
+    .await?;
+    match trigger {
+        Some((true,)) => {}
+        Some((false,)) => problems.push("source trigger trg_rag_embeddings_check_source is disabled".into()),
+        None => problems.push("source trigger trg_rag_embeddings_check_source is missing".into()),
+    }
+    Ok(VerifyReport { indexes, problems })
+}

@@ -1,0 +1,11 @@
+//! embed-worker: keeps `rag_embeddings` (pgvector) in step with an application's text.
+//!
+//! Data flow, one module per stage:
+//! job ([`queue`]) → batch ([`pipeline::batcher`]) → load ([`pipeline::load`]) →
+//! tokenize/split ([`pipeline::chunk`]) → embed ([`embed`]) → write ([`pipeline::write`]) → ack.
+
+pub mod config;
+pub mod db;
+pub mod models;
+pub mod seed;
+pub mod telemetry;
