@@ -167,7 +167,10 @@ impl Settings {
             "model.chunk_overlap_tokens must be below half of model.max_input_tokens"
         );
         anyhow::ensure!(self.model.dimensions > 0, "model.dimensions must be > 0");
-        anyhow::ensure!(self.batch.max_in_flight > 0, "batch.max_in_flight must be > 0");
+        anyhow::ensure!(
+            self.batch.max_in_flight > 0,
+            "batch.max_in_flight must be > 0"
+        );
         anyhow::ensure!(self.batch.max_jobs > 0, "batch.max_jobs must be > 0");
         Ok(())
     }

@@ -18,10 +18,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool whose connections run as `settings.role` (when set), so the worker's queries are
 /// checked by the same privileges and RLS policies in tests as in production.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    let opts: PgConnectOptions = settings
-        .url
-        .parse()
-        .with_context(|| format!("invalid DATABASE_URL {}", crate::config::redact_url(&settings.url)))?;
+    let opts: PgConnectOptions = settings.url.parse().with_context(|| {
+        format!(
+            "invalid DATABASE_URL {}",
+            crate::config::redact_url(&settings.url)
+        )
+    })?;
     let opts = opts.application_name("embed-worker");
     let role = settings.role.clone();
     PgPoolOptions::new()
@@ -31,8 +33,11 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
             let role = role.clone();
             Box::pin(async move {
                 if !role.is_empty() {
-                    conn.execute(sqlx::AssertSqlSafe(format!("SET ROLE {}", quote_ident(&role))))
-                        .await?;
+                    conn.execute(sqlx::AssertSqlSafe(format!(
+                        "SET ROLE {}",
+                        quote_ident(&role)
+                    )))
+                    .await?;
                 }
                 Ok(())
             })
@@ -62,7 +67,10 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
         .context("apalis-postgres migrations")?;
-    MIGRATOR.run(pool).await.context("embed-worker migrations")?;
+    MIGRATOR
+        .run(pool)
+        .await
+        .context("embed-worker migrations")?;
     pool.execute(
         r#"
         GRANT USAGE ON SCHEMA apalis TO embed_worker;
@@ -128,11 +136,16 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
             ));
         }
         if !ix.valid {
-            problems.push(format!("index {} is INVALID (a failed CONCURRENTLY build?)", ix.name));
+            problems.push(format!(
+                "index {} is INVALID (a failed CONCURRENTLY build?)",
+                ix.name
+            ));
         }
     }
     match indexes.iter().find(|ix| ix.name == default_index) {
-        None => problems.push(format!("default model HNSW index {default_index} is missing")),
+        None => problems.push(format!(
+            "default model HNSW index {default_index} is missing"
+        )),
         Some(ix) => {
             if ix.access_method != "hnsw" {
                 problems.push(format!("{default_index} is not HNSW"));
@@ -170,7 +183,9 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
     .await?;
     match trigger {
         Some((true,)) => {}
-        Some((false,)) => problems.push("source trigger trg_rag_embeddings_check_source is disabled".into()),
+        Some((false,)) => {
+            problems.push("source trigger trg_rag_embeddings_check_source is disabled".into())
+        }
         None => problems.push("source trigger trg_rag_embeddings_check_source is missing".into()),
     }
     Ok(VerifyReport { indexes, problems })

@@ -6,6 +6,11 @@
 
 pub mod config;
 pub mod db;
+pub mod embed;
+pub mod fake_openai;
 pub mod models;
+pub mod pipeline;
+pub mod queue;
 pub mod seed;
 pub mod telemetry;
+pub mod worker;

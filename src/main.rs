@@ -11,7 +11,11 @@ use embed_worker::telemetry::{self, LogFormat};
 use embed_worker::{db, models, seed};
 
 #[derive(Parser, Debug)]
-#[command(name = "embed-worker", version, about = "Keeps pgvector embeddings in step with the app's text")]
+#[command(
+    name = "embed-worker",
+    version,
+    about = "Keeps pgvector embeddings in step with the app's text"
+)]
 struct Cli {
     /// Extra configuration file layered over config/default.toml.
     #[arg(long, global = true, env = "EMBED_WORKER_CONFIG")]
@@ -34,6 +38,24 @@ enum Command {
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates.toml"))]
         file: PathBuf,
     },
+    /// Consume the embed queue until SIGTERM/SIGINT (or, with --until-empty, until it drains).
+    Run {
+        /// Exit 0 once no job is pending or running (demo, batch use).
+        #[arg(long)]
+        until_empty: bool,
+    },
+    /// Queue embed jobs: every session and template (--all), or the given sources.
+    Enqueue {
+        #[arg(long)]
+        all: bool,
+        /// session or template, with --id.
+        #[arg(long)]
+        source_type: Option<embed_worker::queue::SourceType>,
+        #[arg(long)]
+        id: Vec<uuid::Uuid>,
+    },
+    /// Job counts by state.
+    Status,
 }
 
 #[tokio::main]
@@ -46,7 +68,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(cli.log_format.unwrap_or(LogFormat::parse(&settings.log.format)));
+    telemetry::init(
+        cli.log_format
+            .unwrap_or(LogFormat::parse(&settings.log.format)),
+    );
     match run(cli.command, settings).await {
         Ok(code) => code,
         Err(e) => {
@@ -68,7 +93,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Verify => {
             let pool = db::connect_admin(&settings.database.url).await?;
             let report = db::verify(&pool, &models::index_name(&settings.model.name)).await?;
-            println!("{:<56} {:<8} {:<32} valid", "vector index", "method", "options");
+            println!(
+                "{:<56} {:<8} {:<32} valid",
+                "vector index", "method", "options"
+            );
             for ix in &report.indexes {
                 println!(
                     "{:<56} {:<8} {:<32} {}",
@@ -87,6 +115,79 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Command::Run { until_empty } => {
+            let worker = embed_worker::worker::Worker::build(settings).await?;
+            let shutdown = embed_worker::worker::shutdown_signal();
+            if until_empty {
+                let pool = worker.pool.clone();
+                let queue = worker.settings.queue.name.clone();
+                let drained = async move {
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        if let Ok(0) = embed_worker::queue::open_jobs(&pool, &queue).await {
+                            break;
+                        }
+                    }
+                };
+                worker
+                    .run(async move {
+                        tokio::select! { _ = shutdown => {}, _ = drained => {} }
+                    })
+                    .await?;
+            } else {
+                worker.run(shutdown).await?;
+            }
+            let st = &worker.pipeline.stats;
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            println!(
+                "api requests: {}, tokens embedded: {}, tokens saved: {}, chunks written: {}",
+                load(&st.api_requests),
+                load(&st.tokens_embedded),
+                load(&st.tokens_saved),
+                load(&st.chunks_written)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue {
+            all,
+            source_type,
+            id,
+        } => {
+            let pool = db::connect(&settings.database).await?;
+            let sources = if all {
+                embed_worker::queue::all_sources(&pool).await?
+            } else {
+                let ty = source_type.context("--source-type is required with --id")?;
+                id.into_iter()
+                    .map(|source_id| embed_worker::queue::EmbedSource {
+                        source_type: ty,
+                        source_id,
+                    })
+                    .collect()
+            };
+            let n = embed_worker::queue::enqueue_many(
+                &pool,
+                &settings.queue.name,
+                settings.queue.max_attempts,
+                &sources,
+            )
+            .await?;
+            println!(
+                "{} sources, {n} jobs queued (the rest already had a pending job)",
+                sources.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let pool = db::connect(&settings.database).await?;
+            for (state, n) in
+                embed_worker::queue::counts_by_state(&pool, &settings.queue.name).await?
+            {
+                println!("{state:<10} {n}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::SeedTemplates { file } => {
             let seeds = seed::read_templates(&file)?;

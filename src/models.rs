@@ -10,7 +10,13 @@ use sqlx::PgPool;
 pub fn index_name(model: &str) -> String {
     let folded: String = model
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     let mut name = format!("idx_rag_embeddings_vector_{folded}");
     name.truncate(63);
@@ -19,7 +25,11 @@ pub fn index_name(model: &str) -> String {
 
 /// Creates the model's HNSW index (m=16, ef_construction=64, cosine) if it is absent.
 /// `CONCURRENTLY`: writes continue while it builds. Cannot run inside a transaction.
-pub async fn ensure_model_index(pool: &PgPool, model: &str, dimensions: usize) -> anyhow::Result<()> {
+pub async fn ensure_model_index(
+    pool: &PgPool,
+    model: &str,
+    dimensions: usize,
+) -> anyhow::Result<()> {
     let name = index_name(model);
     let sql = format!(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON rag_embeddings \
@@ -27,7 +37,9 @@ pub async fn ensure_model_index(pool: &PgPool, model: &str, dimensions: usize) -
          WITH (m = 16, ef_construction = 64) WHERE embedding_model = {lit}",
         lit = quote_literal(model)
     );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 

@@ -25,7 +25,12 @@ async fn insert_embedding(
     .map(|_| ())
 }
 
-async fn insert_template(pool: &sqlx::PgPool, body: &str, placeholders: serde_json::Value, enabled: bool) -> Result<Uuid, sqlx::Error> {
+async fn insert_template(
+    pool: &sqlx::PgPool,
+    body: &str,
+    placeholders: serde_json::Value,
+    enabled: bool,
+) -> Result<Uuid, sqlx::Error> {
     sqlx::query_scalar(
         "INSERT INTO question_templates (focus, depth, category, body, placeholders, enabled)
          VALUES ('harmony', 'deep', 'technical', $1, $2, $3) RETURNING id",
@@ -42,22 +47,42 @@ async fn orphan_embeddings_are_rejected_and_valid_ones_accepted() {
     let t = TestDb::migrated().await;
     let worker = t.worker_pool().await;
     let ghost = Uuid::new_v4();
-    let err = insert_embedding(&worker, "session", ghost).await.unwrap_err();
+    let err = insert_embedding(&worker, "session", ghost)
+        .await
+        .unwrap_err();
     assert!(
-        err.to_string().contains(&format!("Invalid source_id: session {ghost} does not exist")),
+        err.to_string().contains(&format!(
+            "Invalid source_id: session {ghost} does not exist"
+        )),
         "{err}"
     );
-    let err = insert_embedding(&worker, "template", ghost).await.unwrap_err();
+    let err = insert_embedding(&worker, "template", ghost)
+        .await
+        .unwrap_err();
     assert!(
-        err.to_string().contains(&format!("Invalid source_id: template {ghost} does not exist")),
+        err.to_string().contains(&format!(
+            "Invalid source_id: template {ghost} does not exist"
+        )),
         "{err}"
     );
 
     let session = insert_session(&t.admin, Uuid::new_v4(), "t", "n").await;
     insert_embedding(&worker, "session", session).await.unwrap();
-    let template = insert_template(&t.admin, "plain", serde_json::json!({"placeholders": []}), true).await.unwrap();
-    insert_embedding(&worker, "template", template).await.unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings").fetch_one(&t.admin).await.unwrap();
+    let template = insert_template(
+        &t.admin,
+        "plain",
+        serde_json::json!({"placeholders": []}),
+        true,
+    )
+    .await
+    .unwrap();
+    insert_embedding(&worker, "template", template)
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     assert_eq!(n, 2);
 }
 
@@ -67,13 +92,31 @@ async fn deleting_a_source_deletes_its_embeddings() {
     let worker = t.worker_pool().await;
     let s1 = insert_session(&t.admin, Uuid::new_v4(), "a", "n").await;
     let s2 = insert_session(&t.admin, Uuid::new_v4(), "b", "n").await;
-    let tpl = insert_template(&t.admin, "plain", serde_json::json!({"placeholders": []}), true).await.unwrap();
+    let tpl = insert_template(
+        &t.admin,
+        "plain",
+        serde_json::json!({"placeholders": []}),
+        true,
+    )
+    .await
+    .unwrap();
     for (ty, id) in [("session", s1), ("session", s2), ("template", tpl)] {
         insert_embedding(&worker, ty, id).await.unwrap();
     }
-    sqlx::query("DELETE FROM sessions WHERE id = $1").bind(s1).execute(&t.admin).await.unwrap();
-    sqlx::query("DELETE FROM question_templates WHERE id = $1").bind(tpl).execute(&t.admin).await.unwrap();
-    let left: Vec<Uuid> = sqlx::query_scalar("SELECT source_id FROM rag_embeddings").fetch_all(&t.admin).await.unwrap();
+    sqlx::query("DELETE FROM sessions WHERE id = $1")
+        .bind(s1)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM question_templates WHERE id = $1")
+        .bind(tpl)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let left: Vec<Uuid> = sqlx::query_scalar("SELECT source_id FROM rag_embeddings")
+        .fetch_all(&t.admin)
+        .await
+        .unwrap();
     assert_eq!(left, vec![s2]);
 }
 
@@ -85,7 +128,11 @@ async fn enums_reject_capitalised_values() {
         .execute(&t.admin)
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("invalid input value for enum interview_focus"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("invalid input value for enum interview_focus"),
+        "{err}"
+    );
     sqlx::query("INSERT INTO sessions (user_id, focus) VALUES ($1, 'harmony')")
         .bind(Uuid::new_v4())
         .execute(&t.admin)
@@ -98,27 +145,45 @@ async fn placeholders_are_validated_in_the_database() {
     let t = TestDb::migrated().await;
     let ok = serde_json::json!({"placeholders": [
         {"key": "chord", "description": "A chord", "type": "chord", "required": true, "example": "G7"}]});
-    insert_template(&t.admin, "Voice {chord} three ways", ok, true).await.unwrap();
+    insert_template(&t.admin, "Voice {chord} three ways", ok, true)
+        .await
+        .unwrap();
 
     let unknown_type = serde_json::json!({"placeholders": [
         {"key": "chord", "description": "A chord", "type": "colour", "required": true}]});
-    let err = insert_template(&t.admin, "Voice {chord}", unknown_type, true).await.unwrap_err();
+    let err = insert_template(&t.admin, "Voice {chord}", unknown_type, true)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("unknown type colour"), "{err}");
 
     let missing_key = serde_json::json!({"placeholders": [
         {"key": "scale", "description": "A scale", "type": "scale", "required": true}]});
-    let err = insert_template(&t.admin, "Voice {chord}", missing_key, true).await.unwrap_err();
-    assert!(err.to_string().contains("{scale} does not appear in the body"), "{err}");
+    let err = insert_template(&t.admin, "Voice {chord}", missing_key, true)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("{scale} does not appear in the body"),
+        "{err}"
+    );
 
     let not_structured = serde_json::json!(["chord"]);
-    let err = insert_template(&t.admin, "Voice {chord}", not_structured, true).await.unwrap_err();
-    assert!(err.to_string().contains("expected {\"placeholders\""), "{err}");
+    let err = insert_template(&t.admin, "Voice {chord}", not_structured, true)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("expected {\"placeholders\""),
+        "{err}"
+    );
 }
 
 /// Runs `sql` as `app_user` with `auth.uid()` = `user`, returning source ids.
 async fn as_app_user(t: &TestDb, user: Option<Uuid>, sql: &'static str) -> Vec<Uuid> {
     let mut tx = t.admin.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE app_user").execute(&mut *tx).await.unwrap();
+    sqlx::query("SET LOCAL ROLE app_user")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     if let Some(u) = user {
         sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
             .bind(u.to_string())
@@ -138,34 +203,79 @@ async fn rls_users_see_only_their_own_session_embeddings() {
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let sa = insert_session(&t.admin, a, "a", "n").await;
     let sb = insert_session(&t.admin, b, "b", "n").await;
-    let on = insert_template(&t.admin, "on", serde_json::json!({"placeholders": []}), true).await.unwrap();
-    let off = insert_template(&t.admin, "off", serde_json::json!({"placeholders": []}), false).await.unwrap();
-    for (ty, id) in [("session", sa), ("session", sb), ("template", on), ("template", off)] {
+    let on = insert_template(
+        &t.admin,
+        "on",
+        serde_json::json!({"placeholders": []}),
+        true,
+    )
+    .await
+    .unwrap();
+    let off = insert_template(
+        &t.admin,
+        "off",
+        serde_json::json!({"placeholders": []}),
+        false,
+    )
+    .await
+    .unwrap();
+    for (ty, id) in [
+        ("session", sa),
+        ("session", sb),
+        ("template", on),
+        ("template", off),
+    ] {
         insert_embedding(&worker, ty, id).await.unwrap();
     }
 
     let emb = "SELECT source_id FROM rag_embeddings";
     let mut want_a = vec![sa, on, off];
     want_a.sort();
-    assert_eq!(as_app_user(&t, Some(a), emb).await, want_a, "A sees A's sessions and all template embeddings");
-    assert!(!as_app_user(&t, Some(a), emb).await.contains(&sb), "never B's");
+    assert_eq!(
+        as_app_user(&t, Some(a), emb).await,
+        want_a,
+        "A sees A's sessions and all template embeddings"
+    );
+    assert!(
+        !as_app_user(&t, Some(a), emb).await.contains(&sb),
+        "never B's"
+    );
     let mut want_b = vec![sb, on, off];
     want_b.sort();
     assert_eq!(as_app_user(&t, Some(b), emb).await, want_b);
 
     let tpl = "SELECT id FROM question_templates";
-    assert_eq!(as_app_user(&t, None, tpl).await, Vec::<Uuid>::new(), "no user, no templates");
-    assert_eq!(as_app_user(&t, Some(a), tpl).await, vec![on], "disabled templates hidden");
-    let no_user_sessions: Vec<Uuid> = as_app_user(&t, None, "SELECT source_id FROM rag_embeddings WHERE source_type = 'session'").await;
+    assert_eq!(
+        as_app_user(&t, None, tpl).await,
+        Vec::<Uuid>::new(),
+        "no user, no templates"
+    );
+    assert_eq!(
+        as_app_user(&t, Some(a), tpl).await,
+        vec![on],
+        "disabled templates hidden"
+    );
+    let no_user_sessions: Vec<Uuid> = as_app_user(
+        &t,
+        None,
+        "SELECT source_id FROM rag_embeddings WHERE source_type = 'session'",
+    )
+    .await;
     assert!(no_user_sessions.is_empty());
 }
 
 #[tokio::test]
 async fn migrate_twice_is_a_no_op() {
     let t = TestDb::migrated().await;
-    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&t.admin).await.unwrap();
+    let before: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     db::migrate(&t.admin).await.unwrap();
-    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations").fetch_one(&t.admin).await.unwrap();
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     assert_eq!(before, after);
     assert!(before >= 2);
 }
@@ -187,9 +297,18 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
     .await
     .unwrap();
     db::migrate(&t.admin).await.unwrap();
-    let (title, mood): (String, String) = sqlx::query_as("SELECT title, mood FROM sessions").fetch_one(&t.admin).await.unwrap();
-    assert_eq!((title.as_str(), mood.as_str()), ("existing", "good"), "the app's table and data are kept");
-    let report = db::verify(&t.admin, &models::index_name("text-embedding-ada-002")).await.unwrap();
+    let (title, mood): (String, String) = sqlx::query_as("SELECT title, mood FROM sessions")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        (title.as_str(), mood.as_str()),
+        ("existing", "good"),
+        "the app's table and data are kept"
+    );
+    let report = db::verify(&t.admin, &models::index_name("text-embedding-ada-002"))
+        .await
+        .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
@@ -199,9 +318,16 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     let default_index = models::index_name("text-embedding-ada-002");
     let report = db::verify(&t.admin, &default_index).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    let ix = report.indexes.iter().find(|i| i.name == default_index).expect("default index listed");
+    let ix = report
+        .indexes
+        .iter()
+        .find(|i| i.name == default_index)
+        .expect("default index listed");
     assert_eq!(ix.access_method, "hnsw");
-    assert!(ix.options.contains(&"m=16".to_string()) && ix.options.contains(&"ef_construction=64".to_string()));
+    assert!(
+        ix.options.contains(&"m=16".to_string())
+            && ix.options.contains(&"ef_construction=64".to_string())
+    );
 
     sqlx::raw_sql(
         "CREATE INDEX bad_ivf ON rag_embeddings USING ivfflat ((embedding::vector(3)) vector_cosine_ops)
@@ -211,22 +337,60 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     .await
     .unwrap();
     let report = db::verify(&t.admin, &default_index).await.unwrap();
-    assert!(report.problems.iter().any(|p| p.contains("bad_ivf") && p.contains("IVFFlat")), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("bad_ivf") && p.contains("IVFFlat")),
+        "{:?}",
+        report.problems
+    );
 
     sqlx::raw_sql("DROP INDEX bad_ivf; ALTER TABLE rag_embeddings DISABLE ROW LEVEL SECURITY")
-        .execute(&t.admin).await.unwrap();
+        .execute(&t.admin)
+        .await
+        .unwrap();
     let report = db::verify(&t.admin, &default_index).await.unwrap();
-    assert!(report.problems.iter().any(|p| p.contains("row-level security is off")), "{:?}", report.problems);
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("row-level security is off")),
+        "{:?}",
+        report.problems
+    );
 }
 
 #[tokio::test]
 async fn seeding_templates_twice_changes_nothing() {
     let t = TestDb::migrated().await;
-    let seeds = embed_worker::seed::read_templates(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates.toml"))).unwrap();
+    let seeds = embed_worker::seed::read_templates(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/templates.toml"
+    )))
+    .unwrap();
     assert_eq!(seeds.len(), 20);
-    assert_eq!(embed_worker::seed::seed_templates(&t.admin, &seeds).await.unwrap(), (20, 0));
-    let stamp: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(updated_at) FROM question_templates").fetch_one(&t.admin).await.unwrap();
-    assert_eq!(embed_worker::seed::seed_templates(&t.admin, &seeds).await.unwrap(), (0, 0));
-    let stamp2: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT max(updated_at) FROM question_templates").fetch_one(&t.admin).await.unwrap();
+    assert_eq!(
+        embed_worker::seed::seed_templates(&t.admin, &seeds)
+            .await
+            .unwrap(),
+        (20, 0)
+    );
+    let stamp: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(updated_at) FROM question_templates")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(
+        embed_worker::seed::seed_templates(&t.admin, &seeds)
+            .await
+            .unwrap(),
+        (0, 0)
+    );
+    let stamp2: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(updated_at) FROM question_templates")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
     assert_eq!(stamp, stamp2);
 }

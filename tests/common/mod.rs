@@ -68,7 +68,12 @@ impl TestDb {
 }
 
 /// Inserts a session and returns its id.
-pub async fn insert_session(pool: &PgPool, user: uuid::Uuid, title: &str, notes: &str) -> uuid::Uuid {
+pub async fn insert_session(
+    pool: &PgPool,
+    user: uuid::Uuid,
+    title: &str,
+    notes: &str,
+) -> uuid::Uuid {
     sqlx::query_scalar(
         "INSERT INTO sessions (user_id, focus, depth, title, notes)
          VALUES ($1, 'harmony', 'standard', $2, $3) RETURNING id",
@@ -86,4 +91,127 @@ pub fn vector_literal(dims: usize) -> String {
     let mut v = vec!["0".to_string(); dims];
     v[0] = "1".into();
     format!("[{}]", v.join(","))
+}
+
+use embed_worker::fake_openai::{FakeConfig, FakeServer};
+use embed_worker::queue::{EmbedSource, SourceType};
+use std::time::Duration;
+
+/// Settings for a worker against `fake`, with quick heartbeats for tests.
+pub fn worker_settings(t: &TestDb, fake: &FakeServer) -> Settings {
+    let mut s = t.settings();
+    s.api.base_url = fake.base_url();
+    s.queue.heartbeat_secs = 1;
+    s.queue.missed_heartbeats = 3;
+    s.queue.poll_interval_ms = 100;
+    s.shutdown.grace_secs = 10;
+    s
+}
+
+pub async fn fake(config: FakeConfig) -> FakeServer {
+    FakeServer::start(config, 0).await.unwrap()
+}
+
+/// A worker running in this process until the returned sender is dropped or fired.
+pub struct RunningWorker {
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub worker: std::sync::Arc<embed_worker::worker::Worker>,
+}
+
+impl RunningWorker {
+    pub async fn start(settings: Settings) -> RunningWorker {
+        let worker =
+            std::sync::Arc::new(embed_worker::worker::Worker::build(settings).await.unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let w = worker.clone();
+        let handle = tokio::spawn(async move {
+            w.run(async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        RunningWorker {
+            stop: Some(tx),
+            handle,
+            worker,
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("worker stops within 30 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Waits until the queue has no open job; panics after `limit`.
+pub async fn wait_drained(pool: &PgPool, limit: Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let open = embed_worker::queue::open_jobs(pool, "embed").await.unwrap();
+        if open == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "queue not drained after {limit:?}: {open} open jobs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn enqueue(pool: &PgPool, sources: &[EmbedSource]) -> i64 {
+    embed_worker::queue::enqueue_many(pool, "embed", 10, sources)
+        .await
+        .unwrap()
+}
+
+/// Inserts `n` sessions for `user` with notes of varied length; returns their sources.
+pub async fn insert_sessions(
+    pool: &PgPool,
+    user: uuid::Uuid,
+    n: usize,
+    words: impl Fn(usize) -> usize,
+) -> Vec<EmbedSource> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let notes = (0..words(i))
+            .map(|w| format!("scale{} arpeggio{}", (i * 7 + w) % 97, w % 13))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let id = insert_session(pool, user, &format!("Practice {i}"), &notes).await;
+        out.push(EmbedSource {
+            source_type: SourceType::Session,
+            source_id: id,
+        });
+    }
+    out
+}
+
+pub async fn template_sources(pool: &PgPool) -> Vec<EmbedSource> {
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM question_templates")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    ids.into_iter()
+        .map(|source_id| EmbedSource {
+            source_type: SourceType::Template,
+            source_id,
+        })
+        .collect()
+}
+
+pub async fn seed_templates(pool: &PgPool) {
+    let seeds = embed_worker::seed::read_templates(std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/templates.toml"
+    )))
+    .unwrap();
+    embed_worker::seed::seed_templates(pool, &seeds)
+        .await
+        .unwrap();
 }

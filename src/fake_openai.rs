@@ -1,0 +1,475 @@
+//! An OpenAI-compatible embeddings server for tests, benchmarks and the offline demo.
+//!
+//! Why build one: the real API is unreachable here, and a mock that always says yes tests
+//! nothing. This one behaves like the provider where the worker must cope with it: OpenAI's
+//! request limits (2,048 inputs, 8,192 tokens per input, 300,000 tokens per request) answered
+//! with OpenAI's error body, `usage` counted with the real tokenizer, `x-ratelimit-*` headers,
+//! RPM/TPM limits answered with 429 and `retry-after(-ms)`, `insufficient_quota`, injected 5xx,
+//! and configurable latency. Vectors are deterministic unit vectors from a hash of the text
+//! (same text → same vector). Every request is recorded for assertions.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+/// Behaviour of the fake; change it at run time with [`FakeServer::configure`].
+#[derive(Debug, Clone)]
+pub struct FakeConfig {
+    pub max_inputs: usize,
+    pub max_tokens_per_input: usize,
+    pub max_tokens_per_request: usize,
+    /// Requests per minute; 0 = unlimited.
+    pub rpm: u64,
+    /// Tokens per minute; 0 = unlimited.
+    pub tpm: u64,
+    pub latency: Duration,
+    pub latency_per_1k_tokens: Duration,
+    /// Share of requests answered with a 5xx, 0.0..=1.0.
+    pub error_rate: f64,
+    /// Answer every request with 429 `insufficient_quota`.
+    pub insufficient_quota: bool,
+    /// Inputs containing this marker are rejected as invalid (400), like a bad input would be.
+    pub reject_marker: Option<String>,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            max_inputs: 2048,
+            max_tokens_per_input: 8192,
+            max_tokens_per_request: 300_000,
+            rpm: 0,
+            tpm: 0,
+            latency: Duration::ZERO,
+            latency_per_1k_tokens: Duration::ZERO,
+            error_rate: 0.0,
+            insufficient_quota: false,
+            reject_marker: Some("<<fake:reject>>".into()),
+            api_key: None,
+        }
+    }
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub model: String,
+    pub inputs: usize,
+    /// Tokens counted for `usage` (0 when the request was refused).
+    pub tokens: u64,
+    pub status: u16,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct Window {
+    /// (time, tokens) of accepted requests in the last minute.
+    events: VecDeque<(Instant, u64)>,
+}
+
+struct Inner {
+    config: Mutex<FakeConfig>,
+    recorded: Mutex<Vec<Recorded>>,
+    window: Mutex<Window>,
+    rng: Mutex<u64>,
+}
+
+#[derive(Clone)]
+pub struct FakeServer {
+    pub addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl FakeServer {
+    /// Starts on `127.0.0.1:port` (0 picks a free port) on the current runtime.
+    pub async fn start(config: FakeConfig, port: u16) -> std::io::Result<FakeServer> {
+        let inner = Arc::new(Inner {
+            config: Mutex::new(config),
+            recorded: Mutex::new(Vec::new()),
+            window: Mutex::new(Window::default()),
+            rng: Mutex::new(0x9E3779B97F4A7C15),
+        });
+        let app = Router::new()
+            .route("/v1/embeddings", post(embeddings))
+            .route("/embeddings", post(embeddings))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(FakeServer { addr, inner })
+    }
+
+    /// The base URL to configure as `api.base_url`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn configure(&self, f: impl FnOnce(&mut FakeConfig)) {
+        f(&mut self.inner.config.lock().unwrap());
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.inner.recorded.lock().unwrap().clone()
+    }
+
+    /// Sum of `usage.prompt_tokens` over successful requests.
+    pub fn tokens_billed(&self) -> u64 {
+        self.requests()
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.tokens)
+            .sum()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Input {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+struct Request {
+    model: String,
+    input: Input,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+}
+
+fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    kind: &str,
+    code: Option<&str>,
+) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": code}});
+    (status, Json(body)).into_response()
+}
+
+fn model_dims(model: &str) -> usize {
+    match model {
+        "text-embedding-3-large" => 3072,
+        m if m.contains("minilm") || m.contains("MiniLM") => 384,
+        _ => 1536,
+    }
+}
+
+/// A deterministic unit vector from the text.
+pub fn fake_vector(text: &str, dims: usize) -> Vec<f32> {
+    let seed = Sha256::digest(text.as_bytes());
+    let mut state = u64::from_le_bytes(seed[..8].try_into().unwrap());
+    let mut v: Vec<f32> = (0..dims)
+        .map(|_| {
+            // splitmix64
+            state = state.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            (z as f64 / u64::MAX as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+async fn embeddings(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let cfg = inner.config.lock().unwrap().clone();
+    let record = |model: &str, inputs: usize, tokens: u64, status: u16| {
+        inner.recorded.lock().unwrap().push(Recorded {
+            model: model.to_string(),
+            inputs,
+            tokens,
+            status,
+            at: Instant::now(),
+        });
+    };
+    if let Some(key) = &cfg.api_key {
+        let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some(&format!("Bearer {key}"));
+        if !ok {
+            record("", 0, 0, 401);
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "Incorrect API key provided.",
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            );
+        }
+    }
+    let req: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            record("", 0, 0, 400);
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("We could not parse the JSON body of your request. ({e})"),
+                "invalid_request_error",
+                None,
+            );
+        }
+    };
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let texts: Vec<String> = match req.input {
+        Input::One(s) => vec![s],
+        Input::Many(v) => v,
+        Input::Tokens(t) => vec![bpe.decode(&t).unwrap_or_default()],
+        Input::ManyTokens(ts) => ts
+            .into_iter()
+            .map(|t| bpe.decode(&t).unwrap_or_default())
+            .collect(),
+    };
+    let n = texts.len();
+    let refuse = |status: StatusCode, msg: String, kind: &str, code: Option<&str>| {
+        record(&req.model, n, 0, status.as_u16());
+        error(status, msg, kind, code)
+    };
+    if cfg.insufficient_quota {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "You exceeded your current quota, please check your plan and billing details.".into(),
+            "insufficient_quota",
+            Some("insufficient_quota"),
+        );
+    }
+    if n == 0 || n > cfg.max_inputs {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "'$.input' is invalid: an array must have between 1 and {} items.",
+                cfg.max_inputs
+            ),
+            "invalid_request_error",
+            None,
+        );
+    }
+    let mut tokens: Vec<u64> = Vec::with_capacity(n);
+    for (i, t) in texts.iter().enumerate() {
+        if t.is_empty() {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("'$.input[{i}]' is invalid: empty string."),
+                "invalid_request_error",
+                None,
+            );
+        }
+        if let Some(marker) = &cfg.reject_marker {
+            if t.contains(marker.as_str()) {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!("'$.input[{i}]' is invalid."),
+                    "invalid_request_error",
+                    None,
+                );
+            }
+        }
+        let c = bpe.encode_ordinary(t).len();
+        if c > cfg.max_tokens_per_input {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "This model's maximum context length is {} tokens, however you requested {c} tokens in input {i}.",
+                    cfg.max_tokens_per_input
+                ),
+                "invalid_request_error",
+                None,
+            );
+        }
+        tokens.push(c as u64);
+    }
+    let total: u64 = tokens.iter().sum();
+    // OpenAI enforces the per-request cap with an estimate of ~0.25 token per UTF-8 byte.
+    let estimated: u64 = texts
+        .iter()
+        .zip(&tokens)
+        .map(|(t, c)| (*c).max(t.len().div_ceil(4) as u64))
+        .sum();
+    if estimated as usize > cfg.max_tokens_per_request {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Requested {estimated} tokens, max {} tokens per request",
+                cfg.max_tokens_per_request
+            ),
+            "max_tokens_per_request",
+            Some("max_tokens_per_request"),
+        );
+    }
+    let dims = match req.dimensions {
+        Some(d) if !req.model.starts_with("text-embedding-3") => {
+            let _ = d;
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "This model does not support specifying dimensions.".into(),
+                "invalid_request_error",
+                None,
+            );
+        }
+        Some(d) => d,
+        None => model_dims(&req.model),
+    };
+
+    // Rate limits over a sliding minute.
+    let now = Instant::now();
+    let (used_req, used_tok, oldest) = {
+        let mut w = inner.window.lock().unwrap();
+        while w
+            .events
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            w.events.pop_front();
+        }
+        let used_req = w.events.len() as u64;
+        let used_tok: u64 = w.events.iter().map(|(_, t)| t).sum();
+        let over_rpm = cfg.rpm > 0 && used_req + 1 > cfg.rpm;
+        let over_tpm = cfg.tpm > 0 && used_tok + total > cfg.tpm;
+        if over_rpm || over_tpm {
+            // Wait until enough of the window has expired.
+            let mut wait = Duration::from_millis(100);
+            let mut freed_tok = 0u64;
+            let mut freed_req = 0u64;
+            for (t, k) in &w.events {
+                freed_tok += k;
+                freed_req += 1;
+                let req_ok = !over_rpm || used_req + 1 - freed_req <= cfg.rpm;
+                let tok_ok = !over_tpm || used_tok + total - freed_tok <= cfg.tpm;
+                if req_ok && tok_ok {
+                    wait = (Duration::from_secs(60).saturating_sub(now.duration_since(*t)))
+                        .max(Duration::from_millis(10));
+                    break;
+                }
+            }
+            drop(w);
+            let (what, limit, used, requested) = if over_tpm {
+                ("tokens per min (TPM)", cfg.tpm, used_tok, total)
+            } else {
+                ("requests per min (RPM)", cfg.rpm, used_req, 1)
+            };
+            record(&req.model, n, 0, 429);
+            let mut resp = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "Rate limit reached for {} on {what}: Limit {limit}, Used {used}, Requested {requested}. Please try again in {:.3}s.",
+                    req.model,
+                    wait.as_secs_f64()
+                ),
+                if over_tpm { "tokens" } else { "requests" },
+                Some("rate_limit_exceeded"),
+            );
+            let h = resp.headers_mut();
+            h.insert(
+                "retry-after-ms",
+                HeaderValue::from_str(&wait.as_millis().to_string()).unwrap(),
+            );
+            h.insert(
+                "retry-after",
+                HeaderValue::from_str(&wait.as_secs_f64().ceil().to_string()).unwrap(),
+            );
+            return resp;
+        }
+        w.events.push_back((now, total));
+        (
+            used_req + 1,
+            used_tok + total,
+            w.events.front().map(|(t, _)| *t).unwrap_or(now),
+        )
+    };
+
+    let latency = cfg.latency + cfg.latency_per_1k_tokens.mul_f64(total as f64 / 1000.0);
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let fail = cfg.error_rate > 0.0 && {
+        let mut s = inner.rng.lock().unwrap();
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        (*s as f64 / u64::MAX as f64) < cfg.error_rate
+    };
+    if fail {
+        // A failed request still used its rate-limit slot, as at the provider.
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The server had an error while processing your request. Sorry about that!".into(),
+            "server_error",
+            None,
+        );
+    }
+
+    let base64 = req.encoding_format.as_deref() == Some("base64");
+    let data: Vec<serde_json::Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let v = fake_vector(t, dims);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    record(&req.model, n, total, 200);
+    let body = json!({
+        "object": "list", "data": data, "model": req.model,
+        "usage": {"prompt_tokens": total, "total_tokens": total}
+    });
+    let mut resp = (StatusCode::OK, Json(body)).into_response();
+    let h = resp.headers_mut();
+    let reset = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+    let reset_s = format!("{:.3}s", reset.as_secs_f64());
+    let mut put = |k: &'static str, v: String| {
+        h.insert(k, HeaderValue::from_str(&v).unwrap());
+    };
+    if cfg.rpm > 0 {
+        put("x-ratelimit-limit-requests", cfg.rpm.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            cfg.rpm.saturating_sub(used_req).to_string(),
+        );
+        put("x-ratelimit-reset-requests", reset_s.clone());
+    }
+    if cfg.tpm > 0 {
+        put("x-ratelimit-limit-tokens", cfg.tpm.to_string());
+        put(
+            "x-ratelimit-remaining-tokens",
+            cfg.tpm.saturating_sub(used_tok).to_string(),
+        );
+        put("x-ratelimit-reset-tokens", reset_s);
+    }
+    resp
+}

@@ -1,0 +1,407 @@
+//! The pipeline for one batch: load → tokenize/split → skip unchanged → embed → write.
+//!
+//! Why a batch and not a job: the API bills and limits per request, and the database is fastest
+//! with set-based statements. A batch of up to `batch.max_jobs` sources becomes as few API
+//! requests as the provider's limits allow (≤ 2,048 inputs, ≤ 300,000 budgeted tokens each) and
+//! one write transaction. Each job still gets its own answer: a bad input fails only its source.
+
+pub mod batcher;
+pub mod chunk;
+pub mod load;
+pub mod write;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+
+use crate::config::Settings;
+use crate::embed::{EmbedError, OpenAiEmbedder};
+use crate::queue::EmbedSource;
+use chunk::{Chunk, Chunker, request_budget_tokens};
+use write::{ChunkWrite, SourceWrite, WriteOutcome};
+
+/// A claimed job: its apalis id and its payload.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub source: EmbedSource,
+}
+
+/// How a job ended, when it ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// New vectors written for `embedded` of `chunks` chunks.
+    Embedded {
+        chunks: usize,
+        embedded: usize,
+        tokens: usize,
+    },
+    /// Every chunk's content hash matched: no API call.
+    Unchanged { chunks: usize },
+    /// The source was deleted before its job ran.
+    SourceGone,
+    /// Nothing to embed (empty or whitespace-only text); stored chunks were removed.
+    SkippedEmpty,
+    /// The source changed while this job ran; a newer job was queued for it.
+    Superseded,
+}
+
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOutcome::Embedded {
+                chunks,
+                embedded,
+                tokens,
+            } => {
+                write!(f, "embedded {embedded}/{chunks} chunks ({tokens} tokens)")
+            }
+            JobOutcome::Unchanged { chunks } => {
+                write!(f, "unchanged ({chunks} chunks, no API call)")
+            }
+            JobOutcome::SourceGone => f.write_str("source gone"),
+            JobOutcome::SkippedEmpty => f.write_str("skipped: empty text"),
+            JobOutcome::Superseded => f.write_str("superseded by a newer change (re-queued)"),
+        }
+    }
+}
+
+/// Why a job failed; `retryable` failures are retried, the others become dead letters.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct JobError {
+    pub reason: String,
+    pub retryable: bool,
+}
+
+pub type JobResult = Result<JobOutcome, JobError>;
+
+/// Counters of what the pipeline did (also exported as metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub api_requests: AtomicU64,
+    pub tokens_embedded: AtomicU64,
+    pub tokens_saved: AtomicU64,
+    pub chunks_written: AtomicU64,
+}
+
+pub struct Pipeline {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    chunker: Chunker,
+    embedder: OpenAiEmbedder,
+    api_slots: Semaphore,
+    pub stats: Stats,
+}
+
+/// One input to embed: which source and chunk it belongs to.
+struct Pending<'a> {
+    source: EmbedSource,
+    chunk: &'a Chunk,
+}
+
+impl Pipeline {
+    pub fn new(
+        pool: PgPool,
+        settings: Arc<Settings>,
+        embedder: OpenAiEmbedder,
+    ) -> anyhow::Result<Self> {
+        let chunker = Chunker::new(
+            settings.model.max_input_tokens,
+            settings.model.chunk_overlap_tokens,
+        )?;
+        Ok(Pipeline {
+            pool,
+            api_slots: Semaphore::new(settings.batch.max_in_flight),
+            settings,
+            chunker,
+            embedder,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn embedder(&self) -> &OpenAiEmbedder {
+        &self.embedder
+    }
+
+    /// Processes one batch of jobs; returns every job's result by job id.
+    pub async fn process(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
+        match self.process_inner(jobs).await {
+            Ok(by_source) => jobs
+                .iter()
+                .map(|j| {
+                    (
+                        j.id.clone(),
+                        by_source.get(&j.source).cloned().unwrap_or(Err(JobError {
+                            reason: "internal: no result for source".into(),
+                            retryable: true,
+                        })),
+                    )
+                })
+                .collect(),
+            Err(e) => {
+                // Database trouble: every job of the batch is retried.
+                tracing::warn!(error = %format!("{e:#}"), jobs = jobs.len(), "batch failed");
+                let err = JobError {
+                    reason: format!("batch failed: {e:#}"),
+                    retryable: true,
+                };
+                jobs.iter()
+                    .map(|j| (j.id.clone(), Err(err.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    async fn process_inner(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
+        let s = &self.settings;
+        let model = s.model.name.as_str();
+        let dims = s.model.dimensions;
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        crate::queue::release_dedup_keys(&self.pool, &ids).await?;
+        let sources = write::distinct(jobs.iter().map(|j| j.source));
+
+        // Load.
+        let loaded = load::load(&self.pool, &s.render, &sources).await?;
+        let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
+
+        // Tokenize/split (CPU work off the async threads).
+        let chunker = &self.chunker;
+        let mut chunked: Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)> = Vec::new();
+        tokio::task::block_in_place(|| {
+            for src in &sources {
+                match loaded.get(src) {
+                    None => {
+                        results.insert(*src, Ok(JobOutcome::SourceGone));
+                    }
+                    Some(l) => {
+                        chunked.push((*src, l.updated_at, chunker.chunks(&l.text, model, dims)))
+                    }
+                }
+            }
+        });
+
+        // Never pay twice: drop chunks whose stored hash matches.
+        let present: Vec<EmbedSource> = chunked.iter().map(|(s, _, _)| *s).collect();
+        let stored = write::existing_hashes(&self.pool, model, &present).await?;
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut saved_tokens = 0u64;
+        for (src, _, chunks) in &chunked {
+            for c in chunks {
+                if stored.get(&(*src, c.index)) == Some(&c.content_hash) {
+                    saved_tokens += c.tokens as u64;
+                } else {
+                    pending.push(Pending {
+                        source: *src,
+                        chunk: c,
+                    });
+                }
+            }
+        }
+        self.stats
+            .tokens_saved
+            .fetch_add(saved_tokens, Ordering::Relaxed);
+        metrics::counter!("embed_worker_tokens_saved_total", "model" => model.to_string())
+            .increment(saved_tokens);
+
+        // Embed: pack into requests within the provider's limits, run them concurrently.
+        let plan = plan_requests(
+            pending
+                .iter()
+                .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens)),
+            s.api.max_inputs_per_request,
+            s.api.max_tokens_per_request,
+        );
+        let request_results = futures::future::join_all(plan.iter().map(|range| {
+            let inputs: Vec<&Pending> = pending[range.clone()].iter().collect();
+            self.embed_isolating(inputs)
+        }))
+        .await;
+        let mut vectors: HashMap<(EmbedSource, usize), Vec<f32>> = HashMap::new();
+        let mut failures: HashMap<EmbedSource, EmbedError> = HashMap::new();
+        for (range, res) in plan.iter().zip(request_results) {
+            for (p, r) in pending[range.clone()].iter().zip(res) {
+                match r {
+                    Ok(v) => {
+                        vectors.insert((p.source, p.chunk.index), v);
+                    }
+                    Err(e) => {
+                        failures.entry(p.source).or_insert(e);
+                    }
+                }
+            }
+        }
+
+        // Write every source that has all its chunks.
+        let mut writes = Vec::new();
+        for (src, read_at, chunks) in &chunked {
+            if let Some(e) = failures.get(src) {
+                results.insert(
+                    *src,
+                    Err(JobError {
+                        reason: e.to_string(),
+                        retryable: e.is_retryable(),
+                    }),
+                );
+                continue;
+            }
+            let chunks = chunks
+                .iter()
+                .map(|c| ChunkWrite {
+                    index: c.index,
+                    content_hash: c.content_hash.clone(),
+                    tokens: c.tokens,
+                    vector: vectors.remove(&(*src, c.index)),
+                })
+                .collect();
+            writes.push(SourceWrite {
+                source: *src,
+                read_at: *read_at,
+                chunks,
+            });
+        }
+        let started = std::time::Instant::now();
+        let outcomes = write::write_batch(
+            &self.pool,
+            model,
+            dims,
+            &s.queue.name,
+            s.queue.max_attempts,
+            &writes,
+        )
+        .await?;
+        metrics::histogram!("embed_worker_db_write_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let mut written_chunks = 0u64;
+        for w in &writes {
+            let outcome = match outcomes.get(&w.source) {
+                Some(WriteOutcome::Gone) | None => JobOutcome::SourceGone,
+                Some(WriteOutcome::Superseded) => JobOutcome::Superseded,
+                Some(WriteOutcome::Written) => {
+                    let embedded = w.chunks.iter().filter(|c| c.vector.is_some()).count();
+                    written_chunks += embedded as u64;
+                    if w.chunks.is_empty() {
+                        JobOutcome::SkippedEmpty
+                    } else if embedded == 0 {
+                        JobOutcome::Unchanged {
+                            chunks: w.chunks.len(),
+                        }
+                    } else {
+                        let tokens = w
+                            .chunks
+                            .iter()
+                            .filter(|c| c.vector.is_some())
+                            .map(|c| c.tokens)
+                            .sum();
+                        JobOutcome::Embedded {
+                            chunks: w.chunks.len(),
+                            embedded,
+                            tokens,
+                        }
+                    }
+                }
+            };
+            results.insert(w.source, Ok(outcome));
+        }
+        self.stats
+            .chunks_written
+            .fetch_add(written_chunks, Ordering::Relaxed);
+        metrics::counter!("embed_worker_embeddings_written_total", "model" => model.to_string())
+            .increment(written_chunks);
+        Ok(results)
+    }
+
+    /// Embeds `inputs` in one request; when the provider rejects the request as invalid, splits
+    /// it in halves until the bad input is alone, so the good inputs are still embedded.
+    fn embed_isolating<'a>(
+        &'a self,
+        inputs: Vec<&'a Pending<'a>>,
+    ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
+        Box::pin(async move {
+            let texts: Vec<String> = inputs.iter().map(|p| p.chunk.text.clone()).collect();
+            let result = {
+                let _slot = self.api_slots.acquire().await.expect("semaphore open");
+                self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
+                self.embedder.embed(texts).await
+            };
+            let model = self.settings.model.name.clone();
+            match result {
+                Ok(done) => {
+                    self.stats
+                        .tokens_embedded
+                        .fetch_add(done.prompt_tokens, Ordering::Relaxed);
+                    metrics::counter!("embed_worker_tokens_embedded_total", "model" => model)
+                        .increment(done.prompt_tokens);
+                    done.vectors.into_iter().map(Ok).collect()
+                }
+                Err(EmbedError::InvalidInput { .. }) if inputs.len() > 1 => {
+                    let right = inputs[inputs.len() / 2..].to_vec();
+                    let left = inputs[..inputs.len() / 2].to_vec();
+                    let (mut a, b) =
+                        futures::join!(self.embed_isolating(left), self.embed_isolating(right));
+                    a.extend(b);
+                    a
+                }
+                Err(e) => {
+                    tracing::warn!(class = e.class(), error = %e, inputs = inputs.len(), "embedding request failed");
+                    inputs.iter().map(|_| Err(e.clone())).collect()
+                }
+            }
+        })
+    }
+}
+
+/// Packs inputs (given by their budgeted token counts) into consecutive ranges, each at most
+/// `max_inputs` long and `max_tokens` in total. An input is never split across requests.
+pub fn plan_requests(
+    budgets: impl IntoIterator<Item = usize>,
+    max_inputs: usize,
+    max_tokens: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    let mut tokens = 0;
+    let mut i = 0;
+    for b in budgets {
+        if i > start && (i - start == max_inputs || tokens + b > max_tokens) {
+            ranges.push(start..i);
+            start = i;
+            tokens = 0;
+        }
+        tokens += b;
+        i += 1;
+    }
+    if i > start {
+        ranges.push(start..i);
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_requests;
+
+    #[test]
+    fn requests_respect_input_and_token_caps() {
+        assert_eq!(
+            plan_requests(vec![1; 5000], 2048, 300_000),
+            vec![0..2048, 2048..4096, 4096..5000]
+        );
+        assert_eq!(
+            plan_requests(vec![8000; 80], 2048, 300_000),
+            vec![0..37, 37..74, 74..80]
+        );
+        assert_eq!(
+            plan_requests(Vec::<usize>::new(), 2048, 300_000),
+            Vec::<std::ops::Range<usize>>::new()
+        );
+        for r in plan_requests((0..3000).map(|i| (i * 37) % 8000), 2048, 300_000) {
+            assert!(r.len() <= 2048);
+            let sum: usize = r.clone().map(|i| (i * 37) % 8000).sum();
+            assert!(sum <= 300_000);
+        }
+    }
+}
