@@ -127,3 +127,23 @@ pub async fn all_sources(pool: &PgPool) -> sqlx::Result<Vec<EmbedSource>> {
         })
         .collect())
 }
+
+/// Gives claimed jobs back to the queue untouched (no attempt used): for jobs a stopping worker
+/// had claimed but not started. `run_at` moves 2 s ahead so that a lock event apalis may still
+/// flush for them (it only locks jobs whose `run_at` has passed) cannot re-claim them.
+pub async fn release_jobs(pool: &PgPool, job_ids: &[String]) -> sqlx::Result<u64> {
+    if job_ids.is_empty() {
+        return Ok(0);
+    }
+    let r = sqlx::query(
+        "UPDATE apalis.jobs
+            SET status = 'Pending', lock_by = NULL, lock_at = NULL,
+                run_at = now() + interval '2 seconds',
+                last_result = '{\"Err\": \"released unstarted: worker shutting down\"}'::jsonb
+          WHERE id = ANY($1) AND status IN ('Queued', 'Running')",
+    )
+    .bind(job_ids)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}

@@ -44,6 +44,10 @@ async fn handle(
             tracing::debug!(job = %job.id, source = %job.source.source_id, %outcome, "job done");
             Ok(outcome.to_string())
         }
+        Err(e) if e.reason.starts_with("released") => {
+            tracing::debug!(job = %job.id, "job released unstarted");
+            Err(e.into())
+        }
         Err(e) => {
             tracing::warn!(job = %job.id, source_type = %job.source.source_type,
                 source = %job.source.source_id, reason = %e.reason, "job failed");
@@ -79,6 +83,8 @@ impl Worker {
     ) -> anyhow::Result<()> {
         let s = &self.settings;
         let batcher = Batcher::spawn(self.pipeline.clone());
+        let drain = batcher.clone();
+        let grace = Duration::from_secs(s.shutdown.grace_secs);
         let pool = self.pool.clone();
         let queue = s.queue.clone();
         // The monitor calls this again to restart a worker whose backend failed (e.g. the
@@ -105,10 +111,19 @@ impl Worker {
         };
         Monitor::new()
             .register(make_worker)
-            .shutdown_timeout(Duration::from_secs(s.shutdown.grace_secs))
+            // After our drain only apalis's own acknowledgements remain to be flushed.
+            .shutdown_timeout(Duration::from_secs(5))
             .run_with_signal(async move {
                 shutdown.await;
                 tracing::info!("shutdown requested: finishing in-flight batches");
+                if tokio::time::timeout(grace, drain.drain()).await.is_err() {
+                    tracing::warn!(
+                        ?grace,
+                        "grace period over with batches still running; their jobs will be rescued"
+                    );
+                } else {
+                    tracing::info!("in-flight batches finished");
+                }
                 Ok(())
             })
             .await?;

@@ -4,13 +4,18 @@
 //! Every handler call sends its job here and waits for its own answer; the batcher flushes when
 //! it holds `batch.max_jobs` jobs or when the oldest has waited `batch.linger_ms`, and runs up to
 //! `batch.max_in_flight` batches at once so API latency overlaps database work.
+//!
+//! Shutdown: [`Batcher::drain`] stops forming batches, gives every claimed-but-unstarted job
+//! back to the queue (no attempt used), and waits for the batches already running.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{Job, JobError, JobResult, Pipeline};
+use crate::queue;
 
 struct Submitted {
     job: Job,
@@ -21,6 +26,16 @@ struct Submitted {
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Submitted>,
+    pipeline: Arc<Pipeline>,
+    draining: Arc<AtomicBool>,
+    drain_tx: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+fn released() -> JobError {
+    JobError {
+        reason: "released unstarted: worker shutting down".into(),
+        retryable: true,
+    }
 }
 
 impl Batcher {
@@ -28,59 +43,96 @@ impl Batcher {
     pub fn spawn(pipeline: Arc<Pipeline>) -> Batcher {
         let cfg = pipeline.settings.batch.clone();
         let (tx, rx) = mpsc::channel(cfg.max_jobs * 4);
+        let (drain_tx, drain_rx) = mpsc::channel(1);
+        let draining = Arc::new(AtomicBool::new(false));
         tokio::spawn(run(
-            pipeline,
+            pipeline.clone(),
             rx,
+            drain_rx,
             cfg.max_jobs,
             Duration::from_millis(cfg.linger_ms),
             cfg.max_in_flight,
         ));
-        Batcher { tx }
+        Batcher {
+            tx,
+            pipeline,
+            draining,
+            drain_tx,
+        }
     }
 
     /// Submits one job and waits for its result.
     pub async fn submit(&self, job: Job) -> JobResult {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Submitted { job, reply }).await.is_err() {
-            return Err(JobError {
-                reason: "worker shutting down".into(),
-                retryable: true,
-            });
+        if self.draining.load(Ordering::SeqCst) {
+            return self.release_one(job).await;
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(JobError {
-                reason: "batch aborted".into(),
-                retryable: true,
-            })
-        })
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.tx.send(Submitted { job, reply }).await {
+            return self.release_one(e.0.job).await;
+        }
+        rx.await.unwrap_or_else(|_| Err(released()))
+    }
+
+    async fn release_one(&self, job: Job) -> JobResult {
+        if let Err(e) = queue::release_jobs(&self.pipeline.pool, &[job.id]).await {
+            tracing::warn!(error = %e, "could not release a job; it will be rescued after the heartbeat timeout");
+        }
+        Err(released())
+    }
+
+    /// Stops forming batches, releases unstarted jobs, waits for running batches.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.drain_tx.send(done_tx).await.is_ok() {
+            let _ = done_rx.await;
+        }
     }
 }
 
 async fn run(
     pipeline: Arc<Pipeline>,
     mut rx: mpsc::Receiver<Submitted>,
+    mut drain_rx: mpsc::Receiver<oneshot::Sender<()>>,
     max_jobs: usize,
     linger: Duration,
     max_in_flight: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_in_flight));
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + linger;
-        while batch.len() < max_jobs {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(s)) => batch.push(s),
-                Ok(None) | Err(_) => break,
+    let mut batch: Vec<Submitted> = Vec::new();
+    let mut deadline = tokio::time::Instant::now() + linger;
+    let done = loop {
+        let flush_now = batch.len() >= max_jobs;
+        if !flush_now {
+            tokio::select! {
+                biased;
+                done = drain_rx.recv() => break done,
+                item = rx.recv() => match item {
+                    Some(s) => {
+                        if batch.is_empty() {
+                            deadline = tokio::time::Instant::now() + linger;
+                        }
+                        batch.push(s);
+                        continue;
+                    }
+                    None => break None,
+                },
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {}
             }
         }
-        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        let permit = tokio::select! {
+            biased;
+            done = drain_rx.recv() => break done,
+            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        let ready = std::mem::take(&mut batch);
         let pipeline = pipeline.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let jobs: Vec<Job> = batch.iter().map(|s| s.job.clone()).collect();
+            let jobs: Vec<Job> = ready.iter().map(|s| s.job.clone()).collect();
             let span = tracing::info_span!("batch", jobs = jobs.len(), first_job = %jobs[0].id);
             let mut results = tracing::Instrument::instrument(pipeline.process(&jobs), span).await;
-            for s in batch {
+            for s in ready {
                 let r = results.remove(&s.job.id).unwrap_or_else(|| {
                     Err(JobError {
                         reason: "internal: job lost in batch".into(),
@@ -90,5 +142,25 @@ async fn run(
                 let _ = s.reply.send(r);
             }
         });
+    };
+    // Draining: nothing new starts; give back what has not started.
+    rx.close();
+    while let Ok(s) = rx.try_recv() {
+        batch.push(s);
+    }
+    let ids: Vec<String> = batch.iter().map(|s| s.job.id.clone()).collect();
+    match queue::release_jobs(&pipeline.pool, &ids).await {
+        Ok(n) => tracing::info!(released = n, "released unstarted jobs to the queue"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not release unstarted jobs; they will be rescued after the heartbeat timeout")
+        }
+    }
+    for s in batch {
+        let _ = s.reply.send(Err(released()));
+    }
+    // Wait for the batches in flight.
+    let _all = slots.acquire_many(max_in_flight as u32).await;
+    if let Some(done) = done {
+        let _ = done.send(());
     }
 }
