@@ -22,6 +22,39 @@ pub struct Settings {
     pub render: RenderSettings,
     pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+    pub rate_limit: RateLimitSettings,
+    pub retry: RetrySettings,
+    pub retention: RetentionSettings,
+    pub http: HttpSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HttpSettings {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    pub done_after_hours: u64,
+    pub failed_after_hours: u64,
+    pub interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    pub period_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetrySettings {
+    pub request_retries: u32,
+    pub base_ms: u64,
+    pub cap_ms: u64,
+    pub job_backoff_base_secs: u64,
+    pub job_backoff_cap_secs: u64,
+    pub quota_recheck_secs: u64,
 }
 
 #[derive(Clone, Deserialize)]

@@ -251,6 +251,11 @@ impl OpenAiEmbedder {
         })
     }
 
+    /// The shared slot the rate-limit headers are recorded in.
+    pub fn headers_handle(&self) -> Arc<Mutex<RateLimitHeaders>> {
+        self.seen.clone()
+    }
+
     /// The provider's rate-limit headers as last seen.
     pub fn rate_limit_headers(&self) -> RateLimitHeaders {
         self.seen.lock().unwrap().clone()

@@ -33,6 +33,8 @@ pub struct FakeConfig {
     pub rpm: u64,
     /// Tokens per minute; 0 = unlimited.
     pub tpm: u64,
+    /// The rate limits' "minute" (tests shorten it).
+    pub window: Duration,
     pub latency: Duration,
     pub latency_per_1k_tokens: Duration,
     /// Share of requests answered with a 5xx, 0.0..=1.0.
@@ -53,6 +55,7 @@ impl Default for FakeConfig {
             max_tokens_per_request: 300_000,
             rpm: 0,
             tpm: 0,
+            window: Duration::from_secs(60),
             latency: Duration::ZERO,
             latency_per_1k_tokens: Duration::ZERO,
             error_rate: 0.0,
@@ -347,7 +350,7 @@ async fn embeddings(
         while w
             .events
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+            .is_some_and(|(t, _)| now.duration_since(*t) >= cfg.window)
         {
             w.events.pop_front();
         }
@@ -366,7 +369,7 @@ async fn embeddings(
                 let req_ok = !over_rpm || used_req + 1 - freed_req <= cfg.rpm;
                 let tok_ok = !over_tpm || used_tok + total - freed_tok <= cfg.tpm;
                 if req_ok && tok_ok {
-                    wait = (Duration::from_secs(60).saturating_sub(now.duration_since(*t)))
+                    wait = (cfg.window.saturating_sub(now.duration_since(*t)))
                         .max(Duration::from_millis(10));
                     break;
                 }
@@ -450,7 +453,7 @@ async fn embeddings(
     });
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();
-    let reset = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+    let reset = cfg.window.saturating_sub(now.duration_since(oldest));
     let reset_s = format!("{:.3}s", reset.as_secs_f64());
     let mut put = |k: &'static str, v: String| {
         h.insert(k, HeaderValue::from_str(&v).unwrap());

@@ -54,8 +54,22 @@ enum Command {
         #[arg(long)]
         id: Vec<uuid::Uuid>,
     },
-    /// Job counts by state.
-    Status,
+    /// Job counts by state and the latest dead letters with their reasons.
+    Status {
+        /// How many dead letters to list.
+        #[arg(long, default_value_t = 10)]
+        failures: i64,
+    },
+    /// Re-queue dead letters (optionally only of one source type, or failed since a time).
+    RetryFailed {
+        #[arg(long)]
+        source_type: Option<embed_worker::queue::SourceType>,
+        /// RFC 3339 time, e.g. 2026-11-26T00:00:00Z.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Delete finished jobs past their retention (also done periodically by `run`).
+    PruneJobs,
 }
 
 #[tokio::main]
@@ -180,13 +194,49 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => {
+        Command::Status { failures } => {
             let pool = db::connect(&settings.database).await?;
-            for (state, n) in
-                embed_worker::queue::counts_by_state(&pool, &settings.queue.name).await?
-            {
-                println!("{state:<10} {n}");
+            let queue = &settings.queue.name;
+            println!("queue {queue}: jobs by state");
+            for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
+                println!("  {state:<10} {n}");
             }
+            let dead = embed_worker::queue::failed_jobs(&pool, queue, failures).await?;
+            println!("dead letters (latest {}):", dead.len());
+            for f in dead {
+                println!(
+                    "  {} {} {}/{} attempts={}/{} at={} reason={}",
+                    f.id,
+                    f.status,
+                    f.source_type.as_deref().unwrap_or("?"),
+                    f.source_id.as_deref().unwrap_or("?"),
+                    f.attempts,
+                    f.max_attempts,
+                    f.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+                    f.last_error.as_deref().unwrap_or("")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RetryFailed { source_type, since } => {
+            let pool = db::connect(&settings.database).await?;
+            let n =
+                embed_worker::queue::retry_failed(&pool, &settings.queue.name, source_type, since)
+                    .await?;
+            println!("{n} dead letters re-queued");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PruneJobs => {
+            let pool = db::connect(&settings.database).await?;
+            let r = &settings.retention;
+            let (done, failed) = embed_worker::queue::prune_finished(
+                &pool,
+                &settings.queue.name,
+                std::time::Duration::from_secs(r.done_after_hours * 3600),
+                std::time::Duration::from_secs(r.failed_after_hours * 3600),
+            )
+            .await?;
+            println!("deleted {done} finished and {failed} dead-letter jobs");
             Ok(ExitCode::SUCCESS)
         }
         Command::SeedTemplates { file } => {

@@ -128,22 +128,136 @@ pub async fn all_sources(pool: &PgPool) -> sqlx::Result<Vec<EmbedSource>> {
         .collect())
 }
 
-/// Gives claimed jobs back to the queue untouched (no attempt used): for jobs a stopping worker
-/// had claimed but not started. `run_at` moves 2 s ahead so that a lock event apalis may still
-/// flush for them (it only locks jobs whose `run_at` has passed) cannot re-claim them.
-pub async fn release_jobs(pool: &PgPool, job_ids: &[String]) -> sqlx::Result<u64> {
+/// Gives claimed jobs back to the queue untouched (no attempt used), claimable again after
+/// `after`. Used for jobs a stopping worker had claimed but not started, and while API calls are
+/// stopped. `after` is at least 2 s so that a lock event apalis may still flush for them (it only
+/// locks jobs whose `run_at` has passed) cannot re-claim them; apalis's own acknowledgement then
+/// finds the job no longer locked by this worker and changes nothing.
+pub async fn release_jobs(
+    pool: &PgPool,
+    job_ids: &[String],
+    after: std::time::Duration,
+    reason: &str,
+) -> sqlx::Result<u64> {
     if job_ids.is_empty() {
         return Ok(0);
     }
+    let after = after.max(std::time::Duration::from_secs(2));
     let r = sqlx::query(
         "UPDATE apalis.jobs
             SET status = 'Pending', lock_by = NULL, lock_at = NULL,
-                run_at = now() + interval '2 seconds',
-                last_result = '{\"Err\": \"released unstarted: worker shutting down\"}'::jsonb
+                run_at = now() + make_interval(secs => $2),
+                last_result = jsonb_build_object('Err', $3::text)
           WHERE id = ANY($1) AND status IN ('Queued', 'Running')",
     )
     .bind(job_ids)
+    .bind(after.as_secs_f64())
+    .bind(reason)
     .execute(pool)
     .await?;
     Ok(r.rows_affected())
+}
+
+/// Pushes the next try of failing jobs into the future: exponential backoff by attempt with full
+/// jitter (apalis-postgres itself would re-fetch a failed job at once).
+pub async fn defer_retries(
+    pool: &PgPool,
+    job_ids: &[String],
+    base_secs: u64,
+    cap_secs: u64,
+) -> sqlx::Result<()> {
+    if job_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE apalis.jobs
+            SET run_at = now() + make_interval(secs => random() * least($3::float8, $2::float8 * power(2, least(attempts, 20))))
+          WHERE id = ANY($1)",
+    )
+    .bind(job_ids)
+    .bind(base_secs as f64)
+    .bind(cap_secs as f64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A dead letter as `embed_worker.failed_jobs` shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FailedJob {
+    pub id: String,
+    pub source_type: Option<String>,
+    pub source_id: Option<String>,
+    pub status: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub last_error: Option<String>,
+    pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The latest dead letters of a queue.
+pub async fn failed_jobs(pool: &PgPool, queue: &str, limit: i64) -> sqlx::Result<Vec<FailedJob>> {
+    sqlx::query_as(
+        "SELECT id, source_type, source_id, status, attempts, max_attempts, last_error, failed_at
+           FROM embed_worker.failed_jobs WHERE queue = $1
+          ORDER BY failed_at DESC NULLS LAST LIMIT $2",
+    )
+    .bind(queue)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Puts dead letters back in the queue with fresh attempts. Jobs whose payload is unreadable
+/// stay dead (re-running them cannot succeed). Returns how many were re-queued.
+pub async fn retry_failed(
+    pool: &PgPool,
+    queue: &str,
+    source_type: Option<SourceType>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> sqlx::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE apalis.jobs j
+            SET status = 'Pending', attempts = 0, run_at = now(), done_at = NULL,
+                lock_by = NULL, lock_at = NULL
+           FROM embed_worker.failed_jobs f
+          WHERE j.id = f.id AND f.queue = $1 AND f.source_type IS NOT NULL
+            AND ($2::text IS NULL OR f.source_type = $2)
+            AND ($3::timestamptz IS NULL OR f.failed_at >= $3)",
+    )
+    .bind(queue)
+    .bind(source_type.map(|t| t.as_str()))
+    .bind(since)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Retention: apalis never deletes finished jobs. Deletes `Done` jobs older than `done_age`
+/// and dead letters older than `failed_age`. Returns (done, failed) deleted.
+pub async fn prune_finished(
+    pool: &PgPool,
+    queue: &str,
+    done_age: std::time::Duration,
+    failed_age: std::time::Duration,
+) -> sqlx::Result<(u64, u64)> {
+    let done = sqlx::query(
+        "DELETE FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'
+            AND done_at < now() - make_interval(secs => $2)",
+    )
+    .bind(queue)
+    .bind(done_age.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    let failed = sqlx::query(
+        "DELETE FROM apalis.jobs j USING embed_worker.failed_jobs f
+          WHERE j.id = f.id AND f.queue = $1 AND f.failed_at < now() - make_interval(secs => $2)",
+    )
+    .bind(queue)
+    .bind(failed_age.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok((done, failed))
 }

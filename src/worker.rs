@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use crate::config::Settings;
 use crate::embed::OpenAiEmbedder;
 use crate::pipeline::batcher::Batcher;
-use crate::pipeline::{Job, Pipeline};
+use crate::pipeline::{Disposition, Job, Pipeline};
 use crate::queue::EmbedSource;
 
 /// A unique worker name: host (pod) name plus a random suffix.
@@ -44,15 +44,22 @@ async fn handle(
             tracing::debug!(job = %job.id, source = %job.source.source_id, %outcome, "job done");
             Ok(outcome.to_string())
         }
-        Err(e) if e.reason.starts_with("released") => {
-            tracing::debug!(job = %job.id, "job released unstarted");
-            Err(e.into())
-        }
-        Err(e) => {
-            tracing::warn!(job = %job.id, source_type = %job.source.source_type,
-                source = %job.source.source_id, reason = %e.reason, "job failed");
-            Err(e.into())
-        }
+        Err(e) => match e.disposition {
+            Disposition::Release { .. } => {
+                tracing::debug!(job = %job.id, reason = %e.reason, "job released");
+                Err(e.into())
+            }
+            Disposition::Retry => {
+                tracing::warn!(job = %job.id, source_type = %job.source.source_type,
+                    source = %job.source.source_id, reason = %e.reason, "job failed; will retry");
+                Err(e.into())
+            }
+            Disposition::Dead => {
+                tracing::error!(job = %job.id, source_type = %job.source.source_type,
+                    source = %job.source.source_id, reason = %e.reason, "job failed permanently (dead letter)");
+                Err(AbortError::new(e).into())
+            }
+        },
     }
 }
 
@@ -61,6 +68,9 @@ pub struct Worker {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub pipeline: Arc<Pipeline>,
+    pub health: Arc<crate::health::Health>,
+    /// Where /metrics, /healthz and /readyz are served, when they are.
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Worker {
@@ -68,11 +78,25 @@ impl Worker {
         let settings = Arc::new(settings);
         let pool = crate::db::connect(&settings.database).await?;
         let embedder = OpenAiEmbedder::new(&settings.api, &settings.model)?;
-        let pipeline = Arc::new(Pipeline::new(pool.clone(), settings.clone(), embedder)?);
+        let health = Arc::new(crate::health::Health::default());
+        let pipeline = Arc::new(Pipeline::new(
+            pool.clone(),
+            settings.clone(),
+            embedder,
+            health.clone(),
+        )?);
+        let http_addr = if settings.http.addr.is_empty() {
+            None
+        } else {
+            Some(crate::http::serve(&settings.http.addr, health.clone()).await?)
+        };
+        crate::http::metrics_handle();
         Ok(Worker {
             pool,
             settings,
             pipeline,
+            health,
+            http_addr,
         })
     }
 
@@ -84,6 +108,7 @@ impl Worker {
         let s = &self.settings;
         let batcher = Batcher::spawn(self.pipeline.clone());
         let drain = batcher.clone();
+        let health = self.health.clone();
         let grace = Duration::from_secs(s.shutdown.grace_secs);
         let pool = self.pool.clone();
         let queue = s.queue.clone();
@@ -109,26 +134,113 @@ impl Worker {
                 .concurrency(queue.concurrency)
                 .build(handle)
         };
-        Monitor::new()
-            .register(make_worker)
-            // After our drain only apalis's own acknowledgements remain to be flushed.
-            .shutdown_timeout(Duration::from_secs(5))
-            .run_with_signal(async move {
-                shutdown.await;
-                tracing::info!("shutdown requested: finishing in-flight batches");
-                if tokio::time::timeout(grace, drain.drain()).await.is_err() {
-                    tracing::warn!(
-                        ?grace,
-                        "grace period over with batches still running; their jobs will be rescued"
-                    );
-                } else {
-                    tracing::info!("in-flight batches finished");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let maintenance = tokio::spawn(maintain(
+            self.pool.clone(),
+            self.settings.clone(),
+            self.health.clone(),
+            stop_rx.clone(),
+        ));
+
+        // apalis-postgres 1.0's Monitor can return an error when the database restarts: run it
+        // again (with fresh worker names) until shutdown is requested.
+        loop {
+            let mut stop = stop_rx.clone();
+            let (health, drain) = (health.clone(), drain.clone());
+            let restart_health = health.clone();
+            let result = Monitor::new()
+                .register(make_worker.clone())
+                .should_restart(move |ctx, err| {
+                    if restart_health.readiness().is_err_and(|w| w.iter().any(|r| r == "shutting down")) {
+                        return false;
+                    }
+                    tracing::warn!(worker = %ctx.name(), error = %err, "worker stopped with an error: restarting");
+                    // The callback is synchronous; a short pause keeps a dead database from
+                    // turning restarts into a busy loop.
+                    std::thread::sleep(Duration::from_millis(500));
+                    true
+                })
+                // After our drain only apalis's own acknowledgements remain to be flushed.
+                .shutdown_timeout(Duration::from_secs(5))
+                .run_with_signal(async move {
+                    let _ = stop.wait_for(|v| *v).await;
+                    health.set_shutting_down();
+                    tracing::info!("shutdown requested: finishing in-flight batches");
+                    if tokio::time::timeout(grace, drain.drain()).await.is_err() {
+                        tracing::warn!(?grace, "grace period over with batches still running; their jobs will be rescued");
+                    } else {
+                        tracing::info!("in-flight batches finished");
+                    }
+                    Ok(())
+                })
+                .await;
+            if *stop_rx.borrow() {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "monitor ended with an error during shutdown");
                 }
-                Ok(())
-            })
-            .await?;
+                break;
+            }
+            match result {
+                Err(e) => {
+                    tracing::warn!(error = %e, "workers stopped with an error: restarting in 1 s")
+                }
+                Ok(()) => tracing::warn!("workers exited unexpectedly: restarting in 1 s"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        maintenance.abort();
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Background upkeep while running: database reachability for `/readyz` (every 2 s) and
+/// retention of finished jobs (every `retention.interval_secs`).
+async fn maintain(
+    pool: PgPool,
+    settings: Arc<Settings>,
+    health: Arc<crate::health::Health>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_prune: Option<std::time::Instant> = None;
+    let r = &settings.retention;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&pool),
+        )
+        .await;
+        match ping {
+            Ok(Ok(_)) => health.set_db(None),
+            Ok(Err(e)) => health.set_db(Some(e.to_string())),
+            Err(_) => health.set_db(Some("ping timed out".into())),
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(r.interval_secs)) {
+            last_prune = Some(std::time::Instant::now());
+            match crate::queue::prune_finished(
+                &pool,
+                &settings.queue.name,
+                Duration::from_secs(r.done_after_hours * 3600),
+                Duration::from_secs(r.failed_after_hours * 3600),
+            )
+            .await
+            {
+                Ok((0, 0)) => {}
+                Ok((done, failed)) => {
+                    tracing::info!(done, failed, "pruned finished jobs past retention")
+                }
+                Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
+            }
+        }
     }
 }
 

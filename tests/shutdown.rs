@@ -20,6 +20,9 @@ fn worker_cmd(t: &TestDb, base_url: &str) -> Command {
         .env("EMBED_WORKER__QUEUE__HEARTBEAT_SECS", "1")
         .env("EMBED_WORKER__QUEUE__MISSED_HEARTBEATS", "3")
         .env("EMBED_WORKER__SHUTDOWN__GRACE_SECS", "10")
+        .env("EMBED_WORKER__HTTP__ADDR", "127.0.0.1:0")
+        .env("EMBED_WORKER__RATE_LIMIT__TOKENS_PER_MINUTE", "0")
+        .env("EMBED_WORKER__RATE_LIMIT__REQUESTS_PER_MINUTE", "0")
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::null());

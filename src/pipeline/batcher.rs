@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{Job, JobError, JobResult, Pipeline};
+use super::{Disposition, Job, JobError, JobResult, Pipeline};
 use crate::queue;
 
 struct Submitted {
@@ -32,10 +32,10 @@ pub struct Batcher {
 }
 
 fn released() -> JobError {
-    JobError {
-        reason: "released unstarted: worker shutting down".into(),
-        retryable: true,
-    }
+    JobError::release(
+        "released unstarted: worker shutting down",
+        Duration::from_secs(2),
+    )
 }
 
 impl Batcher {
@@ -74,7 +74,10 @@ impl Batcher {
     }
 
     async fn release_one(&self, job: Job) -> JobResult {
-        if let Err(e) = queue::release_jobs(&self.pipeline.pool, &[job.id]).await {
+        let e = released();
+        if let Err(e) =
+            queue::release_jobs(&self.pipeline.pool, &[job.id], Duration::ZERO, &e.reason).await
+        {
             tracing::warn!(error = %e, "could not release a job; it will be rescued after the heartbeat timeout");
         }
         Err(released())
@@ -132,13 +135,11 @@ async fn run(
             let jobs: Vec<Job> = ready.iter().map(|s| s.job.clone()).collect();
             let span = tracing::info_span!("batch", jobs = jobs.len(), first_job = %jobs[0].id);
             let mut results = tracing::Instrument::instrument(pipeline.process(&jobs), span).await;
+            settle_failures(&pipeline, &results).await;
             for s in ready {
-                let r = results.remove(&s.job.id).unwrap_or_else(|| {
-                    Err(JobError {
-                        reason: "internal: job lost in batch".into(),
-                        retryable: true,
-                    })
-                });
+                let r = results
+                    .remove(&s.job.id)
+                    .unwrap_or_else(|| Err(JobError::retry("internal: job lost in batch")));
                 let _ = s.reply.send(r);
             }
         });
@@ -149,7 +150,7 @@ async fn run(
         batch.push(s);
     }
     let ids: Vec<String> = batch.iter().map(|s| s.job.id.clone()).collect();
-    match queue::release_jobs(&pipeline.pool, &ids).await {
+    match queue::release_jobs(&pipeline.pool, &ids, Duration::ZERO, &released().reason).await {
         Ok(n) => tracing::info!(released = n, "released unstarted jobs to the queue"),
         Err(e) => {
             tracing::warn!(error = %e, "could not release unstarted jobs; they will be rescued after the heartbeat timeout")
@@ -162,5 +163,44 @@ async fn run(
     let _all = slots.acquire_many(max_in_flight as u32).await;
     if let Some(done) = done {
         let _ = done.send(());
+    }
+}
+
+/// Applies what failed jobs' dispositions ask of the queue, in bulk, before apalis acknowledges
+/// them: released jobs go back untouched; retried jobs get their backoff.
+async fn settle_failures(
+    pipeline: &Pipeline,
+    results: &std::collections::HashMap<String, JobResult>,
+) {
+    let mut releases: std::collections::HashMap<(Duration, String), Vec<String>> =
+        Default::default();
+    let mut retries = Vec::new();
+    for (id, r) in results {
+        if let Err(e) = r {
+            match e.disposition {
+                Disposition::Release { after } => releases
+                    .entry((after, e.reason.clone()))
+                    .or_default()
+                    .push(id.clone()),
+                Disposition::Retry => retries.push(id.clone()),
+                Disposition::Dead => {}
+            }
+        }
+    }
+    for ((after, reason), ids) in releases {
+        if let Err(e) = queue::release_jobs(&pipeline.pool, &ids, after, &reason).await {
+            tracing::warn!(error = %e, "could not release jobs; they will be rescued after the heartbeat timeout");
+        }
+    }
+    let r = &pipeline.settings.retry;
+    if let Err(e) = queue::defer_retries(
+        &pipeline.pool,
+        &retries,
+        r.job_backoff_base_secs,
+        r.job_backoff_cap_secs,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "could not defer retries; they will be retried at once");
     }
 }

@@ -19,7 +19,9 @@ use tokio::sync::Semaphore;
 
 use crate::config::Settings;
 use crate::embed::{EmbedError, OpenAiEmbedder};
+use crate::health::Health;
 use crate::queue::EmbedSource;
+use crate::ratelimit::RateLimiter;
 use chunk::{Chunk, Chunker, request_budget_tokens};
 use write::{ChunkWrite, SourceWrite, WriteOutcome};
 
@@ -69,12 +71,44 @@ impl std::fmt::Display for JobOutcome {
     }
 }
 
-/// Why a job failed; `retryable` failures are retried, the others become dead letters.
+/// What happens to a job that did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later, backing off by attempt; after `max_attempts` it is a dead letter.
+    Retry,
+    /// Put back untouched (no attempt used), claimable again after `after`.
+    Release { after: std::time::Duration },
+    /// Permanent: a dead letter now, with its reason.
+    Dead,
+}
+
+/// Why a job failed and what to do about it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{reason}")]
 pub struct JobError {
     pub reason: String,
-    pub retryable: bool,
+    pub disposition: Disposition,
+}
+
+impl JobError {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        JobError {
+            reason: reason.into(),
+            disposition: Disposition::Retry,
+        }
+    }
+    pub fn release(reason: impl Into<String>, after: std::time::Duration) -> Self {
+        JobError {
+            reason: reason.into(),
+            disposition: Disposition::Release { after },
+        }
+    }
+    pub fn dead(reason: impl Into<String>) -> Self {
+        JobError {
+            reason: reason.into(),
+            disposition: Disposition::Dead,
+        }
+    }
 }
 
 pub type JobResult = Result<JobOutcome, JobError>;
@@ -86,6 +120,7 @@ pub struct Stats {
     pub tokens_embedded: AtomicU64,
     pub tokens_saved: AtomicU64,
     pub chunks_written: AtomicU64,
+    pub rate_limited: AtomicU64,
 }
 
 pub struct Pipeline {
@@ -94,6 +129,8 @@ pub struct Pipeline {
     chunker: Chunker,
     embedder: OpenAiEmbedder,
     api_slots: Semaphore,
+    limiter: RateLimiter,
+    pub health: Arc<Health>,
     pub stats: Stats,
 }
 
@@ -108,13 +145,21 @@ impl Pipeline {
         pool: PgPool,
         settings: Arc<Settings>,
         embedder: OpenAiEmbedder,
+        health: Arc<Health>,
     ) -> anyhow::Result<Self> {
         let chunker = Chunker::new(
             settings.model.max_input_tokens,
             settings.model.chunk_overlap_tokens,
         )?;
+        let limiter = RateLimiter::new(
+            &settings.rate_limit,
+            settings.api.max_tokens_per_request as u32,
+            embedder.headers_handle(),
+        );
         Ok(Pipeline {
             pool,
+            limiter,
+            health,
             api_slots: Semaphore::new(settings.batch.max_in_flight),
             settings,
             chunker,
@@ -135,20 +180,17 @@ impl Pipeline {
                 .map(|j| {
                     (
                         j.id.clone(),
-                        by_source.get(&j.source).cloned().unwrap_or(Err(JobError {
-                            reason: "internal: no result for source".into(),
-                            retryable: true,
-                        })),
+                        by_source
+                            .get(&j.source)
+                            .cloned()
+                            .unwrap_or(Err(JobError::retry("internal: no result for source"))),
                     )
                 })
                 .collect(),
             Err(e) => {
                 // Database trouble: every job of the batch is retried.
                 tracing::warn!(error = %format!("{e:#}"), jobs = jobs.len(), "batch failed");
-                let err = JobError {
-                    reason: format!("batch failed: {e:#}"),
-                    retryable: true,
-                };
+                let err = JobError::retry(format!("batch failed: {e:#}"));
                 jobs.iter()
                     .map(|j| (j.id.clone(), Err(err.clone())))
                     .collect()
@@ -213,7 +255,11 @@ impl Pipeline {
                 .iter()
                 .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens)),
             s.api.max_inputs_per_request,
-            s.api.max_tokens_per_request,
+            self.limiter
+                .max_request_tokens()
+                .map_or(s.api.max_tokens_per_request, |b| {
+                    (b as usize).min(s.api.max_tokens_per_request)
+                }),
         );
         let request_results = futures::future::join_all(plan.iter().map(|range| {
             let inputs: Vec<&Pending> = pending[range.clone()].iter().collect();
@@ -239,13 +285,7 @@ impl Pipeline {
         let mut writes = Vec::new();
         for (src, read_at, chunks) in &chunked {
             if let Some(e) = failures.get(src) {
-                results.insert(
-                    *src,
-                    Err(JobError {
-                        reason: e.to_string(),
-                        retryable: e.is_retryable(),
-                    }),
-                );
+                results.insert(*src, Err(self.job_error(e)));
                 continue;
             }
             let chunks = chunks
@@ -314,6 +354,88 @@ impl Pipeline {
         Ok(results)
     }
 
+    /// What a request failure means for the jobs whose inputs were in it.
+    fn job_error(&self, e: &EmbedError) -> JobError {
+        match e {
+            EmbedError::InvalidInput { .. } => {
+                JobError::dead(format!("input rejected by the provider: {e}"))
+            }
+            EmbedError::QuotaExhausted { .. } => {
+                JobError::release(e.to_string(), std::time::Duration::from_secs(60))
+            }
+            _ => JobError::retry(e.to_string()),
+        }
+    }
+
+    /// One request through the rate limiter, with retries: a 429 waits (never counts), a
+    /// transient error backs off with full jitter up to `retry.request_retries` times, an
+    /// `insufficient_quota` stops API calls for `retry.quota_recheck_secs`.
+    async fn send(
+        &self,
+        texts: Vec<String>,
+        budget: usize,
+    ) -> Result<crate::embed::Embedded, EmbedError> {
+        let r = &self.settings.retry;
+        let model = self.settings.model.name.clone();
+        let mut transient_failures = 0u32;
+        loop {
+            if let Some(reason) = self.health.api_stopped() {
+                return Err(EmbedError::QuotaExhausted { message: reason });
+            }
+            let waited = self.limiter.acquire(budget as u32).await;
+            tracing::debug!(?waited, budget, inputs = texts.len(), "rate limiter admitted a request");
+            let result = {
+                let _slot = self.api_slots.acquire().await.expect("semaphore open");
+                self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let res = self.embedder.embed(texts.clone()).await;
+                let outcome = match &res {
+                    Ok(_) => "ok",
+                    Err(e) => e.class(),
+                };
+                metrics::histogram!("embed_worker_api_request_duration_seconds", "model" => model.clone())
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("embed_worker_api_requests_total", "model" => model.clone(), "outcome" => outcome)
+                    .increment(1);
+                res
+            };
+            match result {
+                Ok(done) => {
+                    if self.health.api_stop_recorded() {
+                        tracing::info!("API calls resumed: the probe request succeeded");
+                        self.health.resume_api();
+                    }
+                    return Ok(done);
+                }
+                Err(EmbedError::RateLimited {
+                    retry_after,
+                    message,
+                }) => {
+                    let wait = retry_after.unwrap_or(std::time::Duration::from_secs(1));
+                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(?wait, %message, "429 from the provider: pausing requests");
+                    self.limiter.pause_for(wait);
+                }
+                Err(EmbedError::QuotaExhausted { message }) => {
+                    let until = std::time::Instant::now()
+                        + std::time::Duration::from_secs(r.quota_recheck_secs);
+                    tracing::error!(%message, recheck_secs = r.quota_recheck_secs,
+                        "provider quota exhausted (insufficient_quota): API calls stopped, readiness false");
+                    self.health
+                        .stop_api(format!("insufficient_quota: {message}"), until);
+                    return Err(EmbedError::QuotaExhausted { message });
+                }
+                Err(e) if e.is_retryable() && transient_failures < r.request_retries => {
+                    transient_failures += 1;
+                    let wait = full_jitter(r.base_ms, r.cap_ms, transient_failures);
+                    tracing::warn!(error = %e, attempt = transient_failures, ?wait, "transient API error: retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Embeds `inputs` in one request; when the provider rejects the request as invalid, splits
     /// it in halves until the bad input is alone, so the good inputs are still embedded.
     fn embed_isolating<'a>(
@@ -322,13 +444,12 @@ impl Pipeline {
     ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
         Box::pin(async move {
             let texts: Vec<String> = inputs.iter().map(|p| p.chunk.text.clone()).collect();
-            let result = {
-                let _slot = self.api_slots.acquire().await.expect("semaphore open");
-                self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
-                self.embedder.embed(texts).await
-            };
+            let budget = inputs
+                .iter()
+                .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens))
+                .sum();
             let model = self.settings.model.name.clone();
-            match result {
+            match self.send(texts, budget).await {
                 Ok(done) => {
                     self.stats
                         .tokens_embedded
@@ -352,6 +473,15 @@ impl Pipeline {
             }
         })
     }
+}
+
+/// Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^attempt)].
+pub fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Duration {
+    let ceiling = base_ms
+        .saturating_mul(1u64 << attempt.min(20))
+        .min(cap_ms)
+        .max(1);
+    std::time::Duration::from_millis(rand::random_range(0..=ceiling))
 }
 
 /// Packs inputs (given by their budgeted token counts) into consecutive ranges, each at most

@@ -105,6 +105,10 @@ pub fn worker_settings(t: &TestDb, fake: &FakeServer) -> Settings {
     s.queue.missed_heartbeats = 3;
     s.queue.poll_interval_ms = 100;
     s.shutdown.grace_secs = 10;
+    s.http.addr = "127.0.0.1:0".into();
+    // The fake enforces no limit unless a test asks it to; neither does the worker then.
+    s.rate_limit.requests_per_minute = 0;
+    s.rate_limit.tokens_per_minute = 0;
     s
 }
 
@@ -121,6 +125,7 @@ pub struct RunningWorker {
 
 impl RunningWorker {
     pub async fn start(settings: Settings) -> RunningWorker {
+        embed_worker::telemetry::init(embed_worker::telemetry::LogFormat::Human);
         let worker =
             std::sync::Arc::new(embed_worker::worker::Worker::build(settings).await.unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

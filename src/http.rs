@@ -1,0 +1,83 @@
+//! HTTP for operators: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (ready, with why not).
+//!
+//! Why separate from the pipeline: probes must answer while a batch is stuck on a slow provider;
+//! they only read [`Health`] and the metrics registry, never the queue.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::health::Health;
+
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn metrics_handle() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let buckets = [
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&buckets)
+                .expect("static buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may be installed already (tests); ours still renders its own.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::gauge!("embed_worker_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                .set(1.0);
+            handle
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(health: Arc<Health>) -> Router {
+    let state = AppState {
+        health,
+        metrics: metrics_handle(),
+    };
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", why.join("; ")),
+        ),
+    }
+}
+
+/// Serves on `addr` until the process ends; returns the bound address (port 0 picks one).
+pub async fn serve(addr: &str, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = router(health);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    Ok(bound)
+}
