@@ -35,3 +35,23 @@ SELECT j.id, j.job_type AS queue, j.status, j.attempts, j.max_attempts, j.run_at
        embed_worker.job_payload(j.job) ->> 'source_type' AS source_type,
        embed_worker.job_payload(j.job) ->> 'source_id' AS source_id
   FROM apalis.jobs j;
+
+-- A payload that is not JSON cannot be decoded by apalis's JsonCodec, and apalis-postgres 1.0
+-- then fails the whole poll (the worker restarts and meets the same job again: a poison-pill
+-- loop). Such a job is recorded as a dead letter at insert, with its reason, and never claimed.
+-- (JSON of the wrong shape is decoded fine and failed by the worker with its reason.)
+CREATE OR REPLACE FUNCTION embed_worker.quarantine_unreadable_job() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF embed_worker.job_payload(NEW.job) IS NULL THEN
+        NEW.status := 'Killed';
+        NEW.done_at := now();
+        NEW.last_result := jsonb_build_object('Err', 'unreadable job payload: not UTF-8 JSON');
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS embed_worker_quarantine_unreadable ON apalis.jobs;
+CREATE TRIGGER embed_worker_quarantine_unreadable
+    BEFORE INSERT ON apalis.jobs
+    FOR EACH ROW EXECUTE FUNCTION embed_worker.quarantine_unreadable_job();

@@ -73,6 +73,8 @@ impl EmbedError {
 /// The provider's view of the shared quota, from the last successful response's headers.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimitHeaders {
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
     pub remaining_requests: Option<u64>,
     pub remaining_tokens: Option<u64>,
     pub reset_requests: Option<Duration>,
@@ -163,6 +165,9 @@ impl tower::Service<HttpRequestFactory> for HeaderTap {
             let resp = fut.await?;
             let h = resp.headers();
             let parsed = RateLimitHeaders {
+                limit_requests: header(h, "x-ratelimit-limit-requests")
+                    .and_then(|v| v.parse().ok()),
+                limit_tokens: header(h, "x-ratelimit-limit-tokens").and_then(|v| v.parse().ok()),
                 remaining_requests: header(h, "x-ratelimit-remaining-requests")
                     .and_then(|v| v.parse().ok()),
                 remaining_tokens: header(h, "x-ratelimit-remaining-tokens")

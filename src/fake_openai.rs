@@ -8,7 +8,6 @@
 //! and configurable latency. Vectors are deterministic unit vectors from a hash of the text
 //! (same text → same vector). Every request is recorded for assertions.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,10 +76,41 @@ pub struct Recorded {
     pub at: Instant,
 }
 
+/// A limit as OpenAI enforces it: a bucket of `limit` per window, replenished continuously.
+#[derive(Default)]
+struct Bucket {
+    available: f64,
+    at: Option<Instant>,
+}
+
+impl Bucket {
+    /// Refills to `now`; returns what is available.
+    fn refill(&mut self, limit: u64, window: Duration, now: Instant) -> f64 {
+        let rate = limit as f64 / window.as_secs_f64();
+        self.available = match self.at {
+            None => limit as f64,
+            Some(t) => {
+                (self.available + now.duration_since(t).as_secs_f64() * rate).min(limit as f64)
+            }
+        };
+        self.at = Some(now);
+        self.available
+    }
+}
+
+/// Seconds until `need` is available, and until the bucket is full again.
+fn bucket_waits(available: f64, need: f64, limit: u64, window: Duration) -> (Duration, Duration) {
+    let rate = limit as f64 / window.as_secs_f64();
+    (
+        Duration::from_secs_f64(((need - available) / rate).max(0.0)),
+        Duration::from_secs_f64(((limit as f64 - available) / rate).max(0.0)),
+    )
+}
+
 #[derive(Default)]
 struct Window {
-    /// (time, tokens) of accepted requests in the last minute.
-    events: VecDeque<(Instant, u64)>,
+    requests: Bucket,
+    tokens: Bucket,
 }
 
 struct Inner {
@@ -343,42 +373,49 @@ async fn embeddings(
         None => model_dims(&req.model),
     };
 
-    // Rate limits over a sliding minute.
+    // Rate limits: buckets replenished continuously over the window.
     let now = Instant::now();
-    let (used_req, used_tok, oldest) = {
+    let (remaining_req, remaining_tok, reset_req, reset_tok) = {
         let mut w = inner.window.lock().unwrap();
-        while w
-            .events
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= cfg.window)
-        {
-            w.events.pop_front();
-        }
-        let used_req = w.events.len() as u64;
-        let used_tok: u64 = w.events.iter().map(|(_, t)| t).sum();
-        let over_rpm = cfg.rpm > 0 && used_req + 1 > cfg.rpm;
-        let over_tpm = cfg.tpm > 0 && used_tok + total > cfg.tpm;
+        let avail_req = if cfg.rpm > 0 {
+            w.requests.refill(cfg.rpm, cfg.window, now)
+        } else {
+            f64::MAX
+        };
+        let avail_tok = if cfg.tpm > 0 {
+            w.tokens.refill(cfg.tpm, cfg.window, now)
+        } else {
+            f64::MAX
+        };
+        let over_rpm = cfg.rpm > 0 && avail_req < 1.0;
+        let over_tpm = cfg.tpm > 0 && avail_tok < total as f64;
         if over_rpm || over_tpm {
-            // Wait until enough of the window has expired.
-            let mut wait = Duration::from_millis(100);
-            let mut freed_tok = 0u64;
-            let mut freed_req = 0u64;
-            for (t, k) in &w.events {
-                freed_tok += k;
-                freed_req += 1;
-                let req_ok = !over_rpm || used_req + 1 - freed_req <= cfg.rpm;
-                let tok_ok = !over_tpm || used_tok + total - freed_tok <= cfg.tpm;
-                if req_ok && tok_ok {
-                    wait = (cfg.window.saturating_sub(now.duration_since(*t)))
-                        .max(Duration::from_millis(10));
-                    break;
-                }
-            }
+            let wait_req = if over_rpm {
+                bucket_waits(avail_req, 1.0, cfg.rpm, cfg.window).0
+            } else {
+                Duration::ZERO
+            };
+            let wait_tok = if over_tpm {
+                bucket_waits(avail_tok, total as f64, cfg.tpm, cfg.window).0
+            } else {
+                Duration::ZERO
+            };
+            let wait = wait_req.max(wait_tok).max(Duration::from_millis(1));
             drop(w);
             let (what, limit, used, requested) = if over_tpm {
-                ("tokens per min (TPM)", cfg.tpm, used_tok, total)
+                (
+                    "tokens per min (TPM)",
+                    cfg.tpm,
+                    cfg.tpm.saturating_sub(avail_tok as u64),
+                    total,
+                )
             } else {
-                ("requests per min (RPM)", cfg.rpm, used_req, 1)
+                (
+                    "requests per min (RPM)",
+                    cfg.rpm,
+                    cfg.rpm.saturating_sub(avail_req as u64),
+                    1,
+                )
             };
             record(&req.model, n, 0, 429);
             let mut resp = error(
@@ -394,7 +431,7 @@ async fn embeddings(
             let h = resp.headers_mut();
             h.insert(
                 "retry-after-ms",
-                HeaderValue::from_str(&wait.as_millis().to_string()).unwrap(),
+                HeaderValue::from_str(&wait.as_millis().max(1).to_string()).unwrap(),
             );
             h.insert(
                 "retry-after",
@@ -402,11 +439,26 @@ async fn embeddings(
             );
             return resp;
         }
-        w.events.push_back((now, total));
+        if cfg.rpm > 0 {
+            w.requests.available -= 1.0;
+        }
+        if cfg.tpm > 0 {
+            w.tokens.available -= total as f64;
+        }
+        let (ra, ta) = (w.requests.available, w.tokens.available);
         (
-            used_req + 1,
-            used_tok + total,
-            w.events.front().map(|(t, _)| *t).unwrap_or(now),
+            ra.max(0.0) as u64,
+            ta.max(0.0) as u64,
+            if cfg.rpm > 0 {
+                bucket_waits(ra, 0.0, cfg.rpm, cfg.window).1
+            } else {
+                Duration::ZERO
+            },
+            if cfg.tpm > 0 {
+                bucket_waits(ta, 0.0, cfg.tpm, cfg.window).1
+            } else {
+                Duration::ZERO
+            },
         )
     };
 
@@ -453,26 +505,25 @@ async fn embeddings(
     });
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();
-    let reset = cfg.window.saturating_sub(now.duration_since(oldest));
-    let reset_s = format!("{:.3}s", reset.as_secs_f64());
     let mut put = |k: &'static str, v: String| {
         h.insert(k, HeaderValue::from_str(&v).unwrap());
     };
+    // OpenAI's reset headers: the time until the limit is back to its initial state.
     if cfg.rpm > 0 {
         put("x-ratelimit-limit-requests", cfg.rpm.to_string());
+        put("x-ratelimit-remaining-requests", remaining_req.to_string());
         put(
-            "x-ratelimit-remaining-requests",
-            cfg.rpm.saturating_sub(used_req).to_string(),
+            "x-ratelimit-reset-requests",
+            format!("{:.3}s", reset_req.as_secs_f64()),
         );
-        put("x-ratelimit-reset-requests", reset_s.clone());
     }
     if cfg.tpm > 0 {
         put("x-ratelimit-limit-tokens", cfg.tpm.to_string());
+        put("x-ratelimit-remaining-tokens", remaining_tok.to_string());
         put(
-            "x-ratelimit-remaining-tokens",
-            cfg.tpm.saturating_sub(used_tok).to_string(),
+            "x-ratelimit-reset-tokens",
+            format!("{:.3}s", reset_tok.as_secs_f64()),
         );
-        put("x-ratelimit-reset-tokens", reset_s);
     }
     resp
 }

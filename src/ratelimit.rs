@@ -24,6 +24,27 @@ pub struct RateLimiter {
     token_burst: u32,
     paused_until: Mutex<Option<Instant>>,
     headers: Arc<Mutex<RateLimitHeaders>>,
+    /// Requests admitted recently: (when, tokens). The provider's headers lag behind requests
+    /// still in flight, so what was sent after the headers were seen is subtracted from them.
+    admitted: Mutex<std::collections::VecDeque<(Instant, u64)>>,
+    /// Requests admitted and not yet answered: (when, tokens) by permit id. Those admitted before
+    /// the headers were seen may not be counted in them either.
+    in_flight: Mutex<std::collections::HashMap<u64, (Instant, u64)>>,
+    next_id: std::sync::atomic::AtomicU64,
+    period: Duration,
+}
+
+/// Held while a request is in flight; dropping it marks the request answered.
+pub struct Permit<'a> {
+    limiter: &'a RateLimiter,
+    id: u64,
+    pub waited: Duration,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.limiter.in_flight.lock().unwrap().remove(&self.id);
+    }
 }
 
 fn quota(per_period: u32, period: Duration, burst: u32) -> Option<Quota> {
@@ -54,6 +75,10 @@ impl RateLimiter {
             token_burst,
             paused_until: Mutex::new(None),
             headers,
+            admitted: Mutex::new(std::collections::VecDeque::new()),
+            in_flight: Mutex::new(std::collections::HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+            period,
         }
     }
 
@@ -62,8 +87,8 @@ impl RateLimiter {
         self.tokens.as_ref().map(|_| self.token_burst)
     }
 
-    /// Waits until a request of `tokens` may be sent; returns how long it waited.
-    pub async fn acquire(&self, tokens: u32) -> Duration {
+    /// Waits until a request of `tokens` may be sent; hold the permit until it is answered.
+    pub async fn acquire(&self, tokens: u32) -> Permit<'_> {
         let start = Instant::now();
         loop {
             let pause = *self.paused_until.lock().unwrap();
@@ -82,18 +107,68 @@ impl RateLimiter {
             // Cannot fail: n ≤ burst.
             let _ = t.until_n_ready(n).await;
         }
-        // The provider's view of the shared quota.
-        let wait = {
-            let h = self.headers.lock().unwrap();
-            provider_wait(&h, tokens as u64, Instant::now())
-        };
-        if let Some(w) = wait {
-            metrics::counter!("embed_worker_rate_limit_provider_waits_total").increment(1);
-            tokio::time::sleep(w).await;
+        // The provider's view of the shared quota, less what this process sent since.
+        loop {
+            let now = Instant::now();
+            let wait = {
+                let mut h = self.headers.lock().unwrap().clone();
+                let mut log = self.admitted.lock().unwrap();
+                while log
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > self.period)
+                {
+                    log.pop_front();
+                }
+                if let Some(seen) = h.seen_at {
+                    let mut unseen: Vec<u64> = log
+                        .iter()
+                        .filter(|(t, _)| *t > seen)
+                        .map(|(_, n)| *n)
+                        .collect();
+                    unseen.extend(
+                        self.in_flight
+                            .lock()
+                            .unwrap()
+                            .values()
+                            .filter(|(t, _)| *t <= seen)
+                            .map(|(_, n)| *n),
+                    );
+                    h.remaining_requests = h
+                        .remaining_requests
+                        .map(|r| r.saturating_sub(unseen.len() as u64));
+                    h.remaining_tokens = h
+                        .remaining_tokens
+                        .map(|r| r.saturating_sub(unseen.iter().sum()));
+                }
+                provider_wait(&h, tokens as u64, now)
+            };
+            match wait {
+                Some(w) => {
+                    metrics::counter!("embed_worker_rate_limit_provider_waits_total").increment(1);
+                    tokio::time::sleep(w).await;
+                }
+                None => break,
+            }
         }
+        let now = Instant::now();
+        self.admitted
+            .lock()
+            .unwrap()
+            .push_back((now, tokens as u64));
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .unwrap()
+            .insert(id, (now, tokens as u64));
         let waited = start.elapsed();
         metrics::histogram!("embed_worker_rate_limiter_wait_seconds").record(waited.as_secs_f64());
-        waited
+        Permit {
+            limiter: self,
+            id,
+            waited,
+        }
     }
 
     /// After a 429: no request from this process before `after` from now.
@@ -107,23 +182,29 @@ impl RateLimiter {
 }
 
 /// How long to wait, per the provider's last headers, before sending `tokens` more.
+/// `reset` is the time until the limit is back to its initial state (OpenAI's meaning); with the
+/// limit known, the provider replenishes continuously, so only the missing share is waited for.
 pub fn provider_wait(h: &RateLimitHeaders, tokens: u64, now: Instant) -> Option<Duration> {
     let seen = h.seen_at?;
-    let mut wait: Option<Duration> = None;
-    let mut consider = |remaining: Option<u64>, need: u64, reset: Option<Duration>| {
-        if let (Some(rem), Some(reset)) = (remaining, reset) {
-            if rem < need {
-                let until = seen + reset;
-                if until > now {
-                    let w = until - now;
-                    wait = Some(wait.map_or(w, |cur: Duration| cur.max(w)));
-                }
-            }
+    let wait_for = |remaining: Option<u64>,
+                    limit: Option<u64>,
+                    need: u64,
+                    reset: Option<Duration>|
+     -> Option<Duration> {
+        let (rem, reset) = (remaining?, reset?);
+        if rem >= need {
+            return None;
         }
+        let full = match limit {
+            Some(l) if l > rem => reset.mul_f64(((need - rem) as f64 / (l - rem) as f64).min(1.0)),
+            _ => reset,
+        };
+        let until = seen + full;
+        (until > now).then(|| until - now)
     };
-    consider(h.remaining_requests, 1, h.reset_requests);
-    consider(h.remaining_tokens, tokens, h.reset_tokens);
-    wait
+    let a = wait_for(h.remaining_requests, h.limit_requests, 1, h.reset_requests);
+    let b = wait_for(h.remaining_tokens, h.limit_tokens, tokens, h.reset_tokens);
+    a.max(b)
 }
 
 #[cfg(test)]
@@ -134,6 +215,8 @@ mod tests {
     fn waits_for_the_provider_reset_when_too_little_remains() {
         let now = Instant::now();
         let h = RateLimitHeaders {
+            limit_requests: None,
+            limit_tokens: None,
             remaining_requests: Some(10),
             remaining_tokens: Some(100),
             reset_requests: Some(Duration::from_secs(1)),
@@ -144,6 +227,15 @@ mod tests {
         assert_eq!(provider_wait(&h, 500, now), Some(Duration::from_secs(3)));
         let later = now + Duration::from_secs(4);
         assert_eq!(provider_wait(&h, 500, later), None, "reset already passed");
+        // With the limit known, only the missing share of the reset is waited for.
+        let h = RateLimitHeaders {
+            limit_tokens: Some(1100),
+            ..h
+        };
+        assert_eq!(
+            provider_wait(&h, 600, now),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[tokio::test]
@@ -160,7 +252,7 @@ mod tests {
         );
         let start = Instant::now();
         for _ in 0..4 {
-            rl.acquire(1000).await;
+            drop(rl.acquire(1000).await);
         }
         // Burst 1,000 then 6,000 tokens/s: 3 more × 1,000 tokens ≈ 0.5 s.
         let took = start.elapsed();

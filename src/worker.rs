@@ -30,14 +30,24 @@ pub fn worker_name() -> String {
     format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
+/// The handler takes the payload as raw JSON so that a payload of the wrong shape is this job's
+/// failure, with its reason, and not a decoding error that stops the whole worker.
 async fn handle(
-    job: EmbedSource,
+    payload: serde_json::Value,
     id: TaskId,
     batcher: Data<Batcher>,
 ) -> Result<String, BoxDynError> {
+    let source: EmbedSource = match serde_json::from_value(payload.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            let reason = format!("bad job payload {payload}: {e}");
+            tracing::error!(job = %id, %reason, "job failed permanently (dead letter)");
+            return Err(AbortError::new(reason).into());
+        }
+    };
     let job = Job {
         id: id.to_string(),
-        source: job,
+        source,
     };
     match batcher.submit(job.clone()).await {
         Ok(outcome) => {
@@ -123,7 +133,7 @@ impl Worker {
             let strategy = Strategy::new()
                 .stream(Pubsub::new(pool.clone(), queue.name.clone()))
                 .interval(Duration::from_millis(queue.poll_interval_ms));
-            let backend = PostgresStorage::<EmbedSource>::new(&pool)
+            let backend = PostgresStorage::<serde_json::Value>::new(&pool)
                 .with_config(queue_cfg)
                 .poll_with_strategy(strategy);
             let name = worker_name();

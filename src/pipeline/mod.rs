@@ -382,10 +382,14 @@ impl Pipeline {
             if let Some(reason) = self.health.api_stopped() {
                 return Err(EmbedError::QuotaExhausted { message: reason });
             }
-            let waited = self.limiter.acquire(budget as u32).await;
-            tracing::debug!(?waited, budget, inputs = texts.len(), "rate limiter admitted a request");
             let result = {
+                // A request slot first, then the limiter: tokens are admitted when they are sent.
                 let _slot = self.api_slots.acquire().await.expect("semaphore open");
+                if let Some(reason) = self.health.api_stopped() {
+                    return Err(EmbedError::QuotaExhausted { message: reason });
+                }
+                let _permit = self.limiter.acquire(budget as u32).await;
+                tracing::debug!(waited = ?_permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
                 self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 let res = self.embedder.embed(texts.clone()).await;

@@ -175,26 +175,39 @@ pub async fn enqueue(pool: &PgPool, sources: &[EmbedSource]) -> i64 {
         .unwrap()
 }
 
-/// Inserts `n` sessions for `user` with notes of varied length; returns their sources.
+/// Inserts `n` sessions for `user` with notes of `words(i)` words, in one statement; returns their sources.
 pub async fn insert_sessions(
     pool: &PgPool,
     user: uuid::Uuid,
     n: usize,
     words: impl Fn(usize) -> usize,
 ) -> Vec<EmbedSource> {
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let notes = (0..words(i))
-            .map(|w| format!("scale{} arpeggio{}", (i * 7 + w) % 97, w % 13))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let id = insert_session(pool, user, &format!("Practice {i}"), &notes).await;
-        out.push(EmbedSource {
+    let titles: Vec<String> = (0..n).map(|i| format!("Practice {i}")).collect();
+    let notes: Vec<String> = (0..n)
+        .map(|i| {
+            (0..words(i))
+                .map(|w| format!("scale{} arpeggio{}", (i * 7 + w) % 97, w % 13))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "INSERT INTO sessions (user_id, focus, depth, title, notes)
+         SELECT $1, 'harmony', 'standard', t, n FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS u(t, n, o)
+         ORDER BY o RETURNING id",
+    )
+    .bind(user)
+    .bind(&titles)
+    .bind(&notes)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    ids.into_iter()
+        .map(|source_id| EmbedSource {
             source_type: SourceType::Session,
-            source_id: id,
-        });
-    }
-    out
+            source_id,
+        })
+        .collect()
 }
 
 pub async fn template_sources(pool: &PgPool) -> Vec<EmbedSource> {
