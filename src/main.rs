@@ -38,6 +38,11 @@ enum Command {
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/config/templates.toml"))]
         file: PathBuf,
     },
+    /// Insert about N demo practice sessions for three demo users (once).
+    SeedSessions {
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
     /// Consume the embed queue until SIGTERM/SIGINT (or, with --until-empty, until it drains).
     Run {
         /// Exit 0 once no job is pending or running (demo, batch use).
@@ -237,6 +242,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             )
             .await?;
             println!("deleted {done} finished and {failed} dead-letter jobs");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SeedSessions { count } => {
+            let pool = db::connect_admin(&settings.database.url).await?;
+            let n = seed::seed_demo_sessions(&pool, count).await?;
+            println!("demo sessions: {n} inserted");
             Ok(ExitCode::SUCCESS)
         }
         Command::SeedTemplates { file } => {

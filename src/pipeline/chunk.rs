@@ -153,3 +153,23 @@ mod tests {
         assert_eq!(request_budget_tokens(&cjk, 50), 75);
     }
 }
+
+#[cfg(test)]
+mod big_text {
+    use super::*;
+
+    /// A 10 MB transcript is chunked (no chunk over the limit, nothing lost at the ends).
+    #[test]
+    fn ten_megabyte_transcript_is_chunked() {
+        let sentence = "The left hand keeps a steady walking bass while the right hand comps on two and four. ";
+        let text = sentence.repeat(10 * 1024 * 1024 / sentence.len());
+        let started = std::time::Instant::now();
+        let chunks = Chunker::new(8191, 200).unwrap().chunks(&text, "m", 3);
+        let took = started.elapsed();
+        assert!(chunks.len() > 200, "{}", chunks.len());
+        assert!(chunks.iter().all(|c| c.tokens <= 8191));
+        let total: usize = chunks.iter().map(|c| c.text.len()).sum();
+        assert!(total >= text.trim().len(), "overlap means at least the whole text is covered");
+        eprintln!("10 MB: {} chunks in {took:?}", chunks.len());
+    }
+}
