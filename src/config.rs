@@ -26,6 +26,21 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub retention: RetentionSettings,
     pub http: HttpSettings,
+    pub capture: CaptureSettings,
+    pub freshness: FreshnessSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CaptureSettings {
+    pub sessions: bool,
+    pub templates: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FreshnessSettings {
+    pub max_age_days: u64,
+    pub scan_interval_secs: u64,
+    pub scan_limit: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

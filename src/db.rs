@@ -190,3 +190,33 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
     }
     Ok(VerifyReport { indexes, problems })
 }
+
+/// Enables or disables the change-capture triggers per source (config `capture.*`).
+pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> anyhow::Result<()> {
+    for (table, on, triggers) in [
+        (
+            "sessions",
+            sessions,
+            ["trg_sessions_capture_insert", "trg_sessions_capture_update"],
+        ),
+        (
+            "question_templates",
+            templates,
+            [
+                "trg_question_templates_capture_insert",
+                "trg_question_templates_capture_update",
+            ],
+        ),
+    ] {
+        for trg in triggers {
+            let verb = if on { "ENABLE" } else { "DISABLE" };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER TABLE {table} {verb} TRIGGER {trg}"
+            )))
+            .execute(pool)
+            .await
+            .with_context(|| format!("{verb} TRIGGER {trg}"))?;
+        }
+    }
+    Ok(())
+}

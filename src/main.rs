@@ -75,6 +75,55 @@ enum Command {
     },
     /// Delete finished jobs past their retention (also done periodically by `run`).
     PruneJobs,
+    /// Queue sources whose embeddings are missing, outdated, of another model, or too old.
+    EnqueueStale {
+        /// Print counts per reason; queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        limit: Option<i64>,
+        #[arg(long)]
+        source_type: Option<embed_worker::queue::SourceType>,
+    },
+    /// Queue existing data not yet embedded by the active model, after an estimate and a prompt.
+    Backfill {
+        #[arg(long)]
+        source_type: Option<embed_worker::queue::SourceType>,
+        /// Only sources updated since this RFC 3339 time.
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
+        /// Show embedding progress until the queue drains.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Tokens and cost to embed everything not yet embedded by the active model.
+    Estimate,
+    /// Per model: rows, sources covered, % complete, index present and valid; or prune one.
+    Models {
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+    /// Semantic search with the active model (as an app user under RLS with --as-user).
+    Search {
+        text: String,
+        #[arg(long, default_value_t = 5)]
+        k: i64,
+        #[arg(long)]
+        source_type: Option<embed_worker::queue::SourceType>,
+        #[arg(long)]
+        as_user: Option<uuid::Uuid>,
+        #[arg(long, default_value_t = 100)]
+        ef_search: u32,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ModelsAction {
+    /// Drop an old model's rows and index (refused while the active model is below 100%).
+    Prune { model: String },
 }
 
 #[tokio::main]
@@ -106,7 +155,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let pool = db::connect_admin(&settings.database.url).await?;
             db::migrate(&pool).await?;
-            println!("migrations applied");
+            db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
+            models::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions)
+                .await?;
+            println!(
+                "migrations applied; change capture sessions={} templates={}; index {} ready",
+                settings.capture.sessions,
+                settings.capture.templates,
+                models::index_name(&settings.model.name)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify => {
@@ -229,6 +286,160 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 embed_worker::queue::retry_failed(&pool, &settings.queue.name, source_type, since)
                     .await?;
             println!("{n} dead letters re-queued");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EnqueueStale {
+            dry_run,
+            limit,
+            source_type,
+        } => {
+            let pool = db::connect(&settings.database).await?;
+            let scope = embed_worker::freshness::Scope {
+                source_type,
+                limit,
+                max_age_days: Some(settings.freshness.max_age_days),
+                ..Default::default()
+            };
+            let stale =
+                embed_worker::freshness::find_stale(&pool, &settings.model.name, &scope).await?;
+            for (reason, n) in embed_worker::freshness::counts(&stale) {
+                println!("{reason:<12} {n}");
+            }
+            if dry_run {
+                println!("dry run: nothing queued");
+            } else {
+                let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
+                let n = embed_worker::freshness::enqueue_all(
+                    &pool,
+                    &settings.queue.name,
+                    settings.queue.max_attempts,
+                    &sources,
+                    |_, _| {},
+                )
+                .await?;
+                println!(
+                    "{n} jobs queued ({} already pending)",
+                    sources.len() as i64 - n
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill {
+            source_type,
+            since,
+            yes,
+            wait,
+        } => {
+            let pool = db::connect(&settings.database).await?;
+            let scope = embed_worker::freshness::Scope {
+                source_type,
+                since,
+                ..Default::default()
+            };
+            embed_worker::ops::backfill(&pool, &settings, &scope, yes, wait).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Estimate => {
+            let pool = db::connect(&settings.database).await?;
+            let stale = embed_worker::freshness::find_stale(
+                &pool,
+                &settings.model.name,
+                &embed_worker::freshness::Scope::default(),
+            )
+            .await?;
+            let todo: Vec<_> = stale
+                .iter()
+                .filter(|s| s.reason != "outdated")
+                .map(|s| s.source)
+                .collect();
+            let e = embed_worker::ops::estimate(&pool, &settings, &todo).await?;
+            println!(
+                "not yet embedded by {}: {} sources, {} tokens, ${:.4} at ${}/1M tokens",
+                settings.model.name,
+                e.sources,
+                e.tokens,
+                e.usd,
+                settings.model.usd_per_million_tokens
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models { action } => {
+            let pool = db::connect_admin(&settings.database.url).await?;
+            match action {
+                None => {
+                    println!(
+                        "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
+                        "model", "active", "rows", "sources", "done"
+                    );
+                    for m in models::status(&pool, &settings.model.name).await? {
+                        println!(
+                            "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
+                            m.model,
+                            if m.active { "yes" } else { "" },
+                            m.rows,
+                            m.sources,
+                            m.percent,
+                            match (&m.index, m.index_valid) {
+                                (Some(ix), true) => format!("{ix} (valid)"),
+                                (Some(ix), false) => format!("{ix} (INVALID)"),
+                                (None, _) => "MISSING".to_string(),
+                            }
+                        );
+                    }
+                }
+                Some(ModelsAction::Prune { model }) => {
+                    let n = models::prune(&pool, &model, &settings.model.name).await?;
+                    println!("pruned {model}: {n} rows deleted, index dropped");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Search {
+            text,
+            k,
+            source_type,
+            as_user,
+            ef_search,
+        } => {
+            let pool = db::connect_admin(&settings.database.url).await?;
+            let embedder =
+                embed_worker::embed::OpenAiEmbedder::new(&settings.api, &settings.model)?;
+            let query = embedder
+                .embed(vec![text.clone()])
+                .await?
+                .vectors
+                .pop()
+                .context("no vector for the query")?;
+            let opts = embed_worker::search::SearchOptions {
+                k,
+                source_type,
+                as_user,
+                ef_search,
+            };
+            let started = std::time::Instant::now();
+            let hits = embed_worker::search::search(
+                &pool,
+                &settings.model.name,
+                settings.model.dimensions,
+                query,
+                &opts,
+            )
+            .await?;
+            let took = started.elapsed();
+            for h in &hits {
+                println!(
+                    "{:.4}  {} {} #{}",
+                    1.0 - h.distance,
+                    h.source_type,
+                    h.source_id,
+                    h.chunk_index
+                );
+            }
+            println!(
+                "{} hits in {:.1} ms",
+                hits.len(),
+                took.as_secs_f64() * 1000.0
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::PruneJobs => {

@@ -60,3 +60,85 @@ mod tests {
         assert!(index_name(&"x".repeat(200)).len() <= 63);
     }
 }
+
+/// One model as `embed-worker models` shows it.
+#[derive(Debug, Clone)]
+pub struct ModelStatus {
+    pub model: String,
+    pub active: bool,
+    pub rows: i64,
+    pub sources: i64,
+    /// Sources with text to embed (the denominator of `percent`).
+    pub total_sources: i64,
+    pub percent: f64,
+    pub index: Option<String>,
+    pub index_valid: bool,
+}
+
+/// Per model: rows, sources covered, completeness, index present and valid. The active model
+/// is listed even before it has rows.
+pub async fn status(pool: &PgPool, active: &str) -> anyhow::Result<Vec<ModelStatus>> {
+    let total: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM sessions
+                  WHERE btrim(concat(title, notes, transcript), E' \\t\\n\\r') <> '')
+              + (SELECT count(*) FROM question_templates WHERE btrim(body, E' \\t\\n\\r') <> '')",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT embedding_model::text, count(*), count(DISTINCT (source_type, source_id))
+           FROM rag_embeddings GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    if !rows.iter().any(|(m, _, _)| m == active) {
+        rows.push((active.to_string(), 0, 0));
+    }
+    let indexes = crate::db::vector_indexes(pool).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(model, n, sources)| {
+            let name = index_name(&model);
+            let ix = indexes.iter().find(|i| i.name == name);
+            ModelStatus {
+                active: model == active,
+                percent: if total == 0 {
+                    100.0
+                } else {
+                    (sources as f64 * 100.0 / total as f64).min(100.0)
+                },
+                index: ix.map(|i| i.name.clone()),
+                index_valid: ix.is_some_and(|i| i.valid),
+                model,
+                rows: n,
+                sources,
+                total_sources: total,
+            }
+        })
+        .collect())
+}
+
+/// Drops `old`'s rows and index. Refuses to prune the active model, or while the active model
+/// covers less than 100% of the sources (the old vectors are still serving).
+pub async fn prune(pool: &PgPool, old: &str, active: &str) -> anyhow::Result<u64> {
+    anyhow::ensure!(old != active, "refusing to prune the active model {active}");
+    let st = status(pool, active).await?;
+    let a = st.iter().find(|m| m.active).expect("active model listed");
+    anyhow::ensure!(
+        a.sources >= a.total_sources,
+        "refusing to prune {old}: the active model {active} covers {}/{} sources ({:.1}%); wait for 100%",
+        a.sources,
+        a.total_sources,
+        a.percent
+    );
+    let deleted = sqlx::query("DELETE FROM rag_embeddings WHERE embedding_model = $1")
+        .bind(old)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    let sql = format!("DROP INDEX CONCURRENTLY IF EXISTS {}", index_name(old));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(pool)
+        .await?;
+    Ok(deleted)
+}

@@ -95,18 +95,69 @@ pub const DEMO_USERS: [(&str, &str); 3] = [
 ];
 
 const FOCI: [(&str, &[&str]); 6] = [
-    ("harmony", &["voiced a minor ii-V-I with rootless left-hand shapes", "worked through tritone substitutions over a blues", "spread drop-2 voicings across the bridge", "practised guide-tone lines through Autumn Leaves"]),
-    ("rhythm", &["played with the metronome on two and four", "counted sixteenth-note subdivisions aloud", "practised three-against-two between the hands", "locked in a swing feel at a slow tempo"]),
-    ("technique", &["ran scales in four octaves with even fingers", "slowed the hardest bar down to half tempo", "worked on relaxed octave runs", "practised arpeggios with a loose wrist"]),
-    ("repertoire", &["memorised the second section of the nocturne", "planned the phrasing of the slow movement", "ran the whole piece without stopping", "marked breathing points in the melody"]),
-    ("ear_training", &["sang intervals above each scale degree", "transcribed the first eight bars of a solo", "identified chord qualities by ear", "played back short melodies after one hearing"]),
-    ("improvisation", &["developed a three-note motif over a dorian vamp", "left space between phrases in the solo", "used chromatic approach notes into chord tones", "traded fours with a backing track"]),
+    (
+        "harmony",
+        &[
+            "voiced a minor ii-V-I with rootless left-hand shapes",
+            "worked through tritone substitutions over a blues",
+            "spread drop-2 voicings across the bridge",
+            "practised guide-tone lines through Autumn Leaves",
+        ],
+    ),
+    (
+        "rhythm",
+        &[
+            "played with the metronome on two and four",
+            "counted sixteenth-note subdivisions aloud",
+            "practised three-against-two between the hands",
+            "locked in a swing feel at a slow tempo",
+        ],
+    ),
+    (
+        "technique",
+        &[
+            "ran scales in four octaves with even fingers",
+            "slowed the hardest bar down to half tempo",
+            "worked on relaxed octave runs",
+            "practised arpeggios with a loose wrist",
+        ],
+    ),
+    (
+        "repertoire",
+        &[
+            "memorised the second section of the nocturne",
+            "planned the phrasing of the slow movement",
+            "ran the whole piece without stopping",
+            "marked breathing points in the melody",
+        ],
+    ),
+    (
+        "ear_training",
+        &[
+            "sang intervals above each scale degree",
+            "transcribed the first eight bars of a solo",
+            "identified chord qualities by ear",
+            "played back short melodies after one hearing",
+        ],
+    ),
+    (
+        "improvisation",
+        &[
+            "developed a three-note motif over a dorian vamp",
+            "left space between phrases in the solo",
+            "used chromatic approach notes into chord tones",
+            "traded fours with a backing track",
+        ],
+    ),
 ];
 
 /// About `n` practice sessions for the demo users, deterministic. Returns how many were inserted
 /// (none when the demo users already have sessions).
 pub async fn seed_demo_sessions(pool: &PgPool, n: usize) -> anyhow::Result<usize> {
-    let users: Vec<uuid::Uuid> = DEMO_USERS.iter().map(|(_, id)| id.parse().unwrap()).collect();
+    let users: Vec<uuid::Uuid> = DEMO_USERS
+        .iter()
+        .map(|(_, id)| id.parse().unwrap())
+        .collect();
     let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions WHERE user_id = ANY($1)")
         .bind(&users)
         .fetch_one(pool)
@@ -123,7 +174,11 @@ pub async fn seed_demo_sessions(pool: &PgPool, n: usize) -> anyhow::Result<usize
         u.push(users[i % users.len()]);
         f.push(focus.to_string());
         d.push(depths[i % 3].to_string());
-        t.push(format!("{} practice, day {}", focus.replace('_', " "), i / 3 + 1));
+        t.push(format!(
+            "{} practice, day {}",
+            focus.replace('_', " "),
+            i / 3 + 1
+        ));
         notes.push(format!(
             "Today I {a}. Then I {b}. Next time: {} for {} minutes.",
             phrases[(i + 2) % phrases.len()],

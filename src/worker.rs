@@ -218,6 +218,7 @@ async fn maintain(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_prune: Option<std::time::Instant> = None;
+    let mut last_scan: Option<std::time::Instant> = None;
     let r = &settings.retention;
     loop {
         tokio::select! {
@@ -233,6 +234,17 @@ async fn maintain(
             Ok(Ok(_)) => health.set_db(None),
             Ok(Err(e)) => health.set_db(Some(e.to_string())),
             Err(_) => health.set_db(Some("ping timed out".into())),
+        }
+        let f = &settings.freshness;
+        if f.scan_interval_secs > 0
+            && last_scan.is_none_or(|t| t.elapsed() >= Duration::from_secs(f.scan_interval_secs))
+        {
+            last_scan = Some(std::time::Instant::now());
+            match scan_stale(&pool, &settings).await {
+                Ok(Some(n)) if n > 0 => tracing::info!(queued = n, "stale scan queued jobs"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "stale scan failed"),
+            }
         }
         if last_prune.is_none_or(|t| t.elapsed() >= Duration::from_secs(r.interval_secs)) {
             last_prune = Some(std::time::Instant::now());
@@ -252,6 +264,28 @@ async fn maintain(
             }
         }
     }
+}
+
+/// One stale scan, if no other replica is scanning (advisory lock). Returns jobs queued.
+pub async fn scan_stale(pool: &PgPool, settings: &Settings) -> anyhow::Result<Option<i64>> {
+    crate::freshness::with_scan_lock(pool, || async {
+        let scope = crate::freshness::Scope {
+            max_age_days: Some(settings.freshness.max_age_days),
+            limit: Some(settings.freshness.scan_limit),
+            ..Default::default()
+        };
+        let stale = crate::freshness::find_stale(pool, &settings.model.name, &scope).await?;
+        let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
+        Ok(crate::freshness::enqueue_all(
+            pool,
+            &settings.queue.name,
+            settings.queue.max_attempts,
+            &sources,
+            |_, _| {},
+        )
+        .await?)
+    })
+    .await
 }
 
 /// Resolves on SIGTERM or SIGINT.

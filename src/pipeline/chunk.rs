@@ -169,7 +169,10 @@ mod big_text {
         assert!(chunks.len() > 200, "{}", chunks.len());
         assert!(chunks.iter().all(|c| c.tokens <= 8191));
         let total: usize = chunks.iter().map(|c| c.text.len()).sum();
-        assert!(total >= text.trim().len(), "overlap means at least the whole text is covered");
+        assert!(
+            total >= text.trim().len(),
+            "overlap means at least the whole text is covered"
+        );
         eprintln!("10 MB: {} chunks in {took:?}", chunks.len());
     }
 }

@@ -1,0 +1,147 @@
+//! Freshness: which sources need (re-)embedding, and queueing them in bulk.
+//!
+//! Why in SQL: the stale set is a join of the sources with their embeddings for the active
+//! model; the database answers it in one pass however many rows there are, and the queueing
+//! (`embed_worker.enqueue_many`) skips sources that already have a pending job, so a scan is
+//! idempotent and safe to run from a CronJob and from every replica (one at a time, under an
+//! advisory lock).
+//!
+//! Reasons, in order of precedence:
+//! - `missing`: no embedding at all;
+//! - `other_model`: embeddings only from a model other than the active one;
+//! - `outdated`: the source changed (`updated_at`) after its embeddings were written;
+//! - `too_old`: embeddings older than `freshness.max_age_days`.
+//!
+//! Sources with no text to embed (every embedded column empty) are never stale.
+
+use std::collections::BTreeMap;
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::queue::{EmbedSource, SourceType};
+
+/// A stale source and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stale {
+    pub source: EmbedSource,
+    pub reason: String,
+}
+
+/// Filters for a scan.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    pub source_type: Option<SourceType>,
+    /// Only sources updated at or after this time.
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub limit: Option<i64>,
+    /// Embeddings older than this many days count as stale (0/None: never).
+    pub max_age_days: Option<u64>,
+    /// Include sources whose embeddings are current (backfill of everything).
+    pub include_fresh: bool,
+}
+
+const STALE_SQL: &str = r#"
+WITH src AS (
+    SELECT 'session'::text AS t, s.id, s.updated_at
+      FROM sessions s
+     WHERE ($2::text IS NULL OR $2 = 'session')
+       AND ($3::timestamptz IS NULL OR s.updated_at >= $3)
+       AND btrim(concat(s.title, s.notes, s.transcript), E' \t\n\r') <> ''
+    UNION ALL
+    SELECT 'template', q.id, q.updated_at
+      FROM question_templates q
+     WHERE ($2::text IS NULL OR $2 = 'template')
+       AND ($3::timestamptz IS NULL OR q.updated_at >= $3)
+       AND btrim(q.body, E' \t\n\r') <> ''
+), emb AS (
+    SELECT e.source_type::text AS t, e.source_id AS id,
+           bool_or(e.embedding_model = $1) AS has_active,
+           min(e.updated_at) FILTER (WHERE e.embedding_model = $1) AS oldest
+      FROM rag_embeddings e
+     GROUP BY 1, 2
+)
+SELECT src.t, src.id,
+       CASE WHEN emb.id IS NULL THEN 'missing'
+            WHEN NOT emb.has_active THEN 'other_model'
+            WHEN src.updated_at > emb.oldest THEN 'outdated'
+            WHEN $4::float8 > 0 AND emb.oldest < now() - make_interval(days => 1) * $4 THEN 'too_old'
+            ELSE 'fresh' END AS reason
+  FROM src LEFT JOIN emb ON emb.t = src.t AND emb.id = src.id
+"#;
+
+/// Sources needing (re-)embedding for `model` (with `include_fresh`, every source).
+pub async fn find_stale(pool: &PgPool, model: &str, scope: &Scope) -> sqlx::Result<Vec<Stale>> {
+    let sql = format!(
+        "SELECT t, id, reason FROM ({STALE_SQL}) x WHERE $5 OR reason <> 'fresh' ORDER BY reason, t, id LIMIT $6"
+    );
+    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(model)
+        .bind(scope.source_type.map(|t| t.as_str()))
+        .bind(scope.since)
+        .bind(scope.max_age_days.unwrap_or(0) as f64)
+        .bind(scope.include_fresh)
+        .bind(scope.limit.filter(|l| *l > 0).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(t, id, reason)| {
+            Some(Stale {
+                source: EmbedSource {
+                    source_type: t.parse().ok()?,
+                    source_id: id,
+                },
+                reason,
+            })
+        })
+        .collect())
+}
+
+/// Counts per reason.
+pub fn counts(stale: &[Stale]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for s in stale {
+        *m.entry(s.reason.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Queues `sources` in chunks of 1,000, calling `progress(done, total)` after each.
+/// Returns how many jobs were created (sources with a pending job are skipped).
+pub async fn enqueue_all(
+    pool: &PgPool,
+    queue: &str,
+    max_attempts: i32,
+    sources: &[EmbedSource],
+    mut progress: impl FnMut(usize, usize),
+) -> sqlx::Result<i64> {
+    let mut created = 0;
+    for (i, chunk) in sources.chunks(1000).enumerate() {
+        created += crate::queue::enqueue_many(pool, queue, max_attempts, chunk).await?;
+        progress((i * 1000 + chunk.len()).min(sources.len()), sources.len());
+    }
+    Ok(created)
+}
+
+/// One scanner at a time across replicas: runs `f` only if this session gets the lock.
+pub async fn with_scan_lock<T, F: std::future::Future<Output = anyhow::Result<T>>>(
+    pool: &PgPool,
+    f: impl FnOnce() -> F,
+) -> anyhow::Result<Option<T>> {
+    let mut conn = pool.acquire().await?;
+    let key: i64 = 0x656d_6265_6473_6361; // "embedsca"
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !got {
+        return Ok(None);
+    }
+    let result = f().await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await;
+    result.map(Some)
+}

@@ -1,0 +1,138 @@
+//! Search: what the embeddings are for. Top-k cosine through the active model's HNSW index,
+//! optionally as an app user under row-level security; plus the design's two other lookups.
+//!
+//! Why iterative index scans: a plain HNSW scan yields `hnsw.ef_search` candidates and only then
+//! applies filters (the model predicate is in the index, but RLS and `source_type` are not). A
+//! user who owns 0.1% of the rows would get almost nothing back. pgvector 0.8's
+//! `hnsw.iterative_scan` keeps scanning until k rows pass the filters (up to
+//! `hnsw.max_scan_tuples`). `relaxed_order` is fastest; the outer query re-sorts exactly.
+
+use pgvector::Vector;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::queue::SourceType;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Hit {
+    pub source_type: String,
+    pub source_id: Uuid,
+    pub chunk_index: i32,
+    pub distance: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SearchOptions {
+    pub k: i64,
+    pub source_type: Option<SourceType>,
+    /// Run as `app_user` with `auth.uid()` = this user (RLS applies).
+    pub as_user: Option<Uuid>,
+    pub ef_search: u32,
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            k: 5,
+            source_type: None,
+            as_user: None,
+            ef_search: 100,
+        }
+    }
+}
+
+/// The search statement for `model` at `dimensions`: the expression and predicate match the
+/// model's partial index exactly, so the planner can use it.
+pub fn search_sql(model: &str, dimensions: usize) -> String {
+    format!(
+        "SELECT source_type::text AS source_type, source_id, chunk_index, distance FROM (
+             SELECT source_type, source_id, chunk_index,
+                    (embedding::vector({dimensions}) <=> $1) AS distance
+               FROM rag_embeddings
+              WHERE embedding_model = {lit}
+                AND ($2::text IS NULL OR source_type = $2::embedding_source)
+              ORDER BY embedding::vector({dimensions}) <=> $1
+              LIMIT $3
+         ) hits ORDER BY distance",
+        lit = crate::models::quote_literal(model)
+    )
+}
+
+/// Top-k nearest chunks to `query` among `model`'s vectors.
+pub async fn search(
+    pool: &PgPool,
+    model: &str,
+    dimensions: usize,
+    query: Vec<f32>,
+    opts: &SearchOptions,
+) -> sqlx::Result<Vec<Hit>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', $1, true)")
+        .bind(opts.ef_search.to_string())
+        .execute(&mut *tx)
+        .await?;
+    if let Some(user) = opts.as_user {
+        sqlx::query("SET LOCAL ROLE app_user")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    let hits = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(search_sql(model, dimensions)))
+        .bind(Vector::from(query))
+        .bind(opts.source_type.map(|t| t.as_str()))
+        .bind(opts.k)
+        .fetch_all(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(hits)
+}
+
+/// EXPLAIN of the search, to show which index it uses.
+pub async fn explain(
+    pool: &PgPool,
+    model: &str,
+    dimensions: usize,
+    query: Vec<f32>,
+) -> sqlx::Result<String> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        search_sql(model, dimensions)
+    )))
+    .bind(Vector::from(query))
+    .bind(None::<String>)
+    .bind(5i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n"))
+}
+
+/// Enabled templates of a focus (the design's template lookup).
+pub async fn templates_by_focus(pool: &PgPool, focus: &str) -> sqlx::Result<Vec<(Uuid, String)>> {
+    sqlx::query_as(
+        "SELECT id, body FROM question_templates WHERE focus = $1::interview_focus AND enabled ORDER BY usage_count DESC, id",
+    )
+    .bind(focus)
+    .fetch_all(pool)
+    .await
+}
+
+/// A session's own embeddings (the design's session lookup): (model, chunk, tokens).
+pub async fn session_embeddings(
+    pool: &PgPool,
+    session: Uuid,
+) -> sqlx::Result<Vec<(String, i32, i32)>> {
+    sqlx::query_as(
+        "SELECT embedding_model::text, chunk_index, token_count FROM rag_embeddings
+          WHERE source_type = 'session' AND source_id = $1 ORDER BY embedding_model, chunk_index",
+    )
+    .bind(session)
+    .fetch_all(pool)
+    .await
+}
