@@ -90,17 +90,24 @@ pub async fn search(
     Ok(hits)
 }
 
-/// EXPLAIN of the search, to show which index it uses.
+/// EXPLAIN of the search, to show which index it uses. `without_seqscan`: on a small table the
+/// planner rightly prefers a sequential scan; disabling it shows whether the index matches.
 pub async fn explain(
     pool: &PgPool,
     model: &str,
     dimensions: usize,
     query: Vec<f32>,
+    without_seqscan: bool,
 ) -> sqlx::Result<String> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
         .execute(&mut *tx)
         .await?;
+    if without_seqscan {
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await?;
+    }
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
         search_sql(model, dimensions)

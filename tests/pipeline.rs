@@ -21,7 +21,12 @@ async fn a_thousand_mixed_sources_are_embedded_in_a_handful_of_requests() {
     let worker_pool = t.worker_pool().await;
     // Change capture queued every insert already; enqueueing again (as the worker role) adds no duplicate.
     assert_eq!(enqueue(&worker_pool, &sources).await, 0);
-    assert_eq!(embed_worker::queue::open_jobs(&t.admin, "embed").await.unwrap(), 1000);
+    assert_eq!(
+        embed_worker::queue::open_jobs(&t.admin, "embed")
+            .await
+            .unwrap(),
+        1000
+    );
 
     let w = RunningWorker::start(worker_settings(&t, &fake)).await;
     wait_drained(&t.admin, Duration::from_secs(120)).await;

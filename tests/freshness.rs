@@ -1,0 +1,459 @@
+//! Keeping embeddings fresh: change capture, stale scans, a model switch, search under RLS,
+//! and backfill.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use embed_worker::fake_openai::FakeConfig;
+use embed_worker::freshness::{self, Scope};
+use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::{models, search};
+use uuid::Uuid;
+
+async fn pending(t: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap()
+}
+
+/// Marks every job done (as a worker would), so new jobs can be told apart.
+async fn settle(t: &TestDb) {
+    sqlx::query("UPDATE apalis.jobs SET status = 'Done', idempotency_key = NULL")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn text_changes_queue_one_job_and_usage_updates_queue_none() {
+    let t = TestDb::migrated().await;
+    let s = insert_session(&t.admin, Uuid::new_v4(), "scales", "slow").await;
+    assert_eq!(pending(&t).await, 1, "an insert queues its source");
+    seed_templates(&t.admin).await;
+    assert_eq!(pending(&t).await, 21);
+    settle(&t).await;
+
+    sqlx::query("UPDATE sessions SET notes = 'slow, then fast' WHERE id = $1")
+        .bind(s)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(pending(&t).await, 1, "a notes change queues one job");
+    sqlx::query("UPDATE sessions SET notes = 'slow, then faster' WHERE id = $1")
+        .bind(s)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        pending(&t).await,
+        1,
+        "a second change while pending does not queue twice"
+    );
+    settle(&t).await;
+
+    sqlx::query(
+        "UPDATE question_templates SET usage_count = usage_count + 1, last_used_at = now()",
+    )
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(pending(&t).await, 0, "usage updates queue nothing");
+    let bumped: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM question_templates WHERE updated_at > created_at")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(bumped, 0, "and do not make templates look changed");
+
+    embed_worker::db::apply_capture(&t.admin, false, true)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sessions SET notes = 'off' WHERE id = $1")
+        .bind(s)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(pending(&t).await, 0, "capture switched off for sessions");
+}
+
+async fn put_rows(t: &TestDb, id: Uuid, model: &str, dims: usize, age_days: i32) {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, embedding_model, dimensions, token_count, updated_at)
+         VALUES ('session', $1, 'h', '{}', $2, {dims}, 3, now() - make_interval(days => $3))",
+        vector_literal(dims)
+    )))
+    .bind(id)
+    .bind(model)
+    .bind(age_days)
+    .execute(&t.admin)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
+    let t = TestDb::migrated().await;
+    let user = Uuid::new_v4();
+    let missing = insert_session(&t.admin, user, "a", "missing").await;
+    let outdated = insert_session(&t.admin, user, "b", "outdated").await;
+    let other = insert_session(&t.admin, user, "c", "other model").await;
+    let old = insert_session(&t.admin, user, "d", "too old").await;
+    let fresh = insert_session(&t.admin, user, "e", "fresh").await;
+    let _empty = insert_session(&t.admin, user, "", "  ").await;
+    sqlx::query("UPDATE sessions SET updated_at = now() - interval '30 days'")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sessions SET updated_at = now() WHERE id = $1")
+        .bind(outdated)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let active = "text-embedding-ada-002";
+    put_rows(&t, outdated, active, 1536, 1).await;
+    put_rows(&t, other, "text-embedding-3-small", 8, 1).await;
+    put_rows(&t, old, active, 1536, 10).await;
+    put_rows(&t, fresh, active, 1536, 1).await;
+    sqlx::query("DELETE FROM apalis.jobs")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+
+    let scope = Scope {
+        max_age_days: Some(7),
+        ..Default::default()
+    };
+    let stale = freshness::find_stale(&t.admin, active, &scope)
+        .await
+        .unwrap();
+    let by_id: std::collections::HashMap<Uuid, String> = stale
+        .iter()
+        .map(|s| (s.source.source_id, s.reason.clone()))
+        .collect();
+    assert_eq!(by_id.len(), 4, "{by_id:?}");
+    assert_eq!(by_id[&missing], "missing");
+    assert_eq!(by_id[&outdated], "outdated");
+    assert_eq!(by_id[&other], "other_model");
+    assert_eq!(by_id[&old], "too_old");
+
+    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
+    assert_eq!(
+        freshness::enqueue_all(&t.admin, "embed", 10, &sources, |_, _| {})
+            .await
+            .unwrap(),
+        4
+    );
+    let again = freshness::find_stale(&t.admin, active, &scope)
+        .await
+        .unwrap();
+    let again: Vec<EmbedSource> = again.iter().map(|s| s.source).collect();
+    assert_eq!(
+        freshness::enqueue_all(&t.admin, "embed", 10, &again, |_, _| {})
+            .await
+            .unwrap(),
+        0,
+        "idempotent"
+    );
+
+    // The CLI's dry run prints the counts per reason and queues nothing.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+        .args(["enqueue-stale", "--dry-run"])
+        .env("DATABASE_URL", &t.url)
+        .env("EMBED_WORKER__FRESHNESS__MAX_AGE_DAYS", "7")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "missing      1",
+        "other_model  1",
+        "outdated     1",
+        "too_old      1",
+        "dry run",
+    ] {
+        assert!(text.contains(line), "{line:?} in {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
+    let t = TestDb::migrated().await;
+    let fake = fake(FakeConfig::default()).await;
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 30, |i| 5 + i).await;
+    let mut a = worker_settings(&t, &fake);
+    a.model.name = "text-embedding-3-small".into();
+    a.model.dimensions = 256;
+    a.model.send_dimensions = true;
+    models::ensure_model_index(&t.admin, &a.model.name, 256)
+        .await
+        .unwrap();
+    let w = RunningWorker::start(a.clone()).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+
+    let mut b = a.clone();
+    b.model.name = "text-embedding-3-large".into();
+    b.model.dimensions = 512;
+    models::ensure_model_index(&t.admin, &b.model.name, 512)
+        .await
+        .unwrap();
+    let st = models::status(&t.admin, &b.model.name).await.unwrap();
+    let old = st.iter().find(|m| m.model == a.model.name).unwrap();
+    assert_eq!((old.sources, old.percent as i64), (30, 100));
+    let new = st.iter().find(|m| m.model == b.model.name).unwrap();
+    assert!(new.active && new.rows == 0 && new.index_valid);
+    let err = models::prune(&t.admin, &a.model.name, &b.model.name)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("refusing to prune"), "{err}");
+
+    let stale = freshness::find_stale(&t.admin, &b.model.name, &Scope::default())
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 30);
+    assert!(stale.iter().all(|s| s.reason == "other_model"));
+    let srcs: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
+    freshness::enqueue_all(&t.admin, "embed", 10, &srcs, |_, _| {})
+        .await
+        .unwrap();
+    // The old model keeps serving while the new one fills.
+    let q = embed_worker::fake_openai::fake_vector("Practice 3", 256);
+    let hits = search::search(
+        &t.admin,
+        &a.model.name,
+        256,
+        q,
+        &search::SearchOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(hits.len(), 5);
+
+    let w = RunningWorker::start(b.clone()).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+    let names: Vec<String> = embed_worker::db::vector_indexes(&t.admin)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert!(
+        names.contains(&models::index_name(&a.model.name))
+            && names.contains(&models::index_name(&b.model.name))
+    );
+    let plan = search::explain(
+        &t.admin,
+        &b.model.name,
+        512,
+        embed_worker::fake_openai::fake_vector("x", 512),
+        true,
+    )
+    .await
+    .unwrap();
+    assert!(plan.contains(&models::index_name(&b.model.name)), "{plan}");
+    let hits = search::search(
+        &t.admin,
+        &b.model.name,
+        512,
+        embed_worker::fake_openai::fake_vector("y", 512),
+        &search::SearchOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(hits.len(), 5);
+
+    let deleted = models::prune(&t.admin, &a.model.name, &b.model.name)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 30);
+    let names: Vec<String> = embed_worker::db::vector_indexes(&t.admin)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert!(
+        !names.contains(&models::index_name(&a.model.name)),
+        "old index dropped"
+    );
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT embedding_model::text FROM rag_embeddings")
+            .fetch_all(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(left, vec![b.model.name.clone()]);
+    assert_eq!(sources.len(), 30);
+}
+
+/// Clustered vectors (HNSW on uniform noise says little): 20 centres, small spread.
+fn clustered(i: usize, dims: usize) -> Vec<f32> {
+    let centre = embed_worker::fake_openai::fake_vector(&format!("centre {}", i % 20), dims);
+    let noise = embed_worker::fake_openai::fake_vector(&format!("noise {i}"), dims);
+    let v: Vec<f32> = centre
+        .iter()
+        .zip(&noise)
+        .map(|(c, n)| c + 0.3 * n)
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / norm).collect()
+}
+
+#[tokio::test]
+async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    let (model, dims, n) = ("test-mini", 32usize, 5000usize);
+    let owner = Uuid::new_v4();
+    let others: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let users: Vec<Uuid> = (0..n)
+        .map(|i| if i % 1000 == 7 { owner } else { others[i % 50] })
+        .collect();
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO sessions (user_id, title) SELECT u, 'x' FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, o) ORDER BY o RETURNING id",
+    )
+    .bind(&users)
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
+    let vectors: Vec<pgvector::Vector> = (0..n)
+        .map(|i| pgvector::Vector::from(clustered(i, dims)))
+        .collect();
+    sqlx::query(
+        "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, embedding_model, dimensions, token_count)
+         SELECT 'session', id, 'h', v, 'test-mini', 32, 1 FROM unnest($1::uuid[], $2::vector[]) AS x(id, v)",
+    )
+    .bind(&ids)
+    .bind(&vectors)
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    models::ensure_model_index(&t.admin, model, dims)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE rag_embeddings")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let mine: std::collections::HashSet<Uuid> = ids
+        .iter()
+        .zip(&users)
+        .filter(|(_, u)| **u == owner)
+        .map(|(i, _)| *i)
+        .collect();
+    assert_eq!(mine.len(), 5, "0.1% of the rows");
+
+    let q = clustered(3, dims);
+    let opts = search::SearchOptions {
+        k: 5,
+        as_user: Some(owner),
+        ef_search: 40,
+        ..Default::default()
+    };
+    let hits = search::search(&t.admin, model, dims, q.clone(), &opts)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 5, "k rows despite the filter");
+    assert!(
+        hits.iter().all(|h| mine.contains(&h.source_id)),
+        "only the user's own rows"
+    );
+
+    let other = others[0];
+    let hits = search::search(
+        &t.admin,
+        model,
+        dims,
+        q.clone(),
+        &search::SearchOptions {
+            as_user: Some(other),
+            ..opts.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(hits.len(), 5);
+    assert!(
+        hits.iter().all(|h| !mine.contains(&h.source_id)),
+        "never another user's rows"
+    );
+
+    // Without iterative scans, the same filtered query comes back short: why the option matters.
+    let mut tx = t.admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE app_user")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
+        .bind(owner.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SET LOCAL hnsw.ef_search = 40")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plain: Vec<search::Hit> =
+        sqlx::query_as(sqlx::AssertSqlSafe(search::search_sql(model, dims)))
+            .bind(pgvector::Vector::from(q))
+            .bind(None::<String>)
+            .bind(5i64)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+    assert!(
+        plain.len() < 5,
+        "a plain HNSW scan returned {} rows",
+        plain.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backfill_wait_ends_when_the_queue_drains_and_counts_match() {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    let fake = fake(FakeConfig::default()).await;
+    insert_sessions(&t.admin, Uuid::new_v4(), 120, |i| 3 + i % 30).await;
+    seed_templates(&t.admin).await;
+    assert_eq!(pending(&t).await, 0, "capture is off: nothing queued yet");
+    let settings = worker_settings(&t, &fake);
+    let w = RunningWorker::start(settings.clone()).await;
+    let pool = t.worker_pool().await;
+    let done = tokio::time::timeout(
+        Duration::from_secs(60),
+        embed_worker::ops::backfill(&pool, &settings, &Scope::default(), true, true),
+    )
+    .await
+    .expect("backfill --wait returns once the queue drains")
+    .unwrap()
+    .unwrap();
+    w.stop().await;
+    assert_eq!(done.queued, 140);
+    assert_eq!(
+        embed_worker::queue::open_jobs(&t.admin, "embed")
+            .await
+            .unwrap(),
+        0
+    );
+    let (sources, tokens): (i64, i64) = sqlx::query_as("SELECT count(DISTINCT (source_type, source_id)), sum(token_count)::bigint FROM rag_embeddings")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(sources, 140);
+    assert_eq!(
+        tokens as u64, done.estimate.tokens,
+        "the estimate is what was embedded"
+    );
+    assert_eq!(tokens as u64, fake.tokens_billed());
+    let _ = SourceType::Session;
+}
