@@ -13,6 +13,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub database: DatabaseSettings,
     pub queue: QueueSettings,
@@ -28,15 +29,25 @@ pub struct Settings {
     pub http: HttpSettings,
     pub capture: CaptureSettings,
     pub freshness: FreshnessSettings,
+    pub budget: BudgetSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSettings {
+    pub monthly_usd: f64,
+    pub recheck_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CaptureSettings {
     pub sessions: bool,
     pub templates: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FreshnessSettings {
     pub max_age_days: u64,
     pub scan_interval_secs: u64,
@@ -44,11 +55,13 @@ pub struct FreshnessSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub addr: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetentionSettings {
     pub done_after_hours: u64,
     pub failed_after_hours: u64,
@@ -56,6 +69,7 @@ pub struct RetentionSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RateLimitSettings {
     pub requests_per_minute: u32,
     pub tokens_per_minute: u32,
@@ -63,6 +77,7 @@ pub struct RateLimitSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     pub request_retries: u32,
     pub base_ms: u64,
@@ -73,6 +88,7 @@ pub struct RetrySettings {
 }
 
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
@@ -105,6 +121,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QueueSettings {
     pub name: String,
     pub fetch_batch: usize,
@@ -116,6 +133,7 @@ pub struct QueueSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BatchSettings {
     pub max_jobs: usize,
     pub linger_ms: u64,
@@ -123,6 +141,7 @@ pub struct BatchSettings {
 }
 
 #[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ApiSettings {
     pub base_url: String,
     pub timeout_secs: u64,
@@ -146,6 +165,7 @@ impl std::fmt::Debug for ApiSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     pub name: String,
     pub dimensions: usize,
@@ -156,33 +176,42 @@ pub struct ModelSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RenderSettings {
     pub session: String,
     pub template: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     pub grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: String,
 }
 
-/// The repo's `config/` folder, or `EMBED_WORKER_CONFIG_DIR`.
+/// `EMBED_WORKER_CONFIG_DIR`, else the source tree's `config/` (development), else `./config`.
 fn config_dir() -> PathBuf {
-    std::env::var_os("EMBED_WORKER_CONFIG_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"))
+    if let Some(dir) = std::env::var_os("EMBED_WORKER_CONFIG_DIR") {
+        return PathBuf::from(dir);
+    }
+    let source_tree = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+    if source_tree.join("default.toml").exists() {
+        source_tree
+    } else {
+        PathBuf::from("config")
+    }
 }
 
 impl Settings {
     /// Defaults file, optional extra file, environment. Reads the API key from the environment.
     pub fn load(extra_file: Option<&Path>) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(config_dir().join("default.toml")).required(false));
+            .add_source(config::File::from(config_dir().join("default.toml")).required(true));
         if let Some(path) = extra_file {
             builder = builder.add_source(config::File::from(path).required(true));
         }

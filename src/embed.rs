@@ -43,6 +43,9 @@ pub enum EmbedError {
     /// 400-class input errors: the input itself is bad; isolate it.
     #[error("invalid input ({status}): {message}")]
     InvalidInput { status: u16, message: String },
+    /// This worker stopped calling the API (quota exhausted earlier, or the monthly budget).
+    #[error("API calls stopped: {reason}")]
+    Stopped { reason: String },
     /// Anything else (401, 403, 404, a malformed answer): not fixed by retrying the same request.
     #[error("provider error ({status:?}): {message}")]
     Fatal {
@@ -65,7 +68,17 @@ impl EmbedError {
             EmbedError::QuotaExhausted { .. } => "quota_exhausted",
             EmbedError::Transient { .. } => "transient",
             EmbedError::InvalidInput { .. } => "invalid_input",
+            EmbedError::Stopped { .. } => "stopped",
             EmbedError::Fatal { .. } => "fatal",
+        }
+    }
+    /// The HTTP status behind the error, if there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            EmbedError::RateLimited { .. } | EmbedError::QuotaExhausted { .. } => Some(429),
+            EmbedError::Transient { status, .. } | EmbedError::Fatal { status, .. } => *status,
+            EmbedError::InvalidInput { status, .. } => Some(*status),
+            EmbedError::Stopped { .. } => None,
         }
     }
 }
@@ -230,7 +243,7 @@ pub struct OpenAiEmbedder {
 
 impl OpenAiEmbedder {
     pub fn new(api: &ApiSettings, model: &ModelSettings) -> anyhow::Result<Self> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::init_tls();
         let mut config = OpenAIConfig::new().with_api_base(api.base_url.trim_end_matches('/'));
         if let Some(key) = &api.api_key {
             config = config.with_api_key(key.expose_secret());

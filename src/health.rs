@@ -26,12 +26,12 @@ impl Health {
 
     /// API calls stop (quota or budget) until `until`.
     pub fn stop_api(&self, reason: String, until: Instant) {
-        metrics::gauge!("embed_worker_api_stopped").set(1.0);
+        crate::meter::api_stopped(true);
         *self.api_stopped.lock().unwrap() = Some((reason, until));
     }
 
     pub fn resume_api(&self) {
-        metrics::gauge!("embed_worker_api_stopped").set(0.0);
+        crate::meter::api_stopped(false);
         *self.api_stopped.lock().unwrap() = None;
     }
 

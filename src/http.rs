@@ -30,8 +30,8 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may be installed already (tests); ours still renders its own.
             let _ = metrics::set_global_recorder(recorder);
-            metrics::gauge!("embed_worker_build_info", "version" => env!("CARGO_PKG_VERSION"))
-                .set(1.0);
+            crate::meter::describe();
+            crate::meter::build_info();
             handle
         })
         .clone()
@@ -53,7 +53,11 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/readyz", get(readyz))
         .route(
             "/metrics",
-            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+            get(|State(s): State<AppState>| async move {
+                let mut text = s.metrics.render();
+                text.push_str(&crate::meter::render_extra());
+                text
+            }),
         )
         .with_state(state)
 }

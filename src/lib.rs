@@ -4,6 +4,7 @@
 //! job ([`queue`]) → batch ([`pipeline::batcher`]) → load ([`pipeline::load`]) →
 //! tokenize/split ([`pipeline::chunk`]) → embed ([`embed`]) → write ([`pipeline::write`]) → ack.
 
+pub mod budget;
 pub mod config;
 pub mod db;
 pub mod embed;
@@ -11,6 +12,7 @@ pub mod fake_openai;
 pub mod freshness;
 pub mod health;
 pub mod http;
+pub mod meter;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
@@ -20,3 +22,9 @@ pub mod search;
 pub mod seed;
 pub mod telemetry;
 pub mod worker;
+
+/// Installs rustls' ring crypto provider (once). sqlx already uses ring; choosing it for the
+/// HTTP client too avoids building a second provider (aws-lc) on small build machines.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -29,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Print the effective configuration (file + environment), secrets redacted.
+    Config,
     /// Apply apalis-postgres's and embed-worker's migrations (idempotent).
     Migrate,
     /// Check the schema: vector indexes (HNSW, m=16, ef_construction=64), RLS, source trigger.
@@ -72,6 +74,11 @@ enum Command {
         /// RFC 3339 time, e.g. 2026-11-26T00:00:00Z.
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Show this month's spend against the budget, or set the budget live (USD, 0 = none).
+    Budget {
+        #[command(subcommand)]
+        action: Option<BudgetAction>,
     },
     /// Delete finished jobs past their retention (also done periodically by `run`).
     PruneJobs,
@@ -121,6 +128,12 @@ enum Command {
 }
 
 #[derive(Subcommand, Debug)]
+enum BudgetAction {
+    /// Set the monthly budget in USD (0 = none); every replica sees it within budget.recheck_secs.
+    Set { usd: f64 },
+}
+
+#[derive(Subcommand, Debug)]
 enum ModelsAction {
     /// Drop an old model's rows and index (refused while the active model is below 100%).
     Prune { model: String },
@@ -129,6 +142,7 @@ enum ModelsAction {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    embed_worker::init_tls();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
@@ -152,10 +166,15 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Config => {
+            println!("{settings:#?}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let pool = db::connect_admin(&settings.database.url).await?;
             db::migrate(&pool).await?;
             db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
+            embed_worker::budget::set(&pool, settings.budget.monthly_usd).await?;
             models::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions)
                 .await?;
             println!(
@@ -262,6 +281,15 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             println!("queue {queue}: jobs by state");
             for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
                 println!("  {state:<10} {n}");
+            }
+            let (spent, budget) = embed_worker::budget::month(&pool).await?;
+            if budget > 0.0 {
+                println!(
+                    "spend this month: ${spent:.4} of ${budget:.2} budget ({:.1}%)",
+                    spent * 100.0 / budget
+                );
+            } else {
+                println!("spend this month: ${spent:.4} (no budget set)");
             }
             let dead = embed_worker::queue::failed_jobs(&pool, queue, failures).await?;
             println!("dead letters (latest {}):", dead.len());
@@ -440,6 +468,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 hits.len(),
                 took.as_secs_f64() * 1000.0
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Budget { action } => {
+            let pool = db::connect_admin(&settings.database.url).await?;
+            if let Some(BudgetAction::Set { usd }) = action {
+                anyhow::ensure!(usd >= 0.0, "the budget cannot be negative");
+                embed_worker::budget::set(&pool, usd).await?;
+            }
+            let (spent, budget) = embed_worker::budget::month(&pool).await?;
+            println!("spend this month: ${spent:.4}; budget: ${budget:.2} (0 = none)");
             Ok(ExitCode::SUCCESS)
         }
         Command::PruneJobs => {

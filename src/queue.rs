@@ -79,13 +79,34 @@ pub async fn enqueue_many<'e>(
     Ok(n as i64)
 }
 
-/// Clears the dedup key of jobs that are starting, so later changes queue new jobs.
-pub async fn release_dedup_keys(pool: &PgPool, job_ids: &[String]) -> sqlx::Result<()> {
-    sqlx::query("UPDATE apalis.jobs SET idempotency_key = NULL WHERE id = ANY($1) AND idempotency_key IS NOT NULL")
-        .bind(job_ids)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// Clears the dedup key of jobs that are starting, so later changes queue new jobs. Returns
+/// each job's `run_at` (when it became due), for the job-latency metric.
+pub async fn start_jobs(
+    pool: &PgPool,
+    job_ids: &[String],
+) -> sqlx::Result<std::collections::HashMap<String, chrono::DateTime<chrono::Utc>>> {
+    let rows: Vec<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
+        "UPDATE apalis.jobs SET idempotency_key = NULL WHERE id = ANY($1) RETURNING id, run_at",
+    )
+    .bind(job_ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A sample of the queue for the metrics: counts by state, dead letters, and the age in
+/// seconds of the oldest job that is due and still pending.
+pub async fn sample(pool: &PgPool, queue: &str) -> sqlx::Result<(Vec<(String, i64)>, i64, f64)> {
+    let by_state = counts_by_state(pool, queue).await?;
+    let (dead, oldest): (i64, f64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM embed_worker.failed_jobs WHERE queue = $1),
+                coalesce((SELECT extract(epoch FROM now() - min(run_at))::float8 FROM apalis.jobs
+                           WHERE job_type = $1 AND status = 'Pending' AND run_at <= now()), 0)",
+    )
+    .bind(queue)
+    .fetch_one(pool)
+    .await?;
+    Ok((by_state, dead, oldest))
 }
 
 /// Job counts by state for one queue.

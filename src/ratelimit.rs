@@ -144,7 +144,7 @@ impl RateLimiter {
             };
             match wait {
                 Some(w) => {
-                    metrics::counter!("embed_worker_rate_limit_provider_waits_total").increment(1);
+                    crate::meter::provider_wait();
                     tokio::time::sleep(w).await;
                 }
                 None => break,
@@ -163,7 +163,7 @@ impl RateLimiter {
             .unwrap()
             .insert(id, (now, tokens as u64));
         let waited = start.elapsed();
-        metrics::histogram!("embed_worker_rate_limiter_wait_seconds").record(waited.as_secs_f64());
+        crate::meter::limiter_wait(waited);
         Permit {
             limiter: self,
             id,

@@ -235,6 +235,13 @@ async fn maintain(
             Ok(Err(e)) => health.set_db(Some(e.to_string())),
             Err(_) => health.set_db(Some("ping timed out".into())),
         }
+        match crate::queue::sample(&pool, &settings.queue.name).await {
+            Ok((by_state, dead, oldest)) => crate::meter::queue_sample(&by_state, dead, oldest),
+            Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+        }
+        if let Ok((spent, limit)) = crate::budget::month(&pool).await {
+            crate::meter::budget(spent, limit);
+        }
         let f = &settings.freshness;
         if f.scan_interval_secs > 0
             && last_scan.is_none_or(|t| t.elapsed() >= Duration::from_secs(f.scan_interval_secs))

@@ -316,7 +316,12 @@ async fn insufficient_quota_stops_api_calls_and_readiness() {
             .fetch_one(&t.admin)
             .await
             .unwrap();
-    assert_eq!(pending, 50, "every job is still waiting");
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, count(*) FROM apalis.jobs GROUP BY 1")
+            .fetch_all(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(pending, 50, "every job is still waiting: {states:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -133,9 +133,22 @@ async fn run(
         tokio::spawn(async move {
             let _permit = permit;
             let jobs: Vec<Job> = ready.iter().map(|s| s.job.clone()).collect();
-            let span = tracing::info_span!("batch", jobs = jobs.len(), first_job = %jobs[0].id);
+            let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+            let span = tracing::info_span!("batch", jobs = jobs.len(), job_ids = %ids.join(","));
             let mut results = tracing::Instrument::instrument(pipeline.process(&jobs), span).await;
             settle_failures(&pipeline, &results).await;
+            for s in &ready {
+                let label = match results.get(&s.job.id) {
+                    Some(Ok(o)) => o.label(),
+                    Some(Err(e)) => match e.disposition {
+                        Disposition::Retry => "retry",
+                        Disposition::Release { .. } => "released",
+                        Disposition::Dead => "dead",
+                    },
+                    None => "retry",
+                };
+                crate::meter::job(label, s.job.source.source_type.as_str());
+            }
             for s in ready {
                 let r = results
                     .remove(&s.job.id)

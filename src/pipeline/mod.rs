@@ -51,6 +51,19 @@ pub enum JobOutcome {
     Superseded,
 }
 
+impl JobOutcome {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            JobOutcome::Embedded { .. } => "embedded",
+            JobOutcome::Unchanged { .. } => "unchanged",
+            JobOutcome::SourceGone => "source_gone",
+            JobOutcome::SkippedEmpty => "skipped_empty",
+            JobOutcome::Superseded => "superseded",
+        }
+    }
+}
+
 impl std::fmt::Display for JobOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -130,6 +143,7 @@ pub struct Pipeline {
     embedder: OpenAiEmbedder,
     api_slots: Semaphore,
     limiter: RateLimiter,
+    budget: crate::budget::Budget,
     pub health: Arc<Health>,
     pub stats: Stats,
 }
@@ -156,9 +170,15 @@ impl Pipeline {
             settings.api.max_tokens_per_request as u32,
             embedder.headers_handle(),
         );
+        let budget = crate::budget::Budget::new(
+            pool.clone(),
+            &settings.model.name,
+            settings.model.usd_per_million_tokens,
+        );
         Ok(Pipeline {
             pool,
             limiter,
+            budget,
             health,
             api_slots: Semaphore::new(settings.batch.max_in_flight),
             settings,
@@ -203,7 +223,7 @@ impl Pipeline {
         let model = s.model.name.as_str();
         let dims = s.model.dimensions;
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        crate::queue::release_dedup_keys(&self.pool, &ids).await?;
+        let due_at = crate::queue::start_jobs(&self.pool, &ids).await?;
         let sources = write::distinct(jobs.iter().map(|j| j.source));
 
         // Load.
@@ -246,8 +266,7 @@ impl Pipeline {
         self.stats
             .tokens_saved
             .fetch_add(saved_tokens, Ordering::Relaxed);
-        metrics::counter!("embed_worker_tokens_saved_total", "model" => model.to_string())
-            .increment(saved_tokens);
+        crate::meter::tokens_saved(model, saved_tokens);
 
         // Embed: pack into requests within the provider's limits, run them concurrently.
         let plan = plan_requests(
@@ -313,8 +332,7 @@ impl Pipeline {
             &writes,
         )
         .await?;
-        metrics::histogram!("embed_worker_db_write_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        crate::meter::db_write(started.elapsed());
         let mut written_chunks = 0u64;
         for w in &writes {
             let outcome = match outcomes.get(&w.source) {
@@ -323,6 +341,11 @@ impl Pipeline {
                 Some(WriteOutcome::Written) => {
                     let embedded = w.chunks.iter().filter(|c| c.vector.is_some()).count();
                     written_chunks += embedded as u64;
+                    crate::meter::embeddings_written(
+                        model,
+                        w.source.source_type.as_str(),
+                        embedded as u64,
+                    );
                     if w.chunks.is_empty() {
                         JobOutcome::SkippedEmpty
                     } else if embedded == 0 {
@@ -349,8 +372,13 @@ impl Pipeline {
         self.stats
             .chunks_written
             .fetch_add(written_chunks, Ordering::Relaxed);
-        metrics::counter!("embed_worker_embeddings_written_total", "model" => model.to_string())
-            .increment(written_chunks);
+        let now = chrono::Utc::now();
+        for j in jobs {
+            if let (Some(Ok(_)), Some(due)) = (results.get(&j.source), due_at.get(&j.id)) {
+                crate::meter::job_latency((now - *due).as_seconds_f64());
+            }
+        }
+
         Ok(results)
     }
 
@@ -360,53 +388,101 @@ impl Pipeline {
             EmbedError::InvalidInput { .. } => {
                 JobError::dead(format!("input rejected by the provider: {e}"))
             }
-            EmbedError::QuotaExhausted { .. } => {
-                JobError::release(e.to_string(), std::time::Duration::from_secs(60))
-            }
+            // Stopped calling (quota or budget): back to the queue untouched, no attempt used.
+            EmbedError::QuotaExhausted { .. } => JobError::release(
+                e.to_string(),
+                std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60)),
+            ),
+            EmbedError::Stopped { .. } => JobError::release(
+                e.to_string(),
+                std::time::Duration::from_secs(self.settings.budget.recheck_secs.min(60)),
+            ),
             _ => JobError::retry(e.to_string()),
         }
     }
 
-    /// One request through the rate limiter, with retries: a 429 waits (never counts), a
-    /// transient error backs off with full jitter up to `retry.request_retries` times, an
-    /// `insufficient_quota` stops API calls for `retry.quota_recheck_secs`.
+    /// One request through the budget guard and the rate limiter, with retries: a 429 waits
+    /// (never counts), a transient error backs off with full jitter up to
+    /// `retry.request_retries` times, `insufficient_quota` stops API calls for
+    /// `retry.quota_recheck_secs`, the monthly budget stops them for `budget.recheck_secs`.
+    /// `budget`: tokens as the provider's rate limiter and per-request cap count them (the larger
+    /// of the real count and 0.25 per byte); `tokens`: the real count, which is what is billed.
     async fn send(
         &self,
         texts: Vec<String>,
         budget: usize,
+        tokens: usize,
     ) -> Result<crate::embed::Embedded, EmbedError> {
         let r = &self.settings.retry;
         let model = self.settings.model.name.clone();
         let mut transient_failures = 0u32;
         loop {
             if let Some(reason) = self.health.api_stopped() {
-                return Err(EmbedError::QuotaExhausted { message: reason });
+                return Err(EmbedError::Stopped { reason });
             }
             let result = {
-                // A request slot first, then the limiter: tokens are admitted when they are sent.
+                // A request slot first, then the budget and the limiter: spend and tokens are
+                // accounted when the request is sent.
                 let _slot = self.api_slots.acquire().await.expect("semaphore open");
                 if let Some(reason) = self.health.api_stopped() {
-                    return Err(EmbedError::QuotaExhausted { message: reason });
+                    return Err(EmbedError::Stopped { reason });
                 }
-                let _permit = self.limiter.acquire(budget as u32).await;
-                tracing::debug!(waited = ?_permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
+                let reservation = match self.budget.reserve(tokens as u64).await {
+                    Ok((crate::budget::Decision::Reserved, r)) => r,
+                    Ok((
+                        crate::budget::Decision::Exceeded {
+                            spent,
+                            budget: limit,
+                        },
+                        _,
+                    )) => {
+                        let reason =
+                            format!("monthly budget reached: ${spent:.4} spent of ${limit:.4}");
+                        let until = std::time::Instant::now()
+                            + std::time::Duration::from_secs(self.settings.budget.recheck_secs);
+                        if !self.health.api_stop_recorded() {
+                            tracing::error!(%reason, "budget guard: API calls stopped, readiness false; queueing continues");
+                        }
+                        self.health.stop_api(reason.clone(), until);
+                        return Err(EmbedError::Stopped { reason });
+                    }
+                    Err(e) => {
+                        return Err(EmbedError::Transient {
+                            status: None,
+                            message: format!("budget check failed: {e}"),
+                        });
+                    }
+                };
+                let permit = self.limiter.acquire(budget as u32).await;
+                tracing::debug!(waited = ?permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
                 self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 let res = self.embedder.embed(texts.clone()).await;
-                let outcome = match &res {
-                    Ok(_) => "ok",
-                    Err(e) => e.class(),
+                drop(permit);
+                let (outcome, status) = match &res {
+                    Ok(_) => ("ok", Some(200)),
+                    Err(e) => (e.class(), e.status()),
                 };
-                metrics::histogram!("embed_worker_api_request_duration_seconds", "model" => model.clone())
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("embed_worker_api_requests_total", "model" => model.clone(), "outcome" => outcome)
-                    .increment(1);
+                crate::meter::api_request(
+                    &model,
+                    outcome,
+                    status,
+                    started.elapsed(),
+                    texts.len(),
+                    budget,
+                );
+                if let Some(reservation) = reservation {
+                    let billed = res.as_ref().map_or(0, |d| d.prompt_tokens);
+                    if let Err(e) = self.budget.settle(reservation, billed).await {
+                        tracing::warn!(error = %e, "could not settle the budget reservation");
+                    }
+                }
                 res
             };
             match result {
                 Ok(done) => {
                     if self.health.api_stop_recorded() {
-                        tracing::info!("API calls resumed: the probe request succeeded");
+                        tracing::info!("API calls resumed");
                         self.health.resume_api();
                     }
                     return Ok(done);
@@ -453,13 +529,17 @@ impl Pipeline {
                 .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens))
                 .sum();
             let model = self.settings.model.name.clone();
-            match self.send(texts, budget).await {
+            let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();
+            match self.send(texts, budget, tokens).await {
                 Ok(done) => {
                     self.stats
                         .tokens_embedded
                         .fetch_add(done.prompt_tokens, Ordering::Relaxed);
-                    metrics::counter!("embed_worker_tokens_embedded_total", "model" => model)
-                        .increment(done.prompt_tokens);
+                    crate::meter::tokens_embedded(
+                        &model,
+                        done.prompt_tokens,
+                        self.settings.model.usd_per_million_tokens,
+                    );
                     done.vectors.into_iter().map(Ok).collect()
                 }
                 Err(EmbedError::InvalidInput { .. }) if inputs.len() > 1 => {

@@ -1,0 +1,239 @@
+//! Every metric the worker exports, in one place: names, labels, units and help text.
+//!
+//! Why one module: the dashboard, the alert rules and the tests refer to these names; a metric
+//! renamed in one call site and not another is a blank panel at 3 a.m. Prometheus conventions:
+//! base units (`_seconds`, `_usd`), `_total` for counters, labels `model` and `source_type`.
+//!
+//! The `metrics` crate's counters are integers; cost in USD is fractional, so it is kept here as
+//! a float counter and rendered with the rest by [`render`].
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+pub const TOKENS_EMBEDDED: &str = "embed_worker_tokens_embedded_total";
+pub const TOKENS_SAVED: &str = "embed_worker_tokens_saved_total";
+pub const COST_USD: &str = "embed_worker_cost_usd_total";
+pub const EMBEDDINGS_WRITTEN: &str = "embed_worker_embeddings_written_total";
+pub const API_REQUESTS: &str = "embed_worker_api_requests_total";
+pub const API_DURATION: &str = "embed_worker_api_request_duration_seconds";
+pub const BATCH_INPUTS: &str = "embed_worker_request_inputs";
+pub const BATCH_TOKENS: &str = "embed_worker_request_tokens";
+pub const LIMITER_WAIT: &str = "embed_worker_rate_limiter_wait_seconds";
+pub const PROVIDER_WAITS: &str = "embed_worker_rate_limit_provider_waits_total";
+pub const JOBS: &str = "embed_worker_jobs_total";
+pub const JOB_LATENCY: &str = "embed_worker_job_latency_seconds";
+pub const QUEUE_JOBS: &str = "embed_worker_queue_jobs";
+pub const QUEUE_OLDEST: &str = "embed_worker_queue_oldest_pending_age_seconds";
+pub const DB_WRITE: &str = "embed_worker_db_write_duration_seconds";
+pub const API_STOPPED: &str = "embed_worker_api_stopped";
+pub const BUDGET_SPENT: &str = "embed_worker_budget_spent_usd";
+pub const BUDGET_LIMIT: &str = "embed_worker_budget_monthly_usd";
+pub const BUILD_INFO: &str = "embed_worker_build_info";
+
+/// Every exported name, for the tests that check dashboards and alerts against the binary.
+pub const ALL: &[&str] = &[
+    TOKENS_EMBEDDED,
+    TOKENS_SAVED,
+    COST_USD,
+    EMBEDDINGS_WRITTEN,
+    API_REQUESTS,
+    API_DURATION,
+    BATCH_INPUTS,
+    BATCH_TOKENS,
+    LIMITER_WAIT,
+    PROVIDER_WAITS,
+    JOBS,
+    JOB_LATENCY,
+    QUEUE_JOBS,
+    QUEUE_OLDEST,
+    DB_WRITE,
+    API_STOPPED,
+    BUDGET_SPENT,
+    BUDGET_LIMIT,
+    BUILD_INFO,
+];
+
+static COST: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
+
+/// HELP and units, once per process.
+pub fn describe() {
+    describe_counter!(
+        TOKENS_EMBEDDED,
+        Unit::Count,
+        "Tokens billed by the provider (usage.prompt_tokens)"
+    );
+    describe_counter!(
+        TOKENS_SAVED,
+        Unit::Count,
+        "Tokens not sent because the stored content hash matched"
+    );
+    describe_counter!(
+        EMBEDDINGS_WRITTEN,
+        Unit::Count,
+        "Embedding rows (chunks) written with a new vector"
+    );
+    describe_counter!(
+        API_REQUESTS,
+        Unit::Count,
+        "Embedding API requests by outcome and status class"
+    );
+    describe_histogram!(
+        API_DURATION,
+        Unit::Seconds,
+        "Embedding API request duration"
+    );
+    describe_histogram!(
+        BATCH_INPUTS,
+        Unit::Count,
+        "Inputs per embedding API request"
+    );
+    describe_histogram!(
+        BATCH_TOKENS,
+        Unit::Count,
+        "Budgeted tokens per embedding API request"
+    );
+    describe_histogram!(
+        LIMITER_WAIT,
+        Unit::Seconds,
+        "Time a request waited for the rate limiter"
+    );
+    describe_counter!(
+        PROVIDER_WAITS,
+        Unit::Count,
+        "Waits because the provider's rate-limit headers said too little remains"
+    );
+    describe_counter!(JOBS, Unit::Count, "Jobs finished by outcome");
+    describe_histogram!(
+        JOB_LATENCY,
+        Unit::Seconds,
+        "Time from a job becoming due to its vectors being written"
+    );
+    describe_gauge!(
+        QUEUE_JOBS,
+        Unit::Count,
+        "Jobs in the queue by state (sampled)"
+    );
+    describe_gauge!(
+        QUEUE_OLDEST,
+        Unit::Seconds,
+        "Age of the oldest due pending job (sampled)"
+    );
+    describe_histogram!(
+        DB_WRITE,
+        Unit::Seconds,
+        "Duration of a batch's write transaction"
+    );
+    describe_gauge!(
+        API_STOPPED,
+        Unit::Count,
+        "1 while API calls are stopped (quota or budget)"
+    );
+    describe_gauge!(
+        BUDGET_SPENT,
+        Unit::Count,
+        "Estimated spend this month in USD, all replicas (sampled)"
+    );
+    describe_gauge!(
+        BUDGET_LIMIT,
+        Unit::Count,
+        "Monthly embedding budget in USD (0 = none)"
+    );
+    describe_gauge!(BUILD_INFO, Unit::Count, "Build information");
+}
+
+pub fn tokens_embedded(model: &str, tokens: u64, usd_per_million: f64) {
+    counter!(TOKENS_EMBEDDED, "model" => model.to_string()).increment(tokens);
+    *COST.lock().unwrap().entry(model.to_string()).or_insert(0.0) +=
+        tokens as f64 * usd_per_million / 1e6;
+}
+
+pub fn tokens_saved(model: &str, tokens: u64) {
+    counter!(TOKENS_SAVED, "model" => model.to_string()).increment(tokens);
+}
+
+pub fn embeddings_written(model: &str, source_type: &str, n: u64) {
+    counter!(EMBEDDINGS_WRITTEN, "model" => model.to_string(), "source_type" => source_type.to_string()).increment(n);
+}
+
+pub fn api_request(
+    model: &str,
+    outcome: &'static str,
+    status: Option<u16>,
+    duration: Duration,
+    inputs: usize,
+    tokens: usize,
+) {
+    let class = match status {
+        Some(s) => format!("{}xx", s / 100),
+        None => "none".into(),
+    };
+    counter!(API_REQUESTS, "model" => model.to_string(), "outcome" => outcome, "status_class" => class).increment(1);
+    histogram!(API_DURATION, "model" => model.to_string()).record(duration.as_secs_f64());
+    histogram!(BATCH_INPUTS).record(inputs as f64);
+    histogram!(BATCH_TOKENS).record(tokens as f64);
+}
+
+pub fn limiter_wait(d: Duration) {
+    histogram!(LIMITER_WAIT).record(d.as_secs_f64());
+}
+
+pub fn provider_wait() {
+    counter!(PROVIDER_WAITS).increment(1);
+}
+
+pub fn job(outcome: &'static str, source_type: &str) {
+    counter!(JOBS, "outcome" => outcome, "source_type" => source_type.to_string()).increment(1);
+}
+
+pub fn job_latency(secs: f64) {
+    histogram!(JOB_LATENCY).record(secs.max(0.0));
+}
+
+pub fn queue_sample(by_state: &[(String, i64)], dead: i64, oldest_pending: f64) {
+    for state in ["Pending", "Queued", "Running", "Done", "Failed", "Killed"] {
+        let n = by_state
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n);
+        gauge!(QUEUE_JOBS, "state" => state.to_lowercase()).set(n as f64);
+    }
+    gauge!(QUEUE_JOBS, "state" => "dead").set(dead as f64);
+    gauge!(QUEUE_OLDEST).set(oldest_pending);
+}
+
+pub fn db_write(d: Duration) {
+    histogram!(DB_WRITE).record(d.as_secs_f64());
+}
+
+pub fn api_stopped(stopped: bool) {
+    gauge!(API_STOPPED).set(if stopped { 1.0 } else { 0.0 });
+}
+
+pub fn budget(spent: f64, limit: f64) {
+    gauge!(BUDGET_SPENT).set(spent);
+    gauge!(BUDGET_LIMIT).set(limit);
+}
+
+pub fn build_info() {
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// The float counters, in Prometheus text format, appended to the exporter's output.
+pub fn render_extra() -> String {
+    let cost = COST.lock().unwrap();
+    let mut out = format!(
+        "# HELP {COST_USD} Estimated embedding cost in USD (tokens × the model's configured price)\n# TYPE {COST_USD} counter\n"
+    );
+    for (model, usd) in cost.iter() {
+        out.push_str(&format!(
+            "{COST_USD}{{model=\"{}\"}} {usd}\n",
+            model.replace('\\', "\\\\").replace('"', "\\\"")
+        ));
+    }
+    out
+}

@@ -1,0 +1,308 @@
+//! The deployment files agree with the binary: alert rules pass promtool, every metric the
+//! dashboard and the alerts use is one the worker exports, the manifests' images, args, ports,
+//! probe paths and environment match what the binary accepts, and the manifests validate against
+//! the Kubernetes schemas.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml_ng::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn manifests() -> Vec<(PathBuf, Value)> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("deploy/base"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        if f.file_name().unwrap() == "kustomization.yaml" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let v = <Value as serde::Deserialize>::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            out.push((f.clone(), v));
+        }
+    }
+    out
+}
+
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(pos) = text[i..].find("embed_worker_") {
+        let start = i + pos;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let mut name = &text[start..end];
+        for suffix in ["_bucket", "_sum", "_count"] {
+            if let Some(base) = name.strip_suffix(suffix) {
+                name = base;
+            }
+        }
+        names.insert(name.to_string());
+        i = end;
+    }
+    names
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let (_, rule) = manifests()
+        .into_iter()
+        .find(|(_, v)| v["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let dir = std::env::temp_dir().join(format!("rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("rules.yaml");
+    std::fs::write(&file, serde_yaml_ng::to_string(&rule["spec"]).unwrap()).unwrap();
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("6 rules found"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn dashboard_and_alerts_use_only_exported_metrics() {
+    let exported: BTreeSet<String> = embed_worker::meter::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(root().join("deploy/grafana/embed-worker-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let mut exprs = String::new();
+    for p in json["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            exprs.push_str(t["expr"].as_str().unwrap());
+            exprs.push('\n');
+        }
+    }
+    let used_dash = metric_names(&exprs);
+    assert!(used_dash.len() >= 8, "{used_dash:?}");
+    let rules = std::fs::read_to_string(root().join("deploy/base/prometheusrule.yaml")).unwrap();
+    let used_rules = metric_names(&rules);
+    for name in used_dash.iter().chain(&used_rules) {
+        assert!(
+            exported.contains(name),
+            "{name} is not exported by the worker (meter::ALL)"
+        );
+    }
+    // And meter::ALL names the metrics the code really records.
+    let src: String = ["src/meter.rs"]
+        .iter()
+        .map(|f| std::fs::read_to_string(root().join(f)).unwrap())
+        .collect();
+    for name in &exported {
+        assert!(src.contains(&format!("\"{name}\"")), "{name}");
+    }
+}
+
+fn containers(v: &Value) -> Vec<Value> {
+    let spec = match v["kind"].as_str() {
+        Some("Deployment") | Some("Job") => &v["spec"]["template"]["spec"],
+        Some("CronJob") => &v["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        _ => return vec![],
+    };
+    spec["containers"]
+        .as_sequence()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn manifests_agree_with_the_binary() {
+    let bin = env!("CARGO_BIN_EXE_embed-worker");
+    let kustomization: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("deploy/base/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let image_name = kustomization["images"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    let all = manifests();
+    for (f, _) in &all {
+        assert!(
+            listed.contains(f.file_name().unwrap().to_str().unwrap()),
+            "{} not in kustomization",
+            f.display()
+        );
+    }
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    assert!(dockerfile.contains("EXPOSE 9898") && dockerfile.contains("USER 65532"));
+
+    let mut checked = 0;
+    for (f, doc) in &all {
+        for c in containers(doc) {
+            checked += 1;
+            assert_eq!(
+                c["image"].as_str(),
+                Some(image_name.as_str()),
+                "{}",
+                f.display()
+            );
+            let args: Vec<String> = c["args"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect();
+            // The binary accepts the args (clap validates subcommand and flags before --help).
+            let out = Command::new(bin)
+                .args(&args)
+                .arg("--help")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{} args {args:?}: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // The binary accepts the environment: every EMBED_WORKER__ key is a real setting.
+            let mut cmd = Command::new(bin);
+            cmd.arg("config").env_remove("DATABASE_URL");
+            let mut names = Vec::new();
+            for e in c["env"].as_sequence().unwrap() {
+                let name = e["name"].as_str().unwrap();
+                names.push(name.to_string());
+                if let Some(v) = e["value"].as_str() {
+                    if name.starts_with("EMBED_WORKER__") {
+                        cmd.env(name, v);
+                    }
+                }
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                names.contains(&"DATABASE_URL".to_string()),
+                "{}",
+                f.display()
+            );
+            if doc["kind"] == "Deployment" {
+                let printed = String::from_utf8_lossy(&out.stdout);
+                assert!(printed.contains("addr: \"0.0.0.0:9898\""), "{printed}");
+                assert_eq!(c["ports"][0]["containerPort"].as_u64(), Some(9898));
+                assert_eq!(
+                    c["livenessProbe"]["httpGet"]["path"].as_str(),
+                    Some("/healthz")
+                );
+                assert_eq!(
+                    c["readinessProbe"]["httpGet"]["path"].as_str(),
+                    Some("/readyz")
+                );
+                let grace: u64 = c["env"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == "EMBED_WORKER__SHUTDOWN__GRACE_SECS")
+                    .unwrap()["value"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let pod_grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                    .as_u64()
+                    .unwrap();
+                assert!(
+                    pod_grace > grace + 5,
+                    "terminationGracePeriodSeconds {pod_grace} must exceed the shutdown grace {grace}"
+                );
+                // The API key comes from the mounted Secret file, never a literal.
+                let key_file = c["env"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["name"] == "OPENAI_API_KEY_FILE")
+                    .unwrap()["value"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap();
+                let item =
+                    doc["spec"]["template"]["spec"]["volumes"][0]["secret"]["items"][0]["path"]
+                        .as_str()
+                        .unwrap();
+                assert_eq!(key_file, format!("{mount}/{item}"));
+                assert!(!names.contains(&"OPENAI_API_KEY".to_string()));
+            }
+        }
+    }
+    assert_eq!(checked, 3, "Deployment, migrate Job, enqueue-stale CronJob");
+
+    embed_worker::init_tls();
+    // The probe paths answer on the worker HTTP server.
+    let health = std::sync::Arc::new(embed_worker::health::Health::default());
+    let addr = embed_worker::http::serve("127.0.0.1:0", health)
+        .await
+        .unwrap();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+}
+
+#[test]
+fn manifests_validate_against_kubernetes_schemas() {
+    let tool =
+        std::env::var("KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    let core: Vec<PathBuf> = manifests()
+        .into_iter()
+        .filter(|(_, v)| {
+            matches!(
+                v["kind"].as_str(),
+                Some("Deployment" | "Job" | "CronJob" | "ServiceAccount")
+            )
+        })
+        .map(|(f, _)| f)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(core.len(), 4);
+    let out = Command::new(&tool)
+        .args(["--strict", "--kubernetes-version", "1.31"])
+        .args(core.iter().map(|p| p.as_path()))
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e} (scripts/test installs kubernetes-validate)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let _ = Path::new("");
+}
