@@ -167,6 +167,10 @@ impl std::fmt::Debug for ApiSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
+    /// `openai` (any OpenAI-compatible API) or `local` (all-MiniLM-L6-v2 in-process).
+    pub provider: String,
+    /// The local model's folder (config.json, tokenizer.json, model.safetensors).
+    pub local_path: String,
     pub name: String,
     pub dimensions: usize,
     pub send_dimensions: bool,

@@ -447,3 +447,49 @@ mod tests {
         assert!(!classify_status(401, None, "".into(), None).is_retryable());
     }
 }
+
+/// The configured provider: an OpenAI-compatible API, or the in-process local model.
+#[derive(Clone)]
+pub enum Embedder {
+    OpenAi(OpenAiEmbedder),
+    #[cfg(feature = "local")]
+    Local(crate::local::LocalEmbedder),
+}
+
+impl Embedder {
+    /// Builds the provider `model.provider` names.
+    pub fn from_settings(api: &ApiSettings, model: &ModelSettings) -> anyhow::Result<Self> {
+        match model.provider.as_str() {
+            "openai" => Ok(Embedder::OpenAi(OpenAiEmbedder::new(api, model)?)),
+            #[cfg(feature = "local")]
+            "local" => Ok(Embedder::Local(crate::local::LocalEmbedder::load(
+                std::path::Path::new(&model.local_path),
+            )?)),
+            other => anyhow::bail!(
+                "unknown model.provider {other:?} (openai, or local when built with the `local` feature)"
+            ),
+        }
+    }
+
+    pub async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, EmbedError> {
+        match self {
+            Embedder::OpenAi(e) => e.embed(inputs).await,
+            #[cfg(feature = "local")]
+            Embedder::Local(e) => e.embed(inputs).await,
+        }
+    }
+
+    /// Where the provider's rate-limit headers are recorded (never written for the local model).
+    pub fn headers_handle(&self) -> Arc<Mutex<RateLimitHeaders>> {
+        match self {
+            Embedder::OpenAi(e) => e.headers_handle(),
+            #[cfg(feature = "local")]
+            Embedder::Local(_) => Arc::new(Mutex::new(RateLimitHeaders::default())),
+        }
+    }
+
+    /// Whether requests go to a remote API (rate limits and retries apply).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Embedder::OpenAi(_))
+    }
+}

@@ -12,6 +12,8 @@ pub mod fake_openai;
 pub mod freshness;
 pub mod health;
 pub mod http;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod meter;
 pub mod models;
 pub mod ops;

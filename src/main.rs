@@ -431,7 +431,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         } => {
             let pool = db::connect_admin(&settings.database.url).await?;
             let embedder =
-                embed_worker::embed::OpenAiEmbedder::new(&settings.api, &settings.model)?;
+                embed_worker::embed::Embedder::from_settings(&settings.api, &settings.model)?;
             let query = embedder
                 .embed(vec![text.clone()])
                 .await?

@@ -28,7 +28,7 @@ pub async fn estimate(
     sources: &[EmbedSource],
 ) -> anyhow::Result<Estimate> {
     let m = &settings.model;
-    let chunker = Chunker::new(m.max_input_tokens, m.chunk_overlap_tokens)?;
+    let chunker = Chunker::for_model(m)?;
     let mut tokens = 0u64;
     for chunk in sources.chunks(1000) {
         let loaded = crate::pipeline::load::load(pool, &settings.render, chunk).await?;

@@ -17,7 +17,6 @@ use apalis_postgres::{Config as PgQueueConfig, PostgresStorage, Pubsub};
 use sqlx::PgPool;
 
 use crate::config::Settings;
-use crate::embed::OpenAiEmbedder;
 use crate::pipeline::batcher::Batcher;
 use crate::pipeline::{Disposition, Job, Pipeline};
 use crate::queue::EmbedSource;
@@ -87,7 +86,7 @@ impl Worker {
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let pool = crate::db::connect(&settings.database).await?;
-        let embedder = OpenAiEmbedder::new(&settings.api, &settings.model)?;
+        let embedder = crate::embed::Embedder::from_settings(&settings.api, &settings.model)?;
         let health = Arc::new(crate::health::Health::default());
         let pipeline = Arc::new(Pipeline::new(
             pool.clone(),

@@ -29,22 +29,68 @@ pub struct Chunk {
     pub content_hash: String,
 }
 
+/// The tokenizer that counts and splits: the model's own.
+#[derive(Clone)]
+pub enum Sizer {
+    /// OpenAI's embedding models (ada-002, text-embedding-3-*).
+    Cl100k,
+    /// A Hugging Face tokenizer (the local model); counts include [CLS] and [SEP].
+    HuggingFace(std::sync::Arc<tokenizers::Tokenizer>),
+}
+
+impl Sizer {
+    pub fn count(&self, text: &str) -> usize {
+        match self {
+            Sizer::Cl100k => count_tokens(text),
+            Sizer::HuggingFace(t) => t
+                .encode_fast(text, true)
+                .map(|e| e.len())
+                .unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl text_splitter::ChunkSizer for Sizer {
+    fn size(&self, chunk: &str) -> usize {
+        self.count(chunk)
+    }
+}
+
 /// Splits `text` into chunks of at most `max_tokens` tokens with `overlap` tokens of overlap.
 pub struct Chunker {
     max_tokens: usize,
-    splitter: TextSplitter<&'static CoreBPE>,
+    sizer: Sizer,
+    splitter: TextSplitter<Sizer>,
 }
 
 impl Chunker {
+    /// A chunker counting with cl100k_base (OpenAI's embedding models).
     pub fn new(max_tokens: usize, overlap: usize) -> anyhow::Result<Self> {
+        Self::with_sizer(Sizer::Cl100k, max_tokens, overlap)
+    }
+
+    pub fn with_sizer(sizer: Sizer, max_tokens: usize, overlap: usize) -> anyhow::Result<Self> {
         let config = ChunkConfig::new(max_tokens)
             .with_overlap(overlap)?
             .with_trim(true)
-            .with_sizer(cl100k());
+            .with_sizer(sizer.clone());
         Ok(Chunker {
             max_tokens,
+            sizer,
             splitter: TextSplitter::new(config),
         })
+    }
+
+    /// The chunker for the configured model: its tokenizer and input limit.
+    pub fn for_model(model: &crate::config::ModelSettings) -> anyhow::Result<Self> {
+        let sizer = match model.provider.as_str() {
+            #[cfg(feature = "local")]
+            "local" => Sizer::HuggingFace(std::sync::Arc::new(crate::local::load_tokenizer(
+                std::path::Path::new(&model.local_path),
+            )?)),
+            _ => Sizer::Cl100k,
+        };
+        Self::with_sizer(sizer, model.max_input_tokens, model.chunk_overlap_tokens)
     }
 
     /// Chunks of `text`, hashed for `model`/`dimensions`. Empty or whitespace-only text gives none.
@@ -52,13 +98,13 @@ impl Chunker {
         if text.trim().is_empty() {
             return Vec::new();
         }
-        let whole = count_tokens(text);
+        let whole = self.sizer.count(text);
         let pieces: Vec<(String, usize)> = if whole <= self.max_tokens {
             vec![(text.to_string(), whole)]
         } else {
             self.splitter
                 .chunks(text)
-                .map(|c| (c.to_string(), count_tokens(c)))
+                .map(|c| (c.to_string(), self.sizer.count(c)))
                 .collect()
         };
         pieces

@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use tokio::sync::Semaphore;
 
 use crate::config::Settings;
-use crate::embed::{EmbedError, OpenAiEmbedder};
+use crate::embed::{EmbedError, Embedder};
 use crate::health::Health;
 use crate::queue::EmbedSource;
 use crate::ratelimit::RateLimiter;
@@ -140,7 +140,7 @@ pub struct Pipeline {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     chunker: Chunker,
-    embedder: OpenAiEmbedder,
+    embedder: Embedder,
     api_slots: Semaphore,
     limiter: RateLimiter,
     budget: crate::budget::Budget,
@@ -158,15 +158,22 @@ impl Pipeline {
     pub fn new(
         pool: PgPool,
         settings: Arc<Settings>,
-        embedder: OpenAiEmbedder,
+        embedder: Embedder,
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
-        let chunker = Chunker::new(
-            settings.model.max_input_tokens,
-            settings.model.chunk_overlap_tokens,
-        )?;
+        let chunker = Chunker::for_model(&settings.model)?;
+        // An in-process model has no provider quota to respect.
+        let limits = if embedder.is_remote() {
+            settings.rate_limit.clone()
+        } else {
+            crate::config::RateLimitSettings {
+                requests_per_minute: 0,
+                tokens_per_minute: 0,
+                ..settings.rate_limit.clone()
+            }
+        };
         let limiter = RateLimiter::new(
-            &settings.rate_limit,
+            &limits,
             settings.api.max_tokens_per_request as u32,
             embedder.headers_handle(),
         );
@@ -188,7 +195,7 @@ impl Pipeline {
         })
     }
 
-    pub fn embedder(&self) -> &OpenAiEmbedder {
+    pub fn embedder(&self) -> &Embedder {
         &self.embedder
     }
 
