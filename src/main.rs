@@ -454,14 +454,13 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             )
             .await?;
             let took = started.elapsed();
+            let labels = embed_worker::search::labels(&pool, &hits).await?;
             for h in &hits {
-                println!(
-                    "{:.4}  {} {} #{}",
-                    1.0 - h.distance,
-                    h.source_type,
-                    h.source_id,
-                    h.chunk_index
-                );
+                let label = labels
+                    .get(&h.source_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("{} {}", h.source_type, h.source_id));
+                println!("{:.4}  {label}", 1.0 - h.distance);
             }
             println!(
                 "{} hits in {:.1} ms",

@@ -143,3 +143,22 @@ pub async fn session_embeddings(
     .fetch_all(pool)
     .await
 }
+
+/// A short human label per hit: a template's focus and body, a session's owner, focus and title.
+pub async fn labels(
+    pool: &PgPool,
+    hits: &[Hit],
+) -> sqlx::Result<std::collections::HashMap<Uuid, String>> {
+    let ids: Vec<Uuid> = hits.iter().map(|h| h.source_id).collect();
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, '[template ' || focus || '] ' || left(body, 90) FROM question_templates WHERE id = ANY($1)
+         UNION ALL
+         SELECT id, '[session ' || coalesce(focus::text, '-') || ', user …' || right(user_id::text, 4) || '] '
+                    || coalesce(title, '') || ': ' || left(coalesce(notes, ''), 60)
+           FROM sessions WHERE id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}

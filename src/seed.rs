@@ -168,7 +168,8 @@ pub async fn seed_demo_sessions(pool: &PgPool, n: usize) -> anyhow::Result<usize
     let depths = ["quick", "standard", "deep"];
     let (mut u, mut f, mut d, mut t, mut notes) = (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..n {
-        let (focus, phrases) = FOCI[i % FOCI.len()];
+        // Users take turns; each user's sessions cycle through every focus.
+        let (focus, phrases) = FOCI[(i / users.len()) % FOCI.len()];
         let a = phrases[i % phrases.len()];
         let b = phrases[(i / FOCI.len() + 1) % phrases.len()];
         u.push(users[i % users.len()]);
