@@ -237,11 +237,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let load =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             println!(
-                "api requests: {}, tokens embedded: {}, tokens saved: {}, chunks written: {}",
+                "api requests: {}, tokens embedded: {}, tokens saved: {}, chunks written: {}, rate limited: {}",
                 load(&st.api_requests),
                 load(&st.tokens_embedded),
                 load(&st.tokens_saved),
-                load(&st.chunks_written)
+                load(&st.chunks_written),
+                load(&st.rate_limited)
             );
             Ok(ExitCode::SUCCESS)
         }
