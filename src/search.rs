@@ -42,19 +42,30 @@ impl Default for SearchOptions {
 }
 
 /// The search statement for `model` at `dimensions`: the expression and predicate match the
-/// model's partial index exactly, so the planner can use it.
-pub fn search_sql(model: &str, dimensions: usize) -> String {
+/// model's partial index exactly, so the planner can use it. `k` and the source-type filter are
+/// written into the statement, not bound: with a bound LIMIT, a cached generic plan does not know
+/// the limit is small and prefers a sequential scan and sort (measured: 390 ms instead of 1 ms
+/// at 100K rows once the plan cache switched to the generic plan).
+pub fn search_sql(
+    model: &str,
+    dimensions: usize,
+    k: i64,
+    source_type: Option<SourceType>,
+) -> String {
+    let filter = source_type
+        .map(|t| format!(" AND source_type = '{}'", t.as_str()))
+        .unwrap_or_default();
     format!(
         "SELECT source_type::text AS source_type, source_id, chunk_index, distance FROM (
              SELECT source_type, source_id, chunk_index,
                     (embedding::vector({dimensions}) <=> $1) AS distance
                FROM rag_embeddings
-              WHERE embedding_model = {lit}
-                AND ($2::text IS NULL OR source_type = $2::embedding_source)
+              WHERE embedding_model = {lit}{filter}
               ORDER BY embedding::vector({dimensions}) <=> $1
-              LIMIT $3
+              LIMIT {k}
          ) hits ORDER BY distance",
-        lit = crate::models::quote_literal(model)
+        lit = crate::models::quote_literal(model),
+        k = k.max(1)
     )
 }
 
@@ -80,12 +91,15 @@ pub async fn search(
             .execute(&mut *tx)
             .await?;
     }
-    let hits = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(search_sql(model, dimensions)))
-        .bind(Vector::from(query))
-        .bind(opts.source_type.map(|t| t.as_str()))
-        .bind(opts.k)
-        .fetch_all(&mut *tx)
-        .await?;
+    let hits = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(search_sql(
+        model,
+        dimensions,
+        opts.k,
+        opts.source_type,
+    )))
+    .bind(Vector::from(query))
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(hits)
 }
@@ -110,11 +124,9 @@ pub async fn explain(
     }
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
-        search_sql(model, dimensions)
+        search_sql(model, dimensions, 5, None)
     )))
     .bind(Vector::from(query))
-    .bind(None::<String>)
-    .bind(5i64)
     .fetch_all(&mut *tx)
     .await?;
     Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n"))

@@ -401,14 +401,13 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .execute(&mut *tx)
         .await
         .unwrap();
-    let plain: Vec<search::Hit> =
-        sqlx::query_as(sqlx::AssertSqlSafe(search::search_sql(model, dims)))
-            .bind(pgvector::Vector::from(q))
-            .bind(None::<String>)
-            .bind(5i64)
-            .fetch_all(&mut *tx)
-            .await
-            .unwrap();
+    let plain: Vec<search::Hit> = sqlx::query_as(sqlx::AssertSqlSafe(search::search_sql(
+        model, dims, 5, None,
+    )))
+    .bind(pgvector::Vector::from(q))
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
     assert!(
         plain.len() < 5,
         "a plain HNSW scan returned {} rows",

@@ -10,14 +10,6 @@ use common::*;
 use embed_worker::fake_openai::FakeConfig;
 use uuid::Uuid;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn prom_query(base: &str, q: &str) -> Option<f64> {
     embed_worker::init_tls();
     let url =

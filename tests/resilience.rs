@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -118,20 +118,7 @@ async fn rate_limits_below_demand_are_used_without_a_429_storm() {
 }
 
 fn worker_process(t: &TestDb, base_url: &str, until_empty: bool) -> std::process::Child {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
-    c.env("DATABASE_URL", &t.url)
-        .env("EMBED_WORKER__API__BASE_URL", base_url)
-        .env("EMBED_WORKER__BATCH__MAX_JOBS", "10")
-        .env("EMBED_WORKER__BATCH__MAX_IN_FLIGHT", "2")
-        .env("EMBED_WORKER__QUEUE__FETCH_BATCH", "30")
-        .env("EMBED_WORKER__QUEUE__CONCURRENCY", "60")
-        .env("EMBED_WORKER__QUEUE__HEARTBEAT_SECS", "1")
-        .env("EMBED_WORKER__QUEUE__MISSED_HEARTBEATS", "3")
-        .env("EMBED_WORKER__HTTP__ADDR", "127.0.0.1:0")
-        .env("EMBED_WORKER__RATE_LIMIT__TOKENS_PER_MINUTE", "0")
-        .env("EMBED_WORKER__RATE_LIMIT__REQUESTS_PER_MINUTE", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut c = worker_command(t, base_url);
     c.arg("run");
     if until_empty {
         c.arg("--until-empty");

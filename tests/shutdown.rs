@@ -3,31 +3,12 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use embed_worker::fake_openai::FakeConfig;
 use uuid::Uuid;
-
-fn worker_cmd(t: &TestDb, base_url: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
-    c.env("DATABASE_URL", &t.url)
-        .env("EMBED_WORKER__API__BASE_URL", base_url)
-        .env("EMBED_WORKER__BATCH__MAX_JOBS", "10")
-        .env("EMBED_WORKER__BATCH__MAX_IN_FLIGHT", "2")
-        .env("EMBED_WORKER__QUEUE__FETCH_BATCH", "20")
-        .env("EMBED_WORKER__QUEUE__HEARTBEAT_SECS", "1")
-        .env("EMBED_WORKER__QUEUE__MISSED_HEARTBEATS", "3")
-        .env("EMBED_WORKER__SHUTDOWN__GRACE_SECS", "10")
-        .env("EMBED_WORKER__HTTP__ADDR", "127.0.0.1:0")
-        .env("EMBED_WORKER__RATE_LIMIT__TOKENS_PER_MINUTE", "0")
-        .env("EMBED_WORKER__RATE_LIMIT__REQUESTS_PER_MINUTE", "0")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    c
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_run_exits_zero_and_a_second_run_finishes() {
@@ -40,7 +21,10 @@ async fn sigterm_mid_run_exits_zero_and_a_second_run_finishes() {
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), 300, |i| 10 + i % 50).await;
     enqueue(&t.admin, &sources).await;
 
-    let mut child = worker_cmd(&t, &fake.base_url()).arg("run").spawn().unwrap();
+    let mut child = worker_command(&t, &fake.base_url())
+        .arg("run")
+        .spawn()
+        .unwrap();
     // Wait until the run is under way but far from done.
     let start = Instant::now();
     loop {
@@ -82,7 +66,7 @@ async fn sigterm_mid_run_exits_zero_and_a_second_run_finishes() {
     );
     eprintln!("SIGTERM → exit in {took:?}, {rows_after_stop}/300 rows written");
 
-    let second = worker_cmd(&t, &fake.base_url())
+    let second = worker_command(&t, &fake.base_url())
         .args(["run", "--until-empty"])
         .status()
         .unwrap();

@@ -233,3 +233,33 @@ pub async fn seed_templates(pool: &PgPool) {
         .await
         .unwrap();
 }
+
+/// The real `embed-worker` binary against this database and `base_url`, in small batches with
+/// 1 s heartbeats (3 missed = orphaned) and no rate limit; the caller adds args.
+pub fn worker_command(t: &TestDb, base_url: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+    c.env("DATABASE_URL", &t.url)
+        .env("EMBED_WORKER__API__BASE_URL", base_url)
+        .env("EMBED_WORKER__BATCH__MAX_JOBS", "10")
+        .env("EMBED_WORKER__BATCH__MAX_IN_FLIGHT", "2")
+        .env("EMBED_WORKER__QUEUE__FETCH_BATCH", "30")
+        .env("EMBED_WORKER__QUEUE__CONCURRENCY", "60")
+        .env("EMBED_WORKER__QUEUE__HEARTBEAT_SECS", "1")
+        .env("EMBED_WORKER__QUEUE__MISSED_HEARTBEATS", "3")
+        .env("EMBED_WORKER__SHUTDOWN__GRACE_SECS", "10")
+        .env("EMBED_WORKER__HTTP__ADDR", "127.0.0.1:0")
+        .env("EMBED_WORKER__RATE_LIMIT__TOKENS_PER_MINUTE", "0")
+        .env("EMBED_WORKER__RATE_LIMIT__REQUESTS_PER_MINUTE", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
