@@ -872,13 +872,17 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         sqlx::raw_sql("SET enable_indexscan = off; SET enable_bitmapscan = off; SET max_parallel_workers_per_gather = 2").execute(&mut *conn).await.unwrap();
         for q in &queries {
             let hits: Vec<(String, Uuid, i32, f64)> =
-                sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                sqlx::query_as(sqlx::AssertSqlSafe(format!("/* exact */ {sql}")))
                     .bind(Vector::from(q.clone()))
                     .fetch_all(&mut *conn)
                     .await
                     .unwrap();
             exact.push(hits.into_iter().map(|h| h.1).collect());
         }
+        // The connection goes back to the pool: its settings must not leak into the runs (the
+        // exact query also has its own text, so its cached generic plan, a sequential scan
+        // made while index scans were off, is never reused by the timed runs).
+        sqlx::raw_sql("RESET ALL").execute(&mut *conn).await.unwrap();
     }
     let run = |ef: u32, clients: usize| {
         let queries = queries.clone();
