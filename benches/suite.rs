@@ -882,7 +882,10 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         // The connection goes back to the pool: its settings must not leak into the runs (the
         // exact query also has its own text, so its cached generic plan, a sequential scan
         // made while index scans were off, is never reused by the timed runs).
-        sqlx::raw_sql("RESET ALL").execute(&mut *conn).await.unwrap();
+        sqlx::raw_sql("RESET ALL")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
     }
     let run = |ef: u32, clients: usize| {
         let queries = queries.clone();
