@@ -274,11 +274,6 @@ impl OpenAiEmbedder {
         self.seen.clone()
     }
 
-    /// The provider's rate-limit headers as last seen.
-    pub fn rate_limit_headers(&self) -> RateLimitHeaders {
-        self.seen.lock().unwrap().clone()
-    }
-
     pub async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, EmbedError> {
         let n = inputs.len();
         let request = CreateEmbeddingRequest {

@@ -195,10 +195,6 @@ impl Pipeline {
         })
     }
 
-    pub fn embedder(&self) -> &Embedder {
-        &self.embedder
-    }
-
     /// Processes one batch of jobs; returns every job's result by job id.
     pub async fn process(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
         match self.process_inner(jobs).await {

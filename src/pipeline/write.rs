@@ -273,11 +273,6 @@ pub async fn write_batch(
     Ok(outcomes)
 }
 
-/// Sources of `writes` whose every chunk is unchanged (no vector to write).
-pub fn all_unchanged(w: &SourceWrite) -> bool {
-    w.chunks.iter().all(|c| c.vector.is_none())
-}
-
 /// Distinct sources, in order.
 pub fn distinct(sources: impl IntoIterator<Item = EmbedSource>) -> Vec<EmbedSource> {
     let mut seen = HashSet::new();
