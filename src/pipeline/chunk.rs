@@ -56,9 +56,39 @@ impl text_splitter::ChunkSizer for Sizer {
     }
 }
 
+/// Tokens the boundary-sized splitter keeps below the limit, for the two ends of a slice
+/// tokenizing differently from the whole text.
+const BOUNDARY_MARGIN: usize = 32;
+
+/// Sizes slices of one text by its token boundaries: `ends[i]` is the byte offset where token
+/// `i` ends. A slice's size is the number of tokens overlapping it.
+struct Boundaries {
+    base: usize,
+    len: usize,
+    ends: Vec<usize>,
+}
+
+impl text_splitter::ChunkSizer for Boundaries {
+    fn size(&self, chunk: &str) -> usize {
+        let start = chunk.as_ptr() as usize;
+        if chunk.is_empty() {
+            return 0;
+        }
+        if start < self.base || start + chunk.len() > self.base + self.len {
+            // Not a slice of the text (the splitter never does this): count it.
+            return count_tokens(chunk);
+        }
+        let (s, e) = (start - self.base, start - self.base + chunk.len());
+        let first = self.ends.partition_point(|&x| x <= s);
+        let last = self.ends.partition_point(|&x| x < e);
+        last - first + 1
+    }
+}
+
 /// Splits `text` into chunks of at most `max_tokens` tokens with `overlap` tokens of overlap.
 pub struct Chunker {
     max_tokens: usize,
+    overlap: usize,
     sizer: Sizer,
     splitter: TextSplitter<Sizer>,
 }
@@ -76,6 +106,7 @@ impl Chunker {
             .with_sizer(sizer.clone());
         Ok(Chunker {
             max_tokens,
+            overlap,
             sizer,
             splitter: TextSplitter::new(config),
         })
@@ -93,19 +124,77 @@ impl Chunker {
         Self::with_sizer(sizer, model.max_input_tokens, model.chunk_overlap_tokens)
     }
 
+    /// Splits with the exact sizer: every candidate the splitter weighs is tokenized again.
+    fn split_exact(&self, text: &str) -> Vec<(String, usize)> {
+        self.splitter
+            .chunks(text)
+            .map(|c| (c.to_string(), self.sizer.count(c)))
+            .collect()
+    }
+
+    /// Splits a text already tokenized: the splitter's candidates are slices of `text`, so their
+    /// size is read off the token boundaries (a binary search) instead of re-tokenizing each one —
+    /// the splitter weighs many candidates per chunk, and exact sizing made the 0.2% of texts over
+    /// the limit cost a third of the worker's CPU (BENCHMARKS.md, perf profile). Re-tokenizing a
+    /// slice can differ from the boundary count at its two ends, so the splitter aims a margin
+    /// under the limit and every chunk is counted exactly; one still over is split exactly.
+    fn split_by_boundaries(
+        &self,
+        text: &str,
+        tokens: Vec<tiktoken_rs::Rank>,
+    ) -> Vec<(String, usize)> {
+        let mut ends = Vec::with_capacity(tokens.len());
+        let mut at = 0usize;
+        for bytes in cl100k()._decode_native_and_split(tokens) {
+            at += bytes.len();
+            ends.push(at);
+        }
+        let margin = BOUNDARY_MARGIN.min(self.max_tokens / 4);
+        let sizer = Boundaries {
+            base: text.as_ptr() as usize,
+            len: text.len(),
+            ends,
+        };
+        let Ok(config) = ChunkConfig::new(self.max_tokens - margin)
+            .with_overlap(self.overlap.min(self.max_tokens - margin - 1))
+            .map(|c| c.with_trim(true).with_sizer(sizer))
+        else {
+            return self.split_exact(text);
+        };
+        let mut out = Vec::new();
+        for c in TextSplitter::new(config).chunks(text) {
+            let n = count_tokens(c);
+            if n <= self.max_tokens {
+                out.push((c.to_string(), n));
+            } else {
+                out.extend(self.split_exact(c));
+            }
+        }
+        out
+    }
+
     /// Chunks of `text`, hashed for `model`/`dimensions`. Empty or whitespace-only text gives none.
     pub fn chunks(&self, text: &str, model: &str, dimensions: usize) -> Vec<Chunk> {
         if text.trim().is_empty() {
             return Vec::new();
         }
-        let whole = self.sizer.count(text);
-        let pieces: Vec<(String, usize)> = if whole <= self.max_tokens {
-            vec![(text.to_string(), whole)]
-        } else {
-            self.splitter
-                .chunks(text)
-                .map(|c| (c.to_string(), self.sizer.count(c)))
-                .collect()
+        let pieces: Vec<(String, usize)> = match &self.sizer {
+            Sizer::Cl100k => {
+                let tokens = cl100k().encode_ordinary(text);
+                if tokens.len() <= self.max_tokens {
+                    vec![(text.to_string(), tokens.len())]
+                } else {
+                    self.split_by_boundaries(text, tokens)
+                }
+            }
+            Sizer::HuggingFace(_) => {
+                let whole = self.sizer.count(text);
+                if whole <= self.max_tokens {
+                    vec![(text.to_string(), whole)]
+                } else {
+                    self.split_exact(text)
+                }
+            }
         };
         pieces
             .into_iter()
@@ -120,6 +209,49 @@ impl Chunker {
                 }
             })
             .collect()
+    }
+}
+
+type ChunkTask = Box<dyn FnOnce(&Chunker) + Send>;
+
+/// The chunker on its own OS thread, fed by a channel. Why: tokenizing is the worker's largest
+/// CPU cost and it is synchronous. On the async threads it would stall I/O and heartbeats;
+/// through `block_in_place` it hopped between threads, and tiktoken's regex caches are fastest
+/// on the one thread that first used them (measured: 15.4 vs 20.0 MB/s on any other thread).
+/// One thread tokenizes ~20 MB/s, far more than the database can write vectors for.
+pub struct ChunkerThread {
+    tx: std::sync::mpsc::Sender<ChunkTask>,
+}
+
+impl ChunkerThread {
+    pub fn spawn(chunker: Chunker) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<ChunkTask>();
+        std::thread::Builder::new()
+            .name("tokenizer".into())
+            .spawn(move || {
+                for task in rx {
+                    // A panic fails that one call (its reply is dropped), not the thread.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(&chunker)));
+                }
+            })?;
+        Ok(ChunkerThread { tx })
+    }
+
+    /// Runs `f` on the tokenizer thread and waits for its result.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Chunker) -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move |c| {
+                let _ = reply.send(f(c));
+            }))
+            .map_err(|_| anyhow::anyhow!("the tokenizer thread has stopped"))?;
+        result
+            .await
+            .map_err(|_| anyhow::anyhow!("tokenizing failed (the tokenizer panicked)"))
     }
 }
 
@@ -177,6 +309,41 @@ mod tests {
         assert!(chunks[0].text.starts_with("Sentence number 0"));
         let idx: Vec<usize> = chunks.iter().map(|c| c.index).collect();
         assert_eq!(idx, (0..chunks.len()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn boundary_split_matches_exact_counts_and_stays_under_the_limit() {
+        // Mixed scripts, emoji and punctuation runs: where slicing a text tokenizes differently
+        // from the whole, if anywhere.
+        let para = "Übung: Tonleitern — langsam!!! 今日はピアノの練習をしました。 \
+                    Привет, арпеджио... 🎹🎶 ii–V–I in B♭; tempo=92bpm (metronome).\n\n";
+        let text = para.repeat(300);
+        let c = Chunker::new(500, 50).unwrap();
+        let chunks = c.chunks(&text, "m", 3);
+        let exact = c.split_exact(&text);
+        assert!(chunks.len() > 10, "{}", chunks.len());
+        for ch in &chunks {
+            assert_eq!(
+                ch.tokens,
+                count_tokens(&ch.text),
+                "token_count is the exact count"
+            );
+            assert!(
+                ch.tokens <= 500,
+                "chunk {} has {} tokens",
+                ch.index,
+                ch.tokens
+            );
+        }
+        assert!(text.starts_with(&chunks[0].text));
+        assert!(text.trim_end().ends_with(&chunks.last().unwrap().text));
+        // The margin (32 of 500 tokens here, 32 of 8,191 in production) costs few extra chunks.
+        assert!(
+            chunks.len() * 10 <= exact.len() * 12,
+            "{} chunks vs {} exact",
+            chunks.len(),
+            exact.len()
+        );
     }
 
     #[test]

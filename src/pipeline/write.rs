@@ -64,7 +64,7 @@ pub struct ChunkWrite {
     pub index: usize,
     pub content_hash: String,
     pub tokens: usize,
-    pub vector: Option<Vec<f32>>,
+    pub vector: Option<Vector>,
 }
 
 /// Everything to store for one source.
@@ -195,7 +195,7 @@ pub async fn write_batch(
                     ids.push(w.source.source_id);
                     idxs.push(c.index as i32);
                     hashes.push(c.content_hash.as_str());
-                    vectors.push(Vector::from(v.clone()));
+                    vectors.push(v);
                     tokens.push(c.tokens as i32);
                 }
                 None => {
