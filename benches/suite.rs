@@ -301,32 +301,20 @@ struct EmbRow {
 
 /// PostgreSQL binary COPY of rows into rag_embeddings: the ceiling of the write path.
 async fn copy_rows(pool: &PgPool, rows: &[EmbRow]) -> Duration {
-    let mut buf: Vec<u8> = Vec::with_capacity(rows.len() * (DIMS * 4 + 200));
-    buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    buf.extend_from_slice(&0i32.to_be_bytes());
-    buf.extend_from_slice(&0i32.to_be_bytes());
-    let field = |buf: &mut Vec<u8>, bytes: &[u8]| {
-        buf.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
-        buf.extend_from_slice(bytes);
-    };
+    // The same binary encoding the worker streams; here sent as one buffer straight into the table.
+    let mut enc = embed_worker::pipeline::write::CopyRows::new();
     for r in rows {
-        buf.extend_from_slice(&8i16.to_be_bytes());
-        field(&mut buf, b"session");
-        field(&mut buf, r.source_id.as_bytes());
-        field(&mut buf, &r.chunk.to_be_bytes());
-        field(&mut buf, r.hash.as_bytes());
-        let mut v = Vec::with_capacity(4 + r.vector.len() * 4);
-        v.extend_from_slice(&(r.vector.len() as i16).to_be_bytes());
-        v.extend_from_slice(&0i16.to_be_bytes());
-        for x in &r.vector {
-            v.extend_from_slice(&x.to_be_bytes());
-        }
-        field(&mut buf, &v);
-        field(&mut buf, MODEL.as_bytes());
-        field(&mut buf, &(r.vector.len() as i32).to_be_bytes());
-        field(&mut buf, &r.tokens.to_be_bytes());
+        enc.row(8);
+        enc.field(b"session");
+        enc.field(r.source_id.as_bytes());
+        enc.field(&r.chunk.to_be_bytes());
+        enc.field(r.hash.as_bytes());
+        enc.vector(&r.vector);
+        enc.field(MODEL.as_bytes());
+        enc.field(&(r.vector.len() as i32).to_be_bytes());
+        enc.field(&r.tokens.to_be_bytes());
     }
-    buf.extend_from_slice(&(-1i16).to_be_bytes());
+    let buf = enc.finish();
     let mut conn = pool.acquire().await.unwrap();
     let started = Instant::now();
     let mut copy = conn
@@ -546,36 +534,27 @@ async fn bench_e2e(
         ),
         ("EMBED_WORKER__RATE_LIMIT__TOKENS_PER_MINUTE", "0".into()),
         ("EMBED_WORKER__RATE_LIMIT__REQUESTS_PER_MINUTE", "0".into()),
-        ("EMBED_WORKER__BATCH__MAX_JOBS", "1024".into()),
-        ("EMBED_WORKER__BATCH__MAX_IN_FLIGHT", "8".into()),
-        ("EMBED_WORKER__QUEUE__FETCH_BATCH", "1000".into()),
-        ("EMBED_WORKER__QUEUE__CONCURRENCY", "8192".into()),
+        ("EMBED_WORKER__BATCH__MAX_JOBS", "256".into()),
+        ("EMBED_WORKER__BATCH__MAX_IN_FLIGHT", "4".into()),
+        ("EMBED_WORKER__QUEUE__FETCH_BATCH", "256".into()),
+        ("EMBED_WORKER__QUEUE__CONCURRENCY", "1024".into()),
     ];
     let started = Instant::now();
     let mut cmd = worker_cmd(url, &api, &extra);
     cmd.args(["run", "--until-empty"]);
-    // EMBED_BENCH_PERF=dir: sample the worker with `perf record` (CPU and RSS figures then
-    // include perf's own; use such a run for the profile only).
-    if let Ok(dir) = std::env::var("EMBED_BENCH_PERF") {
+    // EMBED_BENCH_WRAP="perf record -e cpu-clock -F 250 --call-graph dwarf,8192 -o w.data --"
+    // (or "heaptrack -o h"): run the worker under a profiler. CPU and RSS figures then include
+    // the profiler's own; use such a run for the profile only.
+    if let Ok(wrap) = std::env::var("EMBED_BENCH_WRAP") {
         let inner = cmd;
-        cmd = Command::new("perf");
-        cmd.args([
-            "record",
-            "-e",
-            "cpu-clock",
-            "-F",
-            "250",
-            "--call-graph",
-            "dwarf,8192",
-            "-o",
-        ])
-        .arg(format!("{dir}/worker-e2e-{latency_ms}ms.perf.data"))
-        .arg("--")
-        .arg(inner.get_program())
-        .args(inner.get_args())
-        .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        let mut words = wrap.split_whitespace();
+        cmd = Command::new(words.next().expect("EMBED_BENCH_WRAP names a command"));
+        cmd.args(words.map(|w| w.replace("{latency}", &latency_ms.to_string())))
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
     }
     let child = cmd.spawn().unwrap();
     let usage = tokio::task::spawn_blocking(move || wait_usage(child, started))
