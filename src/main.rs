@@ -444,6 +444,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 source_type,
                 as_user,
                 ef_search,
+                ..Default::default()
             };
             let started = std::time::Instant::now();
             let hits = embed_worker::search::search(

@@ -309,9 +309,14 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .unwrap();
     let (model, dims, n) = ("test-mini", 32usize, 5000usize);
     let owner = Uuid::new_v4();
+    let heavy = Uuid::new_v4();
     let others: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
     let users: Vec<Uuid> = (0..n)
-        .map(|i| if i % 1000 == 7 { owner } else { others[i % 50] })
+        .map(|i| match i {
+            _ if i % 1000 == 7 => owner,
+            _ if i % 100 == 3 => heavy,
+            _ => others[i % 50],
+        })
         .collect();
     let ids: Vec<Uuid> = sqlx::query_scalar(
         "INSERT INTO sessions (user_id, title) SELECT u, 'x' FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, o) ORDER BY o RETURNING id",
@@ -381,6 +386,69 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         hits.iter().all(|h| !mine.contains(&h.source_id)),
         "never another user's rows"
     );
+
+    // A user seeing few rows is ranked exactly: the true five nearest of their 50 rows.
+    let theirs: Vec<(Uuid, Vec<f32>)> = ids
+        .iter()
+        .zip(&users)
+        .enumerate()
+        .filter(|(_, (_, u))| **u == heavy)
+        .map(|(i, (id, _))| (*id, clustered(i, dims)))
+        .collect();
+    assert_eq!(theirs.len(), 50);
+    assert_eq!(
+        search::visible_rows(&t.admin, model, heavy, None, 5000)
+            .await
+            .unwrap(),
+        50
+    );
+    assert_eq!(
+        search::visible_rows(&t.admin, model, others[0], None, 10)
+            .await
+            .unwrap(),
+        11,
+        "the count stops past the cap"
+    );
+    let cosine_distance = |a: &[f32], b: &[f32]| {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        1.0 - dot / (na * nb)
+    };
+    let mut truth: Vec<(f32, Uuid)> = theirs
+        .iter()
+        .map(|(id, v)| (cosine_distance(&q, v), *id))
+        .collect();
+    truth.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let truth: Vec<Uuid> = truth.into_iter().take(5).map(|(_, id)| id).collect();
+    let heavy_opts = search::SearchOptions {
+        as_user: Some(heavy),
+        ..opts.clone()
+    };
+    let hits = search::search(&t.admin, model, dims, q.clone(), &heavy_opts)
+        .await
+        .unwrap();
+    assert_eq!(
+        hits.iter().map(|h| h.source_id).collect::<Vec<_>>(),
+        truth,
+        "exact path: the true nearest, nearest first"
+    );
+    // Forced onto the HNSW path: still only their rows.
+    let hits = search::search(
+        &t.admin,
+        model,
+        dims,
+        q.clone(),
+        &search::SearchOptions {
+            exact_below: 0,
+            ..heavy_opts
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(hits.len(), 5);
+    let ids_of_theirs: std::collections::HashSet<Uuid> = theirs.iter().map(|(id, _)| *id).collect();
+    assert!(hits.iter().all(|h| ids_of_theirs.contains(&h.source_id)));
 
     // Without iterative scans, the same filtered query comes back short: why the option matters.
     let mut tx = t.admin.begin().await.unwrap();
