@@ -51,17 +51,20 @@ impl Default for SearchOptions {
     }
 }
 
-/// The statement ranking exactly the rows `auth.uid()` can see (own sessions, templates),
-/// reached through `sessions.user_id` and the source key instead of the vector index.
+/// The statement ranking exactly the rows `auth.uid()` can see: own sessions, reached through
+/// `sessions.user_id`, and the embedded templates whose ids are bound as `$2` (when
+/// `templates`). Under row-level security only leakproof conditions (uuid and text equality;
+/// not enum equality) may become index conditions, hence ids rather than `source_type`.
 fn exact_visible_sql(
     model: &str,
     dimensions: usize,
     k: i64,
-    source_type: Option<SourceType>,
+    sessions: bool,
+    templates: bool,
 ) -> String {
     let lit = crate::models::quote_literal(model);
     let mut parts = Vec::new();
-    if source_type != Some(SourceType::Template) {
+    if sessions {
         parts.push(format!(
             "SELECT e.source_type, e.source_id, e.chunk_index, e.embedding
                FROM sessions s
@@ -69,10 +72,10 @@ fn exact_visible_sql(
               WHERE s.user_id = auth.uid() AND e.embedding_model = {lit}"
         ));
     }
-    if source_type != Some(SourceType::Session) {
+    if templates {
         parts.push(format!(
             "SELECT source_type, source_id, chunk_index, embedding FROM rag_embeddings
-              WHERE source_type = 'template' AND embedding_model = {lit}"
+              WHERE source_id = ANY($2) AND source_type = 'template' AND embedding_model = {lit}"
         ));
     }
     format!(
@@ -160,6 +163,18 @@ pub async fn search(
         }
         None => false,
     };
+    // Templates are visible to every user; on the exact path they are looked up by id.
+    let template_ids: Vec<Uuid> = if exact && opts.source_type != Some(SourceType::Session) {
+        sqlx::query_scalar(
+            "SELECT DISTINCT source_id FROM rag_embeddings
+              WHERE source_type = 'template' AND embedding_model = $1",
+        )
+        .bind(model)
+        .fetch_all(pool)
+        .await?
+    } else {
+        Vec::new()
+    };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', $1, true)")
         .bind(opts.ef_search.to_string())
@@ -176,14 +191,25 @@ pub async fn search(
     }
     // Row-level security applies on both paths: the exact one only narrows what is read.
     let sql = if exact {
-        exact_visible_sql(model, dimensions, opts.k, opts.source_type)
+        let sessions = opts.source_type != Some(SourceType::Template);
+        if !sessions && template_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        exact_visible_sql(
+            model,
+            dimensions,
+            opts.k,
+            sessions,
+            !template_ids.is_empty(),
+        )
     } else {
         search_sql(model, dimensions, opts.k, opts.source_type)
     };
-    let hits = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(sql))
-        .bind(Vector::from(query))
-        .fetch_all(&mut *tx)
-        .await?;
+    let mut q = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(sql)).bind(Vector::from(query));
+    if exact && !template_ids.is_empty() {
+        q = q.bind(template_ids);
+    }
+    let hits = q.fetch_all(&mut *tx).await?;
     tx.commit().await?;
     Ok(hits)
 }

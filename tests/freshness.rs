@@ -433,6 +433,64 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         truth,
         "exact path: the true nearest, nearest first"
     );
+    // Templates are visible to every user: one whose vector is the query comes first.
+    let template: Uuid = sqlx::query_scalar(
+        "INSERT INTO question_templates (focus, depth, body) VALUES ('harmony', 'quick', 'Voice a ii-V-I.') RETURNING id",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, embedding_model, dimensions, token_count)
+         VALUES ('template', $1, 'h', $2, 'test-mini', 32, 1)",
+    )
+    .bind(template)
+    .bind(pgvector::Vector::from(q.clone()))
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        search::visible_rows(&t.admin, model, heavy, None, 5000)
+            .await
+            .unwrap(),
+        51
+    );
+    let hits = search::search(&t.admin, model, dims, q.clone(), &heavy_opts)
+        .await
+        .unwrap();
+    // Their row 3 is the query itself too: the two tie at distance 0, so compare as sets.
+    let got: std::collections::HashSet<Uuid> = hits.iter().map(|h| h.source_id).collect();
+    let want: std::collections::HashSet<Uuid> =
+        truth[..4].iter().copied().chain([template]).collect();
+    assert_eq!(
+        got, want,
+        "the template and their own nearest sessions: {hits:?}"
+    );
+    let sessions_only = search::search(
+        &t.admin,
+        model,
+        dims,
+        q.clone(),
+        &search::SearchOptions {
+            source_type: Some(embed_worker::queue::SourceType::Session),
+            ..heavy_opts.clone()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        sessions_only
+            .iter()
+            .map(|h| h.source_id)
+            .collect::<Vec<_>>(),
+        truth
+    );
+    sqlx::query("DELETE FROM question_templates WHERE id = $1")
+        .bind(template)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+
     // Forced onto the HNSW path: still only their rows.
     let hits = search::search(
         &t.admin,
