@@ -28,7 +28,11 @@ async fn a_thousand_mixed_sources_are_embedded_in_a_handful_of_requests() {
         1000
     );
 
-    let w = RunningWorker::start(worker_settings(&t, &fake)).await;
+    // Batches as large as the request limits allow: this test is about packing many sources
+    // into few requests. (The default, 128 per batch for memory, would make 8 requests here.)
+    let mut settings = worker_settings(&t, &fake);
+    settings.batch.max_jobs = 1024;
+    let w = RunningWorker::start(settings).await;
     wait_drained(&t.admin, Duration::from_secs(120)).await;
     w.stop().await;
 

@@ -235,10 +235,8 @@ impl Pipeline {
 
         // Tokenize/split, on the tokenizer thread.
         let (model_name, order) = (model.to_string(), sources.clone());
-        let (gone, chunked): (
-            Vec<EmbedSource>,
-            Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>,
-        ) = self
+        type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
+        let (gone, chunked): (Vec<EmbedSource>, Chunked) = self
             .chunker
             .run(move |chunker| {
                 let (mut gone, mut chunked) = (Vec::new(), Vec::new());

@@ -10,6 +10,7 @@
 //!   read at; a source changed since is not written (a fresh job is queued for it instead), so
 //!   an old text can never overwrite a newer one's vectors;
 //! - chunks beyond the new count are deleted, so a shorter text leaves no stale tail.
+//!
 //! This module is the only one that writes `rag_embeddings`.
 
 use std::collections::{HashMap, HashSet};
