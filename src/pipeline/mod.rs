@@ -424,7 +424,7 @@ impl Pipeline {
     /// that counts its quota otherwise is followed through its `x-ratelimit-remaining-tokens`.
     async fn send(
         &self,
-        texts: Vec<String>,
+        texts: &[&str],
         budget: usize,
         tokens: usize,
     ) -> Result<crate::embed::Embedded, EmbedError> {
@@ -472,7 +472,11 @@ impl Pipeline {
                 tracing::debug!(waited = ?permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
                 self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
                 let started = std::time::Instant::now();
-                let res = self.embedder.embed(texts.clone()).await;
+                // Owned copies only for the request in flight (the chunks keep the originals).
+                let res = self
+                    .embedder
+                    .embed(texts.iter().map(|t| t.to_string()).collect())
+                    .await;
                 drop(permit);
                 let (outcome, status) = match &res {
                     Ok(_) => ("ok", Some(200)),
@@ -538,14 +542,14 @@ impl Pipeline {
         inputs: Vec<&'a Pending<'a>>,
     ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
         Box::pin(async move {
-            let texts: Vec<String> = inputs.iter().map(|p| p.chunk.text.clone()).collect();
+            let texts: Vec<&str> = inputs.iter().map(|p| p.chunk.text.as_str()).collect();
             let budget = inputs
                 .iter()
                 .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens))
                 .sum();
             let model = self.settings.model.name.clone();
             let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();
-            match self.send(texts, budget, tokens).await {
+            match self.send(&texts, budget, tokens).await {
                 Ok(done) => {
                     self.stats
                         .tokens_embedded
