@@ -795,6 +795,18 @@ async fn bench_quota(
     );
 }
 
+/// A design lookup's p50/p95 against its p95 target.
+fn add_lookup(report: &mut Report, section: &str, what: &str, lat: Vec<f64>, goal_ms: f64) {
+    let (p50, p95, _) = ms_stats(lat);
+    report.add(
+        section,
+        format!("{what}: p50/p95"),
+        format!("{p50:.2}/{p95:.2} ms"),
+        format!("< {goal_ms} ms"),
+        Some(p95 < goal_ms),
+    );
+}
+
 /// (3)+(4) The search table: `n` clustered vectors, bulk inserts, searches, m=16 vs m=32.
 async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
     let section = format!("search {}K", n / 1000);
@@ -1072,14 +1084,7 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             .unwrap();
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let (p50, p95, _) = ms_stats(lat);
-    report.add(
-        &section,
-        "template lookup by focus: p50/p95",
-        format!("{p50:.2}/{p95:.2} ms"),
-        "< 10 ms",
-        Some(p95 < 10.0),
-    );
+    add_lookup(report, &section, "template lookup by focus", lat, 10.0);
     let mut lat = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
@@ -1088,14 +1093,7 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             .unwrap();
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    let (p50, p95, _) = ms_stats(lat);
-    report.add(
-        &section,
-        "a session's embeddings lookup: p50/p95",
-        format!("{p50:.2}/{p95:.2} ms"),
-        "< 20 ms",
-        Some(p95 < 20.0),
-    );
+    add_lookup(report, &section, "a session's embeddings lookup", lat, 20.0);
 
     // (3) Bulk insert of 100 embeddings into the indexed table: the worker's path vs raw COPY.
     let new_ids = insert_sessions(pool, &users, &vec!["bulk".to_string(); 100]).await;

@@ -96,6 +96,20 @@ pub async fn visible_rows(
     source_type: Option<SourceType>,
     cap: i64,
 ) -> sqlx::Result<i64> {
+    let (sessions, templates) = visible(pool, model, user, source_type, cap).await?;
+    Ok(sessions + templates.len() as i64)
+}
+
+/// What `user` can see of `model`'s rows, in one round trip: the number of their session rows
+/// and the source id of each template row (templates are visible to every user), each capped at
+/// `cap` + 1 rows.
+async fn visible(
+    pool: &PgPool,
+    model: &str,
+    user: Uuid,
+    source_type: Option<SourceType>,
+    cap: i64,
+) -> sqlx::Result<(i64, Vec<Uuid>)> {
     let sessions = if source_type == Some(SourceType::Template) {
         "false"
     } else {
@@ -106,12 +120,12 @@ pub async fn visible_rows(
     } else {
         "true"
     };
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM sessions s
                    JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
-                  WHERE {sessions} AND s.user_id = $1 AND e.embedding_model = $2 LIMIT $3 + 1) a)
-              + (SELECT count(*) FROM (SELECT 1 FROM rag_embeddings
-                  WHERE {templates} AND source_type = 'template' AND embedding_model = $2 LIMIT $3 + 1) b)"
+                  WHERE {sessions} AND s.user_id = $1 AND e.embedding_model = $2 LIMIT $3 + 1) a),
+                ARRAY(SELECT source_id FROM rag_embeddings
+                  WHERE {templates} AND source_type = 'template' AND embedding_model = $2 LIMIT $3 + 1)"
     )))
     .bind(user)
     .bind(model)
@@ -156,24 +170,17 @@ pub async fn search(
     query: Vec<f32>,
     opts: &SearchOptions,
 ) -> sqlx::Result<Vec<Hit>> {
-    let exact = match opts.as_user {
+    // As a user who sees few rows: rank them exactly; templates on that path are looked up by id.
+    let (exact, template_ids) = match opts.as_user {
         Some(user) => {
-            visible_rows(pool, model, user, opts.source_type, opts.exact_below).await?
-                <= opts.exact_below
+            let (sessions, mut templates) =
+                visible(pool, model, user, opts.source_type, opts.exact_below).await?;
+            let exact = sessions + templates.len() as i64 <= opts.exact_below;
+            templates.sort_unstable();
+            templates.dedup();
+            (exact, if exact { templates } else { Vec::new() })
         }
-        None => false,
-    };
-    // Templates are visible to every user; on the exact path they are looked up by id.
-    let template_ids: Vec<Uuid> = if exact && opts.source_type != Some(SourceType::Session) {
-        sqlx::query_scalar(
-            "SELECT DISTINCT source_id FROM rag_embeddings
-              WHERE source_type = 'template' AND embedding_model = $1",
-        )
-        .bind(model)
-        .fetch_all(pool)
-        .await?
-    } else {
-        Vec::new()
+        None => (false, Vec::new()),
     };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', $1, true)")
