@@ -67,10 +67,20 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
         .context("apalis-postgres migrations")?;
-    MIGRATOR
-        .run(pool)
-        .await
-        .context("embed-worker migrations")?;
+    // Migration 7 turns row-level security on for `sessions` only where this project creates
+    // the table; whether it will is known only before migration 1 runs.
+    let mut conn = pool.acquire().await?;
+    let creating_sessions: bool =
+        sqlx::query_scalar("SELECT to_regclass('public.sessions') IS NULL")
+            .fetch_one(&mut *conn)
+            .await?;
+    if creating_sessions {
+        conn.execute("SET embed_worker.creating_sessions = on")
+            .await?;
+    }
+    let migrated = MIGRATOR.run(&mut *conn).await;
+    conn.execute("RESET embed_worker.creating_sessions").await?;
+    migrated.context("embed-worker migrations")?;
     pool.execute(
         r#"
         GRANT USAGE ON SCHEMA apalis TO embed_worker;
@@ -173,6 +183,29 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
             Some((_, false)) => problems.push(format!("row-level security is off on {table}")),
             None => problems.push(format!("table {table} is missing")),
         }
+    }
+    // `sessions` usually belongs to the app (we leave its table alone), but a user's practice
+    // notes readable by every user is the leak the design's RLS exists to prevent.
+    let sessions_open: bool = sqlx::query_scalar(
+        "SELECT coalesce(NOT c.relrowsecurity
+                         AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user')
+                         AND has_table_privilege('app_user', c.oid, 'SELECT'), false)
+           FROM pg_class c
+          WHERE c.relname = 'sessions' AND c.relkind = 'r'
+            AND c.relnamespace = 'public'::regnamespace",
+    )
+    .fetch_optional(pool)
+    .await?
+    .unwrap_or(false);
+    if sessions_open {
+        problems.push(
+            "row-level security is off on sessions while app_user can select it: every user \
+             reads every user's sessions. Fix (as the table's owner): ALTER TABLE sessions \
+             ENABLE ROW LEVEL SECURITY; CREATE POLICY sessions_read_own ON sessions FOR SELECT \
+             TO app_user USING (user_id = auth.uid()); CREATE POLICY sessions_worker_read ON \
+             sessions FOR SELECT TO embed_worker USING (true);"
+                .into(),
+        );
     }
     let trigger: Option<(bool,)> = sqlx::query_as(
         "SELECT tgenabled <> 'D' FROM pg_trigger

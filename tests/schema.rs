@@ -306,10 +306,128 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
         ("existing", "good"),
         "the app's table and data are kept"
     );
-    let report = db::verify(&t.admin, &models::index_name("text-embedding-ada-002"))
+    let rls: bool =
+        sqlx::query_scalar("SELECT relrowsecurity FROM pg_class WHERE oid = 'sessions'::regclass")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert!(!rls, "the app's table is left alone");
+    let default_index = models::index_name("text-embedding-ada-002");
+    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    assert_eq!(
+        report.problems.len(),
+        1,
+        "only the app's open sessions table: {:?}",
+        report.problems
+    );
+    let problem = &report.problems[0];
+    assert!(
+        problem.contains("row-level security is off on sessions")
+            && problem.contains("ENABLE ROW LEVEL SECURITY"),
+        "names the table and the fix: {problem}"
+    );
+
+    // The fix the message gives makes verify clean, and the app's rows stay readable by the worker.
+    let fix = problem
+        .split_once("Fix (as the table's owner): ")
+        .unwrap()
+        .1;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(fix.to_string()))
+        .execute(&t.admin)
         .await
         .unwrap();
+    let report = db::verify(&t.admin, &default_index).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let worker = t.worker_pool().await;
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(&worker)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1);
+}
+
+#[tokio::test]
+async fn a_user_reads_only_their_own_sessions_and_the_app_role_cannot_write_or_see_the_queue() {
+    let t = TestDb::migrated().await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let sa = insert_session(&t.admin, a, "a", "a's private notes").await;
+    let sb1 = insert_session(&t.admin, b, "b1", "b's private notes").await;
+    let sb2 = insert_session(&t.admin, b, "b2", "more of b's notes").await;
+    let worker = t.worker_pool().await;
+    for id in [sa, sb1, sb2] {
+        insert_embedding(&worker, "session", id).await.unwrap();
+    }
+
+    assert_eq!(
+        as_app_user(&t, Some(a), "SELECT id FROM sessions").await,
+        vec![sa]
+    );
+    let mut want_b = vec![sb1, sb2];
+    want_b.sort();
+    assert_eq!(
+        as_app_user(&t, Some(b), "SELECT id FROM sessions").await,
+        want_b
+    );
+    assert!(
+        as_app_user(&t, None, "SELECT id FROM sessions")
+            .await
+            .is_empty(),
+        "no user, no sessions"
+    );
+    assert_eq!(
+        as_app_user(
+            &t,
+            Some(a),
+            "SELECT source_id FROM rag_embeddings WHERE source_type = 'session'"
+        )
+        .await,
+        vec![sa],
+        "none of B's embeddings"
+    );
+
+    // The worker's role still reads every session it must embed.
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
+        .fetch_one(&worker)
+        .await
+        .unwrap();
+    assert_eq!(seen, 3);
+
+    for (sql, what) in [
+        (
+            "INSERT INTO rag_embeddings (source_type, source_id, chunk_index, content_hash, embedding,
+                                         embedding_model, dimensions, token_count)
+             SELECT 'session', id, 9, 'h', '[1,0,0]', 'test-model', 3, 1 FROM sessions",
+            "write rag_embeddings",
+        ),
+        ("UPDATE rag_embeddings SET token_count = 0", "update rag_embeddings"),
+        ("DELETE FROM rag_embeddings", "delete rag_embeddings"),
+        ("SELECT count(*) FROM apalis.jobs", "read apalis.jobs"),
+        ("UPDATE sessions SET notes = 'x'", "write sessions"),
+    ] {
+        let err = app_user_statement(&t, a, sql).await.unwrap_err();
+        assert!(
+            err.to_string().contains("permission denied"),
+            "app_user must not {what}: {err}"
+        );
+    }
+}
+
+/// Runs one statement as `app_user` for `user` and returns its result.
+async fn app_user_statement(t: &TestDb, user: Uuid, sql: &'static str) -> Result<u64, sqlx::Error> {
+    let mut tx = t.admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE app_user")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(sql)
+        .execute(&mut *tx)
+        .await
+        .map(|r| r.rows_affected())
 }
 
 #[tokio::test]
