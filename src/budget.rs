@@ -6,6 +6,11 @@
 //! settled to the billed tokens, or refunded when the request failed. At the budget, API calls
 //! stop (readiness says why, a metric and an ERROR log say so) while queueing goes on; the guard
 //! re-checks every `budget.recheck_secs`, so raising the budget resumes the worker.
+//!
+//! Providers with another tokenizer (vLLM, TEI, Ollama) bill more tokens than our cl100k count:
+//! reservations are scaled by the billed/counted ratio last seen, and settlement re-checks the
+//! budget, so the month goes over by at most the requests already in flight. A request whose
+//! outcome is unknown (timeout, reset) is settled as spent at its reservation.
 
 use chrono::NaiveDate;
 use sqlx::PgPool;
@@ -27,6 +32,8 @@ pub struct Budget {
     pool: PgPool,
     model: String,
     usd_per_million: f64,
+    /// Billed tokens per counted token, as last seen (≥ 1), × 1,000,000.
+    billing_ratio_ppm: std::sync::atomic::AtomicU64,
 }
 
 impl Budget {
@@ -35,16 +42,36 @@ impl Budget {
             pool,
             model: model.to_string(),
             usd_per_million,
+            billing_ratio_ppm: std::sync::atomic::AtomicU64::new(1_000_000),
         }
+    }
+
+    /// Records what the provider billed for `counted` tokens of ours.
+    pub fn observe_billing(&self, counted: u64, billed: u64) {
+        if let Some(ppm) = billed.saturating_mul(1_000_000).checked_div(counted) {
+            self.billing_ratio_ppm.store(
+                ppm.clamp(1_000_000, 100_000_000),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Tokens the provider is expected to bill for `counted` of ours.
+    fn expected(&self, counted: u64) -> u64 {
+        let ppm = self
+            .billing_ratio_ppm
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (counted as u128 * ppm as u128).div_ceil(1_000_000) as u64
     }
 
     pub fn cost(&self, tokens: u64) -> f64 {
         tokens as f64 * self.usd_per_million / 1e6
     }
 
-    /// Reserves the cost of `tokens`, or says the budget would be exceeded.
+    /// Reserves the cost of `tokens` (our count, scaled to what the provider bills), or says
+    /// the budget would be exceeded.
     pub async fn reserve(&self, tokens: u64) -> sqlx::Result<(Decision, Option<Reservation>)> {
-        let usd = self.cost(tokens);
+        let usd = self.cost(self.expected(tokens));
         let (ok, spent, budget, month): (bool, f64, f64, NaiveDate) = sqlx::query_as(
             "SELECT ok, spent::float8, budget::float8, embed_worker.current_month()
                FROM embed_worker.reserve_spend($1, $2::float8::numeric)",
@@ -61,17 +88,34 @@ impl Budget {
         }
     }
 
-    /// Settles a reservation to what was billed (`tokens` = 0 for a failed request).
-    pub async fn settle(&self, r: Reservation, tokens: u64) -> sqlx::Result<()> {
-        sqlx::query("SELECT embed_worker.settle_spend($1, $2, $3::float8::numeric, $4::float8::numeric, $5)")
-            .bind(r.month)
-            .bind(&self.model)
-            .bind(r.usd)
-            .bind(self.cost(tokens))
-            .bind(tokens as i64)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Settles a reservation to what was billed (`Some(0)` for a request that surely failed;
+    /// `None` when the outcome is unknown: the reservation stands as spent). Says whether the
+    /// month is now at or over the budget.
+    pub async fn settle(&self, r: Reservation, billed: Option<u64>) -> sqlx::Result<Decision> {
+        let (usd, tokens) = match billed {
+            Some(t) => (self.cost(t), t),
+            None => (
+                r.usd,
+                (r.usd / self.usd_per_million.max(f64::MIN_POSITIVE) * 1e6) as u64,
+            ),
+        };
+        let (spent, budget): (f64, f64) = sqlx::query_as(
+            "SELECT spent::float8, budget::float8
+               FROM embed_worker.settle_spend($1, $2, $3::float8::numeric, $4::float8::numeric, $5)",
+        )
+        .bind(r.month)
+        .bind(&self.model)
+        .bind(r.usd)
+        .bind(usd)
+        .bind(tokens as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        crate::meter::budget(spent, budget);
+        if budget > 0.0 && spent >= budget {
+            Ok(Decision::Exceeded { spent, budget })
+        } else {
+            Ok(Decision::Reserved)
+        }
     }
 }
 

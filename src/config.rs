@@ -106,18 +106,9 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db` (and `?password=`).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_string(),
-    }
+    crate::redact::url(url)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -195,7 +186,8 @@ pub struct ShutdownSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
-    pub format: String,
+    /// `human` or `json`; anything else is refused when the configuration is read.
+    pub format: crate::telemetry::LogFormat,
 }
 
 /// `EMBED_WORKER_CONFIG_DIR`, else the source tree's `config/` (development), else `./config`.
@@ -238,22 +230,264 @@ impl Settings {
         Ok(settings)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            (1..=2048).contains(&self.api.max_inputs_per_request),
-            "api.max_inputs_per_request must be 1..=2048"
+    /// Every value against its allowed range, so no configuration reaches a panic, a worker that
+    /// silently does nothing, or a heartbeat shorter than a request. One line per bad key.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut bad = Vec::new();
+        let mut check = |ok: bool, key: &str, value: &dyn std::fmt::Display, allowed: &str| {
+            if !ok {
+                bad.push(format!(
+                    "{key} = {value} is out of range (allowed: {allowed})"
+                ));
+            }
+        };
+        let d = &self.database;
+        check(
+            !d.url.trim().is_empty(),
+            "database.url",
+            &"\"\"",
+            "a postgres:// URL",
         );
-        anyhow::ensure!(
-            self.model.chunk_overlap_tokens < self.model.max_input_tokens / 2,
-            "model.chunk_overlap_tokens must be below half of model.max_input_tokens"
+        check(
+            (1..=1000).contains(&d.max_connections),
+            "database.max_connections",
+            &d.max_connections,
+            "1..=1000",
         );
-        anyhow::ensure!(self.model.dimensions > 0, "model.dimensions must be > 0");
-        anyhow::ensure!(
-            self.batch.max_in_flight > 0,
-            "batch.max_in_flight must be > 0"
+        let q = &self.queue;
+        check(
+            !q.name.is_empty()
+                && q.name.len() <= 64
+                && q.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
+            "queue.name",
+            &format!("{:?}", q.name),
+            "1-64 characters of A-Z a-z 0-9 _ . : -",
         );
-        anyhow::ensure!(self.batch.max_jobs > 0, "batch.max_jobs must be > 0");
-        Ok(())
+        check(
+            (1..=10_000).contains(&q.fetch_batch),
+            "queue.fetch_batch",
+            &q.fetch_batch,
+            "1..=10000",
+        );
+        check(
+            (1..=100_000).contains(&q.concurrency),
+            "queue.concurrency",
+            &q.concurrency,
+            "1..=100000",
+        );
+        check(
+            (10..=60_000).contains(&q.poll_interval_ms),
+            "queue.poll_interval_ms",
+            &q.poll_interval_ms,
+            "10..=60000",
+        );
+        check(
+            (1..=100).contains(&q.max_attempts),
+            "queue.max_attempts",
+            &q.max_attempts,
+            "1..=100",
+        );
+        check(
+            (1..=3600).contains(&q.heartbeat_secs),
+            "queue.heartbeat_secs",
+            &q.heartbeat_secs,
+            "1..=3600",
+        );
+        check(
+            (2..=100).contains(&q.missed_heartbeats),
+            "queue.missed_heartbeats",
+            &q.missed_heartbeats,
+            "2..=100",
+        );
+        let b = &self.batch;
+        check(
+            (1..=10_000).contains(&b.max_jobs),
+            "batch.max_jobs",
+            &b.max_jobs,
+            "1..=10000",
+        );
+        check(
+            b.linger_ms <= 60_000,
+            "batch.linger_ms",
+            &b.linger_ms,
+            "0..=60000",
+        );
+        check(
+            (1..=256).contains(&b.max_in_flight),
+            "batch.max_in_flight",
+            &b.max_in_flight,
+            "1..=256",
+        );
+        let a = &self.api;
+        check(
+            a.base_url.starts_with("http://") || a.base_url.starts_with("https://"),
+            "api.base_url",
+            &format!("{:?}", a.base_url),
+            "an http:// or https:// URL",
+        );
+        check(
+            (1..=3600).contains(&a.timeout_secs),
+            "api.timeout_secs",
+            &a.timeout_secs,
+            "1..=3600",
+        );
+        check(
+            (1..=2048).contains(&a.max_inputs_per_request),
+            "api.max_inputs_per_request",
+            &a.max_inputs_per_request,
+            "1..=2048",
+        );
+        check(
+            (self.model.max_input_tokens.max(1)..=300_000).contains(&a.max_tokens_per_request),
+            "api.max_tokens_per_request",
+            &a.max_tokens_per_request,
+            &format!(
+                "model.max_input_tokens ({})..=300000",
+                self.model.max_input_tokens
+            ),
+        );
+        let m = &self.model;
+        check(
+            m.provider == "openai" || m.provider == "local",
+            "model.provider",
+            &format!("{:?}", m.provider),
+            "\"openai\" or \"local\"",
+        );
+        check(
+            !m.name.is_empty() && m.name.len() <= 100,
+            "model.name",
+            &format!("{:?}", m.name),
+            "1-100 characters (rag_embeddings.embedding_model is varchar(100))",
+        );
+        check(
+            (1..=16_000).contains(&m.dimensions),
+            "model.dimensions",
+            &m.dimensions,
+            "1..=16000 (pgvector's vector type)",
+        );
+        check(
+            (16..=1_000_000).contains(&m.max_input_tokens),
+            "model.max_input_tokens",
+            &m.max_input_tokens,
+            "16..=1000000",
+        );
+        check(
+            m.chunk_overlap_tokens < m.max_input_tokens / 2,
+            "model.chunk_overlap_tokens",
+            &m.chunk_overlap_tokens,
+            &format!(
+                "0..{} (below half of model.max_input_tokens)",
+                m.max_input_tokens / 2
+            ),
+        );
+        check(
+            m.usd_per_million_tokens.is_finite() && m.usd_per_million_tokens >= 0.0,
+            "model.usd_per_million_tokens",
+            &m.usd_per_million_tokens,
+            "a finite number >= 0",
+        );
+        check(
+            self.shutdown.grace_secs <= 3600,
+            "shutdown.grace_secs",
+            &self.shutdown.grace_secs,
+            "0..=3600",
+        );
+        let r = &self.rate_limit;
+        check(
+            (1..=3600).contains(&r.period_secs),
+            "rate_limit.period_secs",
+            &r.period_secs,
+            "1..=3600",
+        );
+        let t = &self.retry;
+        check(
+            t.request_retries <= 20,
+            "retry.request_retries",
+            &t.request_retries,
+            "0..=20",
+        );
+        check(
+            (1..=60_000).contains(&t.base_ms),
+            "retry.base_ms",
+            &t.base_ms,
+            "1..=60000",
+        );
+        check(
+            (t.base_ms..=600_000).contains(&t.cap_ms),
+            "retry.cap_ms",
+            &t.cap_ms,
+            "retry.base_ms..=600000",
+        );
+        check(
+            (1..=86_400).contains(&t.job_backoff_base_secs),
+            "retry.job_backoff_base_secs",
+            &t.job_backoff_base_secs,
+            "1..=86400",
+        );
+        check(
+            (t.job_backoff_base_secs..=604_800).contains(&t.job_backoff_cap_secs),
+            "retry.job_backoff_cap_secs",
+            &t.job_backoff_cap_secs,
+            "retry.job_backoff_base_secs..=604800",
+        );
+        check(
+            (1..=86_400).contains(&t.quota_recheck_secs),
+            "retry.quota_recheck_secs",
+            &t.quota_recheck_secs,
+            "1..=86400",
+        );
+        let n = &self.retention;
+        check(
+            n.done_after_hours >= 1,
+            "retention.done_after_hours",
+            &n.done_after_hours,
+            ">= 1",
+        );
+        check(
+            n.failed_after_hours >= 1,
+            "retention.failed_after_hours",
+            &n.failed_after_hours,
+            ">= 1",
+        );
+        check(
+            n.interval_secs >= 1,
+            "retention.interval_secs",
+            &n.interval_secs,
+            ">= 1",
+        );
+        check(
+            self.http.addr.is_empty() || self.http.addr.parse::<std::net::SocketAddr>().is_ok(),
+            "http.addr",
+            &format!("{:?}", self.http.addr),
+            "host:port (an IP address and a port), or empty to disable",
+        );
+        let f = &self.freshness;
+        check(
+            f.scan_limit >= 0,
+            "freshness.scan_limit",
+            &f.scan_limit,
+            ">= 0 (0 = no limit)",
+        );
+        let g = &self.budget;
+        check(
+            g.monthly_usd.is_finite() && g.monthly_usd >= 0.0,
+            "budget.monthly_usd",
+            &g.monthly_usd,
+            "a finite number >= 0 (0 = none)",
+        );
+        check(
+            (1..=86_400).contains(&g.recheck_secs),
+            "budget.recheck_secs",
+            &g.recheck_secs,
+            "1..=86400",
+        );
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid configuration:\n  {}", bad.join("\n  "))
+        }
     }
 }
 

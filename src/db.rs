@@ -18,13 +18,35 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool whose connections run as `settings.role` (when set), so the worker's queries are
 /// checked by the same privileges and RLS policies in tests as in production.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    let opts: PgConnectOptions = settings.url.parse().with_context(|| {
-        format!(
-            "invalid DATABASE_URL {}",
-            crate::config::redact_url(&settings.url)
+    let opts: PgConnectOptions = settings.url.parse().map_err(|e: sqlx::Error| {
+        anyhow::anyhow!(
+            "invalid database.url / DATABASE_URL {}: {}",
+            crate::redact::url(&settings.url),
+            crate::redact::secrets(&e.to_string(), None)
         )
     })?;
     let opts = opts.application_name("embed-worker");
+    // One direct connection first: a pool that cannot connect retries until its acquire
+    // timeout and then says only "pool timed out"; this names the cause (refused, unknown
+    // host, auth, TLS) within seconds.
+    let probe = tokio::time::timeout(
+        Duration::from_secs(10),
+        sqlx::ConnectOptions::connect(&opts),
+    )
+    .await;
+    let target = crate::redact::url(&settings.url);
+    match probe {
+        Ok(Ok(conn)) => {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+        Ok(Err(e)) => anyhow::bail!(
+            "cannot connect to the database at {target} (database.url / DATABASE_URL): {}",
+            crate::redact::secrets(&describe_db_error(&e), None)
+        ),
+        Err(_) => anyhow::bail!(
+            "no answer from the database at {target} within 10 s (database.url / DATABASE_URL)"
+        ),
+    }
     let role = settings.role.clone();
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
@@ -44,7 +66,22 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         })
         .connect_with(opts)
         .await
-        .with_context(|| format!("connecting to {}", crate::config::redact_url(&settings.url)))
+        .with_context(|| format!("connecting to {target}"))
+}
+
+/// A connection error in words: sqlx's I/O errors print as "error communicating with
+/// database: Connection refused (os error 111)".
+fn describe_db_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "connection refused (is PostgreSQL running there, on that port?)".into()
+            }
+            std::io::ErrorKind::TimedOut => "connection timed out".into(),
+            _ => io.to_string(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// A pool as the login role, for migrations and administration.

@@ -34,24 +34,40 @@ pub enum EmbedError {
     /// 429 `insufficient_quota`: stop calling until an operator acts.
     #[error("provider quota exhausted: {message}")]
     QuotaExhausted { message: String },
-    /// 408, 409, 5xx, timeouts, connection errors: retry with backoff.
-    #[error("transient provider error ({status:?}): {message}")]
+    /// 401/403: the key is wrong, revoked or lacks access. Every request would fail the same
+    /// way, so calls stop (like `insufficient_quota`) instead of burning the queue's attempts.
+    #[error("provider refused the API key (HTTP {status}): {message}")]
+    Unauthorized { status: u16, message: String },
+    /// 408, 409, 5xx, timeouts, connection errors: retry with backoff. `unconfirmed`: the
+    /// request may have reached the provider and been billed (a timeout or a reset after it was
+    /// sent), so the budget counts it as spent.
+    #[error("transient provider error{}: {message}", status_text(*status))]
     Transient {
         status: Option<u16>,
         message: String,
+        unconfirmed: bool,
     },
     /// 400-class input errors: the input itself is bad; isolate it.
-    #[error("invalid input ({status}): {message}")]
+    #[error("invalid input (HTTP {status}): {message}")]
     InvalidInput { status: u16, message: String },
-    /// This worker stopped calling the API (quota exhausted earlier, or the monthly budget).
+    /// The provider answered, but one vector is unusable (NaN, infinite, all zeros): that
+    /// source fails permanently; the other inputs of the request are kept.
+    #[error("unusable vector from the provider: {message}")]
+    BadVector { message: String },
+    /// This worker stopped calling the API (quota exhausted earlier, a refused key, or the
+    /// monthly budget).
     #[error("API calls stopped: {reason}")]
     Stopped { reason: String },
-    /// Anything else (401, 403, 404, a malformed answer): not fixed by retrying the same request.
-    #[error("provider error ({status:?}): {message}")]
+    /// Anything else (404, a malformed answer): not fixed by retrying the same request.
+    #[error("provider error{}: {message}", status_text(*status))]
     Fatal {
         status: Option<u16>,
         message: String,
     },
+}
+
+fn status_text(status: Option<u16>) -> String {
+    status.map(|s| format!(" (HTTP {s})")).unwrap_or_default()
 }
 
 impl EmbedError {
@@ -66,8 +82,10 @@ impl EmbedError {
         match self {
             EmbedError::RateLimited { .. } => "rate_limited",
             EmbedError::QuotaExhausted { .. } => "quota_exhausted",
+            EmbedError::Unauthorized { .. } => "unauthorized",
             EmbedError::Transient { .. } => "transient",
             EmbedError::InvalidInput { .. } => "invalid_input",
+            EmbedError::BadVector { .. } => "bad_vector",
             EmbedError::Stopped { .. } => "stopped",
             EmbedError::Fatal { .. } => "fatal",
         }
@@ -77,10 +95,81 @@ impl EmbedError {
         match self {
             EmbedError::RateLimited { .. } | EmbedError::QuotaExhausted { .. } => Some(429),
             EmbedError::Transient { status, .. } | EmbedError::Fatal { status, .. } => *status,
-            EmbedError::InvalidInput { status, .. } => Some(*status),
-            EmbedError::Stopped { .. } => None,
+            EmbedError::InvalidInput { status, .. } | EmbedError::Unauthorized { status, .. } => {
+                Some(*status)
+            }
+            EmbedError::Stopped { .. } | EmbedError::BadVector { .. } => None,
         }
     }
+    /// Whether the provider may have billed the request although no answer arrived.
+    pub fn may_have_been_billed(&self) -> bool {
+        matches!(
+            self,
+            EmbedError::Transient {
+                unconfirmed: true,
+                ..
+            }
+        )
+    }
+    /// The same error with any secret the provider echoed (the key itself, or anything that
+    /// looks like one) masked, before it reaches a log line, a metric or a stored job reason.
+    pub fn redacted(self, key: Option<&str>) -> Self {
+        let r = |m: String| crate::redact::secrets(&m, key);
+        match self {
+            EmbedError::RateLimited {
+                retry_after,
+                message,
+            } => EmbedError::RateLimited {
+                retry_after,
+                message: r(message),
+            },
+            EmbedError::QuotaExhausted { message } => EmbedError::QuotaExhausted {
+                message: r(message),
+            },
+            EmbedError::Unauthorized { status, message } => EmbedError::Unauthorized {
+                status,
+                message: r(message),
+            },
+            EmbedError::Transient {
+                status,
+                message,
+                unconfirmed,
+            } => EmbedError::Transient {
+                status,
+                message: r(message),
+                unconfirmed,
+            },
+            EmbedError::InvalidInput { status, message } => EmbedError::InvalidInput {
+                status,
+                message: r(message),
+            },
+            EmbedError::BadVector { message } => EmbedError::BadVector {
+                message: r(message),
+            },
+            EmbedError::Stopped { reason } => EmbedError::Stopped { reason: r(reason) },
+            EmbedError::Fatal { status, message } => EmbedError::Fatal {
+                status,
+                message: r(message),
+            },
+        }
+    }
+}
+
+/// Why a vector cannot be stored: wrong length, a NaN or infinite component, or no direction
+/// (norm 0, so cosine distance is undefined). pgvector rejects NaN and infinity, and one such
+/// vector used to roll back its whole batch's write.
+pub fn check_vector(v: &[f32], dimensions: usize) -> Result<(), String> {
+    if v.len() != dimensions {
+        return Err(format!("{} dimensions, expected {dimensions}", v.len()));
+    }
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(format!("component {i} is {}", v[i]));
+    }
+    let norm2: f64 = v.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+    if norm2 <= f64::MIN_POSITIVE || !norm2.is_finite() {
+        return Err("zero vector (norm 0): cosine distance is undefined".into());
+    }
+    Ok(())
 }
 
 /// The provider's view of the shared quota, from the last successful response's headers.
@@ -239,6 +328,10 @@ pub struct OpenAiEmbedder {
     dimensions: usize,
     send_dimensions: bool,
     seen: Arc<Mutex<RateLimitHeaders>>,
+    /// For masking an echoed key in provider messages, never for printing.
+    key: Option<secrecy::SecretString>,
+    base_url: String,
+    timeout_secs: u64,
 }
 
 impl OpenAiEmbedder {
@@ -266,6 +359,9 @@ impl OpenAiEmbedder {
             dimensions: model.dimensions,
             send_dimensions: model.send_dimensions,
             seen,
+            key: api.api_key.clone(),
+            base_url: api.base_url.clone(),
+            timeout_secs: api.timeout_secs,
         })
     }
 
@@ -288,7 +384,10 @@ impl OpenAiEmbedder {
             .embeddings()
             .create_base64(request)
             .await
-            .map_err(classify)?;
+            .map_err(|e| {
+                classify(e, &self.base_url, self.timeout_secs)
+                    .redacted(self.key.as_ref().map(|k| k.expose_secret()))
+            })?;
         if resp.data.len() != n {
             return Err(EmbedError::Fatal {
                 status: None,
@@ -342,29 +441,19 @@ impl OpenAiEmbedder {
     }
 }
 
-/// Maps async-openai's error to the worker's classes.
-fn classify(e: OpenAIError) -> EmbedError {
+/// Maps async-openai's error to the worker's classes, naming the cause an operator can act
+/// on: refused connection vs timeout vs reset, and the setting behind it.
+fn classify(e: OpenAIError, base_url: &str, timeout_secs: u64) -> EmbedError {
     match e {
         OpenAIError::Boxed(b) => match b.downcast::<HttpFailure>() {
             Ok(f) => classify_status(f.status, f.code.as_deref(), f.message, f.retry_after),
             Err(other) => EmbedError::Transient {
                 status: None,
                 message: other.to_string(),
+                unconfirmed: true,
             },
         },
-        OpenAIError::Reqwest(r) => {
-            if r.is_timeout() || r.is_connect() || r.is_request() || r.is_body() {
-                EmbedError::Transient {
-                    status: None,
-                    message: r.to_string(),
-                }
-            } else {
-                EmbedError::Transient {
-                    status: r.status().map(|s| s.as_u16()),
-                    message: r.to_string(),
-                }
-            }
-        }
+        OpenAIError::Reqwest(r) => classify_transport(&r, base_url, timeout_secs),
         OpenAIError::ApiError(a) => {
             let status = a.status_code.as_u16();
             classify_status(
@@ -385,6 +474,56 @@ fn classify(e: OpenAIError) -> EmbedError {
     }
 }
 
+/// A request that got no HTTP answer. reqwest says only "error sending request for url"; the
+/// cause is in its source chain.
+fn classify_transport(r: &reqwest::Error, base_url: &str, timeout_secs: u64) -> EmbedError {
+    let io_kind = {
+        let mut source = std::error::Error::source(r);
+        let mut kind = None;
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+            }
+            source = e.source();
+        }
+        kind
+    };
+    let root = {
+        let mut e: &dyn std::error::Error = r;
+        while let Some(next) = e.source() {
+            e = next;
+        }
+        e.to_string()
+    };
+    use std::io::ErrorKind::*;
+    let (message, unconfirmed) = if r.is_timeout() {
+        (
+            format!("no answer from {base_url} within {timeout_secs} s (api.timeout_secs)"),
+            true,
+        )
+    } else if r.is_connect() {
+        let what = match io_kind {
+            Some(ConnectionRefused) => "connection refused".to_string(),
+            _ => format!("cannot connect ({root})"),
+        };
+        (format!("{what} by {base_url} (api.base_url)"), false)
+    } else {
+        let what = match io_kind {
+            Some(ConnectionReset) => "connection reset by the provider".to_string(),
+            Some(ConnectionAborted) | Some(BrokenPipe) | Some(UnexpectedEof) => {
+                "connection closed by the provider".to_string()
+            }
+            _ => format!("request failed ({root})"),
+        };
+        (format!("{what} during a request to {base_url}"), true)
+    };
+    EmbedError::Transient {
+        status: r.status().map(|s| s.as_u16()),
+        message,
+        unconfirmed,
+    }
+}
+
 pub fn classify_status(
     status: u16,
     code: Option<&str>,
@@ -400,8 +539,11 @@ pub fn classify_status(
         408 | 409 | 500..=599 => EmbedError::Transient {
             status: Some(status),
             message,
+            // A 5xx may come from a proxy after the provider did the work.
+            unconfirmed: status >= 500,
         },
         400 | 413 | 422 => EmbedError::InvalidInput { status, message },
+        401 | 403 => EmbedError::Unauthorized { status, message },
         _ => EmbedError::Fatal {
             status: Some(status),
             message,
@@ -440,6 +582,50 @@ mod tests {
             EmbedError::InvalidInput { .. }
         ));
         assert!(!classify_status(401, None, "".into(), None).is_retryable());
+        assert!(matches!(
+            classify_status(403, None, "".into(), None),
+            EmbedError::Unauthorized { status: 403, .. }
+        ));
+    }
+
+    #[test]
+    fn errors_print_the_status_as_a_number_and_mask_echoed_keys() {
+        let e = classify_status(404, None, "no such model".into(), None);
+        assert_eq!(e.to_string(), "provider error (HTTP 404): no such model");
+        let e = classify_status(
+            401,
+            Some("invalid_api_key"),
+            "Incorrect API key provided: sk-live-abcdefghijklmnop1234.".into(),
+            None,
+        )
+        .redacted(Some("sk-live-abcdefghijklmnop1234"));
+        assert!(!e.to_string().contains("abcdefghijklmnop"), "{e}");
+        assert!(e.to_string().contains("HTTP 401"), "{e}");
+    }
+
+    #[test]
+    fn vectors_are_checked_before_the_write() {
+        assert!(check_vector(&[0.6, 0.8], 2).is_ok());
+        assert!(
+            check_vector(&[0.6, 0.8, 0.0], 2)
+                .unwrap_err()
+                .contains("3 dimensions")
+        );
+        assert!(
+            check_vector(&[f32::NAN, 1.0], 2)
+                .unwrap_err()
+                .contains("NaN")
+        );
+        assert!(
+            check_vector(&[f32::INFINITY, 1.0], 2)
+                .unwrap_err()
+                .contains("inf")
+        );
+        assert!(
+            check_vector(&[0.0, 0.0], 2)
+                .unwrap_err()
+                .contains("zero vector")
+        );
     }
 }
 

@@ -44,6 +44,11 @@ pub struct FakeConfig {
     pub reject_marker: Option<String>,
     /// Required bearer token, if any.
     pub api_key: Option<String>,
+    /// Put the bearer token the request carried into the 401 message, as some providers and
+    /// proxies do (a secret that must never reach our logs or stored reasons).
+    pub echo_key_in_errors: bool,
+    /// `usage.prompt_tokens` = cl100k count × this, like a provider with another tokenizer.
+    pub billing_multiplier: f64,
 }
 
 impl Default for FakeConfig {
@@ -61,9 +66,17 @@ impl Default for FakeConfig {
             insufficient_quota: false,
             reject_marker: Some("<<fake:reject>>".into()),
             api_key: None,
+            echo_key_in_errors: false,
+            billing_multiplier: 1.0,
         }
     }
 }
+
+/// Inputs containing these markers get a poisoned vector back (the request succeeds): what a
+/// misbehaving provider or model server returns now and then.
+pub const NAN_MARKER: &str = "<<fake:nan>>";
+pub const INF_MARKER: &str = "<<fake:inf>>";
+pub const ZERO_MARKER: &str = "<<fake:zero>>";
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -253,9 +266,21 @@ async fn embeddings(
             == Some(&format!("Bearer {key}"));
         if !ok {
             record("", 0, 0, 401);
+            let sent = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            let message = if cfg.echo_key_in_errors {
+                format!(
+                    "Incorrect API key provided: {sent}. You can find your API key at https://platform.example/account/api-keys."
+                )
+            } else {
+                "Incorrect API key provided.".to_string()
+            };
             return error(
                 StatusCode::UNAUTHORIZED,
-                "Incorrect API key provided.",
+                message,
                 "invalid_request_error",
                 Some("invalid_api_key"),
             );
@@ -488,7 +513,14 @@ async fn embeddings(
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let v = fake_vector(t, dims);
+            let mut v = fake_vector(t, dims);
+            if t.contains(NAN_MARKER) {
+                v[dims / 2] = f32::NAN;
+            } else if t.contains(INF_MARKER) {
+                v[0] = f32::INFINITY;
+            } else if t.contains(ZERO_MARKER) {
+                v.iter_mut().for_each(|x| *x = 0.0);
+            }
             let embedding = if base64 {
                 let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
                 json!(base64::engine::general_purpose::STANDARD.encode(bytes))
@@ -498,10 +530,11 @@ async fn embeddings(
             json!({"object": "embedding", "index": i, "embedding": embedding})
         })
         .collect();
-    record(&req.model, n, total, 200);
+    let billed = (total as f64 * cfg.billing_multiplier).round() as u64;
+    record(&req.model, n, billed, 200);
     let body = json!({
         "object": "list", "data": data, "model": req.model,
-        "usage": {"prompt_tokens": total, "total_tokens": total}
+        "usage": {"prompt_tokens": billed, "total_tokens": billed}
     });
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();

@@ -74,7 +74,9 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
 
 /// Serves on `addr` until the process ends; returns the bound address (port 0 picks one).
 pub async fn serve(addr: &str, health: Arc<Health>) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("cannot serve /metrics, /healthz, /readyz on {addr} (http.addr, EMBED_WORKER__HTTP__ADDR; empty disables): {e}")
+    })?;
     let bound = listener.local_addr()?;
     let app = router(health);
     tokio::spawn(async move {

@@ -20,6 +20,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod queue;
 pub mod ratelimit;
+pub mod redact;
 pub mod search;
 pub mod seed;
 pub mod telemetry;

@@ -146,19 +146,25 @@ async fn main() -> ExitCode {
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("embed-worker: {e:#}");
+            eprintln!(
+                "embed-worker: {}",
+                embed_worker::redact::secrets(&format!("{e:#}"), None)
+            );
             return ExitCode::from(2);
         }
     };
-    telemetry::init(
-        cli.log_format
-            .unwrap_or(LogFormat::parse(&settings.log.format)),
-    );
+    telemetry::init(cli.log_format.unwrap_or(settings.log.format));
+    let json_logs = cli.log_format.unwrap_or(settings.log.format) == LogFormat::Json;
     match run(cli.command, settings).await {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "command failed");
-            eprintln!("embed-worker: {e:#}");
+            // Once: as a JSON log event where logs are JSON, else as a plain line.
+            let message = embed_worker::redact::secrets(&format!("{e:#}"), None);
+            if json_logs {
+                tracing::error!(error = %message, "command failed");
+            } else {
+                eprintln!("embed-worker: {message}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -474,7 +480,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Budget { action } => {
             let pool = db::connect_admin(&settings.database.url).await?;
             if let Some(BudgetAction::Set { usd }) = action {
-                anyhow::ensure!(usd >= 0.0, "the budget cannot be negative");
+                anyhow::ensure!(
+                    usd.is_finite() && usd >= 0.0,
+                    "budget set {usd}: the monthly budget must be a finite number of USD >= 0 (0 = none)"
+                );
                 embed_worker::budget::set(&pool, usd).await?;
             }
             let (spent, budget) = embed_worker::budget::month(&pool).await?;

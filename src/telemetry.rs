@@ -6,20 +6,14 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// How log lines are written (`log.format`, or `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// One plain line per event, for a terminal.
     Human,
+    /// One JSON object per event, for a log pipeline.
     Json,
-}
-
-impl LogFormat {
-    pub fn parse(s: &str) -> Self {
-        if s.eq_ignore_ascii_case("json") {
-            LogFormat::Json
-        } else {
-            LogFormat::Human
-        }
-    }
 }
 
 pub fn init(format: LogFormat) {

@@ -95,7 +95,8 @@ pub enum Disposition {
     Dead,
 }
 
-/// Why a job failed and what to do about it.
+/// Why a job failed and what to do about it. The reason is stored in `apalis.jobs.last_result`
+/// and logged, so anything secret-shaped in it is masked when it is made.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{reason}")]
 pub struct JobError {
@@ -106,19 +107,19 @@ pub struct JobError {
 impl JobError {
     pub fn retry(reason: impl Into<String>) -> Self {
         JobError {
-            reason: reason.into(),
+            reason: crate::redact::secrets(&reason.into(), None),
             disposition: Disposition::Retry,
         }
     }
     pub fn release(reason: impl Into<String>, after: std::time::Duration) -> Self {
         JobError {
-            reason: reason.into(),
+            reason: crate::redact::secrets(&reason.into(), None),
             disposition: Disposition::Release { after },
         }
     }
     pub fn dead(reason: impl Into<String>) -> Self {
         JobError {
-            reason: reason.into(),
+            reason: crate::redact::secrets(&reason.into(), None),
             disposition: Disposition::Dead,
         }
     }
@@ -301,10 +302,18 @@ impl Pipeline {
         for (range, res) in plan.iter().zip(request_results) {
             for (p, r) in pending[range.clone()].iter().zip(res) {
                 match r {
-                    Ok(v) => {
-                        // Moved, not copied: this Vec is what the UNNEST binds.
-                        vectors.insert((p.source, p.chunk.index), pgvector::Vector::from(v));
-                    }
+                    Ok(v) => match crate::embed::check_vector(&v, dims) {
+                        // Moved, not copied: this Vec is what the write encodes.
+                        Ok(()) => {
+                            vectors.insert((p.source, p.chunk.index), pgvector::Vector::from(v));
+                        }
+                        // Only this source fails (permanently); its batch-mates are written.
+                        Err(why) => {
+                            failures.entry(p.source).or_insert(EmbedError::BadVector {
+                                message: format!("chunk {}: {why}", p.chunk.index),
+                            });
+                        }
+                    },
                     Err(e) => {
                         failures.entry(p.source).or_insert(e);
                     }
@@ -394,6 +403,24 @@ impl Pipeline {
         Ok(results)
     }
 
+    /// Stops API calls at the monthly budget (readiness says why) and returns the error for
+    /// the jobs of the request that found it.
+    fn stop_at_budget(&self, decision: &crate::budget::Decision) -> EmbedError {
+        let reason = match decision {
+            crate::budget::Decision::Exceeded { spent, budget } => {
+                format!("monthly budget reached: ${spent:.4} spent of ${budget:.4}")
+            }
+            crate::budget::Decision::Reserved => "monthly budget reached".to_string(),
+        };
+        let until = std::time::Instant::now()
+            + std::time::Duration::from_secs(self.settings.budget.recheck_secs);
+        if !self.health.api_stop_recorded() {
+            tracing::error!(%reason, "budget guard: API calls stopped, readiness false; queueing continues");
+        }
+        self.health.stop_api(reason.clone(), until);
+        EmbedError::Stopped { reason }
+    }
+
     /// What a request failure means for the jobs whose inputs were in it.
     fn job_error(&self, e: &EmbedError) -> JobError {
         match e {
@@ -401,13 +428,21 @@ impl Pipeline {
                 JobError::dead(format!("input rejected by the provider: {e}"))
             }
             // Stopped calling (quota or budget): back to the queue untouched, no attempt used.
-            EmbedError::QuotaExhausted { .. } => JobError::release(
-                e.to_string(),
-                std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60)),
-            ),
+            EmbedError::BadVector { .. } => JobError::dead(e.to_string()),
+            EmbedError::QuotaExhausted { .. } | EmbedError::Unauthorized { .. } => {
+                JobError::release(
+                    e.to_string(),
+                    std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60)),
+                )
+            }
+            // Back when the stop ends (whichever guard set it: budget, quota, a refused key),
+            // so the probe's success finds them due.
             EmbedError::Stopped { .. } => JobError::release(
                 e.to_string(),
-                std::time::Duration::from_secs(self.settings.budget.recheck_secs.min(60)),
+                self.health
+                    .api_stop_remaining()
+                    .unwrap_or_default()
+                    .min(std::time::Duration::from_secs(60)),
             ),
             _ => JobError::retry(e.to_string()),
         }
@@ -431,6 +466,7 @@ impl Pipeline {
         let r = &self.settings.retry;
         let model = self.settings.model.name.clone();
         let mut transient_failures = 0u32;
+        let mut probe;
         loop {
             if let Some(reason) = self.health.api_stopped() {
                 return Err(EmbedError::Stopped { reason });
@@ -439,32 +475,22 @@ impl Pipeline {
                 // A request slot first, then the budget and the limiter: spend and tokens are
                 // accounted when the request is sent.
                 let _slot = self.api_slots.acquire().await.expect("semaphore open");
-                if let Some(reason) = self.health.api_stopped() {
-                    return Err(EmbedError::Stopped { reason });
-                }
+                // After a stop has expired exactly one request goes out as the probe.
+                probe = match self.health.claim_api() {
+                    Ok(probe) => probe,
+                    Err(reason) => return Err(EmbedError::Stopped { reason }),
+                };
                 let reservation = match self.budget.reserve(tokens as u64).await {
                     Ok((crate::budget::Decision::Reserved, r)) => r,
-                    Ok((
-                        crate::budget::Decision::Exceeded {
-                            spent,
-                            budget: limit,
-                        },
-                        _,
-                    )) => {
-                        let reason =
-                            format!("monthly budget reached: ${spent:.4} spent of ${limit:.4}");
-                        let until = std::time::Instant::now()
-                            + std::time::Duration::from_secs(self.settings.budget.recheck_secs);
-                        if !self.health.api_stop_recorded() {
-                            tracing::error!(%reason, "budget guard: API calls stopped, readiness false; queueing continues");
-                        }
-                        self.health.stop_api(reason.clone(), until);
-                        return Err(EmbedError::Stopped { reason });
-                    }
+                    Ok((exceeded, _)) => return Err(self.stop_at_budget(&exceeded)),
                     Err(e) => {
+                        if probe {
+                            self.health.end_probe();
+                        }
                         return Err(EmbedError::Transient {
                             status: None,
                             message: format!("budget check failed: {e}"),
+                            unconfirmed: false,
                         });
                     }
                 };
@@ -491,13 +517,40 @@ impl Pipeline {
                     budget,
                 );
                 if let Some(reservation) = reservation {
-                    let billed = res.as_ref().map_or(0, |d| d.prompt_tokens);
-                    if let Err(e) = self.budget.settle(reservation, billed).await {
-                        tracing::warn!(error = %e, "could not settle the budget reservation");
+                    // What the provider billed; a request that may have reached it without an
+                    // answer (timeout, reset) counts as spent at the reserved estimate.
+                    let billed = match &res {
+                        Ok(d) => Some(d.prompt_tokens),
+                        Err(e) if e.may_have_been_billed() => None,
+                        Err(_) => Some(0),
+                    };
+                    if let Ok(d) = &res {
+                        self.budget.observe_billing(tokens as u64, d.prompt_tokens);
+                    }
+                    match self.budget.settle(reservation, billed).await {
+                        Ok(crate::budget::Decision::Reserved) => {}
+                        Ok(exceeded) => {
+                            // Billed more than reserved (another tokenizer): stop now, so the
+                            // month goes over by at most the requests already in flight.
+                            let _ = self.stop_at_budget(&exceeded);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not settle the budget reservation")
+                        }
                     }
                 }
                 res
             };
+            if probe
+                && !matches!(
+                    result,
+                    Ok(_)
+                        | Err(EmbedError::QuotaExhausted { .. })
+                        | Err(EmbedError::Unauthorized { .. })
+                )
+            {
+                self.health.end_probe();
+            }
             match result {
                 Ok(done) => {
                     if self.health.api_stop_recorded() {
@@ -523,6 +576,19 @@ impl Pipeline {
                     self.health
                         .stop_api(format!("insufficient_quota: {message}"), until);
                     return Err(EmbedError::QuotaExhausted { message });
+                }
+                Err(EmbedError::Unauthorized { status, message }) => {
+                    // A revoked or wrong key fails every request alike: stop calling rather than
+                    // turn the whole queue into dead letters; one probe after the recheck.
+                    let until = std::time::Instant::now()
+                        + std::time::Duration::from_secs(r.quota_recheck_secs);
+                    tracing::error!(status, %message, recheck_secs = r.quota_recheck_secs,
+                        "provider refused the API key: API calls stopped, readiness false; check OPENAI_API_KEY / OPENAI_API_KEY_FILE");
+                    self.health.stop_api(
+                        format!("provider refused the API key (HTTP {status}): {message}; check OPENAI_API_KEY / OPENAI_API_KEY_FILE"),
+                        until,
+                    );
+                    return Err(EmbedError::Unauthorized { status, message });
                 }
                 Err(e) if e.is_retryable() && transient_failures < r.request_retries => {
                     transient_failures += 1;
