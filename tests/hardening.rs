@@ -146,26 +146,28 @@ async fn deadlocks(t: &TestDb) -> i64 {
 async fn four_worker_processes_on_one_queue_never_deadlock() {
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
-    let n = 4000;
+    let n = 20_000;
+    // As reported: no HNSW index (writes are cheap, so claims and updates interleave most).
+    sqlx::query("DROP INDEX idx_rag_embeddings_vector_text_embedding_ada_002")
+        .execute(&t.admin)
+        .await
+        .unwrap();
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), n, |i| 3 + i % 20).await;
+    enqueue(&t.admin, &sources).await;
     let before = deadlocks(&t).await;
-    // Small batches and claims make the most claim/update interleavings.
+    // The shipped batch and claim sizes.
     let mut workers: Vec<std::process::Child> = (0..4)
         .map(|_| {
             worker_command(&t, &fake.base_url())
-                .env("EMBED_WORKER__BATCH__MAX_JOBS", "16")
-                .env("EMBED_WORKER__BATCH__LINGER_MS", "5")
-                .env("EMBED_WORKER__QUEUE__POLL_INTERVAL_MS", "20")
+                .env_remove("EMBED_WORKER__BATCH__MAX_JOBS")
+                .env_remove("EMBED_WORKER__BATCH__MAX_IN_FLIGHT")
+                .env_remove("EMBED_WORKER__QUEUE__FETCH_BATCH")
+                .env_remove("EMBED_WORKER__QUEUE__CONCURRENCY")
                 .arg("run")
                 .spawn()
                 .unwrap()
         })
         .collect();
-    // Jobs arrive while the workers claim, as change capture would queue them.
-    for part in sources.chunks(500) {
-        enqueue(&t.admin, part).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let started = Instant::now();
     wait_drained(&t.admin, Duration::from_secs(120)).await;
     let drained = started.elapsed();
@@ -530,4 +532,49 @@ async fn a_busy_http_address_is_named() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains(&addr) && err.contains("http.addr"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_update_never_waits_on_a_row_while_holding_another() {
+    // apalis's flush transaction holds job row 2 and then wants row 1; our update of rows 1 and
+    // 2 must not hold row 1 while it waits for row 2 (the deadlock seen between replicas).
+    let t = TestDb::migrated().await;
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 2, |_| 3).await;
+    enqueue(&t.admin, &sources).await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT id FROM apalis.jobs ORDER BY id")
+        .fetch_all(&t.admin)
+        .await
+        .unwrap();
+    let worker = t.worker_pool().await;
+    let mut apalis = t.admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM apalis.jobs WHERE id = $1 FOR UPDATE")
+        .bind(&ids[1])
+        .execute(&mut *apalis)
+        .await
+        .unwrap();
+    let ours = tokio::spawn({
+        let (worker, ids) = (worker.clone(), ids.clone());
+        async move { embed_worker::queue::start_jobs(&worker, &ids).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Row 1 is free again: our update took it, did its work and let go.
+    let second =
+        sqlx::query("UPDATE apalis.jobs SET status = 'Running', lock_at = now() WHERE id = $1")
+            .bind(&ids[0])
+            .execute(&mut *apalis)
+            .await;
+    assert!(second.is_ok(), "{second:?}");
+    apalis.commit().await.unwrap();
+    let due = tokio::time::timeout(Duration::from_secs(10), ours)
+        .await
+        .expect("our update finishes once the row is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(due.len(), 2, "both rows updated");
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE idempotency_key IS NOT NULL")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(keys, 0);
 }
