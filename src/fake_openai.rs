@@ -49,6 +49,9 @@ pub struct FakeConfig {
     pub echo_key_in_errors: bool,
     /// `usage.prompt_tokens` = cl100k count × this, like a provider with another tokenizer.
     pub billing_multiplier: f64,
+    /// Report the request limit per minute in the headers whatever `window` enforces, as real
+    /// providers quantise: one that enforces 1 request a second says "limit 60, remaining 59".
+    pub quantised_rpm: Option<u64>,
 }
 
 impl Default for FakeConfig {
@@ -68,6 +71,7 @@ impl Default for FakeConfig {
             api_key: None,
             echo_key_in_errors: false,
             billing_multiplier: 1.0,
+            quantised_rpm: None,
         }
     }
 }
@@ -542,7 +546,22 @@ async fn embeddings(
         h.insert(k, HeaderValue::from_str(&v).unwrap());
     };
     // OpenAI's reset headers: the time until the limit is back to its initial state.
-    if cfg.rpm > 0 {
+    if let Some(per_minute) = cfg.quantised_rpm {
+        let minute_ago = Instant::now() - Duration::from_secs(60);
+        let used = inner
+            .recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == 200 && r.at > minute_ago)
+            .count() as u64;
+        put("x-ratelimit-limit-requests", per_minute.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            per_minute.saturating_sub(used).to_string(),
+        );
+        put("x-ratelimit-reset-requests", "1s".to_string());
+    } else if cfg.rpm > 0 {
         put("x-ratelimit-limit-requests", cfg.rpm.to_string());
         put("x-ratelimit-remaining-requests", remaining_req.to_string());
         put(

@@ -578,3 +578,40 @@ async fn a_job_update_never_waits_on_a_row_while_holding_another() {
             .unwrap();
     assert_eq!(keys, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_429_sending_resumes_at_what_the_provider_accepts() {
+    // A provider that enforces 1 request a second while its headers say "60 per minute".
+    let t = TestDb::migrated().await;
+    let fake = fake(FakeConfig {
+        rpm: 1,
+        window: Duration::from_secs(1),
+        quantised_rpm: Some(60),
+        ..FakeConfig::default()
+    })
+    .await;
+    let mut s = worker_settings(&t, &fake);
+    // The shipped batching (128 sources a request, 4 in flight) and the limit the headers state.
+    let defaults = embed_worker::config::Settings::load(None).unwrap();
+    s.batch = defaults.batch.clone();
+    s.rate_limit.requests_per_minute = 60;
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 2000, |i| 5 + i % 20).await;
+    enqueue(&t.admin, &sources).await;
+    let w = RunningWorker::start(s).await;
+    wait_drained(&t.admin, Duration::from_secs(120)).await;
+    w.stop().await;
+    let reqs = fake.requests();
+    let ok = reqs.iter().filter(|r| r.status == 200).count();
+    let refused = reqs.iter().filter(|r| r.status == 429).count();
+    eprintln!("1 request/s provider: {ok} accepted, {refused} refused (429)");
+    assert!(ok >= 16, "{ok}");
+    assert!(
+        refused * 4 <= ok,
+        "at most one 429 per 4 accepted requests: {refused} for {ok}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2000);
+}

@@ -177,6 +177,11 @@ impl Pipeline {
             &limits,
             settings.api.max_tokens_per_request as u32,
             embedder.headers_handle(),
+            if embedder.is_remote() {
+                settings.batch.max_in_flight
+            } else {
+                0
+            },
         );
         let budget = crate::budget::Budget::new(
             pool.clone(),
@@ -503,6 +508,15 @@ impl Pipeline {
                     .embedder
                     .embed(texts.iter().map(|t| t.to_string()).collect())
                     .await;
+                let sent_at = permit.sent_at;
+                match &res {
+                    Ok(_) => self.limiter.accepted(),
+                    Err(EmbedError::RateLimited { retry_after, .. }) => self.limiter.refused(
+                        retry_after.unwrap_or(std::time::Duration::from_secs(1)),
+                        sent_at,
+                    ),
+                    Err(_) => {}
+                }
                 drop(permit);
                 let (outcome, status) = match &res {
                     Ok(_) => ("ok", Some(200)),
@@ -565,8 +579,8 @@ impl Pipeline {
                 }) => {
                     let wait = retry_after.unwrap_or(std::time::Duration::from_secs(1));
                     self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(?wait, %message, "429 from the provider: pausing requests");
-                    self.limiter.pause_for(wait);
+                    tracing::info!(?wait, spacing = ?self.limiter.interval(), %message,
+                        "429 from the provider: pausing, then pacing requests");
                 }
                 Err(EmbedError::QuotaExhausted { message }) => {
                     let until = std::time::Instant::now()
