@@ -168,6 +168,9 @@ pub struct ModelSettings {
     pub max_input_tokens: usize,
     pub chunk_overlap_tokens: usize,
     pub usd_per_million_tokens: f64,
+    /// A source longer than this (in tokens, all chunks) is a dead letter with its size, never
+    /// embedded: one 50 MB paste would otherwise take the whole token quota.
+    pub max_source_tokens: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -387,6 +390,12 @@ impl Settings {
             "model.usd_per_million_tokens",
             &m.usd_per_million_tokens,
             "a finite number >= 0",
+        );
+        check(
+            m.max_source_tokens >= m.max_input_tokens,
+            "model.max_source_tokens",
+            &m.max_source_tokens,
+            &format!(">= model.max_input_tokens ({})", m.max_input_tokens),
         );
         check(
             self.shutdown.grace_secs <= 3600,

@@ -52,6 +52,9 @@ pub struct FakeConfig {
     /// Report the request limit per minute in the headers whatever `window` enforces, as real
     /// providers quantise: one that enforces 1 request a second says "limit 60, remaining 59".
     pub quantised_rpm: Option<u64>,
+    /// After this many successful requests, answer every request with a 503 (an outage that
+    /// starts mid-run).
+    pub fail_after: Option<usize>,
 }
 
 impl Default for FakeConfig {
@@ -72,6 +75,7 @@ impl Default for FakeConfig {
             echo_key_in_errors: false,
             billing_multiplier: 1.0,
             quantised_rpm: None,
+            fail_after: None,
         }
     }
 }
@@ -495,13 +499,24 @@ async fn embeddings(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    let fail = cfg.error_rate > 0.0 && {
-        let mut s = inner.rng.lock().unwrap();
-        *s ^= *s << 13;
-        *s ^= *s >> 7;
-        *s ^= *s << 17;
-        (*s as f64 / u64::MAX as f64) < cfg.error_rate
-    };
+    let outage = cfg.fail_after.is_some_and(|n| {
+        inner
+            .recorded
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.status == 200)
+            .count()
+            >= n
+    });
+    let fail = outage
+        || cfg.error_rate > 0.0 && {
+            let mut s = inner.rng.lock().unwrap();
+            *s ^= *s << 13;
+            *s ^= *s >> 7;
+            *s ^= *s << 17;
+            (*s as f64 / u64::MAX as f64) < cfg.error_rate
+        };
     if fail {
         // A failed request still used its rate-limit slot, as at the provider.
         return refuse(

@@ -268,6 +268,10 @@ async fn maintain(
                 }
                 Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
             }
+            let stage_age = Duration::from_secs(r.failed_after_hours * 3600);
+            if let Err(e) = crate::pipeline::stage::prune(&pool, stage_age).await {
+                tracing::warn!(error = %e, "pruning staged chunks failed");
+            }
         }
     }
 }

@@ -615,3 +615,85 @@ async fn after_a_429_sending_resumes_at_what_the_provider_accepts() {
         .unwrap();
     assert_eq!(rows, 2000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_source_is_capped_and_its_retry_pays_only_for_what_is_missing() {
+    let t = TestDb::migrated().await;
+    let fake = fake(FakeConfig {
+        fail_after: Some(3),
+        ..FakeConfig::default()
+    })
+    .await;
+    let mut s = worker_settings(&t, &fake);
+    s.model.max_input_tokens = 200;
+    s.model.chunk_overlap_tokens = 20;
+    s.model.max_source_tokens = 20_000;
+    s.api.max_inputs_per_request = 4;
+    s.retry.request_retries = 0;
+    s.retry.job_backoff_base_secs = 1;
+    s.retry.job_backoff_cap_secs = 1;
+    let user = Uuid::new_v4();
+    let words = |n: usize, salt: &str| {
+        (0..n)
+            .map(|i| format!("{salt}{} bar{}.", i % 89, i % 7))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // About 50 chunks of 200 tokens in requests of 4 inputs; the provider fails after 3.
+    let long = insert_session(&t.admin, user, "long", &words(1500, "scale")).await;
+    // Far over model.max_source_tokens: never sent.
+    let huge = insert_session(&t.admin, user, "huge", &words(12_000, "arpeggio")).await;
+    let w = RunningWorker::start(s).await;
+    let start = Instant::now();
+    while fake.requests().iter().filter(|r| r.status == 503).count() == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the outage began"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.chunk_stage")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(staged, 12, "the 3 answered requests' chunks are kept");
+    fake.configure(|c| c.fail_after = None);
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+    let chunks: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM rag_embeddings WHERE source_id = $1")
+            .bind(long)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    let sent: usize = fake
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.inputs)
+        .sum();
+    eprintln!("long source: {chunks} chunks written, {sent} inputs billed");
+    assert!(chunks >= 16, "{chunks}");
+    assert_eq!(sent as i64, chunks, "each chunk paid for once");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.chunk_stage")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "staged chunks are removed once written");
+    let (reason, attempts): (String, i32) = sqlx::query_as(
+        "SELECT last_error, attempts FROM embed_worker.failed_jobs WHERE source_id = $1",
+    )
+    .bind(huge.to_string())
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert!(
+        reason.contains("source too large") && reason.contains("model.max_source_tokens = 20000"),
+        "{reason}"
+    );
+    assert_eq!(
+        attempts, 1,
+        "dead at once; none of it was sent (billed = the long source's chunks)"
+    );
+}

@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod chunk;
 pub mod load;
+pub mod stage;
 pub mod write;
 
 use std::collections::HashMap;
@@ -153,6 +154,8 @@ pub struct Pipeline {
 struct Pending<'a> {
     source: EmbedSource,
     chunk: &'a Chunk,
+    /// The source has several chunks: stage the vector as soon as it is paid for.
+    stage: bool,
 }
 
 impl Pipeline {
@@ -242,7 +245,7 @@ impl Pipeline {
         // Tokenize/split, on the tokenizer thread.
         let (model_name, order) = (model.to_string(), sources.clone());
         type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
-        let (gone, chunked): (Vec<EmbedSource>, Chunked) = self
+        let (gone, mut chunked): (Vec<EmbedSource>, Chunked) = self
             .chunker
             .run(move |chunker| {
                 let (mut gone, mut chunked) = (Vec::new(), Vec::new());
@@ -262,6 +265,23 @@ impl Pipeline {
         for src in gone {
             results.insert(src, Ok(JobOutcome::SourceGone));
         }
+        // Too long to embed at all: a dead letter with its size, before any API call.
+        let cap = s.model.max_source_tokens;
+        chunked.retain(|(src, _, chunks)| {
+            let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
+            if tokens > cap {
+                results.insert(
+                    *src,
+                    Err(JobError::dead(format!(
+                        "source too large: {tokens} tokens in {} chunks (model.max_source_tokens = {cap})",
+                        chunks.len()
+                    ))),
+                );
+                false
+            } else {
+                true
+            }
+        });
 
         // Never pay twice: drop chunks whose stored hash matches.
         let present: Vec<EmbedSource> = chunked.iter().map(|(s, _, _)| *s).collect();
@@ -276,9 +296,28 @@ impl Pipeline {
                     pending.push(Pending {
                         source: *src,
                         chunk: c,
+                        stage: chunks.len() > 1,
                     });
                 }
             }
+        }
+        // Chunks of long sources paid for by an earlier attempt.
+        let mut vectors: HashMap<(EmbedSource, usize), pgvector::Vector> = HashMap::new();
+        let staged_hashes: Vec<&str> = pending
+            .iter()
+            .filter(|p| p.stage)
+            .map(|p| p.chunk.content_hash.as_str())
+            .collect();
+        let mut staged = stage::take(&self.pool, model, &staged_hashes).await?;
+        if !staged.is_empty() {
+            pending.retain(|p| match staged.remove(&p.chunk.content_hash) {
+                Some((v, _)) if p.stage => {
+                    saved_tokens += p.chunk.tokens as u64;
+                    vectors.insert((p.source, p.chunk.index), v);
+                    false
+                }
+                _ => true,
+            });
         }
         self.stats
             .tokens_saved
@@ -302,7 +341,6 @@ impl Pipeline {
             self.embed_isolating(inputs)
         }))
         .await;
-        let mut vectors: HashMap<(EmbedSource, usize), pgvector::Vector> = HashMap::new();
         let mut failures: HashMap<EmbedSource, EmbedError> = HashMap::new();
         for (range, res) in plan.iter().zip(request_results) {
             for (p, r) in pending[range.clone()].iter().zip(res) {
@@ -359,6 +397,16 @@ impl Pipeline {
         )
         .await?;
         crate::meter::db_write(started.elapsed());
+        let written_staged: Vec<String> = writes
+            .iter()
+            .filter(|w| {
+                w.chunks.len() > 1 && matches!(outcomes.get(&w.source), Some(WriteOutcome::Written))
+            })
+            .flat_map(|w| w.chunks.iter().map(|c| c.content_hash.clone()))
+            .collect();
+        if let Err(e) = stage::clear(&self.pool, model, &written_staged).await {
+            tracing::warn!(error = %e, "could not clear staged chunks; retention removes them");
+        }
         let mut written_chunks = 0u64;
         for w in &writes {
             let outcome = match outcomes.get(&w.source) {
@@ -631,6 +679,19 @@ impl Pipeline {
             let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();
             match self.send(&texts, budget, tokens).await {
                 Ok(done) => {
+                    let to_stage: Vec<(&str, &[f32], usize)> = inputs
+                        .iter()
+                        .zip(&done.vectors)
+                        .filter(|(p, v)| {
+                            p.stage
+                                && crate::embed::check_vector(v, self.settings.model.dimensions)
+                                    .is_ok()
+                        })
+                        .map(|(p, v)| (p.chunk.content_hash.as_str(), v.as_slice(), p.chunk.tokens))
+                        .collect();
+                    if let Err(e) = stage::put(&self.pool, &model, &to_stage).await {
+                        tracing::warn!(error = %e, "could not stage paid-for chunks of a long source");
+                    }
                     self.stats
                         .tokens_embedded
                         .fetch_add(done.prompt_tokens, Ordering::Relaxed);

@@ -1,0 +1,91 @@
+//! Stage: vectors of long sources, kept from the moment they are paid for until their source
+//! is written.
+//!
+//! Why: a source is written all or nothing, and a long one spans several requests. When one of
+//! them failed (or the worker stopped half-way), the retry used to send — and pay for — every
+//! chunk again. Vectors of sources with more than one chunk are staged by (model, content hash)
+//! as each request returns; the next attempt takes them from here, and the write removes them.
+//! Single-chunk sources (most sessions) never touch this table.
+
+use std::collections::HashMap;
+
+use pgvector::Vector;
+use sqlx::PgPool;
+
+/// Staged vectors for `hashes` of `model`: content hash → (vector, tokens).
+pub async fn take(
+    pool: &PgPool,
+    model: &str,
+    hashes: &[&str],
+) -> sqlx::Result<HashMap<String, (Vector, usize)>> {
+    if hashes.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, Vector, i32)> = sqlx::query_as(
+        "SELECT content_hash, embedding, token_count FROM embed_worker.chunk_stage
+          WHERE embedding_model = $1 AND content_hash = ANY($2)",
+    )
+    .bind(model)
+    .bind(hashes)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(h, v, t)| (h, (v, t.max(0) as usize)))
+        .collect())
+}
+
+/// Stages vectors just paid for: (content hash, vector, tokens).
+pub async fn put(pool: &PgPool, model: &str, chunks: &[(&str, &[f32], usize)]) -> sqlx::Result<()> {
+    if chunks.is_empty() {
+        return Ok(());
+    }
+    let hashes: Vec<&str> = chunks.iter().map(|(h, _, _)| *h).collect();
+    // Vectors travel as text literals: a few per long source, not the hot path.
+    let vectors: Vec<String> = chunks
+        .iter()
+        .map(|(_, v, _)| {
+            let parts: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+            format!("[{}]", parts.join(","))
+        })
+        .collect();
+    let tokens: Vec<i32> = chunks.iter().map(|(_, _, t)| *t as i32).collect();
+    sqlx::query(
+        "INSERT INTO embed_worker.chunk_stage (embedding_model, content_hash, embedding, token_count)
+         SELECT $1, h, v::vector, t FROM unnest($2::text[], $3::text[], $4::int[]) AS u(h, v, t)
+         ON CONFLICT (embedding_model, content_hash) DO NOTHING",
+    )
+    .bind(model)
+    .bind(&hashes)
+    .bind(&vectors)
+    .bind(&tokens)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets staged vectors once their source is written.
+pub async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Result<()> {
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "DELETE FROM embed_worker.chunk_stage WHERE embedding_model = $1 AND content_hash = ANY($2)",
+    )
+    .bind(model)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Retention: staged vectors older than `age` belong to sources that never completed.
+pub async fn prune(pool: &PgPool, age: std::time::Duration) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM embed_worker.chunk_stage WHERE created_at < now() - make_interval(secs => $1)",
+    )
+    .bind(age.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
