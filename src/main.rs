@@ -478,12 +478,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Budget { action } => {
-            let pool = db::connect_admin(&settings.database.url).await?;
             if let Some(BudgetAction::Set { usd }) = action {
                 anyhow::ensure!(
                     usd.is_finite() && usd >= 0.0,
                     "budget set {usd}: the monthly budget must be a finite number of USD >= 0 (0 = none)"
                 );
+            }
+            let pool = db::connect_admin(&settings.database.url).await?;
+            if let Some(BudgetAction::Set { usd }) = action {
                 embed_worker::budget::set(&pool, usd).await?;
             }
             let (spent, budget) = embed_worker::budget::month(&pool).await?;
