@@ -18,7 +18,7 @@ use embed_worker::config::{DatabaseSettings, Settings};
 use embed_worker::fake_openai::fake_vector;
 use embed_worker::pipeline::chunk::{Chunker, cl100k};
 use embed_worker::pipeline::write::{self, ChunkWrite, SourceWrite};
-use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::source::{EmbedSource, SourceType};
 use embed_worker::{db, models};
 use pgvector::Vector;
 use rand::rngs::StdRng;

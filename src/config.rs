@@ -159,7 +159,7 @@ impl std::fmt::Debug for ApiSettings {
 #[serde(deny_unknown_fields)]
 pub struct ModelSettings {
     /// `openai` (any OpenAI-compatible API) or `local` (all-MiniLM-L6-v2 in-process).
-    pub provider: String,
+    pub provider: Provider,
     /// The local model's folder (config.json, tokenizer.json, model.safetensors).
     pub local_path: String,
     pub name: String,
@@ -171,6 +171,17 @@ pub struct ModelSettings {
     /// A source longer than this (in tokens, all chunks) is a dead letter with its size, never
     /// embedded: one 50 MB paste would otherwise take the whole token quota.
     pub max_source_tokens: usize,
+}
+
+/// Who computes the embeddings (`model.provider`); anything else is refused when the
+/// configuration is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Any OpenAI-compatible `/v1/embeddings` (OpenAI, Azure, vLLM, TEI, Ollama, the fake).
+    Openai,
+    /// all-MiniLM-L6-v2 in-process (needs the `local` cargo feature).
+    Local,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -353,10 +364,10 @@ impl Settings {
         );
         let m = &self.model;
         check(
-            m.provider == "openai" || m.provider == "local",
+            cfg!(feature = "local") || m.provider != Provider::Local,
             "model.provider",
-            &format!("{:?}", m.provider),
-            "\"openai\" or \"local\"",
+            &"\"local\"",
+            "\"openai\" (this build has no `local` feature)",
         );
         check(
             !m.name.is_empty() && m.name.len() <= 100,

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::queue::{EmbedSource, SourceType};
+use crate::source::{EmbedSource, SourceType};
 
 /// A stale source and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

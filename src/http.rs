@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::health::Health;
+use crate::guard::health::Health;
 
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 

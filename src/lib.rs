@@ -4,25 +4,23 @@
 //! job ([`queue`]) → batch ([`pipeline::batcher`]) → load ([`pipeline::load`]) →
 //! tokenize/split ([`pipeline::chunk`]) → embed ([`embed`]) → write ([`pipeline::write`]) → ack.
 
-pub mod budget;
 pub mod config;
 pub mod db;
 pub mod embed;
 pub mod fake_openai;
 pub mod freshness;
-pub mod health;
+pub mod guard;
 pub mod http;
-#[cfg(feature = "local")]
-pub mod local;
+pub mod job;
 pub mod meter;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
 pub mod queue;
-pub mod ratelimit;
 pub mod redact;
 pub mod search;
 pub mod seed;
+pub mod source;
 pub mod telemetry;
 pub mod worker;
 

@@ -57,7 +57,7 @@ enum Command {
         all: bool,
         /// session or template, with --id.
         #[arg(long)]
-        source_type: Option<embed_worker::queue::SourceType>,
+        source_type: Option<embed_worker::source::SourceType>,
         #[arg(long)]
         id: Vec<uuid::Uuid>,
     },
@@ -70,7 +70,7 @@ enum Command {
     /// Re-queue dead letters (optionally only of one source type, or failed since a time).
     RetryFailed {
         #[arg(long)]
-        source_type: Option<embed_worker::queue::SourceType>,
+        source_type: Option<embed_worker::source::SourceType>,
         /// RFC 3339 time, e.g. 2026-11-26T00:00:00Z.
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
@@ -90,12 +90,12 @@ enum Command {
         #[arg(long)]
         limit: Option<i64>,
         #[arg(long)]
-        source_type: Option<embed_worker::queue::SourceType>,
+        source_type: Option<embed_worker::source::SourceType>,
     },
     /// Queue existing data not yet embedded by the active model, after an estimate and a prompt.
     Backfill {
         #[arg(long)]
-        source_type: Option<embed_worker::queue::SourceType>,
+        source_type: Option<embed_worker::source::SourceType>,
         /// Only sources updated since this RFC 3339 time.
         #[arg(long)]
         since: Option<chrono::DateTime<chrono::Utc>>,
@@ -119,7 +119,7 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         k: i64,
         #[arg(long)]
-        source_type: Option<embed_worker::queue::SourceType>,
+        source_type: Option<embed_worker::source::SourceType>,
         #[arg(long)]
         as_user: Option<uuid::Uuid>,
         #[arg(long, default_value_t = 100)]
@@ -180,7 +180,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let pool = db::connect_admin(&settings.database.url).await?;
             db::migrate(&pool).await?;
             db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
-            embed_worker::budget::set(&pool, settings.budget.monthly_usd).await?;
+            embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
             models::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions)
                 .await?;
             println!(
@@ -263,7 +263,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             } else {
                 let ty = source_type.context("--source-type is required with --id")?;
                 id.into_iter()
-                    .map(|source_id| embed_worker::queue::EmbedSource {
+                    .map(|source_id| embed_worker::source::EmbedSource {
                         source_type: ty,
                         source_id,
                     })
@@ -289,7 +289,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
                 println!("  {state:<10} {n}");
             }
-            let (spent, budget) = embed_worker::budget::month(&pool).await?;
+            let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
             if budget > 0.0 {
                 println!(
                     "spend this month: ${spent:.4} of ${budget:.2} budget ({:.1}%)",
@@ -486,9 +486,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             let pool = db::connect_admin(&settings.database.url).await?;
             if let Some(BudgetAction::Set { usd }) = action {
-                embed_worker::budget::set(&pool, usd).await?;
+                embed_worker::guard::budget::set(&pool, usd).await?;
             }
-            let (spent, budget) = embed_worker::budget::month(&pool).await?;
+            let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
             println!("spend this month: ${spent:.4}; budget: ${budget:.2} (0 = none)");
             Ok(ExitCode::SUCCESS)
         }

@@ -237,3 +237,14 @@ pub fn render_extra() -> String {
     }
     out
 }
+
+/// Counters of what the worker did in this process (printed at the end of `run`; the same
+/// figures are exported as metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub api_requests: std::sync::atomic::AtomicU64,
+    pub tokens_embedded: std::sync::atomic::AtomicU64,
+    pub tokens_saved: std::sync::atomic::AtomicU64,
+    pub chunks_written: std::sync::atomic::AtomicU64,
+    pub rate_limited: std::sync::atomic::AtomicU64,
+}

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::config::Settings;
 use crate::freshness::{self, Scope, Stale};
 use crate::pipeline::chunk::Chunker;
-use crate::queue::EmbedSource;
+use crate::source::EmbedSource;
 
 /// Tokens the sources would cost to embed now with the active model, and that in USD.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -8,54 +8,13 @@
 //! other worker of the queue (rescue of stuck jobs).
 //!
 //! Dedup: a job carries `idempotency_key = '<type>:<id>'`; while it is pending, enqueueing the
-//! same source again does nothing. The batcher clears the key when it starts a job (before it
+//! same source again does nothing. The pipeline clears the key when it starts a job (before it
 //! reads the text), so a change made during the run queues a fresh job.
 
-use serde::{Deserialize, Serialize};
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceType {
-    Session,
-    Template,
-}
-
-impl SourceType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SourceType::Session => "session",
-            SourceType::Template => "template",
-        }
-    }
-}
-
-impl std::fmt::Display for SourceType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SourceType {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "session" => Ok(SourceType::Session),
-            "template" => Ok(SourceType::Template),
-            other => Err(format!(
-                "unknown source type {other:?} (expected session or template)"
-            )),
-        }
-    }
-}
-
-/// The job payload: which source to (re-)embed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct EmbedSource {
-    pub source_type: SourceType,
-    pub source_id: Uuid,
-}
+use crate::source::{EmbedSource, SourceType};
 
 /// Enqueues many sources in one statement (in the caller's transaction when `exec` is one).
 /// Returns how many jobs were created; sources with a pending job are skipped.

@@ -18,7 +18,7 @@ use pgvector::Vector;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::queue::SourceType;
+use crate::source::SourceType;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Hit {

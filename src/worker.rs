@@ -17,9 +17,10 @@ use apalis_postgres::{Config as PgQueueConfig, PostgresStorage, Pubsub};
 use sqlx::PgPool;
 
 use crate::config::Settings;
+use crate::job::Job;
+use crate::pipeline::Pipeline;
 use crate::pipeline::batcher::Batcher;
-use crate::pipeline::{Disposition, Job, Pipeline};
-use crate::queue::EmbedSource;
+use crate::source::EmbedSource;
 
 /// A unique worker name: host (pod) name plus a random suffix.
 pub fn worker_name() -> String {
@@ -53,22 +54,7 @@ async fn handle(
             tracing::debug!(job = %job.id, source = %job.source.source_id, %outcome, "job done");
             Ok(outcome.to_string())
         }
-        Err(e) => match e.disposition {
-            Disposition::Release { .. } => {
-                tracing::debug!(job = %job.id, reason = %e.reason, "job released");
-                Err(e.into())
-            }
-            Disposition::Retry => {
-                tracing::warn!(job = %job.id, source_type = %job.source.source_type,
-                    source = %job.source.source_id, reason = %e.reason, "job failed; will retry");
-                Err(e.into())
-            }
-            Disposition::Dead => {
-                tracing::error!(job = %job.id, source_type = %job.source.source_type,
-                    source = %job.source.source_id, reason = %e.reason, "job failed permanently (dead letter)");
-                Err(AbortError::new(e).into())
-            }
-        },
+        Err(e) => Err(e.report(&job)),
     }
 }
 
@@ -77,7 +63,7 @@ pub struct Worker {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub pipeline: Arc<Pipeline>,
-    pub health: Arc<crate::health::Health>,
+    pub health: Arc<crate::guard::health::Health>,
     /// Where /metrics, /healthz and /readyz are served, when they are.
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -87,7 +73,7 @@ impl Worker {
         let settings = Arc::new(settings);
         let pool = crate::db::connect(&settings.database).await?;
         let embedder = crate::embed::Embedder::from_settings(&settings.api, &settings.model)?;
-        let health = Arc::new(crate::health::Health::default());
+        let health = Arc::new(crate::guard::health::Health::default());
         let pipeline = Arc::new(Pipeline::new(
             pool.clone(),
             settings.clone(),
@@ -212,7 +198,7 @@ impl Worker {
 async fn maintain(
     pool: PgPool,
     settings: Arc<Settings>,
-    health: Arc<crate::health::Health>,
+    health: Arc<crate::guard::health::Health>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -238,7 +224,7 @@ async fn maintain(
             Ok((by_state, dead, oldest)) => crate::meter::queue_sample(&by_state, dead, oldest),
             Err(e) => tracing::debug!(error = %e, "queue sample failed"),
         }
-        if let Ok((spent, limit)) = crate::budget::month(&pool).await {
+        if let Ok((spent, limit)) = crate::guard::budget::month(&pool).await {
             crate::meter::budget(spent, limit);
         }
         let f = &settings.freshness;

@@ -44,8 +44,9 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
         .unwrap();
     assert_eq!(rows, 80);
 
-    let model = embed_worker::local::LocalEmbedder::load(std::path::Path::new(&s.model.local_path))
-        .unwrap();
+    let model =
+        embed_worker::embed::local::LocalEmbedder::load(std::path::Path::new(&s.model.local_path))
+            .unwrap();
     let q = model
         .embed(vec!["how do I voice a minor ii-V-I".into()])
         .await
@@ -54,7 +55,7 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
         .remove(0);
     let opts = SearchOptions {
         k: 3,
-        source_type: Some(embed_worker::queue::SourceType::Template),
+        source_type: Some(embed_worker::source::SourceType::Template),
         ..Default::default()
     };
     let hits = search::search(&t.admin, &s.model.name, 384, q, &opts)
@@ -80,7 +81,7 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
         .remove(0);
     let opts = SearchOptions {
         k: 5,
-        source_type: Some(embed_worker::queue::SourceType::Session),
+        source_type: Some(embed_worker::source::SourceType::Session),
         as_user: Some(ada),
         ..Default::default()
     };

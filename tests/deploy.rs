@@ -266,7 +266,7 @@ async fn manifests_agree_with_the_binary() {
 
     embed_worker::init_tls();
     // The probe paths answer on the worker HTTP server.
-    let health = std::sync::Arc::new(embed_worker::health::Health::default());
+    let health = std::sync::Arc::new(embed_worker::guard::health::Health::default());
     let addr = embed_worker::http::serve("127.0.0.1:0", health)
         .await
         .unwrap();

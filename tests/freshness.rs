@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::freshness::{self, Scope};
-use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::source::{EmbedSource, SourceType};
 use embed_worker::{models, search};
 use uuid::Uuid;
 
@@ -472,7 +472,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         dims,
         q.clone(),
         &search::SearchOptions {
-            source_type: Some(embed_worker::queue::SourceType::Session),
+            source_type: Some(embed_worker::source::SourceType::Session),
             ..heavy_opts.clone()
         },
     )

@@ -299,8 +299,8 @@ async fn a_poisoned_vector_fails_only_its_own_source() {
     for (i, marker) in [NAN_MARKER, INF_MARKER, ZERO_MARKER].iter().enumerate() {
         let id = insert_session(&t.admin, user, &format!("bad {i}"), marker).await;
         bad.push(id);
-        sources.push(embed_worker::queue::EmbedSource {
-            source_type: embed_worker::queue::SourceType::Session,
+        sources.push(embed_worker::source::EmbedSource {
+            source_type: embed_worker::source::SourceType::Session,
             source_id: id,
         });
     }
@@ -351,25 +351,38 @@ async fn the_budget_holds_against_a_provider_that_bills_three_times_our_count() 
     s.batch.linger_ms = 5;
     s.model.usd_per_million_tokens = 20.0; // a request of ~1,500 tokens costs $0.03
     s.budget.recheck_secs = 60;
-    embed_worker::budget::set(&t.admin, 1.0).await.unwrap();
+    embed_worker::guard::budget::set(&t.admin, 1.0)
+        .await
+        .unwrap();
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), 400, |_| 20).await;
     enqueue(&t.admin, &sources).await;
     let (a, b) = (
         RunningWorker::start(s.clone()).await,
         RunningWorker::start(s.clone()).await,
     );
+    // Until the budget stops a worker and no request has gone out for a second (the other
+    // worker stops at its next request, or has none left to send).
     let start = Instant::now();
-    while a.worker.health.api_stopped().is_none() || b.worker.health.api_stopped().is_none() {
+    let mut last = (0, Instant::now());
+    loop {
+        let sent = fake.requests().len();
+        if sent != last.0 {
+            last = (sent, Instant::now());
+        }
+        let stopped =
+            a.worker.health.api_stopped().is_some() || b.worker.health.api_stopped().is_some();
+        if stopped && last.1.elapsed() > Duration::from_secs(1) {
+            break;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "both workers stop at the budget"
+            "the budget stopped the workers"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     a.stop().await;
     b.stop().await;
-    let (spent, _) = embed_worker::budget::month(&t.admin).await.unwrap();
+    let (spent, _) = embed_worker::guard::budget::month(&t.admin).await.unwrap();
     let requests = fake.requests();
     let billed: u64 = requests.iter().map(|r| r.tokens).sum();
     let usd = |tokens: u64| tokens as f64 * 20.0 / 1e6;

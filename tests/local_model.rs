@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use embed_worker::local::{self, LocalEmbedder};
+use embed_worker::embed::local::{self, LocalEmbedder};
 
 fn model_dir() -> PathBuf {
     std::env::var_os("EMBED_WORKER_LOCAL_MODEL")

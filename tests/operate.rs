@@ -25,7 +25,9 @@ async fn the_budget_guard_stops_at_the_budget_and_resumes_when_raised() {
     s.batch.max_in_flight = 2;
     s.budget.recheck_secs = 1;
     let budget = 0.05;
-    embed_worker::budget::set(&t.admin, budget).await.unwrap();
+    embed_worker::guard::budget::set(&t.admin, budget)
+        .await
+        .unwrap();
     insert_sessions(&t.admin, Uuid::new_v4(), 60, |_| 20).await;
     let w = RunningWorker::start(s).await;
     let addr = w.worker.http_addr.unwrap();
@@ -43,7 +45,7 @@ async fn the_budget_guard_stops_at_the_budget_and_resumes_when_raised() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (spent, limit) = embed_worker::budget::month(&t.admin).await.unwrap();
+    let (spent, limit) = embed_worker::guard::budget::month(&t.admin).await.unwrap();
     assert_eq!(limit, budget);
     let billed = fake.tokens_billed() as f64 * price / 1e6;
     assert!(
@@ -85,7 +87,9 @@ async fn the_budget_guard_stops_at_the_budget_and_resumes_when_raised() {
     );
 
     // Raising the budget resumes the worker.
-    embed_worker::budget::set(&t.admin, 10.0).await.unwrap();
+    embed_worker::guard::budget::set(&t.admin, 10.0)
+        .await
+        .unwrap();
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     let embedded: i64 = sqlx::query_scalar("SELECT count(DISTINCT source_id) FROM rag_embeddings")
         .fetch_one(&t.admin)

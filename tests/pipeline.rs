@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::pipeline::chunk::count_tokens;
-use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::source::{EmbedSource, SourceType};
 use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

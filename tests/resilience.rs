@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use embed_worker::fake_openai::FakeConfig;
-use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::source::{EmbedSource, SourceType};
 use uuid::Uuid;
 
 async fn assert_all_embedded_once(t: &TestDb, n: i64) {

@@ -136,16 +136,12 @@ async fn run(
             let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
             let span = tracing::info_span!("batch", jobs = jobs.len(), job_ids = %ids.join(","));
             let mut results = tracing::Instrument::instrument(pipeline.process(&jobs), span).await;
-            settle_failures(&pipeline, &results).await;
+            crate::job::settle(&pipeline.pool, &pipeline.settings.retry, &results).await;
             for s in &ready {
                 let label = match results.get(&s.job.id) {
                     Some(Ok(o)) => o.label(),
-                    Some(Err(e)) => match e.disposition {
-                        Disposition::Retry => "retry",
-                        Disposition::Release { .. } => "released",
-                        Disposition::Dead => "dead",
-                    },
-                    None => "retry",
+                    Some(Err(e)) => e.disposition.label(),
+                    None => Disposition::Retry.label(),
                 };
                 crate::meter::job(label, s.job.source.source_type.as_str());
             }
@@ -176,44 +172,5 @@ async fn run(
     let _all = slots.acquire_many(max_in_flight as u32).await;
     if let Some(done) = done {
         let _ = done.send(());
-    }
-}
-
-/// Applies what failed jobs' dispositions ask of the queue, in bulk, before apalis acknowledges
-/// them: released jobs go back untouched; retried jobs get their backoff.
-async fn settle_failures(
-    pipeline: &Pipeline,
-    results: &std::collections::HashMap<String, JobResult>,
-) {
-    let mut releases: std::collections::HashMap<(Duration, String), Vec<String>> =
-        Default::default();
-    let mut retries = Vec::new();
-    for (id, r) in results {
-        if let Err(e) = r {
-            match e.disposition {
-                Disposition::Release { after } => releases
-                    .entry((after, e.reason.clone()))
-                    .or_default()
-                    .push(id.clone()),
-                Disposition::Retry => retries.push(id.clone()),
-                Disposition::Dead => {}
-            }
-        }
-    }
-    for ((after, reason), ids) in releases {
-        if let Err(e) = queue::release_jobs(&pipeline.pool, &ids, after, &reason).await {
-            tracing::warn!(error = %e, "could not release jobs; they will be rescued after the heartbeat timeout");
-        }
-    }
-    let r = &pipeline.settings.retry;
-    if let Err(e) = queue::defer_retries(
-        &pipeline.pool,
-        &retries,
-        r.job_backoff_base_secs,
-        r.job_backoff_cap_secs,
-    )
-    .await
-    {
-        tracing::warn!(error = %e, "could not defer retries; they will be retried at once");
     }
 }

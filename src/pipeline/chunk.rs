@@ -114,11 +114,11 @@ impl Chunker {
 
     /// The chunker for the configured model: its tokenizer and input limit.
     pub fn for_model(model: &crate::config::ModelSettings) -> anyhow::Result<Self> {
-        let sizer = match model.provider.as_str() {
+        let sizer = match model.provider {
             #[cfg(feature = "local")]
-            "local" => Sizer::HuggingFace(std::sync::Arc::new(crate::local::load_tokenizer(
-                std::path::Path::new(&model.local_path),
-            )?)),
+            crate::config::Provider::Local => Sizer::HuggingFace(std::sync::Arc::new(
+                crate::embed::local::load_tokenizer(std::path::Path::new(&model.local_path))?,
+            )),
             _ => Sizer::Cl100k,
         };
         Self::with_sizer(sizer, model.max_input_tokens, model.chunk_overlap_tokens)

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::config::RenderSettings;
-use crate::queue::{EmbedSource, SourceType};
+use crate::source::{EmbedSource, SourceType};
 
 /// A source as read: its rendered text and the `updated_at` it was read at.
 #[derive(Debug, Clone)]

@@ -13,141 +13,32 @@ pub mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
 
 use crate::config::Settings;
+use crate::embed::caller::Caller;
+use crate::embed::plan::plan_requests;
 use crate::embed::{EmbedError, Embedder};
-use crate::health::Health;
-use crate::queue::EmbedSource;
-use crate::ratelimit::RateLimiter;
+use crate::guard::health::Health;
+pub use crate::job::{Disposition, Job, JobError, JobOutcome, JobResult};
+use crate::meter::Stats;
+use crate::source::EmbedSource;
 use chunk::{Chunk, Chunker, ChunkerThread, request_budget_tokens};
 use write::{ChunkWrite, SourceWrite, WriteOutcome};
 
-/// A claimed job: its apalis id and its payload.
-#[derive(Debug, Clone)]
-pub struct Job {
-    pub id: String,
-    pub source: EmbedSource,
-}
-
-/// How a job ended, when it ended well.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobOutcome {
-    /// New vectors written for `embedded` of `chunks` chunks.
-    Embedded {
-        chunks: usize,
-        embedded: usize,
-        tokens: usize,
-    },
-    /// Every chunk's content hash matched: no API call.
-    Unchanged { chunks: usize },
-    /// The source was deleted before its job ran.
-    SourceGone,
-    /// Nothing to embed (empty or whitespace-only text); stored chunks were removed.
-    SkippedEmpty,
-    /// The source changed while this job ran; a newer job was queued for it.
-    Superseded,
-}
-
-impl JobOutcome {
-    /// The metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            JobOutcome::Embedded { .. } => "embedded",
-            JobOutcome::Unchanged { .. } => "unchanged",
-            JobOutcome::SourceGone => "source_gone",
-            JobOutcome::SkippedEmpty => "skipped_empty",
-            JobOutcome::Superseded => "superseded",
-        }
-    }
-}
-
-impl std::fmt::Display for JobOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobOutcome::Embedded {
-                chunks,
-                embedded,
-                tokens,
-            } => {
-                write!(f, "embedded {embedded}/{chunks} chunks ({tokens} tokens)")
-            }
-            JobOutcome::Unchanged { chunks } => {
-                write!(f, "unchanged ({chunks} chunks, no API call)")
-            }
-            JobOutcome::SourceGone => f.write_str("source gone"),
-            JobOutcome::SkippedEmpty => f.write_str("skipped: empty text"),
-            JobOutcome::Superseded => f.write_str("superseded by a newer change (re-queued)"),
-        }
-    }
-}
-
-/// What happens to a job that did not succeed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
-    /// Try again later, backing off by attempt; after `max_attempts` it is a dead letter.
-    Retry,
-    /// Put back untouched (no attempt used), claimable again after `after`.
-    Release { after: std::time::Duration },
-    /// Permanent: a dead letter now, with its reason.
-    Dead,
-}
-
-/// Why a job failed and what to do about it. The reason is stored in `apalis.jobs.last_result`
-/// and logged, so anything secret-shaped in it is masked when it is made.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{reason}")]
-pub struct JobError {
-    pub reason: String,
-    pub disposition: Disposition,
-}
-
-impl JobError {
-    pub fn retry(reason: impl Into<String>) -> Self {
-        JobError {
-            reason: crate::redact::secrets(&reason.into(), None),
-            disposition: Disposition::Retry,
-        }
-    }
-    pub fn release(reason: impl Into<String>, after: std::time::Duration) -> Self {
-        JobError {
-            reason: crate::redact::secrets(&reason.into(), None),
-            disposition: Disposition::Release { after },
-        }
-    }
-    pub fn dead(reason: impl Into<String>) -> Self {
-        JobError {
-            reason: crate::redact::secrets(&reason.into(), None),
-            disposition: Disposition::Dead,
-        }
-    }
-}
-
-pub type JobResult = Result<JobOutcome, JobError>;
-
-/// Counters of what the pipeline did (also exported as metrics).
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub api_requests: AtomicU64,
-    pub tokens_embedded: AtomicU64,
-    pub tokens_saved: AtomicU64,
-    pub chunks_written: AtomicU64,
-    pub rate_limited: AtomicU64,
-}
-
+/// One process's pipeline: what every batch shares.
 pub struct Pipeline {
+    /// The worker role's pool (reads sources, writes `rag_embeddings`, updates job rows).
     pub pool: PgPool,
     pub settings: Arc<Settings>,
+    /// Tokenizing and splitting, on their own thread.
     chunker: ChunkerThread,
-    embedder: Embedder,
-    api_slots: Semaphore,
-    limiter: RateLimiter,
-    budget: crate::budget::Budget,
+    /// Every API request goes through it (guards, limiter, retries).
+    caller: Caller,
     pub health: Arc<Health>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 /// One input to embed: which source and chunk it belongs to.
@@ -166,41 +57,21 @@ impl Pipeline {
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
         let chunker = ChunkerThread::spawn(Chunker::for_model(&settings.model)?)?;
-        // An in-process model has no provider quota to respect.
-        let limits = if embedder.is_remote() {
-            settings.rate_limit.clone()
-        } else {
-            crate::config::RateLimitSettings {
-                requests_per_minute: 0,
-                tokens_per_minute: 0,
-                ..settings.rate_limit.clone()
-            }
-        };
-        let limiter = RateLimiter::new(
-            &limits,
-            settings.api.max_tokens_per_request as u32,
-            embedder.headers_handle(),
-            if embedder.is_remote() {
-                settings.batch.max_in_flight
-            } else {
-                0
-            },
-        );
-        let budget = crate::budget::Budget::new(
+        let stats = Arc::new(Stats::default());
+        let caller = Caller::new(
             pool.clone(),
-            &settings.model.name,
-            settings.model.usd_per_million_tokens,
+            settings.clone(),
+            embedder,
+            health.clone(),
+            stats.clone(),
         );
         Ok(Pipeline {
             pool,
-            limiter,
-            budget,
-            health,
-            api_slots: Semaphore::new(settings.batch.max_in_flight),
             settings,
             chunker,
-            embedder,
-            stats: Stats::default(),
+            caller,
+            health,
+            stats,
         })
     }
 
@@ -330,7 +201,7 @@ impl Pipeline {
                 .iter()
                 .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens)),
             s.api.max_inputs_per_request,
-            self.limiter
+            self.caller
                 .max_request_tokens()
                 .map_or(s.api.max_tokens_per_request, |b| {
                     (b as usize).min(s.api.max_tokens_per_request)
@@ -456,24 +327,6 @@ impl Pipeline {
         Ok(results)
     }
 
-    /// Stops API calls at the monthly budget (readiness says why) and returns the error for
-    /// the jobs of the request that found it.
-    fn stop_at_budget(&self, decision: &crate::budget::Decision) -> EmbedError {
-        let reason = match decision {
-            crate::budget::Decision::Exceeded { spent, budget } => {
-                format!("monthly budget reached: ${spent:.4} spent of ${budget:.4}")
-            }
-            crate::budget::Decision::Reserved => "monthly budget reached".to_string(),
-        };
-        let until = std::time::Instant::now()
-            + std::time::Duration::from_secs(self.settings.budget.recheck_secs);
-        if !self.health.api_stop_recorded() {
-            tracing::error!(%reason, "budget guard: API calls stopped, readiness false; queueing continues");
-        }
-        self.health.stop_api(reason.clone(), until);
-        EmbedError::Stopped { reason }
-    }
-
     /// What a request failure means for the jobs whose inputs were in it.
     fn job_error(&self, e: &EmbedError) -> JobError {
         match e {
@@ -501,168 +354,6 @@ impl Pipeline {
         }
     }
 
-    /// One request through the budget guard and the rate limiter, with retries: a 429 waits
-    /// (never counts), a transient error backs off with full jitter up to
-    /// `retry.request_retries` times, `insufficient_quota` stops API calls for
-    /// `retry.quota_recheck_secs`, the monthly budget stops them for `budget.recheck_secs`.
-    /// `budget`: tokens as the provider's per-request cap counts them (the larger of the real
-    /// count and 0.25 per byte; requests were planned under that cap); `tokens`: the real count,
-    /// which is what is billed and what the tokens-per-minute limit is charged. Charging the
-    /// estimate there left ~6% of the quota unused on ordinary text (BENCHMARKS.md); a provider
-    /// that counts its quota otherwise is followed through its `x-ratelimit-remaining-tokens`.
-    async fn send(
-        &self,
-        texts: &[&str],
-        budget: usize,
-        tokens: usize,
-    ) -> Result<crate::embed::Embedded, EmbedError> {
-        let r = &self.settings.retry;
-        let model = self.settings.model.name.clone();
-        let mut transient_failures = 0u32;
-        let mut probe;
-        loop {
-            if let Some(reason) = self.health.api_stopped() {
-                return Err(EmbedError::Stopped { reason });
-            }
-            let result = {
-                // A request slot first, then the budget and the limiter: spend and tokens are
-                // accounted when the request is sent.
-                let _slot = self.api_slots.acquire().await.expect("semaphore open");
-                // After a stop has expired exactly one request goes out as the probe.
-                probe = match self.health.claim_api() {
-                    Ok(probe) => probe,
-                    Err(reason) => return Err(EmbedError::Stopped { reason }),
-                };
-                let reservation = match self.budget.reserve(tokens as u64).await {
-                    Ok((crate::budget::Decision::Reserved, r)) => r,
-                    Ok((exceeded, _)) => return Err(self.stop_at_budget(&exceeded)),
-                    Err(e) => {
-                        if probe {
-                            self.health.end_probe();
-                        }
-                        return Err(EmbedError::Transient {
-                            status: None,
-                            message: format!("budget check failed: {e}"),
-                            unconfirmed: false,
-                        });
-                    }
-                };
-                let permit = self.limiter.acquire(tokens as u32).await;
-                tracing::debug!(waited = ?permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
-                self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
-                let started = std::time::Instant::now();
-                // Owned copies only for the request in flight (the chunks keep the originals).
-                let res = self
-                    .embedder
-                    .embed(texts.iter().map(|t| t.to_string()).collect())
-                    .await;
-                let sent_at = permit.sent_at;
-                match &res {
-                    Ok(_) => self.limiter.accepted(),
-                    Err(EmbedError::RateLimited { retry_after, .. }) => self.limiter.refused(
-                        retry_after.unwrap_or(std::time::Duration::from_secs(1)),
-                        sent_at,
-                    ),
-                    Err(_) => {}
-                }
-                drop(permit);
-                let (outcome, status) = match &res {
-                    Ok(_) => ("ok", Some(200)),
-                    Err(e) => (e.class(), e.status()),
-                };
-                crate::meter::api_request(
-                    &model,
-                    outcome,
-                    status,
-                    started.elapsed(),
-                    texts.len(),
-                    budget,
-                );
-                if let Some(reservation) = reservation {
-                    // What the provider billed; a request that may have reached it without an
-                    // answer (timeout, reset) counts as spent at the reserved estimate.
-                    let billed = match &res {
-                        Ok(d) => Some(d.prompt_tokens),
-                        Err(e) if e.may_have_been_billed() => None,
-                        Err(_) => Some(0),
-                    };
-                    if let Ok(d) = &res {
-                        self.budget.observe_billing(tokens as u64, d.prompt_tokens);
-                    }
-                    match self.budget.settle(reservation, billed).await {
-                        Ok(crate::budget::Decision::Reserved) => {}
-                        Ok(exceeded) => {
-                            // Billed more than reserved (another tokenizer): stop now, so the
-                            // month goes over by at most the requests already in flight.
-                            let _ = self.stop_at_budget(&exceeded);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "could not settle the budget reservation")
-                        }
-                    }
-                }
-                res
-            };
-            if probe
-                && !matches!(
-                    result,
-                    Ok(_)
-                        | Err(EmbedError::QuotaExhausted { .. })
-                        | Err(EmbedError::Unauthorized { .. })
-                )
-            {
-                self.health.end_probe();
-            }
-            match result {
-                Ok(done) => {
-                    if self.health.api_stop_recorded() {
-                        tracing::info!("API calls resumed");
-                        self.health.resume_api();
-                    }
-                    return Ok(done);
-                }
-                Err(EmbedError::RateLimited {
-                    retry_after,
-                    message,
-                }) => {
-                    let wait = retry_after.unwrap_or(std::time::Duration::from_secs(1));
-                    self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(?wait, spacing = ?self.limiter.interval(), %message,
-                        "429 from the provider: pausing, then pacing requests");
-                }
-                Err(EmbedError::QuotaExhausted { message }) => {
-                    let until = std::time::Instant::now()
-                        + std::time::Duration::from_secs(r.quota_recheck_secs);
-                    tracing::error!(%message, recheck_secs = r.quota_recheck_secs,
-                        "provider quota exhausted (insufficient_quota): API calls stopped, readiness false");
-                    self.health
-                        .stop_api(format!("insufficient_quota: {message}"), until);
-                    return Err(EmbedError::QuotaExhausted { message });
-                }
-                Err(EmbedError::Unauthorized { status, message }) => {
-                    // A revoked or wrong key fails every request alike: stop calling rather than
-                    // turn the whole queue into dead letters; one probe after the recheck.
-                    let until = std::time::Instant::now()
-                        + std::time::Duration::from_secs(r.quota_recheck_secs);
-                    tracing::error!(status, %message, recheck_secs = r.quota_recheck_secs,
-                        "provider refused the API key: API calls stopped, readiness false; check OPENAI_API_KEY / OPENAI_API_KEY_FILE");
-                    self.health.stop_api(
-                        format!("provider refused the API key (HTTP {status}): {message}; check OPENAI_API_KEY / OPENAI_API_KEY_FILE"),
-                        until,
-                    );
-                    return Err(EmbedError::Unauthorized { status, message });
-                }
-                Err(e) if e.is_retryable() && transient_failures < r.request_retries => {
-                    transient_failures += 1;
-                    let wait = full_jitter(r.base_ms, r.cap_ms, transient_failures);
-                    tracing::warn!(error = %e, attempt = transient_failures, ?wait, "transient API error: retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     /// Embeds `inputs` in one request; when the provider rejects the request as invalid, splits
     /// it in halves until the bad input is alone, so the good inputs are still embedded.
     fn embed_isolating<'a>(
@@ -677,7 +368,7 @@ impl Pipeline {
                 .sum();
             let model = self.settings.model.name.clone();
             let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();
-            match self.send(&texts, budget, tokens).await {
+            match self.caller.send(&texts, budget, tokens).await {
                 Ok(done) => {
                     let to_stage: Vec<(&str, &[f32], usize)> = inputs
                         .iter()
@@ -716,66 +407,5 @@ impl Pipeline {
                 }
             }
         })
-    }
-}
-
-/// Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^attempt)].
-pub fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Duration {
-    let ceiling = base_ms
-        .saturating_mul(1u64 << attempt.min(20))
-        .min(cap_ms)
-        .max(1);
-    std::time::Duration::from_millis(rand::random_range(0..=ceiling))
-}
-
-/// Packs inputs (given by their budgeted token counts) into consecutive ranges, each at most
-/// `max_inputs` long and `max_tokens` in total. An input is never split across requests.
-pub fn plan_requests(
-    budgets: impl IntoIterator<Item = usize>,
-    max_inputs: usize,
-    max_tokens: usize,
-) -> Vec<std::ops::Range<usize>> {
-    let mut ranges = Vec::new();
-    let mut start = 0;
-    let mut tokens = 0;
-    let mut i = 0;
-    for b in budgets {
-        if i > start && (i - start == max_inputs || tokens + b > max_tokens) {
-            ranges.push(start..i);
-            start = i;
-            tokens = 0;
-        }
-        tokens += b;
-        i += 1;
-    }
-    if i > start {
-        ranges.push(start..i);
-    }
-    ranges
-}
-
-#[cfg(test)]
-mod tests {
-    use super::plan_requests;
-
-    #[test]
-    fn requests_respect_input_and_token_caps() {
-        assert_eq!(
-            plan_requests(vec![1; 5000], 2048, 300_000),
-            vec![0..2048, 2048..4096, 4096..5000]
-        );
-        assert_eq!(
-            plan_requests(vec![8000; 80], 2048, 300_000),
-            vec![0..37, 37..74, 74..80]
-        );
-        assert_eq!(
-            plan_requests(Vec::<usize>::new(), 2048, 300_000),
-            Vec::<std::ops::Range<usize>>::new()
-        );
-        for r in plan_requests((0..3000).map(|i| (i * 37) % 8000), 2048, 300_000) {
-            assert!(r.len() <= 2048);
-            let sum: usize = r.clone().map(|i| (i * 37) % 8000).sum();
-            assert!(sum <= 300_000);
-        }
     }
 }

@@ -20,7 +20,7 @@ use pgvector::Vector;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::queue::{EmbedSource, SourceType};
+use crate::source::{EmbedSource, SourceType};
 
 /// Stored content hashes by (source, chunk_index) for one model.
 pub async fn existing_hashes(

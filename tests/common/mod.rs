@@ -94,7 +94,7 @@ pub fn vector_literal(dims: usize) -> String {
 }
 
 use embed_worker::fake_openai::{FakeConfig, FakeServer};
-use embed_worker::queue::{EmbedSource, SourceType};
+use embed_worker::source::{EmbedSource, SourceType};
 use std::time::Duration;
 
 /// Settings for a worker against `fake`, with quick heartbeats for tests.

@@ -23,7 +23,18 @@ use std::time::{Duration, Instant};
 use governor::{DefaultDirectRateLimiter, Quota};
 
 use crate::config::RateLimitSettings;
-use crate::embed::RateLimitHeaders;
+
+/// The provider's view of the shared quota, from the last successful response's headers.
+#[derive(Debug, Clone, Default)]
+pub struct RateLimitHeaders {
+    pub limit_requests: Option<u64>,
+    pub limit_tokens: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+    pub seen_at: Option<Instant>,
+}
 
 pub struct RateLimiter {
     requests: Option<DefaultDirectRateLimiter>,

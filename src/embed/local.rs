@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use crate::embed::{EmbedError, Embedded};
+use super::{EmbedError, Embedded};
 
 pub const DIMENSIONS: usize = 384;
 pub const MAX_TOKENS: usize = 256;

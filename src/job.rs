@@ -1,0 +1,187 @@
+//! Job: what a claimed job is, how it can end, and what happens to it when it fails.
+//!
+//! Why its own module: these types are the contract between the queue (apalis), the batcher
+//! and the pipeline. States, as River spells them out: a job the pipeline finished well has a
+//! [`JobOutcome`] (apalis marks it `Done` with the outcome as its result); one that did not has a
+//! [`JobError`] whose [`Disposition`] decides, in one place ([`Disposition::apalis_error`] and
+//! the batcher's settlement), whether it is retried with backoff, given back untouched, or
+//! killed as a dead letter.
+
+use crate::source::EmbedSource;
+
+/// A claimed job: its apalis id and its payload.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub source: EmbedSource,
+}
+
+/// How a job ended, when it ended well.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// New vectors written for `embedded` of `chunks` chunks.
+    Embedded {
+        chunks: usize,
+        embedded: usize,
+        tokens: usize,
+    },
+    /// Every chunk's content hash matched: no API call.
+    Unchanged { chunks: usize },
+    /// The source was deleted before its job ran.
+    SourceGone,
+    /// Nothing to embed (empty or whitespace-only text); stored chunks were removed.
+    SkippedEmpty,
+    /// The source changed while this job ran; a newer job was queued for it.
+    Superseded,
+}
+
+impl JobOutcome {
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            JobOutcome::Embedded { .. } => "embedded",
+            JobOutcome::Unchanged { .. } => "unchanged",
+            JobOutcome::SourceGone => "source_gone",
+            JobOutcome::SkippedEmpty => "skipped_empty",
+            JobOutcome::Superseded => "superseded",
+        }
+    }
+}
+
+impl std::fmt::Display for JobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobOutcome::Embedded {
+                chunks,
+                embedded,
+                tokens,
+            } => {
+                write!(f, "embedded {embedded}/{chunks} chunks ({tokens} tokens)")
+            }
+            JobOutcome::Unchanged { chunks } => {
+                write!(f, "unchanged ({chunks} chunks, no API call)")
+            }
+            JobOutcome::SourceGone => f.write_str("source gone"),
+            JobOutcome::SkippedEmpty => f.write_str("skipped: empty text"),
+            JobOutcome::Superseded => f.write_str("superseded by a newer change (re-queued)"),
+        }
+    }
+}
+
+/// What happens to a job that did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later, backing off by attempt; after `max_attempts` it is a dead letter.
+    Retry,
+    /// Put back untouched (no attempt used), claimable again after `after`.
+    Release { after: std::time::Duration },
+    /// Permanent: a dead letter now, with its reason.
+    Dead,
+}
+
+/// Why a job failed and what to do about it. The reason is stored in `apalis.jobs.last_result`
+/// and logged, so anything secret-shaped in it is masked when it is made.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{reason}")]
+pub struct JobError {
+    pub reason: String,
+    pub disposition: Disposition,
+}
+
+impl JobError {
+    pub fn retry(reason: impl Into<String>) -> Self {
+        JobError {
+            reason: crate::redact::secrets(&reason.into(), None),
+            disposition: Disposition::Retry,
+        }
+    }
+    pub fn release(reason: impl Into<String>, after: std::time::Duration) -> Self {
+        JobError {
+            reason: crate::redact::secrets(&reason.into(), None),
+            disposition: Disposition::Release { after },
+        }
+    }
+    pub fn dead(reason: impl Into<String>) -> Self {
+        JobError {
+            reason: crate::redact::secrets(&reason.into(), None),
+            disposition: Disposition::Dead,
+        }
+    }
+}
+
+pub type JobResult = Result<JobOutcome, JobError>;
+
+impl Disposition {
+    /// The metric label of a job that ended this way.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Disposition::Retry => "retry",
+            Disposition::Release { .. } => "released",
+            Disposition::Dead => "dead",
+        }
+    }
+}
+
+impl JobError {
+    /// What apalis records for this job, logged once at the level its disposition deserves:
+    /// released (debug; the row was already put back by [`settle`]), retried (warn; apalis
+    /// counts the attempt), dead (error; an `AbortError` makes it `Killed`).
+    pub fn report(self, job: &Job) -> apalis::prelude::BoxDynError {
+        let (source_type, source) = (job.source.source_type, job.source.source_id);
+        match self.disposition {
+            Disposition::Release { .. } => {
+                tracing::debug!(job = %job.id, reason = %self.reason, "job released");
+                self.into()
+            }
+            Disposition::Retry => {
+                tracing::warn!(job = %job.id, %source_type, %source, reason = %self.reason,
+                    "job failed; will retry");
+                self.into()
+            }
+            Disposition::Dead => {
+                tracing::error!(job = %job.id, %source_type, %source, reason = %self.reason,
+                    "job failed permanently (dead letter)");
+                apalis::prelude::AbortError::new(self).into()
+            }
+        }
+    }
+}
+
+/// Applies what failed jobs' dispositions ask of the queue, in bulk, before apalis acknowledges
+/// them: released jobs go back untouched; retried jobs get their backoff.
+pub async fn settle(
+    pool: &sqlx::PgPool,
+    retry: &crate::config::RetrySettings,
+    results: &std::collections::HashMap<String, JobResult>,
+) {
+    let mut releases: std::collections::HashMap<(std::time::Duration, String), Vec<String>> =
+        Default::default();
+    let mut retries = Vec::new();
+    for (id, r) in results {
+        if let Err(e) = r {
+            match e.disposition {
+                Disposition::Release { after } => releases
+                    .entry((after, e.reason.clone()))
+                    .or_default()
+                    .push(id.clone()),
+                Disposition::Retry => retries.push(id.clone()),
+                Disposition::Dead => {}
+            }
+        }
+    }
+    for ((after, reason), ids) in releases {
+        if let Err(e) = crate::queue::release_jobs(pool, &ids, after, &reason).await {
+            tracing::warn!(error = %e, "could not release jobs; they will be rescued after the heartbeat timeout");
+        }
+    }
+    if let Err(e) = crate::queue::defer_retries(
+        pool,
+        &retries,
+        retry.job_backoff_base_secs,
+        retry.job_backoff_cap_secs,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "could not defer retries; they will be retried at once");
+    }
+}
