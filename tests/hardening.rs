@@ -756,7 +756,7 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     eprintln!("20,000 jobs, one worker, five runs: {runs:?}");
     for r in &runs {
         assert!(
-            r.as_secs_f64() <= fastest * 1.2 + 0.5,
+            r.as_secs_f64() <= fastest * 1.2 + 1.0,
             "a run stalled: {runs:?}"
         );
     }
