@@ -68,6 +68,17 @@ pub struct RetentionSettings {
     pub interval_secs: u64,
 }
 
+impl RetentionSettings {
+    /// How long `Done` jobs are kept.
+    pub fn done_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.done_after_hours * 3600)
+    }
+    /// How long dead letters (and staged chunks of sources that never completed) are kept.
+    pub fn failed_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.failed_after_hours * 3600)
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSettings {

@@ -21,11 +21,61 @@ use uuid::Uuid;
 
 use crate::source::{EmbedSource, SourceType};
 
+/// Why a source needs (re-)embedding for the active model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StaleReason {
+    /// No embedding of this source at all.
+    Missing,
+    /// Embedded, but only by another model (a model switch).
+    OtherModel,
+    /// The text changed after its embedding was written.
+    Outdated,
+    /// Older than `freshness.max_age_days`.
+    TooOld,
+    /// Current (listed only when a scan includes fresh sources).
+    Fresh,
+}
+
+impl StaleReason {
+    /// The name used in SQL, output and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::Missing => "missing",
+            StaleReason::OtherModel => "other_model",
+            StaleReason::Outdated => "outdated",
+            StaleReason::TooOld => "too_old",
+            StaleReason::Fresh => "fresh",
+        }
+    }
+}
+
+impl std::fmt::Display for StaleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StaleReason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            StaleReason::Missing,
+            StaleReason::OtherModel,
+            StaleReason::Outdated,
+            StaleReason::TooOld,
+            StaleReason::Fresh,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| format!("unknown stale reason {s:?}"))
+    }
+}
+
 /// A stale source and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stale {
     pub source: EmbedSource,
-    pub reason: String,
+    pub reason: StaleReason,
 }
 
 /// Filters for a scan.
@@ -92,17 +142,17 @@ pub async fn find_stale(pool: &PgPool, model: &str, scope: &Scope) -> sqlx::Resu
                     source_type: t.parse().ok()?,
                     source_id: id,
                 },
-                reason,
+                reason: reason.parse().ok()?,
             })
         })
         .collect())
 }
 
 /// Counts per reason.
-pub fn counts(stale: &[Stale]) -> BTreeMap<String, usize> {
+pub fn counts(stale: &[Stale]) -> BTreeMap<StaleReason, usize> {
     let mut m = BTreeMap::new();
     for s in stale {
-        *m.entry(s.reason.clone()).or_insert(0) += 1;
+        *m.entry(s.reason).or_insert(0) += 1;
     }
     m
 }

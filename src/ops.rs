@@ -102,7 +102,10 @@ pub async fn backfill(
     eprintln!(
         "backfill: {} sources {:?}, about {} tokens, ${:.4} at ${}/1M tokens ({})",
         est.sources,
-        freshness::counts(&stale),
+        freshness::counts(&stale)
+            .iter()
+            .map(|(r, n)| (r.as_str(), *n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
         est.tokens,
         est.usd,
         settings.model.usd_per_million_tokens,

@@ -243,8 +243,8 @@ async fn maintain(
             match crate::queue::prune_finished(
                 &pool,
                 &settings.queue.name,
-                Duration::from_secs(r.done_after_hours * 3600),
-                Duration::from_secs(r.failed_after_hours * 3600),
+                r.done_age(),
+                r.failed_age(),
             )
             .await
             {
@@ -254,8 +254,7 @@ async fn maintain(
                 }
                 Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
             }
-            let stage_age = Duration::from_secs(r.failed_after_hours * 3600);
-            if let Err(e) = crate::pipeline::stage::prune(&pool, stage_age).await {
+            if let Err(e) = crate::pipeline::stage::prune(&pool, r.failed_age()).await {
                 tracing::warn!(error = %e, "pruning staged chunks failed");
             }
         }

@@ -131,7 +131,7 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .unwrap();
     let by_id: std::collections::HashMap<Uuid, String> = stale
         .iter()
-        .map(|s| (s.source.source_id, s.reason.clone()))
+        .map(|s| (s.source.source_id, s.reason.to_string()))
         .collect();
     assert_eq!(by_id.len(), 4, "{by_id:?}");
     assert_eq!(by_id[&missing], "missing");
@@ -213,7 +213,11 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .await
         .unwrap();
     assert_eq!(stale.len(), 30);
-    assert!(stale.iter().all(|s| s.reason == "other_model"));
+    assert!(
+        stale
+            .iter()
+            .all(|s| s.reason == embed_worker::freshness::StaleReason::OtherModel)
+    );
     let srcs: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
     freshness::enqueue_all(&t.admin, "embed", 10, &srcs, |_, _| {})
         .await

@@ -1,0 +1,114 @@
+//! Administration: the configuration, the schema, the models' indexes and the budget.
+
+use std::process::ExitCode;
+
+use embed_worker::config::Settings;
+use embed_worker::{db, models};
+
+use super::{BudgetAction, ModelsAction};
+
+/// `embed-worker config`.
+pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
+    println!("{settings:#?}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker migrate`.
+pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let pool = db::connect_admin(&settings.database.url).await?;
+    db::migrate(&pool).await?;
+    db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
+    embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
+    models::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions).await?;
+    println!(
+        "migrations applied; change capture sessions={} templates={}; index {} ready",
+        settings.capture.sessions,
+        settings.capture.templates,
+        models::index_name(&settings.model.name)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker verify`.
+pub(crate) async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let pool = db::connect_admin(&settings.database.url).await?;
+    let report = db::verify(&pool, &models::index_name(&settings.model.name)).await?;
+    println!(
+        "{:<56} {:<8} {:<32} valid",
+        "vector index", "method", "options"
+    );
+    for ix in &report.indexes {
+        println!(
+            "{:<56} {:<8} {:<32} {}",
+            ix.name,
+            ix.access_method,
+            ix.options.join(","),
+            ix.valid
+        );
+    }
+    if report.problems.is_empty() {
+        println!("verify: OK");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &report.problems {
+            println!("verify: FAIL: {p}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `embed-worker models`.
+pub(crate) async fn models(
+    settings: &Settings,
+    action: Option<ModelsAction>,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect_admin(&settings.database.url).await?;
+    match action {
+        None => {
+            println!(
+                "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
+                "model", "active", "rows", "sources", "done"
+            );
+            for m in models::status(&pool, &settings.model.name).await? {
+                println!(
+                    "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
+                    m.model,
+                    if m.active { "yes" } else { "" },
+                    m.rows,
+                    m.sources,
+                    m.percent,
+                    match (&m.index, m.index_valid) {
+                        (Some(ix), true) => format!("{ix} (valid)"),
+                        (Some(ix), false) => format!("{ix} (INVALID)"),
+                        (None, _) => "MISSING".to_string(),
+                    }
+                );
+            }
+        }
+        Some(ModelsAction::Prune { model }) => {
+            let n = models::prune(&pool, &model, &settings.model.name).await?;
+            println!("pruned {model}: {n} rows deleted, index dropped");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker budget`.
+pub(crate) async fn budget(
+    settings: &Settings,
+    action: Option<BudgetAction>,
+) -> anyhow::Result<ExitCode> {
+    if let Some(BudgetAction::Set { usd }) = action {
+        anyhow::ensure!(
+            usd.is_finite() && usd >= 0.0,
+            "budget set {usd}: the monthly budget must be a finite number of USD >= 0 (0 = none)"
+        );
+    }
+    let pool = db::connect_admin(&settings.database.url).await?;
+    if let Some(BudgetAction::Set { usd }) = action {
+        embed_worker::guard::budget::set(&pool, usd).await?;
+    }
+    let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
+    println!("spend this month: ${spent:.4}; budget: ${budget:.2} (0 = none)");
+    Ok(ExitCode::SUCCESS)
+}

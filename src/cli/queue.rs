@@ -1,0 +1,141 @@
+//! The queue: run the worker, enqueue sources, see job states and dead letters, retry, prune.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use embed_worker::config::Settings;
+use embed_worker::db;
+use embed_worker::source::SourceType;
+
+/// `embed-worker run`.
+pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result<ExitCode> {
+    let worker = embed_worker::worker::Worker::build(settings).await?;
+    let shutdown = embed_worker::worker::shutdown_signal();
+    if until_empty {
+        let pool = worker.pool.clone();
+        let queue = worker.settings.queue.name.clone();
+        let drained = async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                if let Ok(0) = embed_worker::queue::open_jobs(&pool, &queue).await {
+                    break;
+                }
+            }
+        };
+        worker
+            .run(async move {
+                tokio::select! { _ = shutdown => {}, _ = drained => {} }
+            })
+            .await?;
+    } else {
+        worker.run(shutdown).await?;
+    }
+    let st = &worker.pipeline.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "api requests: {}, tokens embedded: {}, tokens saved: {}, chunks written: {}, rate limited: {}",
+        load(&st.api_requests),
+        load(&st.tokens_embedded),
+        load(&st.tokens_saved),
+        load(&st.chunks_written),
+        load(&st.rate_limited)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker enqueue`.
+pub(crate) async fn enqueue(
+    settings: &Settings,
+    all: bool,
+    source_type: Option<SourceType>,
+    id: Vec<uuid::Uuid>,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(&settings.database).await?;
+    let sources = if all {
+        embed_worker::queue::all_sources(&pool).await?
+    } else {
+        let ty = source_type.context("--source-type is required with --id")?;
+        id.into_iter()
+            .map(|source_id| embed_worker::source::EmbedSource {
+                source_type: ty,
+                source_id,
+            })
+            .collect()
+    };
+    let n = embed_worker::queue::enqueue_many(
+        &pool,
+        &settings.queue.name,
+        settings.queue.max_attempts,
+        &sources,
+    )
+    .await?;
+    println!(
+        "{} sources, {n} jobs queued (the rest already had a pending job)",
+        sources.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker status`.
+pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(&settings.database).await?;
+    let queue = &settings.queue.name;
+    println!("queue {queue}: jobs by state");
+    for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
+        println!("  {state:<10} {n}");
+    }
+    let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
+    if budget > 0.0 {
+        println!(
+            "spend this month: ${spent:.4} of ${budget:.2} budget ({:.1}%)",
+            spent * 100.0 / budget
+        );
+    } else {
+        println!("spend this month: ${spent:.4} (no budget set)");
+    }
+    let dead = embed_worker::queue::failed_jobs(&pool, queue, failures).await?;
+    println!("dead letters (latest {}):", dead.len());
+    for f in dead {
+        println!(
+            "  {} {} {}/{} attempts={}/{} at={} reason={}",
+            f.id,
+            f.status,
+            f.source_type.as_deref().unwrap_or("?"),
+            f.source_id.as_deref().unwrap_or("?"),
+            f.attempts,
+            f.max_attempts,
+            f.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+            f.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker retry-failed`.
+pub(crate) async fn retry_failed(
+    settings: &Settings,
+    source_type: Option<SourceType>,
+    since: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(&settings.database).await?;
+    let n =
+        embed_worker::queue::retry_failed(&pool, &settings.queue.name, source_type, since).await?;
+    println!("{n} dead letters re-queued");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker prune-jobs`.
+pub(crate) async fn prune_jobs(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(&settings.database).await?;
+    let r = &settings.retention;
+    let (done, failed) = embed_worker::queue::prune_finished(
+        &pool,
+        &settings.queue.name,
+        r.done_age(),
+        r.failed_age(),
+    )
+    .await?;
+    println!("deleted {done} finished and {failed} dead-letter jobs");
+    Ok(ExitCode::SUCCESS)
+}

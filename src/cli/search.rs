@@ -1,0 +1,59 @@
+//! Search: embed a query with the active model and rank through its index.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use embed_worker::config::Settings;
+use embed_worker::db;
+use embed_worker::source::SourceType;
+
+/// `embed-worker search`.
+pub(crate) async fn search(
+    settings: &Settings,
+    text: String,
+    k: i64,
+    source_type: Option<SourceType>,
+    as_user: Option<uuid::Uuid>,
+    ef_search: u32,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect_admin(&settings.database.url).await?;
+    let embedder = embed_worker::embed::Embedder::from_settings(&settings.api, &settings.model)?;
+    let query = embedder
+        .embed(vec![text.clone()])
+        .await?
+        .vectors
+        .pop()
+        .context("no vector for the query")?;
+    let opts = embed_worker::search::SearchOptions {
+        k,
+        source_type,
+        as_user,
+        ef_search,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let hits = embed_worker::search::search(
+        &pool,
+        &settings.model.name,
+        settings.model.dimensions,
+        query,
+        &opts,
+    )
+    .await?;
+    let took = started.elapsed();
+    let labels = embed_worker::search::labels(&pool, &hits).await?;
+    for h in &hits {
+        let label = labels
+            .get(&h.source_id)
+            .cloned()
+            .unwrap_or_else(|| format!("{} {}", h.source_type, h.source_id));
+        println!("{:.4}  {label}", 1.0 - h.distance);
+    }
+    println!(
+        "{} hits in {:.1} ms",
+        hits.len(),
+        took.as_secs_f64() * 1000.0
+    );
+    Ok(ExitCode::SUCCESS)
+}
