@@ -3,8 +3,8 @@
 //! Why its own module: these types are the contract between the queue (apalis), the batcher
 //! and the pipeline. States, as River spells them out: a job the pipeline finished well has a
 //! [`JobOutcome`] (apalis marks it `Done` with the outcome as its result); one that did not has a
-//! [`JobError`] whose [`Disposition`] decides, in one place ([`Disposition::apalis_error`] and
-//! the batcher's settlement), whether it is retried with backoff, given back untouched, or
+//! [`JobError`] whose [`Disposition`] decides, in one place ([`settle`] for the queue rows and
+//! [`JobError::report`] for apalis), whether it is retried with backoff, given back untouched, or
 //! killed as a dead letter.
 
 use crate::source::EmbedSource;

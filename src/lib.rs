@@ -1,12 +1,31 @@
 //! embed-worker: keeps `rag_embeddings` (pgvector) in step with an application's text.
 //!
-//! Data flow, one module per stage:
-//! job ([`queue`]) → batch ([`pipeline::batcher`]) → load ([`pipeline::load`]) →
-//! tokenize/split ([`pipeline::chunk`]) → embed ([`embed`]) → write ([`pipeline::write`]) → ack.
+//! # Layout
+//!
+//! One job, from claim to ack, one stage per place:
+//!
+//! | stage | where | may touch |
+//! | --- | --- | --- |
+//! | job: claim, payload, how it ends | [`worker`] (apalis), [`job`], [`source`] | `apalis.jobs` through apalis |
+//! | batch: gather jobs | [`pipeline::batcher`] | memory only |
+//! | start: clear the dedup key | [`queue`] | `apalis.jobs` (our columns, never waiting on a row lock) |
+//! | load: read and render the text | [`pipeline::load`] | `sessions`, `question_templates` (read) |
+//! | tokenize/split | [`pipeline::chunk`] | the tokenizer thread |
+//! | skip unchanged, reuse paid-for chunks | [`pipeline::write::existing_hashes`], [`pipeline::stage`] | `rag_embeddings` (read), `embed_worker.chunk_stage` |
+//! | rate-limit and call | [`embed::caller`] → [`embed::ratelimit`], [`guard`] → [`embed::openai`] / [`embed::local`] | the provider, `embed_worker.spend` |
+//! | write | [`pipeline::write`] | `rag_embeddings` (the only writer) |
+//! | ack: release, back off, kill | [`job::settle`], [`job::JobError::report`] | `apalis.jobs` |
+//!
+//! [`pipeline::Pipeline::process`] reads as those steps. Around them: [`config`] (typed settings),
+//! [`db`] (connect, migrate, verify), [`models`] (one HNSW index per model), [`freshness`] (what
+//! is stale), [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`]
+//! (secrets never leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command
+//! line is the binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
 
 pub mod config;
 pub mod db;
 pub mod embed;
+#[cfg(feature = "testing")]
 pub mod fake_openai;
 pub mod freshness;
 pub mod guard;

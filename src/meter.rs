@@ -5,7 +5,7 @@
 //! base units (`_seconds`, `_usd`), `_total` for counters, labels `model` and `source_type`.
 //!
 //! The `metrics` crate's counters are integers; cost in USD is fractional, so it is kept here as
-//! a float counter and rendered with the rest by [`render`].
+//! a float counter and rendered with the rest by [`render_extra`].
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

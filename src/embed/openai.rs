@@ -84,7 +84,7 @@ struct HttpFailure {
     message: String,
 }
 
-/// Tower service: records rate-limit headers; turns a non-2xx response into [`HttpFailure`].
+/// Tower service: records rate-limit headers; turns a non-2xx response into an `HttpFailure`.
 #[derive(Clone)]
 pub struct HeaderTap {
     inner: ReqwestService,

@@ -34,7 +34,7 @@ pub struct Chunk {
 pub enum Sizer {
     /// OpenAI's embedding models (ada-002, text-embedding-3-*).
     Cl100k,
-    /// A Hugging Face tokenizer (the local model); counts include [CLS] and [SEP].
+    /// A Hugging Face tokenizer (the local model); counts include `[CLS]` and `[SEP]`.
     HuggingFace(std::sync::Arc<tokenizers::Tokenizer>),
 }
 

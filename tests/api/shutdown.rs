@@ -1,12 +1,11 @@
 //! Graceful shutdown of the real binary: SIGTERM mid-run → exit 0 within the grace period,
 //! unstarted jobs stay claimable, a second run finishes the rest, no duplicate rows.
 
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use uuid::Uuid;
 

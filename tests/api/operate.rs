@@ -1,11 +1,10 @@
 //! Operating the worker: the budget guard, and secrets that never reach logs or metrics.
 
-mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use uuid::Uuid;
 

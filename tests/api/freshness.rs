@@ -1,11 +1,10 @@
 //! Keeping embeddings fresh: change capture, stale scans, a model switch, search under RLS,
 //! and backfill.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::freshness::{self, Scope};
 use embed_worker::source::{EmbedSource, SourceType};

@@ -2,12 +2,11 @@
 //! and a careless operator can do to the worker, and what the worker does about it. Each test
 //! failed before its fix (issue 13).
 
-mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::{FakeConfig, INF_MARKER, NAN_MARKER, ZERO_MARKER};
 use uuid::Uuid;
 

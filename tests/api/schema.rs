@@ -1,9 +1,8 @@
 //! The reviewed schema on a real PostgreSQL 18 + pgvector: orphans, cascades, enums,
 //! placeholders, RLS, idempotent migrations and `verify`.
 
-mod common;
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::{db, models};
 use uuid::Uuid;
 

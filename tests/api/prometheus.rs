@@ -1,12 +1,11 @@
 //! A real Prometheus (Debian's package) scrapes the worker during a run; what it stores agrees
 //! with the table, and promtool accepts the scrape and the alert rules.
 
-mod common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use uuid::Uuid;
 

@@ -1,10 +1,9 @@
 //! The worker end to end: apalis queue → batches → token counts → fake OpenAI → bulk write.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::pipeline::chunk::count_tokens;
 use embed_worker::source::{EmbedSource, SourceType};

@@ -1,12 +1,11 @@
 //! A bad day: 5xx storms, rate limits, a killed worker, a restarted database, poisoned input,
 //! an exhausted quota. Nothing lost, nothing paid twice, no hammering.
 
-mod common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::source::{EmbedSource, SourceType};
 use uuid::Uuid;

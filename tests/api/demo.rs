@@ -2,11 +2,10 @@
 //! through the real worker, and searches mean something.
 #![cfg(feature = "local")]
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use embed_worker::search::{self, SearchOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,0 +1,17 @@
+//! The integration tests, in one binary (it links once instead of eleven times, which matters
+//! on 2 cores). Each module is one area; `helpers` is the shared harness: one fresh database per
+//! test on the dev server `scripts/db` starts, the fake provider, worker processes.
+
+mod helpers;
+
+mod demo;
+mod deploy;
+mod freshness;
+mod hardening;
+mod local_model;
+mod operate;
+mod pipeline;
+mod prometheus;
+mod resilience;
+mod schema;
+mod shutdown;
