@@ -41,8 +41,15 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
 }
 
+/// Each source's chunks, with the `updated_at` its text was read at.
+type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
+/// Vectors in hand, by (source, chunk index).
+type Vectors = HashMap<(EmbedSource, usize), pgvector::Vector>;
+/// When each job became due, by job id (for the job-latency metric).
+type DueAt = HashMap<String, chrono::DateTime<chrono::Utc>>;
+
 /// One input to embed: which source and chunk it belongs to.
-struct Pending<'a> {
+struct ToEmbed<'a> {
     source: EmbedSource,
     chunk: &'a Chunk,
     /// The source has several chunks: stage the vector as soon as it is paid for.
@@ -101,32 +108,55 @@ impl Pipeline {
         }
     }
 
+    /// The batch, step by step: start → load → chunk → skip unchanged → embed → write →
+    /// outcomes. `results` collects each source's answer as soon as a step settles it.
     async fn process_inner(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
-        let s = &self.settings;
-        let model = s.model.name.as_str();
-        let dims = s.model.dimensions;
+        let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
+        let (sources, due_at) = self.start(jobs).await?;
+        let loaded = load::load(&self.pool, &self.settings.render, &sources).await?;
+        let chunked = self.chunk(sources, loaded, &mut results).await?;
+        let (to_embed, mut vectors) = self.skip_unchanged(&chunked).await?;
+        let failures = self.embed_all(&to_embed, &mut vectors).await;
+        let writes = self.writes(&chunked, failures, vectors, &mut results);
+        let outcomes = self.write(&writes).await?;
+        self.outcomes(&writes, &outcomes, &mut results);
+        let now = chrono::Utc::now();
+        for j in jobs {
+            if let (Some(Ok(_)), Some(due)) = (results.get(&j.source), due_at.get(&j.id)) {
+                crate::meter::job_latency((now - *due).as_seconds_f64());
+            }
+        }
+        Ok(results)
+    }
+
+    /// Start: clear the jobs' dedup keys (a change from now on queues a new job); the distinct
+    /// sources, and when each job became due.
+    async fn start(&self, jobs: &[Job]) -> anyhow::Result<(Vec<EmbedSource>, DueAt)> {
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
         let due_at = crate::queue::start_jobs(&self.pool, &ids).await?;
-        let sources = write::distinct(jobs.iter().map(|j| j.source));
+        Ok((write::distinct(jobs.iter().map(|j| j.source)), due_at))
+    }
 
-        // Load.
-        let loaded = load::load(&self.pool, &s.render, &sources).await?;
-        let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
-
-        // Tokenize/split, on the tokenizer thread.
-        let (model_name, order) = (model.to_string(), sources.clone());
-        type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
+    /// Chunk, on the tokenizer thread. A source that is gone is settled here, and so is one over
+    /// `model.max_source_tokens` (a dead letter with its size, before any API call).
+    async fn chunk(
+        &self,
+        sources: Vec<EmbedSource>,
+        loaded: HashMap<EmbedSource, load::Loaded>,
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) -> anyhow::Result<Chunked> {
+        let (model, dims) = (self.settings.model.name.clone(), self.settings.model.dimensions);
         let (gone, mut chunked): (Vec<EmbedSource>, Chunked) = self
             .chunker
             .run(move |chunker| {
                 let (mut gone, mut chunked) = (Vec::new(), Vec::new());
-                for src in order {
+                for src in sources {
                     match loaded.get(&src) {
                         None => gone.push(src),
                         Some(l) => chunked.push((
                             src,
                             l.updated_at,
-                            chunker.chunks(&l.text, &model_name, dims),
+                            chunker.chunks(&l.text, &model, dims),
                         )),
                     }
                 }
@@ -136,8 +166,7 @@ impl Pipeline {
         for src in gone {
             results.insert(src, Ok(JobOutcome::SourceGone));
         }
-        // Too long to embed at all: a dead letter with its size, before any API call.
-        let cap = s.model.max_source_tokens;
+        let cap = self.settings.model.max_source_tokens;
         chunked.retain(|(src, _, chunks)| {
             let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
             if tokens > cap {
@@ -148,23 +177,30 @@ impl Pipeline {
                         chunks.len()
                     ))),
                 );
-                false
-            } else {
-                true
             }
+            tokens <= cap
         });
+        Ok(chunked)
+    }
 
-        // Never pay twice: drop chunks whose stored hash matches.
+    /// Never pay twice: chunks whose stored hash matches are not sent, and chunks of long
+    /// sources an earlier attempt paid for come from the stage. Returns what is left to embed
+    /// and the vectors already in hand.
+    async fn skip_unchanged<'c>(
+        &self,
+        chunked: &'c Chunked,
+    ) -> anyhow::Result<(Vec<ToEmbed<'c>>, Vectors)> {
+        let model = self.settings.model.name.as_str();
         let present: Vec<EmbedSource> = chunked.iter().map(|(s, _, _)| *s).collect();
         let stored = write::existing_hashes(&self.pool, model, &present).await?;
-        let mut pending: Vec<Pending> = Vec::new();
+        let mut to_embed: Vec<ToEmbed> = Vec::new();
         let mut saved_tokens = 0u64;
-        for (src, _, chunks) in &chunked {
+        for (src, _, chunks) in chunked {
             for c in chunks {
                 if stored.get(&(*src, c.index)) == Some(&c.content_hash) {
                     saved_tokens += c.tokens as u64;
                 } else {
-                    pending.push(Pending {
+                    to_embed.push(ToEmbed {
                         source: *src,
                         chunk: c,
                         stage: chunks.len() > 1,
@@ -172,16 +208,15 @@ impl Pipeline {
                 }
             }
         }
-        // Chunks of long sources paid for by an earlier attempt.
-        let mut vectors: HashMap<(EmbedSource, usize), pgvector::Vector> = HashMap::new();
-        let staged_hashes: Vec<&str> = pending
+        let mut vectors = Vectors::new();
+        let staged_hashes: Vec<&str> = to_embed
             .iter()
             .filter(|p| p.stage)
             .map(|p| p.chunk.content_hash.as_str())
             .collect();
         let mut staged = stage::take(&self.pool, model, &staged_hashes).await?;
         if !staged.is_empty() {
-            pending.retain(|p| match staged.remove(&p.chunk.content_hash) {
+            to_embed.retain(|p| match staged.remove(&p.chunk.content_hash) {
                 Some((v, _)) if p.stage => {
                     saved_tokens += p.chunk.tokens as u64;
                     vectors.insert((p.source, p.chunk.index), v);
@@ -194,10 +229,20 @@ impl Pipeline {
             .tokens_saved
             .fetch_add(saved_tokens, Ordering::Relaxed);
         crate::meter::tokens_saved(model, saved_tokens);
+        Ok((to_embed, vectors))
+    }
 
-        // Embed: pack into requests within the provider's limits, run them concurrently.
+    /// Embed: pack into requests within the provider's limits and run them concurrently. Each
+    /// vector is checked; a source with a failed request or an unusable vector is returned
+    /// with the error (the first for that source).
+    async fn embed_all(
+        &self,
+        to_embed: &[ToEmbed<'_>],
+        vectors: &mut Vectors,
+    ) -> HashMap<EmbedSource, EmbedError> {
+        let s = &self.settings;
         let plan = plan_requests(
-            pending
+            to_embed
                 .iter()
                 .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens)),
             s.api.max_inputs_per_request,
@@ -208,15 +253,15 @@ impl Pipeline {
                 }),
         );
         let request_results = futures::future::join_all(plan.iter().map(|range| {
-            let inputs: Vec<&Pending> = pending[range.clone()].iter().collect();
+            let inputs: Vec<&ToEmbed> = to_embed[range.clone()].iter().collect();
             self.embed_isolating(inputs)
         }))
         .await;
         let mut failures: HashMap<EmbedSource, EmbedError> = HashMap::new();
         for (range, res) in plan.iter().zip(request_results) {
-            for (p, r) in pending[range.clone()].iter().zip(res) {
+            for (p, r) in to_embed[range.clone()].iter().zip(res) {
                 match r {
-                    Ok(v) => match crate::embed::check_vector(&v, dims) {
+                    Ok(v) => match crate::embed::check_vector(&v, s.model.dimensions) {
                         // Moved, not copied: this Vec is what the write encodes.
                         Ok(()) => {
                             vectors.insert((p.source, p.chunk.index), pgvector::Vector::from(v));
@@ -234,10 +279,19 @@ impl Pipeline {
                 }
             }
         }
+        failures
+    }
 
-        // Write every source that has all its chunks.
+    /// What to write: every source that has all its chunks; a failed one is settled here.
+    fn writes(
+        &self,
+        chunked: &Chunked,
+        failures: HashMap<EmbedSource, EmbedError>,
+        mut vectors: Vectors,
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) -> Vec<SourceWrite> {
         let mut writes = Vec::new();
-        for (src, read_at, chunks) in &chunked {
+        for (src, read_at, chunks) in chunked {
             if let Some(e) = failures.get(src) {
                 results.insert(*src, Err(self.job_error(e)));
                 continue;
@@ -257,14 +311,24 @@ impl Pipeline {
                 chunks,
             });
         }
+        writes
+    }
+
+    /// Write: one transaction for the batch; then forget the staged chunks it stored.
+    async fn write(
+        &self,
+        writes: &[SourceWrite],
+    ) -> anyhow::Result<HashMap<EmbedSource, WriteOutcome>> {
+        let s = &self.settings;
+        let model = s.model.name.as_str();
         let started = std::time::Instant::now();
         let outcomes = write::write_batch(
             &self.pool,
             model,
-            dims,
+            s.model.dimensions,
             &s.queue.name,
             s.queue.max_attempts,
-            &writes,
+            writes,
         )
         .await?;
         crate::meter::db_write(started.elapsed());
@@ -278,8 +342,19 @@ impl Pipeline {
         if let Err(e) = stage::clear(&self.pool, model, &written_staged).await {
             tracing::warn!(error = %e, "could not clear staged chunks; retention removes them");
         }
+        Ok(outcomes)
+    }
+
+    /// Outcomes: each written source's answer, and the write metrics.
+    fn outcomes(
+        &self,
+        writes: &[SourceWrite],
+        outcomes: &HashMap<EmbedSource, WriteOutcome>,
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) {
+        let model = self.settings.model.name.as_str();
         let mut written_chunks = 0u64;
-        for w in &writes {
+        for w in writes {
             let outcome = match outcomes.get(&w.source) {
                 Some(WriteOutcome::Gone) | None => JobOutcome::SourceGone,
                 Some(WriteOutcome::Superseded) => JobOutcome::Superseded,
@@ -317,14 +392,6 @@ impl Pipeline {
         self.stats
             .chunks_written
             .fetch_add(written_chunks, Ordering::Relaxed);
-        let now = chrono::Utc::now();
-        for j in jobs {
-            if let (Some(Ok(_)), Some(due)) = (results.get(&j.source), due_at.get(&j.id)) {
-                crate::meter::job_latency((now - *due).as_seconds_f64());
-            }
-        }
-
-        Ok(results)
     }
 
     /// What a request failure means for the jobs whose inputs were in it.
@@ -358,7 +425,7 @@ impl Pipeline {
     /// it in halves until the bad input is alone, so the good inputs are still embedded.
     fn embed_isolating<'a>(
         &'a self,
-        inputs: Vec<&'a Pending<'a>>,
+        inputs: Vec<&'a ToEmbed<'a>>,
     ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
         Box::pin(async move {
             let texts: Vec<&str> = inputs.iter().map(|p| p.chunk.text.as_str()).collect();
