@@ -145,7 +145,10 @@ impl Pipeline {
         loaded: HashMap<EmbedSource, load::Loaded>,
         results: &mut HashMap<EmbedSource, JobResult>,
     ) -> anyhow::Result<Chunked> {
-        let (model, dims) = (self.settings.model.name.clone(), self.settings.model.dimensions);
+        let (model, dims) = (
+            self.settings.model.name.clone(),
+            self.settings.model.dimensions,
+        );
         let (gone, mut chunked): (Vec<EmbedSource>, Chunked) = self
             .chunker
             .run(move |chunker| {
@@ -153,11 +156,9 @@ impl Pipeline {
                 for src in sources {
                     match loaded.get(&src) {
                         None => gone.push(src),
-                        Some(l) => chunked.push((
-                            src,
-                            l.updated_at,
-                            chunker.chunks(&l.text, &model, dims),
-                        )),
+                        Some(l) => {
+                            chunked.push((src, l.updated_at, chunker.chunks(&l.text, &model, dims)))
+                        }
                     }
                 }
                 (gone, chunked)

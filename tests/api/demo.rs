@@ -2,7 +2,6 @@
 //! through the real worker, and searches mean something.
 #![cfg(feature = "local")]
 
-
 use std::time::Duration;
 
 use crate::helpers::*;

@@ -1,7 +1,6 @@
 //! Keeping embeddings fresh: change capture, stale scans, a model switch, search under RLS,
 //! and backfill.
 
-
 use std::time::Duration;
 
 use crate::helpers::*;

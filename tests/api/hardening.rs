@@ -2,7 +2,6 @@
 //! and a careless operator can do to the worker, and what the worker does about it. Each test
 //! failed before its fix (issue 13).
 
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -739,16 +738,25 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), 20_000, |i| 3 + i % 10).await;
     let before = deadlocks(&t).await;
     let mut runs = Vec::new();
-    for _ in 0..5 {
+    // A warm-up run of 2,000 first: the first run pays for cold caches (measured 11.5 s against
+    // 9.0-9.9 s for the four after it), which is not what this test is about.
+    for round in 0..6 {
+        let sources = if round == 0 {
+            &sources[..2000]
+        } else {
+            &sources[..]
+        };
         sqlx::raw_sql("TRUNCATE rag_embeddings; DELETE FROM apalis.jobs;")
             .execute(&t.admin)
             .await
             .unwrap();
-        enqueue(&t.admin, &sources).await;
+        enqueue(&t.admin, sources).await;
         let started = Instant::now();
         let w = RunningWorker::start(s.clone()).await;
         wait_drained(&t.admin, Duration::from_secs(120)).await;
-        runs.push(started.elapsed());
+        if round > 0 {
+            runs.push(started.elapsed());
+        }
         w.stop().await;
     }
     let fastest = runs.iter().min().unwrap().as_secs_f64();

@@ -1,6 +1,5 @@
 //! Operating the worker: the budget guard, and secrets that never reach logs or metrics.
 
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,5 @@
 //! The worker end to end: apalis queue → batches → token counts → fake OpenAI → bulk write.
 
-
 use std::time::Duration;
 
 use crate::helpers::*;

@@ -1,7 +1,6 @@
 //! A real Prometheus (Debian's package) scrapes the worker during a run; what it stores agrees
 //! with the table, and promtool accepts the scrape and the alert rules.
 
-
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

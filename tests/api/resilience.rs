@@ -1,7 +1,6 @@
 //! A bad day: 5xx storms, rate limits, a killed worker, a restarted database, poisoned input,
 //! an exhausted quota. Nothing lost, nothing paid twice, no hammering.
 
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 

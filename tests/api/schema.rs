@@ -1,7 +1,6 @@
 //! The reviewed schema on a real PostgreSQL 18 + pgvector: orphans, cascades, enums,
 //! placeholders, RLS, idempotent migrations and `verify`.
 
-
 use crate::helpers::*;
 use embed_worker::{db, models};
 use uuid::Uuid;

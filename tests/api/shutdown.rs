@@ -1,7 +1,6 @@
 //! Graceful shutdown of the real binary: SIGTERM mid-run → exit 0 within the grace period,
 //! unstarted jobs stay claimable, a second run finishes the rest, no duplicate rows.
 
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
