@@ -157,21 +157,42 @@ pub fn counts(stale: &[Stale]) -> BTreeMap<StaleReason, usize> {
     m
 }
 
-/// Queues `sources` in chunks of 1,000, calling `progress(done, total)` after each.
-/// Returns how many jobs were created (sources with a pending job are skipped).
-pub async fn enqueue_all(
+/// Queues the `stale` sources on the configured queue in chunks of 1,000, calling
+/// `progress(done, total)` after each: the one way every caller (the periodic scan,
+/// `enqueue-stale`, `backfill`) turns a scan into jobs. Returns how many jobs were created
+/// (sources with a pending job are skipped).
+pub async fn enqueue_stale(
     pool: &PgPool,
-    queue: &str,
-    max_attempts: i32,
-    sources: &[EmbedSource],
+    settings: &crate::config::Settings,
+    stale: &[Stale],
     mut progress: impl FnMut(usize, usize),
 ) -> sqlx::Result<i64> {
+    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
+    let (queue, attempts) = (&settings.queue.name, settings.queue.max_attempts);
     let mut created = 0;
     for (i, chunk) in sources.chunks(1000).enumerate() {
-        created += crate::queue::enqueue_many(pool, queue, max_attempts, chunk).await?;
+        created += crate::queue::enqueue_many(pool, queue, attempts, chunk).await?;
         progress((i * 1000 + chunk.len()).min(sources.len()), sources.len());
     }
     Ok(created)
+}
+
+/// One periodic stale scan (`freshness.scan_interval_secs`), if no other replica is scanning
+/// (advisory lock). Returns jobs queued, or `None` when another replica holds the lock.
+pub async fn scan_stale(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+) -> anyhow::Result<Option<i64>> {
+    with_scan_lock(pool, || async {
+        let scope = Scope {
+            max_age_days: Some(settings.freshness.max_age_days),
+            limit: Some(settings.freshness.scan_limit),
+            ..Default::default()
+        };
+        let stale = find_stale(pool, &settings.model.name, &scope).await?;
+        Ok(enqueue_stale(pool, settings, &stale, |_, _| {}).await?)
+    })
+    .await
 }
 
 /// One scanner at a time across replicas: runs `f` only if this session gets the lock.

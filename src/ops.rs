@@ -116,13 +116,9 @@ pub async fn backfill(
         return Ok(None);
     }
     let queue = &settings.queue.name;
-    let queued = freshness::enqueue_all(
-        pool,
-        queue,
-        settings.queue.max_attempts,
-        &sources,
-        |d, t| progress_line("queueing ", d, t, ""),
-    )
+    let queued = freshness::enqueue_stale(pool, settings, &stale, |d, t| {
+        progress_line("queueing ", d, t, "")
+    })
     .await?;
     eprintln!(
         "\nbackfill: {queued} jobs queued ({} already pending)",

@@ -150,7 +150,7 @@ impl Worker {
             let result = Monitor::new()
                 .register(make_worker.clone())
                 .should_restart(move |ctx, err| {
-                    if restart_health.readiness().is_err_and(|w| w.iter().any(|r| r == "shutting down")) {
+                    if restart_health.is_shutting_down() {
                         return false;
                     }
                     tracing::warn!(worker = %ctx.name(), error = %err, "worker stopped with an error: restarting");
@@ -232,7 +232,7 @@ async fn maintain(
             && last_scan.is_none_or(|t| t.elapsed() >= Duration::from_secs(f.scan_interval_secs))
         {
             last_scan = Some(std::time::Instant::now());
-            match scan_stale(&pool, &settings).await {
+            match crate::freshness::scan_stale(&pool, &settings).await {
                 Ok(Some(n)) if n > 0 => tracing::info!(queued = n, "stale scan queued jobs"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "stale scan failed"),
@@ -259,28 +259,6 @@ async fn maintain(
             }
         }
     }
-}
-
-/// One stale scan, if no other replica is scanning (advisory lock). Returns jobs queued.
-pub async fn scan_stale(pool: &PgPool, settings: &Settings) -> anyhow::Result<Option<i64>> {
-    crate::freshness::with_scan_lock(pool, || async {
-        let scope = crate::freshness::Scope {
-            max_age_days: Some(settings.freshness.max_age_days),
-            limit: Some(settings.freshness.scan_limit),
-            ..Default::default()
-        };
-        let stale = crate::freshness::find_stale(pool, &settings.model.name, &scope).await?;
-        let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
-        Ok(crate::freshness::enqueue_all(
-            pool,
-            &settings.queue.name,
-            settings.queue.max_attempts,
-            &sources,
-            |_, _| {},
-        )
-        .await?)
-    })
-    .await
 }
 
 /// Resolves on SIGTERM or SIGINT.

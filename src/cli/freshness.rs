@@ -27,18 +27,10 @@ pub(crate) async fn enqueue_stale(
     if dry_run {
         println!("dry run: nothing queued");
     } else {
-        let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
-        let n = embed_worker::freshness::enqueue_all(
-            &pool,
-            &settings.queue.name,
-            settings.queue.max_attempts,
-            &sources,
-            |_, _| {},
-        )
-        .await?;
+        let n = embed_worker::freshness::enqueue_stale(&pool, settings, &stale, |_, _| {}).await?;
         println!(
             "{n} jobs queued ({} already pending)",
-            sources.len() as i64 - n
+            stale.len() as i64 - n
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -21,6 +21,11 @@ impl Health {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
 
+    /// Whether shutdown has begun (no restarts, readiness false).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+
     pub fn set_db(&self, error: Option<String>) {
         *self.db_down.lock().unwrap() = error;
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::freshness::{self, Scope};
-use embed_worker::source::{EmbedSource, SourceType};
+use embed_worker::source::SourceType;
 use embed_worker::{models, search};
 use uuid::Uuid;
 
@@ -137,9 +137,8 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     assert_eq!(by_id[&other], "other_model");
     assert_eq!(by_id[&old], "too_old");
 
-    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
     assert_eq!(
-        freshness::enqueue_all(&t.admin, "embed", 10, &sources, |_, _| {})
+        freshness::enqueue_stale(&t.admin, &t.settings(), &stale, |_, _| {})
             .await
             .unwrap(),
         4
@@ -147,9 +146,8 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     let again = freshness::find_stale(&t.admin, active, &scope)
         .await
         .unwrap();
-    let again: Vec<EmbedSource> = again.iter().map(|s| s.source).collect();
     assert_eq!(
-        freshness::enqueue_all(&t.admin, "embed", 10, &again, |_, _| {})
+        freshness::enqueue_stale(&t.admin, &t.settings(), &again, |_, _| {})
             .await
             .unwrap(),
         0,
@@ -216,8 +214,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
             .iter()
             .all(|s| s.reason == embed_worker::freshness::StaleReason::OtherModel)
     );
-    let srcs: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
-    freshness::enqueue_all(&t.admin, "embed", 10, &srcs, |_, _| {})
+    freshness::enqueue_stale(&t.admin, &b, &stale, |_, _| {})
         .await
         .unwrap();
     // The old model keeps serving while the new one fills.
