@@ -19,7 +19,7 @@ use embed_worker::fake_openai::fake_vector;
 use embed_worker::pipeline::chunk::{Chunker, cl100k};
 use embed_worker::pipeline::write::{self, ChunkWrite, SourceWrite};
 use embed_worker::source::{EmbedSource, SourceType};
-use embed_worker::{db, models};
+use embed_worker::{db, model_index};
 use pgvector::Vector;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -232,7 +232,7 @@ fn admin_url() -> String {
 
 async fn fresh_db(tag: &str) -> (String, PgPool) {
     let name = format!("bench_{tag}_{}", std::process::id());
-    let server = db::connect_admin(&admin_url()).await.unwrap();
+    let server = db::connect_as_login(&admin_url()).await.unwrap();
     for stmt in [
         format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
         format!("CREATE DATABASE {name}"),
@@ -261,7 +261,7 @@ async fn fresh_db(tag: &str) -> (String, PgPool) {
 
 async fn drop_db(url: &str) {
     let name = url.rsplit('/').next().unwrap().to_string();
-    let server = db::connect_admin(&admin_url()).await.unwrap();
+    let server = db::connect_as_login(&admin_url()).await.unwrap();
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
     )))
@@ -834,7 +834,7 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
     }
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP INDEX IF EXISTS {}",
-        models::index_name(MODEL)
+        model_index::index_name(MODEL)
     )))
     .execute(pool)
     .await
@@ -890,7 +890,7 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         .unwrap();
         (secs, size)
     };
-    let m16 = models::index_name(MODEL);
+    let m16 = model_index::index_name(MODEL);
     let (build16, size16) = build(16, m16.clone()).await;
     report.add(
         &section,
@@ -1222,7 +1222,7 @@ async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
 
 /// The server as it runs: version, pgvector's version, and the settings search depends on.
 async fn server_info() -> String {
-    let server = db::connect_admin(&admin_url()).await.unwrap();
+    let server = db::connect_as_login(&admin_url()).await.unwrap();
     let (version, vector, buffers): (String, Option<String>, String) = sqlx::query_as(
         "SELECT current_setting('server_version'),
                 (SELECT default_version FROM pg_available_extensions WHERE name = 'vector'),

@@ -85,7 +85,7 @@ fn describe_db_error(e: &sqlx::Error) -> String {
 }
 
 /// A pool as the login role, for migrations and administration.
-pub async fn connect_admin(url: &str) -> anyhow::Result<PgPool> {
+pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
     let settings = DatabaseSettings {
         url: url.to_string(),
         max_connections: 4,

@@ -17,7 +17,7 @@ use crate::guard::health::Health;
 static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
-pub fn metrics_handle() -> PrometheusHandle {
+pub fn install_metrics() -> PrometheusHandle {
     RECORDER
         .get_or_init(|| {
             let buckets = [
@@ -46,7 +46,7 @@ struct AppState {
 pub fn router(health: Arc<Health>) -> Router {
     let state = AppState {
         health,
-        metrics: metrics_handle(),
+        metrics: install_metrics(),
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -18,7 +18,7 @@
 //! | ack: release, back off, kill | [`job::settle`], [`job::JobError::report`] | `apalis.jobs` |
 //!
 //! [`pipeline::Pipeline::process`] reads as those steps. Around them: [`config`] (typed settings),
-//! [`db`] (connect, migrate, verify), [`models`] (one HNSW index per model), [`freshness`] (what
+//! [`db`] (connect, migrate, verify), [`model_index`] (one HNSW index per model), [`freshness`] (what
 //! is stale), [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`]
 //! (secrets never leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command
 //! line is the binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
@@ -33,7 +33,7 @@ pub mod guard;
 pub mod http;
 pub mod job;
 pub mod meter;
-pub mod models;
+pub mod model_index;
 pub mod ops;
 pub mod pipeline;
 pub mod queue;

@@ -21,8 +21,8 @@ pub const COST_USD: &str = "embed_worker_cost_usd_total";
 pub const EMBEDDINGS_WRITTEN: &str = "embed_worker_embeddings_written_total";
 pub const API_REQUESTS: &str = "embed_worker_api_requests_total";
 pub const API_DURATION: &str = "embed_worker_api_request_duration_seconds";
-pub const BATCH_INPUTS: &str = "embed_worker_request_inputs";
-pub const BATCH_TOKENS: &str = "embed_worker_request_tokens";
+pub const REQUEST_INPUTS: &str = "embed_worker_request_inputs";
+pub const REQUEST_TOKENS: &str = "embed_worker_request_tokens";
 pub const LIMITER_WAIT: &str = "embed_worker_rate_limiter_wait_seconds";
 pub const PROVIDER_WAITS: &str = "embed_worker_rate_limit_provider_waits_total";
 pub const JOBS: &str = "embed_worker_jobs_total";
@@ -43,8 +43,8 @@ pub const ALL: &[&str] = &[
     EMBEDDINGS_WRITTEN,
     API_REQUESTS,
     API_DURATION,
-    BATCH_INPUTS,
-    BATCH_TOKENS,
+    REQUEST_INPUTS,
+    REQUEST_TOKENS,
     LIMITER_WAIT,
     PROVIDER_WAITS,
     JOBS,
@@ -88,12 +88,12 @@ pub fn describe() {
         "Embedding API request duration"
     );
     describe_histogram!(
-        BATCH_INPUTS,
+        REQUEST_INPUTS,
         Unit::Count,
         "Inputs per embedding API request"
     );
     describe_histogram!(
-        BATCH_TOKENS,
+        REQUEST_TOKENS,
         Unit::Count,
         "Budgeted tokens per embedding API request"
     );
@@ -174,8 +174,8 @@ pub fn api_request(
     };
     counter!(API_REQUESTS, "model" => model.to_string(), "outcome" => outcome, "status_class" => class).increment(1);
     histogram!(API_DURATION, "model" => model.to_string()).record(duration.as_secs_f64());
-    histogram!(BATCH_INPUTS).record(inputs as f64);
-    histogram!(BATCH_TOKENS).record(tokens as f64);
+    histogram!(REQUEST_INPUTS).record(inputs as f64);
+    histogram!(REQUEST_TOKENS).record(tokens as f64);
 }
 
 pub fn limiter_wait(d: Duration) {

@@ -9,7 +9,7 @@
 //!
 //! Why an exact path too: when a user's own rows are few and all far from the query (they sit in
 //! other clusters), the iterative scan walks `hnsw.max_scan_tuples` (20,000) tuples and still
-//! comes back short — 12 of 50 queries returned k at 100K rows for an owner of 0.1% (BENCHMARKS.md).
+//! comes back short for a user who owns a tiny share of the rows (docs/decisions.md).
 //! So a search as a user first counts what that user can see (index lookups, capped); at most
 //! `exact_below` rows are ranked exactly through the `sessions.user_id` and source indexes —
 //! always k rows, the true nearest, in milliseconds — and only a larger set uses the HNSW index.
@@ -62,7 +62,7 @@ fn exact_visible_sql(
     sessions: bool,
     templates: bool,
 ) -> String {
-    let lit = crate::models::quote_literal(model);
+    let lit = crate::model_index::quote_literal(model);
     let mut parts = Vec::new();
     if sessions {
         parts.push(format!(
@@ -137,8 +137,7 @@ async fn visible(
 /// The search statement for `model` at `dimensions`: the expression and predicate match the
 /// model's partial index exactly, so the planner can use it. `k` and the source-type filter are
 /// written into the statement, not bound: with a bound LIMIT, a cached generic plan does not know
-/// the limit is small and prefers a sequential scan and sort (measured: 390 ms instead of 1 ms
-/// at 100K rows once the plan cache switched to the generic plan).
+/// the limit is small and prefers a sequential scan and sort (docs/decisions.md).
 pub fn search_sql(
     model: &str,
     dimensions: usize,
@@ -157,7 +156,7 @@ pub fn search_sql(
               ORDER BY embedding::vector({dimensions}) <=> $1
               LIMIT {k}
          ) hits ORDER BY distance",
-        lit = crate::models::quote_literal(model),
+        lit = crate::model_index::quote_literal(model),
         k = k.max(1)
     )
 }

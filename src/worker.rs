@@ -85,7 +85,7 @@ impl Worker {
         } else {
             Some(crate::http::serve(&settings.http.addr, health.clone()).await?)
         };
-        crate::http::metrics_handle();
+        crate::http::install_metrics();
         Ok(Worker {
             pool,
             settings,

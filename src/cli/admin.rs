@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use embed_worker::config::Settings;
-use embed_worker::{db, models};
+use embed_worker::{db, model_index};
 
 use super::{BudgetAction, ModelsAction};
 
@@ -15,24 +15,24 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
 
 /// `embed-worker migrate`.
 pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     db::migrate(&pool).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
-    models::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions).await?;
+    model_index::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions).await?;
     println!(
         "migrations applied; change capture sessions={} templates={}; index {} ready",
         settings.capture.sessions,
         settings.capture.templates,
-        models::index_name(&settings.model.name)
+        model_index::index_name(&settings.model.name)
     );
     Ok(ExitCode::SUCCESS)
 }
 
 /// `embed-worker verify`.
 pub(crate) async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_admin(&settings.database.url).await?;
-    let report = db::verify(&pool, &models::index_name(&settings.model.name)).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
+    let report = db::verify(&pool, &model_index::index_name(&settings.model.name)).await?;
     println!(
         "{:<56} {:<8} {:<32} valid",
         "vector index", "method", "options"
@@ -62,14 +62,14 @@ pub(crate) async fn models(
     settings: &Settings,
     action: Option<ModelsAction>,
 ) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     match action {
         None => {
             println!(
                 "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
                 "model", "active", "rows", "sources", "done"
             );
-            for m in models::status(&pool, &settings.model.name).await? {
+            for m in model_index::status(&pool, &settings.model.name).await? {
                 println!(
                     "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
                     m.model,
@@ -86,7 +86,7 @@ pub(crate) async fn models(
             }
         }
         Some(ModelsAction::Prune { model }) => {
-            let n = models::prune(&pool, &model, &settings.model.name).await?;
+            let n = model_index::prune(&pool, &model, &settings.model.name).await?;
             println!("pruned {model}: {n} rows deleted, index dropped");
         }
     }
@@ -104,7 +104,7 @@ pub(crate) async fn budget(
             "budget set {usd}: the monthly budget must be a finite number of USD >= 0 (0 = none)"
         );
     }
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     if let Some(BudgetAction::Set { usd }) = action {
         embed_worker::guard::budget::set(&pool, usd).await?;
     }

@@ -17,7 +17,7 @@ pub(crate) async fn search(
     as_user: Option<uuid::Uuid>,
     ef_search: u32,
 ) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     let embedder = embed_worker::embed::Embedder::from_settings(&settings.api, &settings.model)?;
     let query = embedder
         .embed(vec![text.clone()])

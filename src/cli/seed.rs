@@ -9,7 +9,7 @@ use embed_worker::{db, seed};
 
 /// `embed-worker seed-sessions`.
 pub(crate) async fn seed_sessions(settings: &Settings, count: usize) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     let n = seed::seed_demo_sessions(&pool, count).await?;
     println!("demo sessions: {n} inserted");
     Ok(ExitCode::SUCCESS)
@@ -21,7 +21,7 @@ pub(crate) async fn seed_templates(
     file: std::path::PathBuf,
 ) -> anyhow::Result<ExitCode> {
     let seeds = seed::read_templates(&file)?;
-    let pool = db::connect_admin(&settings.database.url).await?;
+    let pool = db::connect_as_login(&settings.database.url).await?;
     let (inserted, updated) = seed::seed_templates(&pool, &seeds)
         .await
         .context("seeding templates")?;

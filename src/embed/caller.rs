@@ -103,15 +103,15 @@ impl Caller {
     /// (never counts), a transient error backs off with full jitter up to
     /// `retry.request_retries` times, `insufficient_quota` stops API calls for
     /// `retry.quota_recheck_secs`, the monthly budget stops them for `budget.recheck_secs`.
-    /// `budget`: tokens as the provider's per-request cap counts them (the larger of the real
-    /// count and 0.25 per byte; requests were planned under that cap); `tokens`: the real count,
-    /// which is what is billed and what the tokens-per-minute limit is charged. Charging the
-    /// estimate there left ~6% of the quota unused on ordinary text (BENCHMARKS.md); a provider
-    /// that counts its quota otherwise is followed through its `x-ratelimit-remaining-tokens`.
+    /// `cap_tokens`: tokens as the provider's per-request cap counts them (the larger of the
+    /// real count and 0.25 per byte; requests were planned under that cap); `tokens`: the real
+    /// count, which is what is billed and what the tokens-per-minute limit is charged (charging
+    /// the estimate left part of the quota unused: docs/decisions.md); a provider that counts its
+    /// quota otherwise is followed through its `x-ratelimit-remaining-tokens`.
     pub async fn send(
         &self,
         texts: &[&str],
-        budget: usize,
+        cap_tokens: usize,
         tokens: usize,
     ) -> Result<Embedded, EmbedError> {
         let r = &self.settings.retry;
@@ -146,7 +146,7 @@ impl Caller {
                     }
                 };
                 let permit = self.limiter.acquire(tokens as u32).await;
-                tracing::debug!(waited = ?permit.waited, budget, inputs = texts.len(), "rate limiter admitted a request");
+                tracing::debug!(waited = ?permit.waited, cap_tokens, inputs = texts.len(), "rate limiter admitted a request");
                 self.stats.api_requests.fetch_add(1, Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 // Owned copies only for the request in flight (the chunks keep the originals).
@@ -174,7 +174,7 @@ impl Caller {
                     status,
                     started.elapsed(),
                     texts.len(),
-                    budget,
+                    cap_tokens,
                 );
                 if let Some(reservation) = reservation {
                     // What the provider billed; a request that may have reached it without an

@@ -134,8 +134,8 @@ impl Chunker {
 
     /// Splits a text already tokenized: the splitter's candidates are slices of `text`, so their
     /// size is read off the token boundaries (a binary search) instead of re-tokenizing each one —
-    /// the splitter weighs many candidates per chunk, and exact sizing made the 0.2% of texts over
-    /// the limit cost a third of the worker's CPU (BENCHMARKS.md, perf profile). Re-tokenizing a
+    /// the splitter weighs many candidates per chunk, and exact sizing made the few texts over
+    /// the limit the worker's largest CPU cost (docs/decisions.md). Re-tokenizing a
     /// slice can differ from the boundary count at its two ends, so the splitter aims a margin
     /// under the limit and every chunk is counted exactly; one still over is split exactly.
     fn split_by_boundaries(
@@ -217,8 +217,8 @@ type ChunkTask = Box<dyn FnOnce(&Chunker) + Send>;
 /// The chunker on its own OS thread, fed by a channel. Why: tokenizing is the worker's largest
 /// CPU cost and it is synchronous. On the async threads it would stall I/O and heartbeats;
 /// through `block_in_place` it hopped between threads, and tiktoken's regex caches are fastest
-/// on the one thread that first used them (measured: 15.4 vs 20.0 MB/s on any other thread).
-/// One thread tokenizes ~20 MB/s, far more than the database can write vectors for.
+/// on the one thread that first used them (docs/decisions.md). One thread tokenizes far more
+/// text than the database can write vectors for.
 pub struct ChunkerThread {
     tx: std::sync::mpsc::Sender<ChunkTask>,
 }
@@ -268,7 +268,7 @@ pub fn content_hash(text: &str, model: &str, dimensions: usize) -> String {
 
 /// What the provider's per-request token cap is charged for an input: OpenAI estimates about
 /// 0.25 token per UTF-8 byte when enforcing it, so budget by the larger of that and the real count.
-pub fn request_budget_tokens(text: &str, tokens: usize) -> usize {
+pub fn request_cap_tokens(text: &str, tokens: usize) -> usize {
     tokens.max(text.len().div_ceil(4))
 }
 
@@ -361,9 +361,9 @@ mod tests {
 
     #[test]
     fn budget_uses_the_byte_estimate_when_larger() {
-        assert_eq!(request_budget_tokens("abcd", 10), 10);
+        assert_eq!(request_cap_tokens("abcd", 10), 10);
         let cjk = "音".repeat(100); // 300 bytes
-        assert_eq!(request_budget_tokens(&cjk, 50), 75);
+        assert_eq!(request_cap_tokens(&cjk, 50), 75);
     }
 }
 

@@ -25,7 +25,7 @@ use crate::guard::health::Health;
 pub use crate::job::{Disposition, Job, JobError, JobOutcome, JobResult};
 use crate::meter::Stats;
 use crate::source::EmbedSource;
-use chunk::{Chunk, Chunker, ChunkerThread, request_budget_tokens};
+use chunk::{Chunk, Chunker, ChunkerThread, request_cap_tokens};
 use write::{ChunkWrite, SourceWrite, WriteOutcome};
 
 /// One process's pipeline: what every batch shares.
@@ -245,7 +245,7 @@ impl Pipeline {
         let plan = plan_requests(
             to_embed
                 .iter()
-                .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens)),
+                .map(|p| request_cap_tokens(&p.chunk.text, p.chunk.tokens)),
             s.api.max_inputs_per_request,
             self.caller
                 .max_request_tokens()
@@ -432,7 +432,7 @@ impl Pipeline {
             let texts: Vec<&str> = inputs.iter().map(|p| p.chunk.text.as_str()).collect();
             let budget = inputs
                 .iter()
-                .map(|p| request_budget_tokens(&p.chunk.text, p.chunk.tokens))
+                .map(|p| request_cap_tokens(&p.chunk.text, p.chunk.tokens))
                 .sum();
             let model = self.settings.model.name.clone();
             let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();

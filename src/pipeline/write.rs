@@ -261,8 +261,8 @@ pub async fn write_batch(
     // New vectors: streamed by binary COPY into a temporary staging table, then one upsert from
     // it. Why not a bound UNNEST array: the whole batch's vectors then travel in one Bind
     // message, and each pooled connection keeps a write buffer as large as the largest batch it
-    // ever sent (22.6 of 57.7 MB peak heap in the 20K bench, heaptrack); COPY sends bounded
-    // chunks. It is also Postgres's fastest way in (BENCHMARKS.md, bulk insert).
+    // ever sent (docs/decisions.md); COPY sends bounded chunks. It is also Postgres's fastest
+    // way in (BENCHMARKS.md, bulk insert).
     // Unchanged chunks: mark as verified now (their updated_at moves, the vector stays).
     let mut same_types = Vec::new();
     let mut same_ids = Vec::new();

@@ -22,7 +22,7 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
     s.batch = local.batch.clone();
     s.rate_limit = local.rate_limit.clone();
     s.http.addr = "127.0.0.1:0".into();
-    embed_worker::models::ensure_model_index(&t.admin, &s.model.name, s.model.dimensions)
+    embed_worker::model_index::ensure_model_index(&t.admin, &s.model.name, s.model.dimensions)
         .await
         .unwrap();
     seed_templates(&t.admin).await;

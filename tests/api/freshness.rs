@@ -7,7 +7,7 @@ use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
 use embed_worker::freshness::{self, Scope};
 use embed_worker::source::SourceType;
-use embed_worker::{models, search};
+use embed_worker::{model_index, search};
 use uuid::Uuid;
 
 async fn pending(t: &TestDb) -> i64 {
@@ -182,7 +182,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     a.model.name = "text-embedding-3-small".into();
     a.model.dimensions = 256;
     a.model.send_dimensions = true;
-    models::ensure_model_index(&t.admin, &a.model.name, 256)
+    model_index::ensure_model_index(&t.admin, &a.model.name, 256)
         .await
         .unwrap();
     let w = RunningWorker::start(a.clone()).await;
@@ -192,15 +192,15 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     let mut b = a.clone();
     b.model.name = "text-embedding-3-large".into();
     b.model.dimensions = 512;
-    models::ensure_model_index(&t.admin, &b.model.name, 512)
+    model_index::ensure_model_index(&t.admin, &b.model.name, 512)
         .await
         .unwrap();
-    let st = models::status(&t.admin, &b.model.name).await.unwrap();
+    let st = model_index::status(&t.admin, &b.model.name).await.unwrap();
     let old = st.iter().find(|m| m.model == a.model.name).unwrap();
     assert_eq!((old.sources, old.percent as i64), (30, 100));
     let new = st.iter().find(|m| m.model == b.model.name).unwrap();
     assert!(new.active && new.rows == 0 && new.index_valid);
-    let err = models::prune(&t.admin, &a.model.name, &b.model.name)
+    let err = model_index::prune(&t.admin, &a.model.name, &b.model.name)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("refusing to prune"), "{err}");
@@ -240,8 +240,8 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .map(|i| i.name)
         .collect();
     assert!(
-        names.contains(&models::index_name(&a.model.name))
-            && names.contains(&models::index_name(&b.model.name))
+        names.contains(&model_index::index_name(&a.model.name))
+            && names.contains(&model_index::index_name(&b.model.name))
     );
     let plan = search::explain(
         &t.admin,
@@ -252,7 +252,10 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     )
     .await
     .unwrap();
-    assert!(plan.contains(&models::index_name(&b.model.name)), "{plan}");
+    assert!(
+        plan.contains(&model_index::index_name(&b.model.name)),
+        "{plan}"
+    );
     let hits = search::search(
         &t.admin,
         &b.model.name,
@@ -264,7 +267,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     .unwrap();
     assert_eq!(hits.len(), 5);
 
-    let deleted = models::prune(&t.admin, &a.model.name, &b.model.name)
+    let deleted = model_index::prune(&t.admin, &a.model.name, &b.model.name)
         .await
         .unwrap();
     assert_eq!(deleted, 30);
@@ -275,7 +278,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .map(|i| i.name)
         .collect();
     assert!(
-        !names.contains(&models::index_name(&a.model.name)),
+        !names.contains(&model_index::index_name(&a.model.name)),
         "old index dropped"
     );
     let left: Vec<String> =
@@ -336,7 +339,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     .execute(&t.admin)
     .await
     .unwrap();
-    models::ensure_model_index(&t.admin, model, dims)
+    model_index::ensure_model_index(&t.admin, model, dims)
         .await
         .unwrap();
     sqlx::query("ANALYZE rag_embeddings")

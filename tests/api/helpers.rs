@@ -28,7 +28,7 @@ impl TestDb {
     /// A new, empty database.
     pub async fn empty() -> TestDb {
         let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-        let server = db::connect_admin(&admin_url()).await.expect(
+        let server = db::connect_as_login(&admin_url()).await.expect(
             "cannot reach the dev database: run `scripts/db start` (scripts/test does this)",
         );
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
@@ -37,7 +37,7 @@ impl TestDb {
             .unwrap();
         server.close().await;
         let url = url_for(&name);
-        let admin = db::connect_admin(&url).await.unwrap();
+        let admin = db::connect_as_login(&url).await.unwrap();
         TestDb { name, url, admin }
     }
 

@@ -419,7 +419,7 @@ async fn a_database_restart_mid_run_loses_nothing() {
     let t = TestDb {
         name: "embed_worker".into(),
         url: url.clone(),
-        admin: embed_worker::db::connect_admin(&url).await.unwrap(),
+        admin: embed_worker::db::connect_as_login(&url).await.unwrap(),
     };
     embed_worker::db::migrate(&t.admin).await.unwrap();
     let fake = fake(FakeConfig {
@@ -464,7 +464,7 @@ async fn a_database_restart_mid_run_loses_nothing() {
         "readiness went false while the database was down"
     );
 
-    let admin = embed_worker::db::connect_admin(&url).await.unwrap();
+    let admin = embed_worker::db::connect_as_login(&url).await.unwrap();
     wait_drained(&admin, Duration::from_secs(120)).await;
     let t2 = TestDb {
         name: t.name.clone(),

@@ -2,7 +2,7 @@
 //! placeholders, RLS, idempotent migrations and `verify`.
 
 use crate::helpers::*;
-use embed_worker::{db, models};
+use embed_worker::{db, model_index};
 use uuid::Uuid;
 
 async fn insert_embedding(
@@ -310,7 +310,7 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
             .await
             .unwrap();
     assert!(!rls, "the app's table is left alone");
-    let default_index = models::index_name("text-embedding-ada-002");
+    let default_index = model_index::index_name("text-embedding-ada-002");
     let report = db::verify(&t.admin, &default_index).await.unwrap();
     assert_eq!(
         report.problems.len(),
@@ -431,7 +431,7 @@ async fn app_user_statement(t: &TestDb, user: Uuid, sql: &'static str) -> Result
 #[tokio::test]
 async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     let t = TestDb::migrated().await;
-    let default_index = models::index_name("text-embedding-ada-002");
+    let default_index = model_index::index_name("text-embedding-ada-002");
     let report = db::verify(&t.admin, &default_index).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let ix = report
