@@ -171,6 +171,34 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// The indexes as a table, then `verify: OK` or one `verify: FAIL: …` line per problem.
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<56} {:<8} {:<32} valid",
+            "vector index", "method", "options"
+        )?;
+        for ix in &self.indexes {
+            writeln!(
+                f,
+                "{:<56} {:<8} {:<32} {}",
+                ix.name,
+                ix.access_method,
+                ix.options.join(","),
+                ix.valid
+            )?;
+        }
+        if self.problems.is_empty() {
+            writeln!(f, "verify: OK")
+        } else {
+            self.problems
+                .iter()
+                .try_for_each(|p| writeln!(f, "verify: FAIL: {p}"))
+        }
+    }
+}
+
 /// The design's post-migration check. `default_index` is the default model's index name.
 pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<VerifyReport> {
     let indexes = vector_indexes(pool).await?;

@@ -47,20 +47,6 @@ pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn index_names_are_folded_and_bounded() {
-        assert_eq!(
-            index_name("text-embedding-ada-002"),
-            "idx_rag_embeddings_vector_text_embedding_ada_002"
-        );
-        assert!(index_name(&"x".repeat(200)).len() <= 63);
-    }
-}
-
 /// One model as `embed-worker models` shows it.
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
@@ -141,4 +127,48 @@ pub async fn prune(pool: &PgPool, old: &str, active: &str) -> anyhow::Result<u64
         .execute(pool)
         .await?;
     Ok(deleted)
+}
+
+/// `embed-worker models`: one line per model.
+pub struct StatusTable(pub Vec<ModelStatus>);
+
+impl std::fmt::Display for StatusTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
+            "model", "active", "rows", "sources", "done"
+        )?;
+        for m in &self.0 {
+            writeln!(
+                f,
+                "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
+                m.model,
+                if m.active { "yes" } else { "" },
+                m.rows,
+                m.sources,
+                m.percent,
+                match (&m.index, m.index_valid) {
+                    (Some(ix), true) => format!("{ix} (valid)"),
+                    (Some(ix), false) => format!("{ix} (INVALID)"),
+                    (None, _) => "MISSING".to_string(),
+                }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_names_are_folded_and_bounded() {
+        assert_eq!(
+            index_name("text-embedding-ada-002"),
+            "idx_rag_embeddings_vector_text_embedding_ada_002"
+        );
+        assert!(index_name(&"x".repeat(200)).len() <= 63);
+    }
 }

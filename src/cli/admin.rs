@@ -33,28 +33,12 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
 pub(crate) async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
     let report = db::verify(&pool, &model_index::index_name(&settings.model.name)).await?;
-    println!(
-        "{:<56} {:<8} {:<32} valid",
-        "vector index", "method", "options"
-    );
-    for ix in &report.indexes {
-        println!(
-            "{:<56} {:<8} {:<32} {}",
-            ix.name,
-            ix.access_method,
-            ix.options.join(","),
-            ix.valid
-        );
-    }
-    if report.problems.is_empty() {
-        println!("verify: OK");
-        Ok(ExitCode::SUCCESS)
+    print!("{report}");
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
     } else {
-        for p in &report.problems {
-            println!("verify: FAIL: {p}");
-        }
-        Ok(ExitCode::FAILURE)
-    }
+        ExitCode::FAILURE
+    })
 }
 
 /// `embed-worker models`.
@@ -64,27 +48,10 @@ pub(crate) async fn models(
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
     match action {
-        None => {
-            println!(
-                "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
-                "model", "active", "rows", "sources", "done"
-            );
-            for m in model_index::status(&pool, &settings.model.name).await? {
-                println!(
-                    "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
-                    m.model,
-                    if m.active { "yes" } else { "" },
-                    m.rows,
-                    m.sources,
-                    m.percent,
-                    match (&m.index, m.index_valid) {
-                        (Some(ix), true) => format!("{ix} (valid)"),
-                        (Some(ix), false) => format!("{ix} (INVALID)"),
-                        (None, _) => "MISSING".to_string(),
-                    }
-                );
-            }
-        }
+        None => print!(
+            "{}",
+            model_index::StatusTable(model_index::status(&pool, &settings.model.name).await?)
+        ),
         Some(ModelsAction::Prune { model }) => {
             let n = model_index::prune(&pool, &model, &settings.model.name).await?;
             println!("pruned {model}: {n} rows deleted, index dropped");
