@@ -254,213 +254,32 @@ pub fn fake_vector(text: &str, dims: usize) -> Vec<f32> {
     v
 }
 
-async fn embeddings(
-    State(inner): State<Arc<Inner>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let cfg = inner.config.lock().unwrap().clone();
-    let record = |model: &str, inputs: usize, tokens: u64, status: u16| {
-        inner.recorded.lock().unwrap().push(Recorded {
-            model: model.to_string(),
-            inputs,
-            tokens,
-            status,
-            at: Instant::now(),
-        });
-    };
-    if let Some(key) = &cfg.api_key {
-        let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
-            == Some(&format!("Bearer {key}"));
-        if !ok {
-            record("", 0, 0, 401);
-            let sent = headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            let message = if cfg.echo_key_in_errors {
-                format!(
-                    "Incorrect API key provided: {sent}. You can find your API key at https://platform.example/account/api-keys."
-                )
-            } else {
-                "Incorrect API key provided.".to_string()
-            };
-            return error(
-                StatusCode::UNAUTHORIZED,
-                message,
-                "invalid_request_error",
-                Some("invalid_api_key"),
-            );
-        }
-    }
-    let req: Request = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            record("", 0, 0, 400);
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("We could not parse the JSON body of your request. ({e})"),
-                "invalid_request_error",
-                None,
-            );
-        }
-    };
-    let bpe = tiktoken_rs::cl100k_base_singleton();
-    let texts: Vec<String> = match req.input {
-        Input::One(s) => vec![s],
-        Input::Many(v) => v,
-        Input::Tokens(t) => vec![bpe.decode(&t).unwrap_or_default()],
-        Input::ManyTokens(ts) => ts
-            .into_iter()
-            .map(|t| bpe.decode(&t).unwrap_or_default())
-            .collect(),
-    };
-    let n = texts.len();
-    let refuse = |status: StatusCode, msg: String, kind: &str, code: Option<&str>| {
-        record(&req.model, n, 0, status.as_u16());
-        error(status, msg, kind, code)
-    };
-    if cfg.insufficient_quota {
-        return refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "You exceeded your current quota, please check your plan and billing details.".into(),
-            "insufficient_quota",
-            Some("insufficient_quota"),
-        );
-    }
-    if n == 0 || n > cfg.max_inputs {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "'$.input' is invalid: an array must have between 1 and {} items.",
-                cfg.max_inputs
-            ),
-            "invalid_request_error",
-            None,
-        );
-    }
-    let mut tokens: Vec<u64> = Vec::with_capacity(n);
-    for (i, t) in texts.iter().enumerate() {
-        if t.is_empty() {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format!("'$.input[{i}]' is invalid: empty string."),
-                "invalid_request_error",
-                None,
-            );
-        }
-        if let Some(marker) = &cfg.reject_marker {
-            if t.contains(marker.as_str()) {
-                return refuse(
-                    StatusCode::BAD_REQUEST,
-                    format!("'$.input[{i}]' is invalid."),
-                    "invalid_request_error",
-                    None,
-                );
-            }
-        }
-        let c = bpe.encode_ordinary(t).len();
-        if c > cfg.max_tokens_per_input {
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "This model's maximum context length is {} tokens, however you requested {c} tokens in input {i}.",
-                    cfg.max_tokens_per_input
-                ),
-                "invalid_request_error",
-                None,
-            );
-        }
-        tokens.push(c as u64);
-    }
-    let total: u64 = tokens.iter().sum();
-    // OpenAI enforces the per-request cap with an estimate of ~0.25 token per UTF-8 byte.
-    let estimated: u64 = texts
-        .iter()
-        .zip(&tokens)
-        .map(|(t, c)| (*c).max(t.len().div_ceil(4) as u64))
-        .sum();
-    if estimated as usize > cfg.max_tokens_per_request {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "Requested {estimated} tokens, max {} tokens per request",
-                cfg.max_tokens_per_request
-            ),
-            "max_tokens_per_request",
-            Some("max_tokens_per_request"),
-        );
-    }
-    let dims = match req.dimensions {
-        Some(d) if !req.model.starts_with("text-embedding-3") => {
-            let _ = d;
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                "This model does not support specifying dimensions.".into(),
-                "invalid_request_error",
-                None,
-            );
-        }
-        Some(d) => d,
-        None => model_dims(&req.model),
-    };
+/// Why a request is refused: the status and OpenAI's error body, and for a 429 how long to wait.
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    code: Option<&'static str>,
+    retry_after: Option<Duration>,
+}
 
-    // Rate limits: buckets replenished continuously over the window.
-    let now = Instant::now();
-    let (remaining_req, remaining_tok, reset_req, reset_tok) = {
-        let mut w = inner.window.lock().unwrap();
-        let avail_req = if cfg.rpm > 0 {
-            w.requests.refill(cfg.rpm, cfg.window, now)
-        } else {
-            f64::MAX
-        };
-        let avail_tok = if cfg.tpm > 0 {
-            w.tokens.refill(cfg.tpm, cfg.window, now)
-        } else {
-            f64::MAX
-        };
-        let over_rpm = cfg.rpm > 0 && avail_req < 1.0;
-        let over_tpm = cfg.tpm > 0 && avail_tok < total as f64;
-        if over_rpm || over_tpm {
-            let wait_req = if over_rpm {
-                bucket_waits(avail_req, 1.0, cfg.rpm, cfg.window).0
-            } else {
-                Duration::ZERO
-            };
-            let wait_tok = if over_tpm {
-                bucket_waits(avail_tok, total as f64, cfg.tpm, cfg.window).0
-            } else {
-                Duration::ZERO
-            };
-            let wait = wait_req.max(wait_tok).max(Duration::from_millis(1));
-            drop(w);
-            let (what, limit, used, requested) = if over_tpm {
-                (
-                    "tokens per min (TPM)",
-                    cfg.tpm,
-                    cfg.tpm.saturating_sub(avail_tok as u64),
-                    total,
-                )
-            } else {
-                (
-                    "requests per min (RPM)",
-                    cfg.rpm,
-                    cfg.rpm.saturating_sub(avail_req as u64),
-                    1,
-                )
-            };
-            record(&req.model, n, 0, 429);
-            let mut resp = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "Rate limit reached for {} on {what}: Limit {limit}, Used {used}, Requested {requested}. Please try again in {:.3}s.",
-                    req.model,
-                    wait.as_secs_f64()
-                ),
-                if over_tpm { "tokens" } else { "requests" },
-                Some("rate_limit_exceeded"),
-            );
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>, kind: &'static str) -> Refusal {
+        Refusal {
+            status,
+            message: message.into(),
+            kind,
+            code: None,
+            retry_after: None,
+        }
+    }
+    fn code(mut self, code: &'static str) -> Refusal {
+        self.code = Some(code);
+        self
+    }
+    fn into_response(self) -> Response {
+        let mut resp = error(self.status, self.message, self.kind, self.code);
+        if let Some(wait) = self.retry_after {
             let h = resp.headers_mut();
             h.insert(
                 "retry-after-ms",
@@ -470,35 +289,284 @@ async fn embeddings(
                 "retry-after",
                 HeaderValue::from_str(&wait.as_secs_f64().ceil().to_string()).unwrap(),
             );
-            return resp;
         }
-        if cfg.rpm > 0 {
-            w.requests.available -= 1.0;
-        }
-        if cfg.tpm > 0 {
-            w.tokens.available -= total as f64;
-        }
-        let (ra, ta) = (w.requests.available, w.tokens.available);
-        (
-            ra.max(0.0) as u64,
-            ta.max(0.0) as u64,
-            if cfg.rpm > 0 {
-                bucket_waits(ra, 0.0, cfg.rpm, cfg.window).1
-            } else {
-                Duration::ZERO
-            },
-            if cfg.tpm > 0 {
-                bucket_waits(ta, 0.0, cfg.tpm, cfg.window).1
-            } else {
-                Duration::ZERO
-            },
-        )
-    };
+        resp
+    }
+}
 
+/// The rate-limit state after an admitted request, for the response headers.
+struct Quota {
+    remaining_requests: u64,
+    remaining_tokens: u64,
+    reset_requests: Duration,
+    reset_tokens: Duration,
+}
+
+impl Inner {
+    fn record(&self, model: &str, inputs: usize, tokens: u64, status: u16) {
+        self.recorded.lock().unwrap().push(Recorded {
+            model: model.to_string(),
+            inputs,
+            tokens,
+            status,
+            at: Instant::now(),
+        });
+    }
+
+    /// Records a refused request and answers it.
+    fn refuse(&self, model: &str, inputs: usize, r: Refusal) -> Response {
+        self.record(model, inputs, 0, r.status.as_u16());
+        r.into_response()
+    }
+}
+
+/// `POST /v1/embeddings`, in the order the real service checks: the key, the body, the inputs
+/// against the per-input and per-request limits, the rate limits, then (after the configured
+/// latency and injected failures) the answer.
+async fn embeddings(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let cfg = inner.config.lock().unwrap().clone();
+    if let Err(r) = authorize(&cfg, &headers) {
+        return inner.refuse("", 0, r);
+    }
+    let (req, texts) = match parse_inputs(&body) {
+        Ok(parsed) => parsed,
+        Err(r) => return inner.refuse("", 0, r),
+    };
+    let n = texts.len();
+    let (total, dims) = match check_limits(&cfg, &req, &texts) {
+        Ok(checked) => checked,
+        Err(r) => return inner.refuse(&req.model, n, r),
+    };
+    let quota = match admit(&inner, &cfg, &req.model, total) {
+        Ok(q) => q,
+        Err(r) => return inner.refuse(&req.model, n, r),
+    };
     let latency = cfg.latency + cfg.latency_per_1k_tokens.mul_f64(total as f64 / 1000.0);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    if injected_failure(&inner, &cfg) {
+        // A failed request still used its rate-limit slot, as at the provider.
+        return inner.refuse(
+            &req.model,
+            n,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The server had an error while processing your request. Sorry about that!",
+                "server_error",
+            ),
+        );
+    }
+    respond(&inner, &cfg, &req, &texts, dims, total, quota)
+}
+
+/// The bearer token, when the fake requires one (a wrong one may be echoed back, as some
+/// providers do).
+fn authorize(cfg: &FakeConfig, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(key) = &cfg.api_key else {
+        return Ok(());
+    };
+    let sent = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if sent == Some(key.as_str()) {
+        return Ok(());
+    }
+    let message = if cfg.echo_key_in_errors {
+        format!(
+            "Incorrect API key provided: {}. You can find your API key at https://platform.example/account/api-keys.",
+            sent.unwrap_or("")
+        )
+    } else {
+        "Incorrect API key provided.".to_string()
+    };
+    Err(
+        Refusal::new(StatusCode::UNAUTHORIZED, message, "invalid_request_error")
+            .code("invalid_api_key"),
+    )
+}
+
+/// The JSON body and its inputs as texts (token arrays are decoded).
+fn parse_inputs(body: &[u8]) -> Result<(Request, Vec<String>), Refusal> {
+    let mut req: Request = serde_json::from_slice(body).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("We could not parse the JSON body of your request. ({e})"),
+            "invalid_request_error",
+        )
+    })?;
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let input = std::mem::replace(&mut req.input, Input::Many(Vec::new()));
+    let texts = match input {
+        Input::One(s) => vec![s],
+        Input::Many(v) => v,
+        Input::Tokens(t) => vec![bpe.decode(&t).unwrap_or_default()],
+        Input::ManyTokens(ts) => ts
+            .into_iter()
+            .map(|t| bpe.decode(&t).unwrap_or_default())
+            .collect(),
+    };
+    Ok((req, texts))
+}
+
+/// The quota, the number of inputs, each input (empty, rejected marker, over the context),
+/// the per-request token cap (OpenAI's ~0.25-token-per-byte estimate) and `dimensions`.
+/// Returns the tokens to bill and the vectors' dimensions.
+fn check_limits(
+    cfg: &FakeConfig,
+    req: &Request,
+    texts: &[String],
+) -> Result<(u64, usize), Refusal> {
+    let bad =
+        |message: String| Refusal::new(StatusCode::BAD_REQUEST, message, "invalid_request_error");
+    if cfg.insufficient_quota {
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+        )
+        .code("insufficient_quota"));
+    }
+    let n = texts.len();
+    if n == 0 || n > cfg.max_inputs {
+        return Err(bad(format!(
+            "'$.input' is invalid: an array must have between 1 and {} items.",
+            cfg.max_inputs
+        )));
+    }
+    let bpe = tiktoken_rs::cl100k_base_singleton();
+    let mut total = 0u64;
+    let mut estimated = 0u64;
+    for (i, t) in texts.iter().enumerate() {
+        if t.is_empty() {
+            return Err(bad(format!("'$.input[{i}]' is invalid: empty string.")));
+        }
+        if cfg
+            .reject_marker
+            .as_ref()
+            .is_some_and(|m| t.contains(m.as_str()))
+        {
+            return Err(bad(format!("'$.input[{i}]' is invalid.")));
+        }
+        let c = bpe.encode_ordinary(t).len();
+        if c > cfg.max_tokens_per_input {
+            return Err(bad(format!(
+                "This model's maximum context length is {} tokens, however you requested {c} tokens in input {i}.",
+                cfg.max_tokens_per_input
+            )));
+        }
+        total += c as u64;
+        estimated += crate::pipeline::chunk::request_cap_tokens(t, c) as u64;
+    }
+    if estimated as usize > cfg.max_tokens_per_request {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Requested {estimated} tokens, max {} tokens per request",
+                cfg.max_tokens_per_request
+            ),
+            "max_tokens_per_request",
+        )
+        .code("max_tokens_per_request"));
+    }
+    let dims = match req.dimensions {
+        Some(_) if !req.model.starts_with("text-embedding-3") => {
+            return Err(bad(
+                "This model does not support specifying dimensions.".into()
+            ));
+        }
+        Some(d) => d,
+        None => model_dims(&req.model),
+    };
+    Ok((total, dims))
+}
+
+/// The rate limits: buckets replenished continuously over the window. A request over either
+/// limit is refused with how long to wait; an admitted one takes its share.
+fn admit(inner: &Inner, cfg: &FakeConfig, model: &str, total: u64) -> Result<Quota, Refusal> {
+    let now = Instant::now();
+    let mut w = inner.window.lock().unwrap();
+    let avail_req = if cfg.rpm > 0 {
+        w.requests.refill(cfg.rpm, cfg.window, now)
+    } else {
+        f64::MAX
+    };
+    let avail_tok = if cfg.tpm > 0 {
+        w.tokens.refill(cfg.tpm, cfg.window, now)
+    } else {
+        f64::MAX
+    };
+    let over_rpm = cfg.rpm > 0 && avail_req < 1.0;
+    let over_tpm = cfg.tpm > 0 && avail_tok < total as f64;
+    if over_rpm || over_tpm {
+        let wait_req = if over_rpm {
+            bucket_waits(avail_req, 1.0, cfg.rpm, cfg.window).0
+        } else {
+            Duration::ZERO
+        };
+        let wait_tok = if over_tpm {
+            bucket_waits(avail_tok, total as f64, cfg.tpm, cfg.window).0
+        } else {
+            Duration::ZERO
+        };
+        let wait = wait_req.max(wait_tok).max(Duration::from_millis(1));
+        let (what, limit, used, requested) = if over_tpm {
+            (
+                "tokens per min (TPM)",
+                cfg.tpm,
+                cfg.tpm.saturating_sub(avail_tok as u64),
+                total,
+            )
+        } else {
+            (
+                "requests per min (RPM)",
+                cfg.rpm,
+                cfg.rpm.saturating_sub(avail_req as u64),
+                1,
+            )
+        };
+        let mut r = Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Rate limit reached for {model} on {what}: Limit {limit}, Used {used}, Requested {requested}. Please try again in {:.3}s.",
+                wait.as_secs_f64()
+            ),
+            if over_tpm { "tokens" } else { "requests" },
+        )
+        .code("rate_limit_exceeded");
+        r.retry_after = Some(wait);
+        return Err(r);
+    }
+    if cfg.rpm > 0 {
+        w.requests.available -= 1.0;
+    }
+    if cfg.tpm > 0 {
+        w.tokens.available -= total as f64;
+    }
+    let (ra, ta) = (w.requests.available, w.tokens.available);
+    Ok(Quota {
+        remaining_requests: ra.max(0.0) as u64,
+        remaining_tokens: ta.max(0.0) as u64,
+        reset_requests: if cfg.rpm > 0 {
+            bucket_waits(ra, 0.0, cfg.rpm, cfg.window).1
+        } else {
+            Duration::ZERO
+        },
+        reset_tokens: if cfg.tpm > 0 {
+            bucket_waits(ta, 0.0, cfg.tpm, cfg.window).1
+        } else {
+            Duration::ZERO
+        },
+    })
+}
+
+/// An outage that began after `fail_after` good answers, or a random 5xx at `error_rate`.
+fn injected_failure(inner: &Inner, cfg: &FakeConfig) -> bool {
     let outage = cfg.fail_after.is_some_and(|n| {
         inner
             .recorded
@@ -509,24 +577,28 @@ async fn embeddings(
             .count()
             >= n
     });
-    let fail = outage
+    outage
         || cfg.error_rate > 0.0 && {
             let mut s = inner.rng.lock().unwrap();
             *s ^= *s << 13;
             *s ^= *s >> 7;
             *s ^= *s << 17;
             (*s as f64 / u64::MAX as f64) < cfg.error_rate
-        };
-    if fail {
-        // A failed request still used its rate-limit slot, as at the provider.
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "The server had an error while processing your request. Sorry about that!".into(),
-            "server_error",
-            None,
-        );
-    }
+        }
+}
 
+/// The answer: one vector per input (poisoned where a marker asks), `usage` at the billing
+/// multiplier, and the rate-limit headers.
+fn respond(
+    inner: &Inner,
+    cfg: &FakeConfig,
+    req: &Request,
+    texts: &[String],
+    dims: usize,
+    total: u64,
+    quota: Quota,
+) -> Response {
+    let n = texts.len();
     let base64 = req.encoding_format.as_deref() == Some("base64");
     let data: Vec<serde_json::Value> = texts
         .iter()
@@ -550,7 +622,7 @@ async fn embeddings(
         })
         .collect();
     let billed = (total as f64 * cfg.billing_multiplier).round() as u64;
-    record(&req.model, n, billed, 200);
+    inner.record(&req.model, n, billed, 200);
     let body = json!({
         "object": "list", "data": data, "model": req.model,
         "usage": {"prompt_tokens": billed, "total_tokens": billed}
@@ -578,18 +650,24 @@ async fn embeddings(
         put("x-ratelimit-reset-requests", "1s".to_string());
     } else if cfg.rpm > 0 {
         put("x-ratelimit-limit-requests", cfg.rpm.to_string());
-        put("x-ratelimit-remaining-requests", remaining_req.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            quota.remaining_requests.to_string(),
+        );
         put(
             "x-ratelimit-reset-requests",
-            format!("{:.3}s", reset_req.as_secs_f64()),
+            format!("{:.3}s", quota.reset_requests.as_secs_f64()),
         );
     }
     if cfg.tpm > 0 {
         put("x-ratelimit-limit-tokens", cfg.tpm.to_string());
-        put("x-ratelimit-remaining-tokens", remaining_tok.to_string());
+        put(
+            "x-ratelimit-remaining-tokens",
+            quota.remaining_tokens.to_string(),
+        );
         put(
             "x-ratelimit-reset-tokens",
-            format!("{:.3}s", reset_tok.as_secs_f64()),
+            format!("{:.3}s", quota.reset_tokens.as_secs_f64()),
         );
     }
     resp

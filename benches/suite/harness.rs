@@ -176,7 +176,6 @@ impl Drop for Fake {
     }
 }
 
-
 pub(crate) fn start_fake(args: &[String]) -> (Fake, String) {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_fake-openai"))

@@ -190,21 +190,47 @@ pub async fn write_batch(
     max_attempts: i32,
     writes: &[SourceWrite],
 ) -> sqlx::Result<HashMap<EmbedSource, WriteOutcome>> {
-    let mut outcomes = HashMap::with_capacity(writes.len());
     if writes.is_empty() {
-        return Ok(outcomes);
+        return Ok(HashMap::new());
     }
     let mut tx = pool.begin().await?;
+    lock_sources(&mut tx, writes).await?;
+    let (outcomes, fresh, superseded) = partition_fresh(&mut tx, writes).await?;
+    copy_new(&mut tx, model, dimensions, &fresh).await?;
+    touch_unchanged(&mut tx, model, &fresh).await?;
+    trim_tail(&mut tx, model, &fresh).await?;
+    if !superseded.is_empty() {
+        crate::queue::enqueue_many(&mut *tx, queue, max_attempts, &superseded).await?;
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
 
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
+
+/// A transaction-scoped advisory lock per source, in sorted order (no deadlocks): two workers
+/// writing the same source serialize.
+async fn lock_sources(tx: &mut Tx<'_>, writes: &[SourceWrite]) -> sqlx::Result<()> {
     let mut keys: Vec<i64> = writes.iter().map(|w| lock_key(&w.source)).collect();
     keys.sort_unstable();
     keys.dedup();
     sqlx::query("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k")
         .bind(&keys)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
+    Ok(())
+}
 
-    // Newest wins: compare updated_at under the lock.
+/// Newest wins, compared under the lock: a source gone since is `Gone`; one whose `updated_at`
+/// moved since its text was read is `Superseded` (and re-queued); the rest are written.
+async fn partition_fresh<'w>(
+    tx: &mut Tx<'_>,
+    writes: &'w [SourceWrite],
+) -> sqlx::Result<(
+    HashMap<EmbedSource, WriteOutcome>,
+    Vec<&'w SourceWrite>,
+    Vec<EmbedSource>,
+)> {
     let ids_of = |ty: SourceType| -> Vec<Uuid> {
         writes
             .iter()
@@ -228,7 +254,7 @@ pub async fn write_batch(
             continue;
         }
         let rows: Vec<(Uuid, DateTime<Utc>)> =
-            sqlx::query_as(sql).bind(&ids).fetch_all(&mut *tx).await?;
+            sqlx::query_as(sql).bind(&ids).fetch_all(&mut **tx).await?;
         for (id, at) in rows {
             current.insert(
                 EmbedSource {
@@ -239,7 +265,7 @@ pub async fn write_batch(
             );
         }
     }
-
+    let mut outcomes = HashMap::with_capacity(writes.len());
     let mut fresh: Vec<&SourceWrite> = Vec::with_capacity(writes.len());
     let mut superseded: Vec<EmbedSource> = Vec::new();
     for w in writes {
@@ -257,108 +283,119 @@ pub async fn write_batch(
             }
         }
     }
+    Ok((outcomes, fresh, superseded))
+}
 
-    // New vectors: streamed by binary COPY into a temporary staging table, then one upsert from
-    // it. Why not a bound UNNEST array: the whole batch's vectors then travel in one Bind
-    // message, and each pooled connection keeps a write buffer as large as the largest batch it
-    // ever sent (docs/decisions.md); COPY sends bounded chunks. It is also Postgres's fastest
-    // way in (BENCHMARKS.md, bulk insert).
-    // Unchanged chunks: mark as verified now (their updated_at moves, the vector stays).
+/// New vectors: streamed by binary COPY into a temporary staging table, then one upsert from
+/// it. Why not a bound UNNEST array: the whole batch's vectors then travel in one Bind
+/// message, and each pooled connection keeps a write buffer as large as the largest batch it
+/// ever sent (docs/decisions.md); COPY sends bounded chunks. It is also Postgres's fastest
+/// way in (BENCHMARKS.md, bulk insert).
+async fn copy_new(
+    tx: &mut Tx<'_>,
+    model: &str,
+    dimensions: usize,
+    fresh: &[&SourceWrite],
+) -> sqlx::Result<()> {
+    if !fresh
+        .iter()
+        .any(|w| w.chunks.iter().any(|c| c.vector.is_some()))
+    {
+        return Ok(());
+    }
+    sqlx::raw_sql(STAGE_TABLE).execute(&mut **tx).await?;
+    let mut copy = (**tx)
+        .copy_in_raw("COPY pg_temp.embed_stage (source_type, source_id, chunk_index, content_hash, embedding, token_count) FROM STDIN (FORMAT binary)")
+        .await?;
+    let mut rows = CopyRows::new();
+    for w in fresh {
+        for c in &w.chunks {
+            let Some(v) = &c.vector else { continue };
+            rows.row(6);
+            rows.field(w.source.source_type.as_str().as_bytes());
+            rows.field(w.source.source_id.as_bytes());
+            rows.field(&(c.index as i32).to_be_bytes());
+            rows.field(c.content_hash.as_bytes());
+            rows.vector(v.as_slice());
+            rows.field(&(c.tokens as i32).to_be_bytes());
+            if rows.len() >= COPY_CHUNK {
+                copy.send(rows.take()).await?;
+            }
+        }
+    }
+    copy.send(rows.finish()).await?;
+    copy.finish().await?;
+    sqlx::query(
+        "INSERT INTO rag_embeddings AS e (source_type, source_id, chunk_index, content_hash,
+                                          embedding, embedding_model, dimensions, token_count)
+         SELECT source_type, source_id, chunk_index, content_hash, embedding, $1, $2, token_count
+           FROM pg_temp.embed_stage
+         ON CONFLICT (source_type, source_id, embedding_model, chunk_index) DO UPDATE
+            SET content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
+                dimensions = EXCLUDED.dimensions, token_count = EXCLUDED.token_count,
+                updated_at = now()",
+    )
+    .bind(model)
+    .bind(dimensions as i32)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Unchanged chunks: marked as verified now (their `updated_at` moves, the vector stays).
+async fn touch_unchanged(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx::Result<()> {
     let mut same_types = Vec::new();
     let mut same_ids = Vec::new();
     let mut same_idxs = Vec::new();
-    let mut staged = 0usize;
-    for w in &fresh {
-        for c in &w.chunks {
-            if c.vector.is_some() {
-                staged += 1;
-            } else {
-                same_types.push(w.source.source_type.as_str());
-                same_ids.push(w.source.source_id);
-                same_idxs.push(c.index as i32);
-            }
+    for w in fresh {
+        for c in w.chunks.iter().filter(|c| c.vector.is_none()) {
+            same_types.push(w.source.source_type.as_str());
+            same_ids.push(w.source.source_id);
+            same_idxs.push(c.index as i32);
         }
     }
-    if staged > 0 {
-        sqlx::raw_sql(STAGE_TABLE).execute(&mut *tx).await?;
-        let mut copy = (*tx)
-            .copy_in_raw("COPY pg_temp.embed_stage (source_type, source_id, chunk_index, content_hash, embedding, token_count) FROM STDIN (FORMAT binary)")
-            .await?;
-        let mut rows = CopyRows::new();
-        for w in &fresh {
-            for c in &w.chunks {
-                let Some(v) = &c.vector else { continue };
-                rows.row(6);
-                rows.field(w.source.source_type.as_str().as_bytes());
-                rows.field(w.source.source_id.as_bytes());
-                rows.field(&(c.index as i32).to_be_bytes());
-                rows.field(c.content_hash.as_bytes());
-                rows.vector(v.as_slice());
-                rows.field(&(c.tokens as i32).to_be_bytes());
-                if rows.len() >= COPY_CHUNK {
-                    copy.send(rows.take()).await?;
-                }
-            }
-        }
-        copy.send(rows.finish()).await?;
-        copy.finish().await?;
-        sqlx::query(
-            "INSERT INTO rag_embeddings AS e (source_type, source_id, chunk_index, content_hash,
-                                              embedding, embedding_model, dimensions, token_count)
-             SELECT source_type, source_id, chunk_index, content_hash, embedding, $1, $2, token_count
-               FROM pg_temp.embed_stage
-             ON CONFLICT (source_type, source_id, embedding_model, chunk_index) DO UPDATE
-                SET content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
-                    dimensions = EXCLUDED.dimensions, token_count = EXCLUDED.token_count,
-                    updated_at = now()",
-        )
-        .bind(model)
-        .bind(dimensions as i32)
-        .execute(&mut *tx)
-        .await?;
+    if same_ids.is_empty() {
+        return Ok(());
     }
-    if !same_ids.is_empty() {
-        sqlx::query(
-            "UPDATE rag_embeddings e SET updated_at = now()
-               FROM unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, idx)
-              WHERE e.source_type = u.t AND e.source_id = u.id AND e.chunk_index = u.idx
-                AND e.embedding_model = $4",
-        )
-        .bind(&same_types)
-        .bind(&same_ids)
-        .bind(&same_idxs)
-        .bind(model)
-        .execute(&mut *tx)
-        .await?;
-    }
+    sqlx::query(
+        "UPDATE rag_embeddings e SET updated_at = now()
+           FROM unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, idx)
+          WHERE e.source_type = u.t AND e.source_id = u.id AND e.chunk_index = u.idx
+            AND e.embedding_model = $4",
+    )
+    .bind(&same_types)
+    .bind(&same_ids)
+    .bind(&same_idxs)
+    .bind(model)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
 
-    // Chunks beyond each source's new count (a shorter text, or an emptied one).
+/// Chunks beyond each source's new count (a shorter text, or an emptied one) are deleted.
+async fn trim_tail(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx::Result<()> {
+    if fresh.is_empty() {
+        return Ok(());
+    }
     let del_types: Vec<&str> = fresh
         .iter()
         .map(|w| w.source.source_type.as_str())
         .collect();
     let del_ids: Vec<Uuid> = fresh.iter().map(|w| w.source.source_id).collect();
     let del_counts: Vec<i32> = fresh.iter().map(|w| w.chunks.len() as i32).collect();
-    if !del_ids.is_empty() {
-        sqlx::query(
-            "DELETE FROM rag_embeddings e
-              USING unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, n)
-              WHERE e.source_type = u.t AND e.source_id = u.id AND e.embedding_model = $4
-                AND e.chunk_index >= u.n",
-        )
-        .bind(&del_types)
-        .bind(&del_ids)
-        .bind(&del_counts)
-        .bind(model)
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    if !superseded.is_empty() {
-        crate::queue::enqueue_many(&mut *tx, queue, max_attempts, &superseded).await?;
-    }
-    tx.commit().await?;
-    Ok(outcomes)
+    sqlx::query(
+        "DELETE FROM rag_embeddings e
+          USING unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, n)
+          WHERE e.source_type = u.t AND e.source_id = u.id AND e.embedding_model = $4
+            AND e.chunk_index >= u.n",
+    )
+    .bind(&del_types)
+    .bind(&del_ids)
+    .bind(&del_counts)
+    .bind(model)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Distinct sources, in order.
