@@ -92,10 +92,10 @@ impl Caller {
         };
         let until = std::time::Instant::now()
             + std::time::Duration::from_secs(self.settings.budget.recheck_secs);
-        if !self.health.api_stop_recorded() {
+        if !self.health.api.is_recorded() {
             tracing::error!(%reason, "budget guard: API calls stopped, readiness false; queueing continues");
         }
-        self.health.stop_api(reason.clone(), until);
+        self.health.api.stop(reason.clone(), until);
         EmbedError::Stopped { reason }
     }
 
@@ -119,7 +119,7 @@ impl Caller {
         let mut transient_failures = 0u32;
         let mut probe;
         loop {
-            if let Some(reason) = self.health.api_stopped() {
+            if let Some(reason) = self.health.api.stopped() {
                 return Err(EmbedError::Stopped { reason });
             }
             let result = {
@@ -127,7 +127,7 @@ impl Caller {
                 // accounted when the request is sent.
                 let _slot = self.api_slots.acquire().await.expect("semaphore open");
                 // After a stop has expired exactly one request goes out as the probe.
-                probe = match self.health.claim_api() {
+                probe = match self.health.api.claim() {
                     Ok(probe) => probe,
                     Err(reason) => return Err(EmbedError::Stopped { reason }),
                 };
@@ -136,7 +136,7 @@ impl Caller {
                     Ok((exceeded, _)) => return Err(self.stop_at_budget(&exceeded)),
                     Err(e) => {
                         if probe {
-                            self.health.end_probe();
+                            self.health.api.end_probe();
                         }
                         return Err(EmbedError::Transient {
                             status: None,
@@ -209,13 +209,13 @@ impl Caller {
                         | Err(EmbedError::Unauthorized { .. })
                 )
             {
-                self.health.end_probe();
+                self.health.api.end_probe();
             }
             match result {
                 Ok(done) => {
-                    if self.health.api_stop_recorded() {
+                    if self.health.api.is_recorded() {
                         tracing::info!("API calls resumed");
-                        self.health.resume_api();
+                        self.health.api.resume();
                     }
                     return Ok(done);
                 }
@@ -234,7 +234,8 @@ impl Caller {
                     tracing::error!(%message, recheck_secs = r.quota_recheck_secs,
                         "provider quota exhausted (insufficient_quota): API calls stopped, readiness false");
                     self.health
-                        .stop_api(format!("insufficient_quota: {message}"), until);
+                        .api
+                        .stop(format!("insufficient_quota: {message}"), until);
                     return Err(EmbedError::QuotaExhausted { message });
                 }
                 Err(EmbedError::Unauthorized { status, message }) => {
@@ -244,7 +245,7 @@ impl Caller {
                         + std::time::Duration::from_secs(r.quota_recheck_secs);
                     tracing::error!(status, %message, recheck_secs = r.quota_recheck_secs,
                         "provider refused the API key: API calls stopped, readiness false; check OPENAI_API_KEY / OPENAI_API_KEY_FILE");
-                    self.health.stop_api(
+                    self.health.api.stop(
                         format!("provider refused the API key (HTTP {status}): {message}; check OPENAI_API_KEY / OPENAI_API_KEY_FILE"),
                         until,
                     );

@@ -6,4 +6,5 @@
 //! every reason in one line.
 
 pub mod budget;
+pub mod gate;
 pub mod health;

@@ -414,7 +414,8 @@ impl Pipeline {
             EmbedError::Stopped { .. } => JobError::release(
                 e.to_string(),
                 self.health
-                    .api_stop_remaining()
+                    .api
+                    .remaining()
                     .unwrap_or_default()
                     .min(std::time::Duration::from_secs(60)),
             ),

@@ -368,7 +368,7 @@ async fn the_budget_holds_against_a_provider_that_bills_three_times_our_count() 
             last = (sent, Instant::now());
         }
         let stopped =
-            a.worker.health.api_stopped().is_some() || b.worker.health.api_stopped().is_some();
+            a.worker.health.api.stopped().is_some() || b.worker.health.api.stopped().is_some();
         if stopped && last.1.elapsed() > Duration::from_secs(1) {
             break;
         }
