@@ -14,57 +14,89 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// Everything the worker reads at start, section by section as in `config/default.toml`.
 pub struct Settings {
+    /// `[database]`: where and as whom.
     pub database: DatabaseSettings,
+    /// `[queue]`: the apalis queue and how jobs are claimed.
     pub queue: QueueSettings,
+    /// `[batch]`: how jobs are grouped into batches.
     pub batch: BatchSettings,
+    /// `[api]`: the provider's endpoint and per-request limits.
     pub api: ApiSettings,
+    /// `[model]`: which model, its size and price.
     pub model: ModelSettings,
+    /// `[render]`: how a source becomes text.
     pub render: RenderSettings,
+    /// `[shutdown]`: graceful stop.
     pub shutdown: ShutdownSettings,
+    /// `[log]`: log format.
     pub log: LogSettings,
+    /// `[rate_limit]`: requests and tokens per minute.
     pub rate_limit: RateLimitSettings,
+    /// `[retry]`: backoff of requests and jobs.
     pub retry: RetrySettings,
+    /// `[retention]`: how long finished jobs are kept.
     pub retention: RetentionSettings,
+    /// `[http]`: metrics and probes.
     pub http: HttpSettings,
+    /// `[capture]`: change-capture triggers.
     pub capture: CaptureSettings,
+    /// `[freshness]`: stale scans.
     pub freshness: FreshnessSettings,
+    /// `[budget]`: the monthly spend limit.
     pub budget: BudgetSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[budget]`.
 pub struct BudgetSettings {
+    /// Monthly budget in USD for all replicas (0 = none).
     pub monthly_usd: f64,
+    /// While stopped at the budget, check again this often.
     pub recheck_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[capture]`: which change-capture triggers `migrate` enables.
 pub struct CaptureSettings {
+    /// Queue a job when a session's embedded text changes.
     pub sessions: bool,
+    /// Queue a job when a template's embedded text changes.
     pub templates: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[freshness]`.
 pub struct FreshnessSettings {
+    /// Re-embed rows older than this many days (0 = never).
     pub max_age_days: u64,
+    /// Periodic stale scan interval, one scanner across replicas (0 = off).
     pub scan_interval_secs: u64,
+    /// Rows one scan queues at most (0 = no limit).
     pub scan_limit: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[http]`.
 pub struct HttpSettings {
+    /// Address for /metrics, /healthz, /readyz (empty disables).
     pub addr: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[retention]`.
 pub struct RetentionSettings {
+    /// `Done` jobs are deleted after this long.
     pub done_after_hours: u64,
+    /// Dead letters (and staged chunks) are deleted after this long.
     pub failed_after_hours: u64,
+    /// How often `run` prunes.
     pub interval_secs: u64,
 }
 
@@ -81,27 +113,41 @@ impl RetentionSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[rate_limit]`: the provider's limits for this organisation (0 = unlimited).
 pub struct RateLimitSettings {
+    /// Requests per "minute" (`period_secs`).
     pub requests_per_minute: u32,
+    /// Tokens per "minute" (`period_secs`).
     pub tokens_per_minute: u32,
+    /// Length of the "minute" in seconds (tests shorten it).
     pub period_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[retry]`.
 pub struct RetrySettings {
+    /// Retries of a transient API error in place, before the job retries later.
     pub request_retries: u32,
+    /// First in-place backoff, in ms (full jitter, doubling).
     pub base_ms: u64,
+    /// Longest in-place backoff, in ms.
     pub cap_ms: u64,
+    /// First backoff of a retried job, in seconds (doubling by attempt).
     pub job_backoff_base_secs: u64,
+    /// Longest backoff of a retried job, in seconds.
     pub job_backoff_cap_secs: u64,
+    /// After `insufficient_quota` or a refused key, one probe after this long.
     pub quota_recheck_secs: u64,
 }
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[database]`.
 pub struct DatabaseSettings {
+    /// `DATABASE_URL`: where to connect.
     pub url: String,
+    /// Pool size.
     pub max_connections: u32,
     /// Role to `SET ROLE` to after connecting; empty means the login role.
     pub role: String,
@@ -124,30 +170,47 @@ pub fn redact_url(url: &str) -> String {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[queue]`.
 pub struct QueueSettings {
+    /// The queue (apalis `job_type`).
     pub name: String,
+    /// Jobs claimed per poll.
     pub fetch_batch: usize,
+    /// Jobs held at once by one process.
     pub concurrency: usize,
+    /// Poll interval besides LISTEN/NOTIFY.
     pub poll_interval_ms: u64,
+    /// Attempts before a retried job is a dead letter.
     pub max_attempts: i32,
+    /// Worker heartbeat interval.
     pub heartbeat_secs: u64,
+    /// Missed heartbeats after which a worker's jobs are re-queued.
     pub missed_heartbeats: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[batch]`.
 pub struct BatchSettings {
+    /// A batch flushes at this many jobs...
     pub max_jobs: usize,
+    /// ...or when its oldest job has waited this long.
     pub linger_ms: u64,
+    /// Batches (and API requests) at once.
     pub max_in_flight: usize,
 }
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[api]`.
 pub struct ApiSettings {
+    /// The OpenAI-compatible endpoint.
     pub base_url: String,
+    /// A request with no answer after this long is a transient error.
     pub timeout_secs: u64,
+    /// Inputs per request (OpenAI: 2,048).
     pub max_inputs_per_request: usize,
+    /// Budgeted tokens per request (OpenAI: 300,000).
     pub max_tokens_per_request: usize,
     /// Never from the file: filled from the environment by [`Settings::load`].
     #[serde(skip)]
@@ -168,16 +231,23 @@ impl std::fmt::Debug for ApiSettings {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[model]`.
 pub struct ModelSettings {
     /// `openai` (any OpenAI-compatible API) or `local` (all-MiniLM-L6-v2 in-process).
     pub provider: Provider,
     /// The local model's folder (config.json, tokenizer.json, model.safetensors).
     pub local_path: String,
+    /// The model's name as the provider knows it (and `embedding_model`).
     pub name: String,
+    /// Vector dimensions.
     pub dimensions: usize,
+    /// Send `dimensions` to the API (only text-embedding-3-* accept it).
     pub send_dimensions: bool,
+    /// Longest chunk, in the model's tokens.
     pub max_input_tokens: usize,
+    /// Overlap between chunks of a split text, in tokens.
     pub chunk_overlap_tokens: usize,
+    /// Price, for cost metrics and the budget.
     pub usd_per_million_tokens: f64,
     /// A source longer than this (in tokens, all chunks) is a dead letter with its size, never
     /// embedded: one 50 MB paste would otherwise take the whole token quota.
@@ -197,19 +267,25 @@ pub enum Provider {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[render]`: `{field}` placeholders; empty lines are dropped.
 pub struct RenderSettings {
+    /// How a session becomes text.
     pub session: String,
+    /// How a template becomes text.
     pub template: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[shutdown]`.
 pub struct ShutdownSettings {
+    /// In-flight batches get this long after SIGTERM.
     pub grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// `[log]`.
 pub struct LogSettings {
     /// `human` or `json`; anything else is refused when the configuration is read.
     pub format: crate::telemetry::LogFormat,

@@ -13,6 +13,7 @@ use sqlx::{Executor, PgPool};
 
 use crate::config::DatabaseSettings;
 
+/// This project's migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A pool whose connections run as `settings.role` (when set), so the worker's queries are
@@ -94,6 +95,7 @@ pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
     connect(&settings).await
 }
 
+/// `s` as a quoted SQL identifier.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -134,10 +136,15 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
 /// One vector index as the catalog describes it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct VectorIndex {
+    /// Index name.
     pub name: String,
+    /// `hnsw` or `ivfflat` (or another).
     pub access_method: String,
+    /// Storage options, e.g. `m=16`.
     pub options: Vec<String>,
+    /// `CREATE INDEX` statement.
     pub definition: String,
+    /// False after a failed concurrent build.
     pub valid: bool,
 }
 
@@ -167,7 +174,9 @@ pub async fn vector_indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
 /// The result of `verify`: what was found and what is wrong.
 #[derive(Debug)]
 pub struct VerifyReport {
+    /// Every vector index found.
     pub indexes: Vec<VectorIndex>,
+    /// What is wrong, one sentence each.
     pub problems: Vec<String>,
 }
 

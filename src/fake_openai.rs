@@ -25,8 +25,11 @@ use sha2::{Digest, Sha256};
 /// Behaviour of the fake; change it at run time with [`FakeServer::configure`].
 #[derive(Debug, Clone)]
 pub struct FakeConfig {
+    /// Inputs per request (OpenAI: 2,048).
     pub max_inputs: usize,
+    /// Tokens per input (OpenAI: 8,192).
     pub max_tokens_per_input: usize,
+    /// Estimated tokens per request (OpenAI: 300,000).
     pub max_tokens_per_request: usize,
     /// Requests per minute; 0 = unlimited.
     pub rpm: u64,
@@ -34,7 +37,9 @@ pub struct FakeConfig {
     pub tpm: u64,
     /// The rate limits' "minute" (tests shorten it).
     pub window: Duration,
+    /// Delay before each answer.
     pub latency: Duration,
+    /// Extra delay per 1,000 tokens.
     pub latency_per_1k_tokens: Duration,
     /// Share of requests answered with a 5xx, 0.0..=1.0.
     pub error_rate: f64,
@@ -81,19 +86,25 @@ impl Default for FakeConfig {
 }
 
 /// Inputs containing these markers get a poisoned vector back (the request succeeds): what a
-/// misbehaving provider or model server returns now and then.
+/// misbehaving provider or model server returns now and then. This one: a NaN component.
 pub const NAN_MARKER: &str = "<<fake:nan>>";
+/// An input with this marker gets an infinite component.
 pub const INF_MARKER: &str = "<<fake:inf>>";
+/// An input with this marker gets an all-zero vector.
 pub const ZERO_MARKER: &str = "<<fake:zero>>";
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
 pub struct Recorded {
+    /// The model asked for.
     pub model: String,
+    /// Inputs in the request.
     pub inputs: usize,
     /// Tokens counted for `usage` (0 when the request was refused).
     pub tokens: u64,
+    /// The status answered.
     pub status: u16,
+    /// When.
     pub at: Instant,
 }
 
@@ -142,7 +153,9 @@ struct Inner {
 }
 
 #[derive(Clone)]
+/// A running fake (cheap to clone).
 pub struct FakeServer {
+    /// Where it listens.
     pub addr: SocketAddr,
     inner: Arc<Inner>,
 }
@@ -173,10 +186,12 @@ impl FakeServer {
         format!("http://{}/v1", self.addr)
     }
 
+    /// Changes the behaviour of a running fake.
     pub fn configure(&self, f: impl FnOnce(&mut FakeConfig)) {
         f(&mut self.inner.config.lock().unwrap());
     }
 
+    /// Every request seen so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.recorded.lock().unwrap().clone()
     }

@@ -74,16 +74,20 @@ impl std::str::FromStr for StaleReason {
 /// A stale source and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stale {
+    /// The source.
     pub source: EmbedSource,
+    /// Why it is stale.
     pub reason: StaleReason,
 }
 
 /// Filters for a scan.
 #[derive(Debug, Clone, Default)]
 pub struct Scope {
+    /// Only this source type.
     pub source_type: Option<SourceType>,
     /// Only sources updated at or after this time.
     pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// At most this many sources.
     pub limit: Option<i64>,
     /// Embeddings older than this many days count as stale (0/None: never).
     pub max_age_days: Option<u64>,

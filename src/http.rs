@@ -43,6 +43,7 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
+/// The routes: /metrics, /healthz, /readyz.
 pub fn router(health: Arc<Health>) -> Router {
     let state = AppState {
         health,

@@ -12,12 +12,15 @@ use crate::source::EmbedSource;
 /// A claimed job: its apalis id and its payload.
 #[derive(Debug, Clone)]
 pub struct Job {
+    /// apalis's job id.
     pub id: String,
+    /// Which source to embed.
     pub source: EmbedSource,
 }
 
 /// How a job ended, when it ended well.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)] // chunks, embedded, tokens: counts, as `Display` prints them
 pub enum JobOutcome {
     /// New vectors written for `embedded` of `chunks` chunks.
     Embedded {
@@ -70,6 +73,7 @@ impl std::fmt::Display for JobOutcome {
 
 /// What happens to a job that did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)] // after: when the job may be claimed again
 pub enum Disposition {
     /// Try again later, backing off by attempt; after `max_attempts` it is a dead letter.
     Retry,
@@ -84,23 +88,28 @@ pub enum Disposition {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{reason}")]
 pub struct JobError {
+    /// Why (stored as the job's result).
     pub reason: String,
+    /// What happens to the job.
     pub disposition: Disposition,
 }
 
 impl JobError {
+    /// A retryable failure.
     pub fn retry(reason: impl Into<String>) -> Self {
         JobError {
             reason: crate::redact::secrets(&reason.into(), None),
             disposition: Disposition::Retry,
         }
     }
+    /// Given back untouched, claimable after `after`.
     pub fn release(reason: impl Into<String>, after: std::time::Duration) -> Self {
         JobError {
             reason: crate::redact::secrets(&reason.into(), None),
             disposition: Disposition::Release { after },
         }
     }
+    /// A permanent failure (dead letter).
     pub fn dead(reason: impl Into<String>) -> Self {
         JobError {
             reason: crate::redact::secrets(&reason.into(), None),
@@ -109,6 +118,7 @@ impl JobError {
     }
 }
 
+/// How a job ended.
 pub type JobResult = Result<JobOutcome, JobError>;
 
 impl Disposition {

@@ -1,4 +1,4 @@
-#![warn(unreachable_pub)]
+#![warn(missing_docs, unreachable_pub)]
 //! embed-worker: keeps `rag_embeddings` (pgvector) in step with an application's text.
 //!
 //! # Layout

@@ -15,24 +15,43 @@ use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
 
+/// Tokens billed, by model.
 pub const TOKENS_EMBEDDED: &str = "embed_worker_tokens_embedded_total";
+/// Tokens not sent (content hash matched), by model.
 pub const TOKENS_SAVED: &str = "embed_worker_tokens_saved_total";
+/// Cost of billed tokens in USD, by model.
 pub const COST_USD: &str = "embed_worker_cost_usd_total";
+/// Vectors written, by model and source type.
 pub const EMBEDDINGS_WRITTEN: &str = "embed_worker_embeddings_written_total";
+/// API requests by model, outcome and status class.
 pub const API_REQUESTS: &str = "embed_worker_api_requests_total";
+/// API request duration.
 pub const API_DURATION: &str = "embed_worker_api_request_duration_seconds";
+/// Inputs per API request.
 pub const REQUEST_INPUTS: &str = "embed_worker_request_inputs";
+/// Budgeted tokens per API request.
 pub const REQUEST_TOKENS: &str = "embed_worker_request_tokens";
+/// Time a request waited for the rate limiter.
 pub const LIMITER_WAIT: &str = "embed_worker_rate_limiter_wait_seconds";
+/// Waits because the provider's headers said too little remained.
 pub const PROVIDER_WAITS: &str = "embed_worker_rate_limit_provider_waits_total";
+/// Jobs finished, by outcome and source type.
 pub const JOBS: &str = "embed_worker_jobs_total";
+/// From a job becoming due to its result.
 pub const JOB_LATENCY: &str = "embed_worker_job_latency_seconds";
+/// Jobs by state (sampled).
 pub const QUEUE_JOBS: &str = "embed_worker_queue_jobs";
+/// Age of the oldest due pending job.
 pub const QUEUE_OLDEST: &str = "embed_worker_queue_oldest_pending_age_seconds";
+/// Duration of a batch's write transaction.
 pub const DB_WRITE: &str = "embed_worker_db_write_duration_seconds";
+/// 1 while API calls are stopped (quota, key, budget).
 pub const API_STOPPED: &str = "embed_worker_api_stopped";
+/// This month's spend in USD.
 pub const BUDGET_SPENT: &str = "embed_worker_budget_spent_usd";
+/// The monthly budget in USD (0 = none).
 pub const BUDGET_LIMIT: &str = "embed_worker_budget_monthly_usd";
+/// 1, labelled with the version.
 pub const BUILD_INFO: &str = "embed_worker_build_info";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
@@ -146,20 +165,24 @@ pub fn describe() {
     describe_gauge!(BUILD_INFO, Unit::Count, "Build information");
 }
 
+/// Counts billed tokens and their cost.
 pub fn tokens_embedded(model: &str, tokens: u64, usd_per_million: f64) {
     counter!(TOKENS_EMBEDDED, "model" => model.to_string()).increment(tokens);
     *COST.lock().unwrap().entry(model.to_string()).or_insert(0.0) +=
         tokens as f64 * usd_per_million / 1e6;
 }
 
+/// Counts tokens not sent.
 pub fn tokens_saved(model: &str, tokens: u64) {
     counter!(TOKENS_SAVED, "model" => model.to_string()).increment(tokens);
 }
 
+/// Counts vectors written.
 pub fn embeddings_written(model: &str, source_type: &str, n: u64) {
     counter!(EMBEDDINGS_WRITTEN, "model" => model.to_string(), "source_type" => source_type.to_string()).increment(n);
 }
 
+/// Records one API request.
 pub fn api_request(
     model: &str,
     outcome: &'static str,
@@ -178,22 +201,27 @@ pub fn api_request(
     histogram!(REQUEST_TOKENS).record(tokens as f64);
 }
 
+/// Records a rate-limiter wait.
 pub fn limiter_wait(d: Duration) {
     histogram!(LIMITER_WAIT).record(d.as_secs_f64());
 }
 
+/// Counts a wait on the provider's headers.
 pub fn provider_wait() {
     counter!(PROVIDER_WAITS).increment(1);
 }
 
+/// Counts a finished job.
 pub fn job(outcome: &'static str, source_type: &str) {
     counter!(JOBS, "outcome" => outcome, "source_type" => source_type.to_string()).increment(1);
 }
 
+/// Records a job's latency.
 pub fn job_latency(secs: f64) {
     histogram!(JOB_LATENCY).record(secs.max(0.0));
 }
 
+/// Sets the queue gauges.
 pub fn queue_sample(by_state: &[(String, i64)], dead: i64, oldest_pending: f64) {
     for state in ["Pending", "Queued", "Running", "Done", "Failed", "Killed"] {
         let n = by_state
@@ -206,19 +234,23 @@ pub fn queue_sample(by_state: &[(String, i64)], dead: i64, oldest_pending: f64) 
     gauge!(QUEUE_OLDEST).set(oldest_pending);
 }
 
+/// Records a write transaction's duration.
 pub fn db_write(d: Duration) {
     histogram!(DB_WRITE).record(d.as_secs_f64());
 }
 
+/// Sets the API-stopped gauge.
 pub fn api_stopped(stopped: bool) {
     gauge!(API_STOPPED).set(if stopped { 1.0 } else { 0.0 });
 }
 
+/// Sets the budget gauges.
 pub fn budget(spent: f64, limit: f64) {
     gauge!(BUDGET_SPENT).set(spent);
     gauge!(BUDGET_LIMIT).set(limit);
 }
 
+/// Sets the build-info gauge.
 pub fn build_info() {
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
@@ -242,9 +274,14 @@ pub fn render_extra() -> String {
 /// figures are exported as metrics).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// API requests sent.
     pub api_requests: std::sync::atomic::AtomicU64,
+    /// Tokens billed.
     pub tokens_embedded: std::sync::atomic::AtomicU64,
+    /// Tokens not sent.
     pub tokens_saved: std::sync::atomic::AtomicU64,
+    /// Vectors written.
     pub chunks_written: std::sync::atomic::AtomicU64,
+    /// 429s received.
     pub rate_limited: std::sync::atomic::AtomicU64,
 }

@@ -43,6 +43,7 @@ pub async fn ensure_model_index(
     Ok(())
 }
 
+/// `s` as a quoted SQL literal.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
@@ -50,14 +51,21 @@ pub fn quote_literal(s: &str) -> String {
 /// One model as `embed-worker models` shows it.
 #[derive(Debug, Clone)]
 pub struct ModelStatus {
+    /// The model.
     pub model: String,
+    /// Whether it is the configured model.
     pub active: bool,
+    /// Rows of this model.
     pub rows: i64,
+    /// Sources it covers.
     pub sources: i64,
     /// Sources with text to embed (the denominator of `percent`).
     pub total_sources: i64,
+    /// Share of all sources covered.
     pub percent: f64,
+    /// Its HNSW index, if any.
     pub index: Option<String>,
+    /// Whether that index is valid.
     pub index_valid: bool,
 }
 

@@ -16,8 +16,11 @@ use crate::source::EmbedSource;
 /// Tokens the sources would cost to embed now with the active model, and that in USD.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Estimate {
+    /// Sources to embed.
     pub sources: usize,
+    /// Their tokens.
     pub tokens: u64,
+    /// Their cost.
     pub usd: f64,
 }
 
@@ -81,8 +84,11 @@ pub fn confirm(question: &str) -> anyhow::Result<bool> {
 /// What a backfill did.
 #[derive(Debug, Clone)]
 pub struct Backfill {
+    /// The estimate shown.
     pub estimate: Estimate,
+    /// Jobs created.
     pub queued: i64,
+    /// What the scan found.
     pub stale: Vec<Stale>,
 }
 

@@ -247,13 +247,21 @@ pub async fn defer_retries(
 /// A dead letter as `embed_worker.failed_jobs` shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct FailedJob {
+    /// Job id.
     pub id: String,
+    /// From the payload, if readable.
     pub source_type: Option<String>,
+    /// From the payload, if readable.
     pub source_id: Option<String>,
+    /// `Killed` or `Failed`.
     pub status: String,
+    /// Attempts used.
     pub attempts: i32,
+    /// Attempts allowed.
     pub max_attempts: i32,
+    /// The reason.
     pub last_error: Option<String>,
+    /// When.
     pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 

@@ -21,19 +21,28 @@ use uuid::Uuid;
 use crate::source::SourceType;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
+/// One search result.
 pub struct Hit {
+    /// `session` or `template`.
     pub source_type: String,
+    /// The source.
     pub source_id: Uuid,
+    /// Which chunk matched.
     pub chunk_index: i32,
+    /// Cosine distance.
     pub distance: f64,
 }
 
 #[derive(Debug, Clone)]
+/// How to search.
 pub struct SearchOptions {
+    /// Results wanted.
     pub k: i64,
+    /// Only this source type.
     pub source_type: Option<SourceType>,
     /// Run as `app_user` with `auth.uid()` = this user (RLS applies).
     pub as_user: Option<Uuid>,
+    /// `hnsw.ef_search`.
     pub ef_search: u32,
     /// With `as_user`: rank exactly when the user can see at most this many rows.
     pub exact_below: i64,

@@ -10,25 +10,38 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+/// One structured placeholder of a template.
 pub struct Placeholder {
+    /// snake_case key, used as `{key}` in the body.
     pub key: String,
+    /// What it stands for.
     pub description: String,
     #[serde(rename = "type")]
+    /// One of the known types.
     pub kind: String,
     #[serde(default)]
+    /// Whether it must be filled.
     pub required: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// An example value.
     pub example: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// One template of `config/templates.toml`.
 pub struct TemplateSeed {
+    /// Stable key (upserts by it).
     pub slug: String,
+    /// `interview_focus` value.
     pub focus: String,
+    /// `interview_depth` value.
     pub depth: String,
+    /// `template_category` value.
     pub category: String,
+    /// The prompt with `{key}` placeholders.
     pub body: String,
     #[serde(default)]
+    /// Its placeholders.
     pub placeholders: Vec<Placeholder>,
 }
 
@@ -37,6 +50,7 @@ struct TemplateFile {
     template: Vec<TemplateSeed>,
 }
 
+/// Reads templates from a TOML file.
 pub fn read_templates(path: &Path) -> anyhow::Result<Vec<TemplateSeed>> {
     let file: TemplateFile = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))

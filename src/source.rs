@@ -9,11 +9,14 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceType {
+    /// A practice session (`sessions`).
     Session,
+    /// A question template (`question_templates`).
     Template,
 }
 
 impl SourceType {
+    /// The name in payloads and SQL.
     pub fn as_str(self) -> &'static str {
         match self {
             SourceType::Session => "session",
@@ -44,6 +47,8 @@ impl std::str::FromStr for SourceType {
 /// The job payload: which source to (re-)embed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EmbedSource {
+    /// Which table.
     pub source_type: SourceType,
+    /// The row's id.
     pub source_id: Uuid,
 }

@@ -16,6 +16,7 @@ pub enum LogFormat {
     Json,
 }
 
+/// Sets up logging once (later calls do nothing).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,apalis=warn,apalis_core=warn"));

@@ -60,15 +60,20 @@ async fn handle(
 
 /// Everything `run` needs, built once.
 pub struct Worker {
+    /// The worker role's pool.
     pub pool: PgPool,
+    /// The configuration.
     pub settings: Arc<Settings>,
+    /// The pipeline.
     pub pipeline: Arc<Pipeline>,
+    /// Readiness.
     pub health: Arc<crate::guard::health::Health>,
     /// Where /metrics, /healthz and /readyz are served, when they are.
     pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl Worker {
+    /// Connects, builds the pipeline, serves /metrics and the probes.
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let pool = crate::db::connect(&settings.database).await?;

@@ -19,10 +19,13 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
 use super::{EmbedError, Embedded};
 
+/// all-MiniLM-L6-v2's vector size.
 pub const DIMENSIONS: usize = 384;
+/// The model's longest input, in word pieces.
 pub const MAX_TOKENS: usize = 256;
 
 #[derive(Clone)]
+/// The loaded model and tokenizer (cheap to clone).
 pub struct LocalEmbedder {
     model: Arc<BertModel>,
     tokenizer: Arc<Tokenizer>,

@@ -22,8 +22,10 @@ use crate::config::{ApiSettings, ModelSettings, Provider};
 pub use openai::OpenAiEmbedder;
 use ratelimit::RateLimitHeaders;
 
-/// Why a request failed, by what the worker should do about it.
+/// Why a request failed, by what the worker should do about it. Fields carry the provider's
+/// HTTP status and message as received (secrets masked by [`EmbedError::redacted`]).
 #[derive(Debug, Clone, thiserror::Error)]
+#[allow(missing_docs)]
 pub enum EmbedError {
     /// 429 rate limit: wait (`retry_after` when the provider said), never a job's attempt.
     #[error("rate limited by the provider: {message}")]
@@ -71,6 +73,7 @@ fn status_text(status: Option<u16>) -> String {
 }
 
 impl EmbedError {
+    /// Whether retrying the same request may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -175,10 +178,13 @@ pub fn check_vector(v: &[f32], dimensions: usize) -> Result<(), String> {
 /// What a request returned: one vector per input, in input order, and the billed tokens.
 #[derive(Debug, Clone)]
 pub struct Embedded {
+    /// One vector per input, in input order.
     pub vectors: Vec<Vec<f32>>,
+    /// Tokens the provider billed.
     pub prompt_tokens: u64,
 }
 
+/// What an HTTP status (and OpenAI error code) means for the worker.
 pub fn classify_status(
     status: u16,
     code: Option<&str>,
@@ -209,8 +215,10 @@ pub fn classify_status(
 /// The configured provider: an OpenAI-compatible API, or the in-process local model.
 #[derive(Clone)]
 pub enum Embedder {
+    /// An OpenAI-compatible API.
     OpenAi(OpenAiEmbedder),
     #[cfg(feature = "local")]
+    /// all-MiniLM-L6-v2 in-process.
     Local(local::LocalEmbedder),
 }
 
@@ -230,6 +238,7 @@ impl Embedder {
         }
     }
 
+    /// Embeds `inputs` in one request.
     pub async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, EmbedError> {
         match self {
             Embedder::OpenAi(e) => e.embed(inputs).await,

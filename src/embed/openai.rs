@@ -168,6 +168,7 @@ pub struct OpenAiEmbedder {
 }
 
 impl OpenAiEmbedder {
+    /// A client for `api.base_url` and `model`.
     pub fn new(api: &ApiSettings, model: &ModelSettings) -> anyhow::Result<Self> {
         crate::init_tls();
         let mut config = OpenAIConfig::new().with_api_base(api.base_url.trim_end_matches('/'));
@@ -203,6 +204,7 @@ impl OpenAiEmbedder {
         self.seen.clone()
     }
 
+    /// Embeds `inputs` in one request.
     pub async fn embed(&self, inputs: Vec<String>) -> Result<Embedded, EmbedError> {
         let n = inputs.len();
         let request = CreateEmbeddingRequest {

@@ -27,15 +27,23 @@ use crate::config::RateLimitSettings;
 /// The provider's view of the shared quota, from the last successful response's headers.
 #[derive(Debug, Clone, Default)]
 pub struct RateLimitHeaders {
+    /// `x-ratelimit-limit-requests`.
     pub limit_requests: Option<u64>,
+    /// `x-ratelimit-limit-tokens`.
     pub limit_tokens: Option<u64>,
+    /// `x-ratelimit-remaining-requests`.
     pub remaining_requests: Option<u64>,
+    /// `x-ratelimit-remaining-tokens`.
     pub remaining_tokens: Option<u64>,
+    /// `x-ratelimit-reset-requests`.
     pub reset_requests: Option<Duration>,
+    /// `x-ratelimit-reset-tokens`.
     pub reset_tokens: Option<Duration>,
+    /// When these headers arrived.
     pub seen_at: Option<Instant>,
 }
 
+/// This process's limiter: governor, provider headers, pacing after 429s.
 pub struct RateLimiter {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
@@ -91,6 +99,7 @@ pub struct Permit<'a> {
     limiter: &'a RateLimiter,
     _slot: Option<Slot<'a>>,
     id: u64,
+    /// How long the request waited for admission.
     pub waited: Duration,
     /// When the request was let go (a 429 for it is judged against the last decrease).
     pub sent_at: Instant,

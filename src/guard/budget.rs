@@ -23,11 +23,20 @@ pub struct Reservation {
 }
 
 #[derive(Debug, Clone, PartialEq)]
+/// Whether a reservation fits the budget.
 pub enum Decision {
+    /// Reserved (or settled) within the budget.
     Reserved,
-    Exceeded { spent: f64, budget: f64 },
+    /// The month is at or over the budget.
+    Exceeded {
+        /// This month's spend in USD.
+        spent: f64,
+        /// The monthly budget in USD.
+        budget: f64,
+    },
 }
 
+/// The budget guard for one model's price.
 pub struct Budget {
     pool: PgPool,
     model: String,
@@ -37,6 +46,7 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// A guard for `model` at `usd_per_million` tokens.
     pub fn new(pool: PgPool, model: &str, usd_per_million: f64) -> Budget {
         Budget {
             pool,
@@ -64,6 +74,7 @@ impl Budget {
         (counted as u128 * ppm as u128).div_ceil(1_000_000) as u64
     }
 
+    /// USD for `tokens`.
     pub fn cost(&self, tokens: u64) -> f64 {
         tokens as f64 * self.usd_per_million / 1e6
     }

@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, Default)]
+/// What readiness is made of.
 pub struct Health {
     shutting_down: AtomicBool,
     db_down: Mutex<Option<String>>,
@@ -16,6 +17,7 @@ pub struct Health {
 }
 
 impl Health {
+    /// Shutdown has begun.
     pub fn set_shutting_down(&self) {
         self.shutting_down.store(true, Ordering::SeqCst);
     }
@@ -25,6 +27,7 @@ impl Health {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
+    /// The database is unreachable (`Some(error)`) or back (`None`).
     pub fn set_db(&self, error: Option<String>) {
         *self.db_down.lock().unwrap() = error;
     }

@@ -16,6 +16,7 @@ pub fn cl100k() -> &'static CoreBPE {
     tiktoken_rs::cl100k_base_singleton()
 }
 
+/// cl100k tokens of `text`.
 pub fn count_tokens(text: &str) -> usize {
     cl100k().encode_ordinary(text).len()
 }
@@ -23,9 +24,13 @@ pub fn count_tokens(text: &str) -> usize {
 /// One piece of a source's text, ready to embed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
+    /// Position in the source.
     pub index: usize,
+    /// The chunk's text.
     pub text: String,
+    /// Its tokens, counted exactly.
     pub tokens: usize,
+    /// sha256(model, dimensions, text).
     pub content_hash: String,
 }
 
@@ -39,6 +44,7 @@ pub enum Sizer {
 }
 
 impl Sizer {
+    /// Tokens of `text` in this tokenizer.
     pub fn count(&self, text: &str) -> usize {
         match self {
             Sizer::Cl100k => count_tokens(text),
@@ -99,6 +105,7 @@ impl Chunker {
         Self::with_sizer(Sizer::Cl100k, max_tokens, overlap)
     }
 
+    /// A chunker for `sizer` with chunks of at most `max_tokens`.
     pub fn with_sizer(sizer: Sizer, max_tokens: usize, overlap: usize) -> anyhow::Result<Self> {
         let config = ChunkConfig::new(max_tokens)
             .with_overlap(overlap)?
@@ -224,6 +231,7 @@ pub struct ChunkerThread {
 }
 
 impl ChunkerThread {
+    /// Starts the thread.
     pub fn spawn(chunker: Chunker) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<ChunkTask>();
         std::thread::Builder::new()

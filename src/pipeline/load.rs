@@ -16,7 +16,9 @@ use crate::source::{EmbedSource, SourceType};
 /// A source as read: its rendered text and the `updated_at` it was read at.
 #[derive(Debug, Clone)]
 pub struct Loaded {
+    /// The rendered text.
     pub text: String,
+    /// The source's `updated_at` when read.
     pub updated_at: DateTime<Utc>,
 }
 

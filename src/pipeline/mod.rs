@@ -32,12 +32,15 @@ use write::{ChunkWrite, SourceWrite, WriteOutcome};
 pub struct Pipeline {
     /// The worker role's pool (reads sources, writes `rag_embeddings`, updates job rows).
     pub pool: PgPool,
+    /// The configuration.
     pub settings: Arc<Settings>,
     /// Tokenizing and splitting, on their own thread.
     chunker: ChunkerThread,
     /// Every API request goes through it (guards, limiter, retries).
     caller: Caller,
+    /// Readiness and the API gate.
     pub health: Arc<Health>,
+    /// This process's counters.
     pub stats: Arc<Stats>,
 }
 
@@ -57,6 +60,7 @@ struct ToEmbed<'a> {
 }
 
 impl Pipeline {
+    /// The pipeline for `settings`, calling `embedder`.
     pub fn new(
         pool: PgPool,
         settings: Arc<Settings>,

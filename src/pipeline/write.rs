@@ -63,23 +63,31 @@ pub async fn existing_hashes(
 /// A chunk to store. `vector` is `None` when the stored row already has this content hash.
 #[derive(Debug, Clone)]
 pub struct ChunkWrite {
+    /// Chunk index.
     pub index: usize,
+    /// Its content hash.
     pub content_hash: String,
+    /// Its tokens.
     pub tokens: usize,
+    /// The new vector, or `None` when unchanged.
     pub vector: Option<Vector>,
 }
 
 /// Everything to store for one source.
 #[derive(Debug, Clone)]
 pub struct SourceWrite {
+    /// The source.
     pub source: EmbedSource,
     /// The source's `updated_at` when its text was read.
     pub read_at: DateTime<Utc>,
+    /// All its chunks, in order.
     pub chunks: Vec<ChunkWrite>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the write did with a source.
 pub enum WriteOutcome {
+    /// Written (or verified unchanged).
     Written,
     /// The source changed after its text was read; a new job was queued.
     Superseded,
@@ -132,6 +140,7 @@ impl Default for CopyRows {
 }
 
 impl CopyRows {
+    /// An empty buffer with the COPY header.
     pub fn new() -> Self {
         let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
@@ -140,10 +149,12 @@ impl CopyRows {
         CopyRows { buf }
     }
 
+    /// Starts a row of `fields` fields.
     pub fn row(&mut self, fields: i16) {
         self.buf.extend_from_slice(&fields.to_be_bytes());
     }
 
+    /// One field's bytes.
     pub fn field(&mut self, bytes: &[u8]) {
         self.buf
             .extend_from_slice(&(bytes.len() as i32).to_be_bytes());
@@ -161,10 +172,12 @@ impl CopyRows {
         }
     }
 
+    /// Bytes buffered.
     pub fn len(&self) -> usize {
         self.buf.len()
     }
 
+    /// Whether nothing is buffered.
     pub fn is_empty(&self) -> bool {
         self.buf.is_empty()
     }
