@@ -50,7 +50,7 @@ pub(crate) async fn backfill(
         since,
         ..Default::default()
     };
-    embed_worker::ops::backfill(&pool, &settings, &scope, yes, wait).await?;
+    embed_worker::ops::backfill(&pool, settings, &scope, yes, wait).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -68,7 +68,7 @@ pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
         .filter(|s| s.reason != embed_worker::freshness::StaleReason::Outdated)
         .map(|s| s.source)
         .collect();
-    let e = embed_worker::ops::estimate(&pool, &settings, &todo).await?;
+    let e = embed_worker::ops::estimate(&pool, settings, &todo).await?;
     println!(
         "not yet embedded by {}: {} sources, {} tokens, ${:.4} at ${}/1M tokens",
         settings.model.name, e.sources, e.tokens, e.usd, settings.model.usd_per_million_tokens

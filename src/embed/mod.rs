@@ -216,7 +216,7 @@ pub fn classify_status(
 #[derive(Clone)]
 pub enum Embedder {
     /// An OpenAI-compatible API.
-    OpenAi(OpenAiEmbedder),
+    OpenAi(Box<OpenAiEmbedder>),
     #[cfg(feature = "local")]
     /// all-MiniLM-L6-v2 in-process.
     Local(local::LocalEmbedder),
@@ -226,7 +226,7 @@ impl Embedder {
     /// Builds the provider `model.provider` names.
     pub fn from_settings(api: &ApiSettings, model: &ModelSettings) -> anyhow::Result<Self> {
         match model.provider {
-            Provider::Openai => Ok(Embedder::OpenAi(OpenAiEmbedder::new(api, model)?)),
+            Provider::Openai => Ok(Embedder::OpenAi(Box::new(OpenAiEmbedder::new(api, model)?))),
             #[cfg(feature = "local")]
             Provider::Local => Ok(Embedder::Local(local::LocalEmbedder::load(
                 std::path::Path::new(&model.local_path),
