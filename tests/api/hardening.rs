@@ -110,11 +110,11 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
     )
     .await
     .unwrap();
-    let queued: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let queued: i64 = count(
+        &t.admin,
+        "SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'",
+    )
+    .await;
     assert_eq!(queued, 2);
     let err = as_app_user(
         &t,
@@ -178,15 +178,17 @@ async fn four_worker_processes_on_one_queue_never_deadlock() {
     for w in &mut workers {
         assert!(w.wait().unwrap().success());
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(DISTINCT source_id) FROM rag_embeddings")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let rows: i64 = count(
+        &t.admin,
+        "SELECT count(DISTINCT source_id) FROM rag_embeddings",
+    )
+    .await;
     assert_eq!(rows, n as i64, "every source embedded");
-    let retried: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE attempts > 1")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let retried: i64 = count(
+        &t.admin,
+        "SELECT count(*) FROM apalis.jobs WHERE attempts > 1",
+    )
+    .await;
     assert_eq!(retried, 0, "no job needed a second attempt");
     // The statistics collector flushes within a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -216,11 +218,7 @@ async fn a_revoked_key_stops_api_calls_releases_jobs_and_one_probe_resumes() {
     enqueue(&t.admin, &sources).await;
     let w = RunningWorker::start(s).await;
     let addr = w.worker.http_addr.unwrap();
-    let start = Instant::now();
-    while fake.requests().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_first_request(&fake).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let refused = fake.requests().len();
     assert!(
@@ -277,10 +275,7 @@ async fn a_revoked_key_stops_api_calls_releases_jobs_and_one_probe_resumes() {
         refused,
         "no request was refused after the stop"
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
     assert_eq!(rows, 40);
 }
 
@@ -590,11 +585,11 @@ async fn a_job_update_never_waits_on_a_row_while_holding_another() {
         .unwrap()
         .unwrap();
     assert_eq!(due.len(), 2, "both rows updated");
-    let keys: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE idempotency_key IS NOT NULL")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let keys: i64 = count(
+        &t.admin,
+        "SELECT count(*) FROM apalis.jobs WHERE idempotency_key IS NOT NULL",
+    )
+    .await;
     assert_eq!(keys, 0);
 }
 
@@ -628,10 +623,7 @@ async fn after_a_429_sending_resumes_at_what_the_provider_accepts() {
         refused * 4 <= ok,
         "at most one 429 per 4 accepted requests: {refused} for {ok}"
     );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
     assert_eq!(rows, 2000);
 }
 
@@ -672,10 +664,7 @@ async fn a_long_source_is_capped_and_its_retry_pays_only_for_what_is_missing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let staged: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.chunk_stage")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let staged: i64 = count(&t.admin, "SELECT count(*) FROM embed_worker.chunk_stage").await;
     assert_eq!(staged, 12, "the 3 answered requests' chunks are kept");
     fake.configure(|c| c.fail_after = None);
     wait_drained(&t.admin, Duration::from_secs(60)).await;
@@ -695,10 +684,7 @@ async fn a_long_source_is_capped_and_its_retry_pays_only_for_what_is_missing() {
     eprintln!("long source: {chunks} chunks written, {sent} inputs billed");
     assert!(chunks >= 16, "{chunks}");
     assert_eq!(sent as i64, chunks, "each chunk paid for once");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.chunk_stage")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let left: i64 = count(&t.admin, "SELECT count(*) FROM embed_worker.chunk_stage").await;
     assert_eq!(left, 0, "staged chunks are removed once written");
     let (reason, attempts): (String, i32) = sqlx::query_as(
         "SELECT last_error, attempts FROM embed_worker.failed_jobs WHERE source_id = $1",

@@ -263,3 +263,20 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Waits until `fake` has seen its first request; panics after 20 s.
+pub async fn wait_first_request(fake: &FakeServer) {
+    let start = std::time::Instant::now();
+    while fake.requests().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no request reached the fake"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The single number a counting query returns.
+pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}

@@ -18,10 +18,7 @@ async fn assert_all_embedded_once(t: &TestDb, n: i64) {
     .unwrap();
     assert_eq!(distinct, n, "every source embedded");
     assert_eq!(rows, n, "one row per source (no duplicates)");
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.failed_jobs")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let dead: i64 = count(&t.admin, "SELECT count(*) FROM embed_worker.failed_jobs").await;
     assert_eq!(dead, 0, "no dead letters");
 }
 
@@ -137,10 +134,7 @@ async fn a_worker_killed_mid_batch_has_its_jobs_rescued_within_the_bound() {
     let mut a = worker_process(&t, &fake.base_url(), false);
     let start = Instant::now();
     loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+        let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
         if rows >= 30 {
             break;
         }
@@ -215,10 +209,11 @@ async fn one_invalid_input_in_a_batch_of_100_becomes_one_dead_letter() {
     let w = RunningWorker::start(s).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
-    let embedded: i64 = sqlx::query_scalar("SELECT count(DISTINCT source_id) FROM rag_embeddings")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let embedded: i64 = count(
+        &t.admin,
+        "SELECT count(DISTINCT source_id) FROM rag_embeddings",
+    )
+    .await;
     assert_eq!(embedded, 99);
     let dead: Vec<(Option<String>, String, Option<String>)> =
         sqlx::query_as("SELECT source_id, status, last_error FROM embed_worker.failed_jobs")
@@ -269,11 +264,7 @@ async fn insufficient_quota_stops_api_calls_and_readiness() {
     enqueue(&t.admin, &sources).await;
     let w = RunningWorker::start(s).await;
     let addr = w.worker.http_addr.unwrap();
-    let start = Instant::now();
-    while fake.requests().is_empty() {
-        assert!(start.elapsed() < Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_first_request(&fake).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         fake.requests().len(),
@@ -291,16 +282,13 @@ async fn insufficient_quota_stops_api_calls_and_readiness() {
         .unwrap();
     assert!(metrics.contains("embed_worker_api_stopped 1"), "{metrics}");
     w.stop().await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.failed_jobs")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let dead: i64 = count(&t.admin, "SELECT count(*) FROM embed_worker.failed_jobs").await;
     assert_eq!(dead, 0, "no job is lost to a quota stop");
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let pending: i64 = count(
+        &t.admin,
+        "SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'",
+    )
+    .await;
     let states: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, count(*) FROM apalis.jobs GROUP BY 1")
             .fetch_all(&t.admin)
@@ -340,10 +328,11 @@ async fn bad_payloads_and_empty_text_are_recorded_and_the_worker_goes_on() {
     let w = RunningWorker::start(worker_settings(&t, &fake)).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
-    let embedded: i64 = sqlx::query_scalar("SELECT count(DISTINCT source_id) FROM rag_embeddings")
-        .fetch_one(&t.admin)
-        .await
-        .unwrap();
+    let embedded: i64 = count(
+        &t.admin,
+        "SELECT count(DISTINCT source_id) FROM rag_embeddings",
+    )
+    .await;
     assert_eq!(embedded, 5);
     let empty_result: serde_json::Value =
         sqlx::query_scalar("SELECT last_result FROM embed_worker.jobs WHERE source_id = $1")
@@ -438,10 +427,7 @@ async fn a_database_restart_mid_run_loses_nothing() {
     let ready_url = format!("http://{}/readyz", w.worker.http_addr.unwrap());
     let start = Instant::now();
     loop {
-        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+        let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
         if rows >= 60 {
             break;
         }
