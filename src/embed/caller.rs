@@ -13,8 +13,9 @@ use std::sync::atomic::Ordering;
 use tokio::sync::Semaphore;
 
 use super::plan::full_jitter;
+use super::provider::Embedder;
 use super::ratelimit::RateLimiter;
-use super::{EmbedError, Embedded, Embedder};
+use super::reply::{EmbedError, Embedded};
 use crate::config::Settings;
 use crate::guard::health::Health;
 use crate::meter::Stats;

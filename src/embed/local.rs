@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
-use super::{EmbedError, Embedded};
+use super::reply::{EmbedError, Embedded};
 
 /// all-MiniLM-L6-v2's vector size.
 pub const DIMENSIONS: usize = 384;

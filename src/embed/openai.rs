@@ -21,7 +21,7 @@ use base64::Engine;
 use secrecy::ExposeSecret;
 
 use super::ratelimit::RateLimitHeaders;
-use super::{EmbedError, Embedded, classify_status};
+use super::reply::{EmbedError, Embedded, classify_status};
 use crate::config::{ApiSettings, ModelSettings};
 
 /// Parses OpenAI's durations: "1s", "6m0s", "250ms", "1h2m3.5s", or plain seconds.
