@@ -749,7 +749,9 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     eprintln!("20,000 jobs, one worker, five runs: {runs:?}");
     for r in &runs {
         assert!(
-            r.as_secs_f64() <= fastest * 1.2 + 1.0,
+            // 3 s of slack for a checkpoint landing in one run (seen: 9.2-11.5 s); a claim
+            // deadlock parks its jobs for the heartbeat rescue, 30 s with the shipped settings.
+            r.as_secs_f64() <= fastest * 1.2 + 3.0,
             "a run stalled: {runs:?}"
         );
     }
