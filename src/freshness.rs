@@ -95,19 +95,23 @@ pub struct Scope {
     pub include_fresh: bool,
 }
 
-const STALE_SQL: &str = r#"
+/// Every source with text (as `src`: type, id, updated_at), then why each is stale for `$1`.
+fn stale_sql() -> String {
+    let (s, t) = (SourceType::Session, SourceType::Template);
+    format!(
+        r#"
 WITH src AS (
     SELECT 'session'::text AS t, s.id, s.updated_at
-      FROM sessions s
+      FROM {sessions} s
      WHERE ($2::text IS NULL OR $2 = 'session')
        AND ($3::timestamptz IS NULL OR s.updated_at >= $3)
-       AND btrim(concat(s.title, s.notes, s.transcript), E' \t\n\r') <> ''
+       AND {session_text}
     UNION ALL
     SELECT 'template', q.id, q.updated_at
-      FROM question_templates q
+      FROM {templates} q
      WHERE ($2::text IS NULL OR $2 = 'template')
        AND ($3::timestamptz IS NULL OR q.updated_at >= $3)
-       AND btrim(q.body, E' \t\n\r') <> ''
+       AND {template_text}
 ), emb AS (
     SELECT e.source_type::text AS t, e.source_id AS id,
            bool_or(e.embedding_model = $1) AS has_active,
@@ -122,12 +126,19 @@ SELECT src.t, src.id,
             WHEN $4::float8 > 0 AND emb.oldest < now() - make_interval(days => 1) * $4 THEN 'too_old'
             ELSE 'fresh' END AS reason
   FROM src LEFT JOIN emb ON emb.t = src.t AND emb.id = src.id
-"#;
+"#,
+        sessions = s.table(),
+        templates = t.table(),
+        session_text = s.has_text_sql("s"),
+        template_text = t.has_text_sql("q"),
+    )
+}
 
 /// Sources needing (re-)embedding for `model` (with `include_fresh`, every source).
 pub async fn find_stale(pool: &PgPool, model: &str, scope: &Scope) -> sqlx::Result<Vec<Stale>> {
     let sql = format!(
-        "SELECT t, id, reason FROM ({STALE_SQL}) x WHERE $5 OR reason <> 'fresh' ORDER BY reason, t, id LIMIT $6"
+        "SELECT t, id, reason FROM ({}) x WHERE $5 OR reason <> 'fresh' ORDER BY reason, t, id LIMIT $6",
+        stale_sql()
     );
     let rows: Vec<(String, Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(model)
@@ -171,8 +182,27 @@ pub async fn enqueue_stale(
     stale: &[Stale],
     mut progress: impl FnMut(usize, usize),
 ) -> sqlx::Result<i64> {
-    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
     let (queue, attempts) = (&settings.queue.name, settings.queue.max_attempts);
+    // A source whose job is already open (pending, claimed or running) will be embedded by it:
+    // running jobs have given up their dedup key, so enqueueing them again made a second job
+    // per source for every batch the worker had started (128 extra jobs in the demo, varying
+    // run to run).
+    let open: std::collections::HashSet<(String, Uuid)> = sqlx::query_as(
+        "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
+           FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+                  WHERE job_type = $1 AND status IN ('Pending', 'Queued', 'Running')) j
+          WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'",
+    )
+    .bind(queue)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    let sources: Vec<EmbedSource> = stale
+        .iter()
+        .map(|s| s.source)
+        .filter(|s| !open.contains(&(s.source_type.as_str().to_string(), s.source_id)))
+        .collect();
     let mut created = 0;
     for (i, chunk) in sources.chunks(1000).enumerate() {
         created += crate::queue::enqueue_many(pool, queue, attempts, chunk).await?;

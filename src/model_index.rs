@@ -72,11 +72,21 @@ pub struct ModelStatus {
 /// Per model: rows, sources covered, completeness, index present and valid. The active model
 /// is listed even before it has rows.
 pub async fn status(pool: &PgPool, active: &str) -> anyhow::Result<Vec<ModelStatus>> {
-    let total: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM sessions
-                  WHERE btrim(concat(title, notes, transcript), E' \\t\\n\\r') <> '')
-              + (SELECT count(*) FROM question_templates WHERE btrim(body, E' \\t\\n\\r') <> '')",
-    )
+    // Sources with text, counted as the stale scan counts them.
+    let counts: Vec<String> = crate::source::SourceType::ALL
+        .iter()
+        .map(|t| {
+            format!(
+                "(SELECT count(*) FROM {} x WHERE {})",
+                t.table(),
+                t.has_text_sql("x")
+            )
+        })
+        .collect();
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {}",
+        counts.join(" + ")
+    )))
     .fetch_one(pool)
     .await?;
     let mut rows: Vec<(String, i64, i64)> = sqlx::query_as(

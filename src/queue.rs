@@ -159,11 +159,14 @@ pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
 
 /// Every session and template.
 pub async fn all_sources(pool: &PgPool) -> sqlx::Result<Vec<EmbedSource>> {
-    let rows: Vec<(String, Uuid)> = sqlx::query_as(
-        "SELECT 'session', id FROM sessions UNION ALL SELECT 'template', id FROM question_templates",
-    )
-    .fetch_all(pool)
-    .await?;
+    let sql = SourceType::ALL
+        .iter()
+        .map(|t| format!("SELECT '{}', id FROM {}", t.as_str(), t.table()))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    let rows: Vec<(String, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .fetch_all(pool)
+        .await?;
     Ok(rows
         .into_iter()
         .filter_map(|(t, id)| {

@@ -1,6 +1,7 @@
 //! Source: what can be embedded — a practice session or a question template — named the same
 //! way in job payloads, in `rag_embeddings.source_type` (the `embedding_source` enum) and on the
-//! command line.
+//! command line; and what the worker needs to know of each type's table: its name and when a
+//! row has text to embed. Queries over sources take those from here.
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -16,6 +17,9 @@ pub enum SourceType {
 }
 
 impl SourceType {
+    /// Every source type.
+    pub const ALL: [SourceType; 2] = [SourceType::Session, SourceType::Template];
+
     /// The name in payloads and SQL.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -23,6 +27,35 @@ impl SourceType {
             SourceType::Template => "template",
         }
     }
+
+    /// The app's table holding this type.
+    pub fn table(self) -> &'static str {
+        match self {
+            SourceType::Session => "sessions",
+            SourceType::Template => "question_templates",
+        }
+    }
+
+    /// SQL that is true when row `alias` of [`SourceType::table`] has text to embed (its
+    /// embedded columns are not all empty or whitespace). Rows without text get no job.
+    pub fn has_text_sql(self, alias: &str) -> String {
+        let text = match self {
+            SourceType::Session => {
+                format!("concat({a}.title, {a}.notes, {a}.transcript)", a = alias)
+            }
+            SourceType::Template => format!("{alias}.body"),
+        };
+        format!("btrim({text}, E' \\t\\n\\r') <> ''")
+    }
+}
+
+/// The ids of the `sources` of type `ty`, in order.
+pub fn ids_of(sources: &[EmbedSource], ty: SourceType) -> Vec<Uuid> {
+    sources
+        .iter()
+        .filter(|s| s.source_type == ty)
+        .map(|s| s.source_id)
+        .collect()
 }
 
 impl std::fmt::Display for SourceType {

@@ -50,13 +50,7 @@ pub async fn load(
     render: &RenderSettings,
     sources: &[EmbedSource],
 ) -> sqlx::Result<HashMap<EmbedSource, Loaded>> {
-    let ids = |ty| -> Vec<Uuid> {
-        sources
-            .iter()
-            .filter(|s| s.source_type == ty)
-            .map(|s| s.source_id)
-            .collect()
-    };
+    let ids = |ty| crate::source::ids_of(sources, ty);
     let mut out = HashMap::with_capacity(sources.len());
     let session_ids = ids(SourceType::Session);
     if !session_ids.is_empty() {

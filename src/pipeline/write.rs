@@ -244,30 +244,20 @@ async fn partition_fresh<'w>(
     Vec<&'w SourceWrite>,
     Vec<EmbedSource>,
 )> {
-    let ids_of = |ty: SourceType| -> Vec<Uuid> {
-        writes
-            .iter()
-            .filter(|w| w.source.source_type == ty)
-            .map(|w| w.source.source_id)
-            .collect()
-    };
+    let sources: Vec<EmbedSource> = writes.iter().map(|w| w.source).collect();
     let mut current: HashMap<EmbedSource, DateTime<Utc>> = HashMap::new();
-    for (ty, sql) in [
-        (
-            SourceType::Session,
-            "SELECT id, updated_at FROM sessions WHERE id = ANY($1)",
-        ),
-        (
-            SourceType::Template,
-            "SELECT id, updated_at FROM question_templates WHERE id = ANY($1)",
-        ),
-    ] {
-        let ids = ids_of(ty);
+    for ty in SourceType::ALL {
+        let ids = crate::source::ids_of(&sources, ty);
         if ids.is_empty() {
             continue;
         }
-        let rows: Vec<(Uuid, DateTime<Utc>)> =
-            sqlx::query_as(sql).bind(&ids).fetch_all(&mut **tx).await?;
+        let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT id, updated_at FROM {} WHERE id = ANY($1)",
+            ty.table()
+        )))
+        .bind(&ids)
+        .fetch_all(&mut **tx)
+        .await?;
         for (id, at) in rows {
             current.insert(
                 EmbedSource {
