@@ -156,16 +156,11 @@ pub struct DatabaseSettings {
 impl std::fmt::Debug for DatabaseSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseSettings")
-            .field("url", &redact_url(&self.url))
+            .field("url", &crate::redact::url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("role", &self.role)
             .finish()
     }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db` (and `?password=`).
-pub fn redact_url(url: &str) -> String {
-    crate::redact::url(url)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -618,10 +613,10 @@ mod tests {
     #[test]
     fn redacts_password_in_url() {
         assert_eq!(
-            redact_url("postgres://u:hunter2@h:5432/db"),
+            crate::redact::url("postgres://u:hunter2@h:5432/db"),
             "postgres://u:***@h:5432/db"
         );
-        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(crate::redact::url("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

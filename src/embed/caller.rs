@@ -214,7 +214,9 @@ impl Caller {
             }
             match result {
                 Ok(done) => {
-                    if self.health.api.is_recorded() {
+                    // Only the probe's answer reopens the gate: a request admitted before a stop
+                    // (or the one whose settlement just stopped at the budget) must not undo it.
+                    if probe && self.health.api.is_recorded() {
                         tracing::info!("API calls resumed");
                         self.health.api.resume();
                     }
