@@ -9,6 +9,7 @@
 //! (same text → same vector). Every request is recorded for assertions.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,6 +151,9 @@ struct Inner {
     recorded: Mutex<Vec<Recorded>>,
     window: Mutex<Window>,
     rng: Mutex<u64>,
+    /// Requests let through to an answer; claimed atomically so that concurrent requests
+    /// cannot all see "fewer than `fail_after`".
+    answered: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -168,6 +172,7 @@ impl FakeServer {
             recorded: Mutex::new(Vec::new()),
             window: Mutex::new(Window::default()),
             rng: Mutex::new(0x9E3779B97F4A7C15),
+            answered: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route("/v1/embeddings", post(embeddings))
@@ -582,24 +587,23 @@ fn admit(inner: &Inner, cfg: &FakeConfig, model: &str, total: u64) -> Result<Quo
 
 /// An outage that began after `fail_after` good answers, or a random 5xx at `error_rate`.
 fn injected_failure(inner: &Inner, cfg: &FakeConfig) -> bool {
-    let outage = cfg.fail_after.is_some_and(|n| {
-        inner
-            .recorded
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.status == 200)
-            .count()
-            >= n
-    });
-    outage
-        || cfg.error_rate > 0.0 && {
-            let mut s = inner.rng.lock().unwrap();
-            *s ^= *s << 13;
-            *s ^= *s >> 7;
-            *s ^= *s << 17;
-            (*s as f64 / u64::MAX as f64) < cfg.error_rate
-        }
+    let random = cfg.error_rate > 0.0 && {
+        let mut s = inner.rng.lock().unwrap();
+        *s ^= *s << 13;
+        *s ^= *s >> 7;
+        *s ^= *s << 17;
+        (*s as f64 / u64::MAX as f64) < cfg.error_rate
+    };
+    if random {
+        return true;
+    }
+    let limit = cfg.fail_after.unwrap_or(usize::MAX);
+    inner
+        .answered
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+            (c < limit).then_some(c + 1)
+        })
+        .is_err()
 }
 
 /// The answer: one vector per input (poisoned where a marker asks), `usage` at the billing
