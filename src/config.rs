@@ -46,6 +46,38 @@ pub struct Settings {
     pub freshness: FreshnessSettings,
     /// `[budget]`: the monthly spend limit.
     pub budget: BudgetSettings,
+    /// `[index]`: each model's HNSW index: precision and when it is built.
+    pub index: IndexSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[index]`.
+pub struct IndexSettings {
+    /// `auto` (full up to 2,000 dimensions, half above), `full` (`vector`) or `half` (`halfvec`).
+    pub precision: IndexPrecision,
+    /// `backfill` and `enqueue-stale` defer the active model's index (drop it while the model has
+    /// no rows; built once the backlog drains) when they queue at least this many sources
+    /// (0 = never defer).
+    pub defer_min_sources: usize,
+    /// How often `run` checks whether a missing index can be built (one builder across replicas).
+    pub check_interval_secs: u64,
+    /// Upper bound of `maintenance_work_mem` for a build, in MB (sized to the graph below it).
+    pub max_build_memory_mb: u64,
+    /// Parallel workers a build may use (`max_parallel_maintenance_workers`).
+    pub build_parallel_workers: u32,
+}
+
+/// The type the HNSW index stores (`index.precision`); the column always keeps full precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexPrecision {
+    /// `full` up to 2,000 dimensions (pgvector's `vector` HNSW limit), `half` above.
+    Auto,
+    /// `vector(d)`, 4 bytes a dimension, up to 2,000 dimensions.
+    Full,
+    /// `halfvec(d)`, 2 bytes a dimension, up to 4,000 dimensions.
+    Half,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -458,10 +490,17 @@ impl Settings {
             "1-100 characters (rag_embeddings.embedding_model is varchar(100))",
         );
         check(
-            (1..=16_000).contains(&m.dimensions),
+            (1..=crate::model_index::MAX_HALF_DIMS).contains(&m.dimensions),
             "model.dimensions",
             &m.dimensions,
-            "1..=16000 (pgvector's vector type)",
+            "1..=4000: pgvector's HNSW indexes `vector` up to 2,000 and `halfvec` up to 4,000 dimensions",
+        );
+        check(
+            self.index.precision != IndexPrecision::Full
+                || m.dimensions <= crate::model_index::MAX_FULL_DIMS,
+            "index.precision",
+            &format!("\"full\" with model.dimensions = {}", m.dimensions),
+            "\"half\" or \"auto\" over 2,000 dimensions (pgvector's HNSW `vector` limit)",
         );
         check(
             (16..=1_000_000).contains(&m.max_input_tokens),
@@ -584,6 +623,25 @@ impl Settings {
             "budget.recheck_secs",
             &g.recheck_secs,
             "1..=86400",
+        );
+        let ix = &self.index;
+        check(
+            (1..=86_400).contains(&ix.check_interval_secs),
+            "index.check_interval_secs",
+            &ix.check_interval_secs,
+            "1..=86400",
+        );
+        check(
+            (64..=65_536).contains(&ix.max_build_memory_mb),
+            "index.max_build_memory_mb",
+            &ix.max_build_memory_mb,
+            "64..=65536",
+        );
+        check(
+            ix.build_parallel_workers <= 64,
+            "index.build_parallel_workers",
+            &ix.build_parallel_workers,
+            "0..=64",
         );
         if bad.is_empty() {
             Ok(())

@@ -149,7 +149,7 @@ pub struct VectorIndex {
 }
 
 /// Every index on a `vector` column or expression of any table.
-pub async fn vector_indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
+pub async fn vector_indexes<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<VectorIndex>> {
     Ok(sqlx::query_as::<_, VectorIndex>(
         r#"
         SELECT i.relname::text AS name,
@@ -167,7 +167,7 @@ pub async fn vector_indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
          ORDER BY 1
         "#,
     )
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?)
 }
 
@@ -178,6 +178,8 @@ pub struct VerifyReport {
     pub indexes: Vec<VectorIndex>,
     /// What is wrong, one sentence each.
     pub problems: Vec<String>,
+    /// What is fine but worth knowing (an index deferred until a backfill drains).
+    pub notes: Vec<String>,
 }
 
 /// The indexes as a table, then `verify: OK` or one `verify: FAIL: …` line per problem.
@@ -185,18 +187,22 @@ impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{:<56} {:<8} {:<32} valid",
-            "vector index", "method", "options"
+            "{:<56} {:<8} {:<14} {:<32} valid",
+            "vector index", "method", "type", "options"
         )?;
         for ix in &self.indexes {
             writeln!(
                 f,
-                "{:<56} {:<8} {:<32} {}",
+                "{:<56} {:<8} {:<14} {:<32} {}",
                 ix.name,
                 ix.access_method,
+                crate::model_index::stored_type(ix).unwrap_or_else(|| "?".into()),
                 ix.options.join(","),
                 ix.valid
             )?;
+        }
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
         }
         if self.problems.is_empty() {
             writeln!(f, "verify: OK")
@@ -208,10 +214,15 @@ impl std::fmt::Display for VerifyReport {
     }
 }
 
-/// The design's post-migration check. `default_index` is the default model's index name.
-pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<VerifyReport> {
+/// The design's post-migration check, against the active model's index as configured
+/// (`settings`): HNSW, m = 16, ef_construction = 64, cosine; missing only while deferred.
+pub async fn verify(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+) -> anyhow::Result<VerifyReport> {
     let indexes = vector_indexes(pool).await?;
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     for ix in &indexes {
         if ix.access_method == "ivfflat" {
             problems.push(format!(
@@ -221,26 +232,35 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
         }
         if !ix.valid {
             problems.push(format!(
-                "index {} is INVALID (a failed CONCURRENTLY build?)",
+                "index {} is INVALID (a failed CONCURRENTLY build? `embed-worker migrate` or \
+                 `models build-index` drops and rebuilds it)",
                 ix.name
             ));
         }
     }
-    match indexes.iter().find(|ix| ix.name == default_index) {
-        None => problems.push(format!(
-            "default model HNSW index {default_index} is missing"
-        )),
-        Some(ix) => {
-            if ix.access_method != "hnsw" {
-                problems.push(format!("{default_index} is not HNSW"));
-            }
-            for want in ["m=16", "ef_construction=64"] {
-                if !ix.options.iter().any(|o| o == want) {
-                    problems.push(format!("{default_index} lacks {want}"));
+    let spec = crate::model_index::IndexSpec::from_settings(settings)?;
+    let want = format!(
+        "{} index of {} ({})",
+        spec.index_type(),
+        spec.model,
+        spec.name()
+    );
+    match crate::model_index::find(&indexes, &spec) {
+        crate::model_index::IndexState::Ready(name) => {
+            let ix = indexes.iter().find(|i| i.name == name).expect("found");
+            for opt in ["m=16", "ef_construction=64"] {
+                if !ix.options.iter().any(|o| o == opt) {
+                    problems.push(format!("{name} lacks {opt}"));
                 }
             }
-            if !ix.definition.contains("vector_cosine_ops") {
-                problems.push(format!("{default_index} does not use vector_cosine_ops"));
+        }
+        crate::model_index::IndexState::Invalid(_) => {}
+        crate::model_index::IndexState::Missing => {
+            match crate::model_index::build::not_due(pool, settings, &spec).await? {
+                Some(why) => notes.push(format!("{want} not built yet: {why}")),
+                None => problems.push(format!(
+                    "{want} is missing (`embed-worker models build-index` builds it)"
+                )),
             }
         }
     }
@@ -295,7 +315,11 @@ pub async fn verify(pool: &PgPool, default_index: &str) -> anyhow::Result<Verify
         }
         None => problems.push("source trigger trg_rag_embeddings_check_source is missing".into()),
     }
-    Ok(VerifyReport { indexes, problems })
+    Ok(VerifyReport {
+        indexes,
+        problems,
+        notes,
+    })
 }
 
 /// Enables or disables the change-capture triggers per source (config `capture.*`).

@@ -45,6 +45,12 @@ pub const QUEUE_JOBS: &str = "embed_worker_queue_jobs";
 pub const QUEUE_OLDEST: &str = "embed_worker_queue_oldest_pending_age_seconds";
 /// Duration of a batch's write transaction.
 pub const DB_WRITE: &str = "embed_worker_db_write_duration_seconds";
+/// Index builds by result (`built`, `failed`, `cancelled`).
+pub const INDEX_BUILDS: &str = "embed_worker_index_builds_total";
+/// Duration of the last index build.
+pub const INDEX_BUILD_SECONDS: &str = "embed_worker_index_build_last_duration_seconds";
+/// 1 when the active model's configured index is valid; 0 while missing (deferred) or building.
+pub const INDEX_READY: &str = "embed_worker_index_ready";
 /// 1 while API calls are stopped (quota, key, budget).
 pub const API_STOPPED: &str = "embed_worker_api_stopped";
 /// This month's spend in USD.
@@ -163,6 +169,28 @@ pub fn describe() {
         "Monthly embedding budget in USD (0 = none)"
     );
     describe_gauge!(BUILD_INFO, Unit::Count, "Build information");
+    describe_counter!(INDEX_BUILDS, Unit::Count, "HNSW index builds by result");
+    describe_gauge!(
+        INDEX_BUILD_SECONDS,
+        Unit::Seconds,
+        "Duration of the last HNSW index build"
+    );
+    describe_gauge!(
+        INDEX_READY,
+        Unit::Count,
+        "1 when the active model's configured HNSW index is valid (0: deferred or building)"
+    );
+}
+
+/// An index build ended.
+pub fn index_build(result: &'static str, secs: f64) {
+    counter!(INDEX_BUILDS, "result" => result).increment(1);
+    gauge!(INDEX_BUILD_SECONDS).set(secs);
+}
+
+/// Whether the active model's index is ready.
+pub fn index_ready(model: &str, ready: bool) {
+    gauge!(INDEX_READY, "model" => model.to_string()).set(if ready { 1.0 } else { 0.0 });
 }
 
 /// Counts billed tokens and their cost.

@@ -132,12 +132,60 @@ pub async fn backfill(
     );
     if wait {
         wait_for_queue(pool, queue).await?;
+        wait_for_index(pool, settings).await?;
     }
     Ok(Some(Backfill {
         estimate: est,
         queued,
         stale,
     }))
+}
+
+/// After a backfill drains: the active model's index until it is ready (a deferred build runs
+/// now), with PostgreSQL's build progress where this login may see it. Gives up with a hint when
+/// no build starts (a worker login that is not the table's owner cannot build).
+pub async fn wait_for_index(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
+    use crate::model_index::{self, IndexState};
+    let spec = model_index::IndexSpec::from_settings(settings)?;
+    let started = Instant::now();
+    let patience = Duration::from_secs(settings.index.check_interval_secs * 2 + 10);
+    let mut seen_build = false;
+    loop {
+        match model_index::state(pool, &spec).await? {
+            IndexState::Ready(name) => {
+                if seen_build || started.elapsed() > Duration::from_secs(1) {
+                    eprintln!();
+                }
+                eprintln!("index {name} ({}) ready", spec.index_type());
+                return Ok(());
+            }
+            IndexState::Invalid(name) => {
+                seen_build = true;
+                let p = model_index::progress(pool).await.unwrap_or_default();
+                match p.iter().find(|p| p.index == name) {
+                    Some(p) => progress_line(
+                        "indexing ",
+                        p.tuples_done.max(0) as usize,
+                        p.tuples_total.max(0) as usize,
+                        &format!("{} {:.0}s", p.phase, p.secs),
+                    ),
+                    None => {
+                        progress_line("indexing ", 0, 0, "(progress not visible to this login)")
+                    }
+                }
+            }
+            IndexState::Missing if !seen_build && started.elapsed() > patience => {
+                eprintln!(
+                    "index {} not built: is `run` up, and its login the owner of rag_embeddings? \
+                     `embed-worker models build-index` builds it",
+                    spec.name()
+                );
+                return Ok(());
+            }
+            IndexState::Missing => progress_line("indexing ", 0, 0, "waiting for the build"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Progress of the queue until no job is open: done/total, rate, ETA.

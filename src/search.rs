@@ -13,11 +13,16 @@
 //! So a search as a user first counts what that user can see (index lookups, capped); at most
 //! `exact_below` rows are ranked exactly through the `sessions.user_id` and source indexes —
 //! always k rows, the true nearest, in milliseconds — and only a larger set uses the HNSW index.
+//!
+//! Why a model without a ready index still answers: its index is deferred until its backfill
+//! drains, or building. The search then ranks the model's rows exactly (a sequential scan at
+//! full precision) and says so in [`Found::path`]; it never fails for want of an index.
 
 use pgvector::Vector;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::model_index::IndexSpec;
 use crate::source::SourceType;
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -31,6 +36,36 @@ pub struct Hit {
     pub chunk_index: i32,
     /// Cosine distance.
     pub distance: f64,
+}
+
+/// How a search was answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SearchPath {
+    /// Through this HNSW index (approximate, as configured by `ef_search`).
+    Index(String),
+    /// Exactly: the user sees at most `exact_below` rows (this many).
+    ExactVisible(i64),
+    /// Exactly, by a scan of the model's rows: its index is not ready (why).
+    ExactNoIndex(String),
+}
+
+impl std::fmt::Display for SearchPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SearchPath::Index(name) => write!(f, "through index {name}"),
+            SearchPath::ExactVisible(n) => write!(f, "exact over the {n} rows this user sees"),
+            SearchPath::ExactNoIndex(why) => write!(f, "exact (no index scan: {why})"),
+        }
+    }
+}
+
+/// A search's hits and how they were found.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Nearest first.
+    pub hits: Vec<Hit>,
+    /// Index or exact, and why.
+    pub path: SearchPath,
 }
 
 #[derive(Debug, Clone)]
@@ -64,14 +99,9 @@ impl Default for SearchOptions {
 /// `sessions.user_id`, and the embedded templates whose ids are bound as `$2` (when
 /// `templates`). Under row-level security only leakproof conditions (uuid and text equality;
 /// not enum equality) may become index conditions, hence ids rather than `source_type`.
-fn exact_visible_sql(
-    model: &str,
-    dimensions: usize,
-    k: i64,
-    sessions: bool,
-    templates: bool,
-) -> String {
-    let lit = crate::model_index::quote_literal(model);
+fn exact_visible_sql(spec: &IndexSpec, k: i64, sessions: bool, templates: bool) -> String {
+    let lit = crate::model_index::quote_literal(&spec.model);
+    let dimensions = spec.dimensions;
     let mut parts = Vec::new();
     if sessions {
         parts.push(format!(
@@ -143,52 +173,72 @@ async fn visible(
     .await
 }
 
-/// The search statement for `model` at `dimensions`: the expression and predicate match the
-/// model's partial index exactly, so the planner can use it. `k` and the source-type filter are
-/// written into the statement, not bound: with a bound LIMIT, a cached generic plan does not know
-/// the limit is small and prefers a sequential scan and sort (docs/decisions.md).
+/// The search statement for `spec`'s model: the expression and predicate match the model's
+/// partial index exactly, so the planner can use it; `exact` ranks at full precision instead (no
+/// index applies). `k` and the source-type filter are written into the statement, not bound:
+/// with a bound LIMIT, a cached generic plan does not know the limit is small and prefers a
+/// sequential scan and sort (docs/decisions.md).
 pub fn search_sql(
-    model: &str,
-    dimensions: usize,
+    spec: &IndexSpec,
     k: i64,
     source_type: Option<SourceType>,
+    exact: bool,
 ) -> String {
     let filter = source_type
         .map(|t| format!(" AND source_type = '{}'", t.as_str()))
         .unwrap_or_default();
+    let distance = if exact {
+        format!("embedding::vector({}) <=> $1", spec.dimensions)
+    } else {
+        format!("{} <=> {}", spec.key(), spec.query_param())
+    };
     format!(
-        "SELECT source_type::text AS source_type, source_id, chunk_index, distance FROM (
-             SELECT source_type, source_id, chunk_index,
-                    (embedding::vector({dimensions}) <=> $1) AS distance
+        "SELECT source_type::text AS source_type, source_id, chunk_index, distance::float8 AS distance FROM (
+             SELECT source_type, source_id, chunk_index, ({distance}) AS distance
                FROM rag_embeddings
               WHERE embedding_model = {lit}{filter}
-              ORDER BY embedding::vector({dimensions}) <=> $1
+              ORDER BY {distance}
               LIMIT {k}
          ) hits ORDER BY distance",
-        lit = crate::model_index::quote_literal(model),
+        lit = crate::model_index::quote_literal(&spec.model),
         k = k.max(1)
     )
 }
 
-/// Top-k nearest chunks to `query` among `model`'s vectors.
+/// Top-k nearest chunks to `query` among the vectors of `spec`'s model.
 pub async fn search(
     pool: &PgPool,
-    model: &str,
-    dimensions: usize,
+    spec: &IndexSpec,
     query: Vec<f32>,
     opts: &SearchOptions,
-) -> sqlx::Result<Vec<Hit>> {
+) -> anyhow::Result<Found> {
+    let model = spec.model.as_str();
     // As a user who sees few rows: rank them exactly; templates on that path are looked up by id.
-    let (exact, template_ids) = match opts.as_user {
+    let (exact, template_ids, seen) = match opts.as_user {
         Some(user) => {
             let (sessions, mut templates) =
                 visible(pool, model, user, opts.source_type, opts.exact_below).await?;
-            let exact = sessions + templates.len() as i64 <= opts.exact_below;
+            let seen = sessions + templates.len() as i64;
+            let exact = seen <= opts.exact_below;
             templates.sort_unstable();
             templates.dedup();
-            (exact, if exact { templates } else { Vec::new() })
+            (exact, if exact { templates } else { Vec::new() }, seen)
         }
-        None => (false, Vec::new()),
+        None => (false, Vec::new(), 0),
+    };
+    let path = if exact {
+        SearchPath::ExactVisible(seen)
+    } else {
+        match crate::model_index::state(pool, spec).await? {
+            crate::model_index::IndexState::Ready(name) => SearchPath::Index(name),
+            crate::model_index::IndexState::Invalid(name) => {
+                SearchPath::ExactNoIndex(format!("{name} is being built"))
+            }
+            crate::model_index::IndexState::Missing => SearchPath::ExactNoIndex(format!(
+                "{} not built yet (deferred until the backlog drains)",
+                spec.name()
+            )),
+        }
     };
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', $1, true)")
@@ -208,17 +258,19 @@ pub async fn search(
     let sql = if exact {
         let sessions = opts.source_type != Some(SourceType::Template);
         if !sessions && template_ids.is_empty() {
-            return Ok(Vec::new());
+            return Ok(Found {
+                hits: Vec::new(),
+                path,
+            });
         }
-        exact_visible_sql(
-            model,
-            dimensions,
-            opts.k,
-            sessions,
-            !template_ids.is_empty(),
-        )
+        exact_visible_sql(spec, opts.k, sessions, !template_ids.is_empty())
     } else {
-        search_sql(model, dimensions, opts.k, opts.source_type)
+        search_sql(
+            spec,
+            opts.k,
+            opts.source_type,
+            matches!(path, SearchPath::ExactNoIndex(_)),
+        )
     };
     let mut q = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(sql)).bind(Vector::from(query));
     if exact && !template_ids.is_empty() {
@@ -226,15 +278,14 @@ pub async fn search(
     }
     let hits = q.fetch_all(&mut *tx).await?;
     tx.commit().await?;
-    Ok(hits)
+    Ok(Found { hits, path })
 }
 
 /// EXPLAIN of the search, to show which index it uses. `without_seqscan`: on a small table the
 /// planner rightly prefers a sequential scan; disabling it shows whether the index matches.
 pub async fn explain(
     pool: &PgPool,
-    model: &str,
-    dimensions: usize,
+    spec: &IndexSpec,
     query: Vec<f32>,
     without_seqscan: bool,
 ) -> sqlx::Result<String> {
@@ -249,7 +300,7 @@ pub async fn explain(
     }
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
-        search_sql(model, dimensions, 5, None)
+        search_sql(spec, 5, None, false)
     )))
     .bind(Vector::from(query))
     .fetch_all(&mut *tx)

@@ -145,6 +145,11 @@ impl Worker {
             self.health.clone(),
             stop_rx.clone(),
         ));
+        let indexer = tokio::spawn(build_indexes(
+            self.pool.clone(),
+            self.settings.clone(),
+            stop_rx.clone(),
+        ));
 
         // apalis-postgres 1.0's Monitor can return an error when the database restarts: run it
         // again (with fresh worker names) until shutdown is requested.
@@ -193,6 +198,8 @@ impl Worker {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         maintenance.abort();
+        // A build in progress is cancelled by its own task on the stop signal.
+        let _ = tokio::time::timeout(Duration::from_secs(10), indexer).await;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -261,6 +268,45 @@ async fn maintain(
             }
             if let Err(e) = crate::pipeline::stage::prune(&pool, r.failed_age()).await {
                 tracing::warn!(error = %e, "pruning staged chunks failed");
+            }
+        }
+    }
+}
+
+/// The active model's index, when it is missing: built once the queue has drained (see
+/// [`crate::model_index::build`]); one builder across replicas. Its own task: a build takes
+/// minutes and must not hold up the readiness pings.
+async fn build_indexes(
+    pool: PgPool,
+    settings: Arc<Settings>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(settings.index.check_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        match crate::model_index::build_if_due(&pool, &settings, false, Some(stop.clone())).await {
+            Ok(outcome) => {
+                last_error = None;
+                match &outcome {
+                    crate::model_index::BuildOutcome::Deferred(why) => {
+                        tracing::debug!(%why, "index build deferred")
+                    }
+                    crate::model_index::BuildOutcome::Cancelled => return,
+                    _ => tracing::debug!(%outcome, "index check"),
+                }
+            }
+            Err(e) => {
+                // Once per distinct error: a login that is not the table's owner fails every tick.
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "index build failed");
+                    last_error = Some(msg);
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use embed_worker::config::IndexPrecision;
 use embed_worker::config::{DatabaseSettings, Settings};
 use embed_worker::fake_openai::fake_vector;
 use embed_worker::pipeline::chunk::{Chunker, cl100k};

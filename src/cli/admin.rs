@@ -19,12 +19,10 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     db::migrate(&pool).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
-    model_index::ensure_model_index(&pool, &settings.model.name, settings.model.dimensions).await?;
+    let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(
-        "migrations applied; change capture sessions={} templates={}; index {} ready",
-        settings.capture.sessions,
-        settings.capture.templates,
-        model_index::index_name(&settings.model.name)
+        "migrations applied; change capture sessions={} templates={}; {index}",
+        settings.capture.sessions, settings.capture.templates,
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -32,7 +30,7 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// `embed-worker verify`.
 pub(crate) async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
-    let report = db::verify(&pool, &model_index::index_name(&settings.model.name)).await?;
+    let report = db::verify(&pool, settings).await?;
     print!("{report}");
     Ok(if report.problems.is_empty() {
         ExitCode::SUCCESS
@@ -47,14 +45,19 @@ pub(crate) async fn models(
     action: Option<ModelsAction>,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
+    let spec = model_index::IndexSpec::from_settings(settings)?;
     match action {
         None => print!(
             "{}",
-            model_index::StatusTable(model_index::status(&pool, &settings.model.name).await?)
+            model_index::StatusTable(model_index::status(&pool, &spec).await?)
         ),
         Some(ModelsAction::Prune { model }) => {
-            let n = model_index::prune(&pool, &model, &settings.model.name).await?;
-            println!("pruned {model}: {n} rows deleted, index dropped");
+            let n = model_index::prune(&pool, &model, &spec).await?;
+            println!("pruned {model}: {n} rows deleted, its indexes dropped");
+        }
+        Some(ModelsAction::BuildIndex { when_due }) => {
+            let outcome = model_index::build_if_due(&pool, settings, !when_due, None).await?;
+            println!("{outcome}");
         }
     }
     Ok(ExitCode::SUCCESS)

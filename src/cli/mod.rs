@@ -145,6 +145,14 @@ pub(crate) enum BudgetAction {
 pub(crate) enum ModelsAction {
     /// Drop an old model's rows and index (refused while the active model is below 100%).
     Prune { model: String },
+    /// Build the active model's HNSW index now (CONCURRENTLY), as the table's owner; also drops
+    /// a dead build's invalid leftover and the model's superseded indexes.
+    BuildIndex {
+        /// Only if due: no open jobs and the model has rows (what `run` does on its own); for a
+        /// CronJob running as the owner when the worker's login is not.
+        #[arg(long)]
+        when_due: bool,
+    },
 }
 
 /// Runs one subcommand.

@@ -33,14 +33,9 @@ pub(crate) async fn search(
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let hits = embed_worker::search::search(
-        &pool,
-        &settings.model.name,
-        settings.model.dimensions,
-        query,
-        &opts,
-    )
-    .await?;
+    let spec = embed_worker::model_index::IndexSpec::from_settings(settings)?;
+    let found = embed_worker::search::search(&pool, &spec, query, &opts).await?;
+    let hits = found.hits;
     let took = started.elapsed();
     let labels = embed_worker::search::labels(&pool, &hits).await?;
     for h in &hits {
@@ -51,9 +46,10 @@ pub(crate) async fn search(
         println!("{:.4}  {label}", 1.0 - h.distance);
     }
     println!(
-        "{} hits in {:.1} ms",
+        "{} hits in {:.1} ms, {}",
         hits.len(),
-        took.as_secs_f64() * 1000.0
+        took.as_secs_f64() * 1000.0,
+        found.path
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -22,9 +22,7 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
     s.batch = local.batch.clone();
     s.rate_limit = local.rate_limit.clone();
     s.http.addr = "127.0.0.1:0".into();
-    embed_worker::model_index::ensure_model_index(&t.admin, &s.model.name, s.model.dimensions)
-        .await
-        .unwrap();
+    build_index(&t, &s.model.name, s.model.dimensions).await;
     seed_templates(&t.admin).await;
     assert_eq!(
         embed_worker::seed::seed_demo_sessions(&t.admin, 60)
@@ -56,9 +54,10 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
         source_type: Some(embed_worker::source::SourceType::Template),
         ..Default::default()
     };
-    let hits = search::search(&t.admin, &s.model.name, 384, q, &opts)
+    let hits = search::search(&t.admin, &spec(&s.model.name, 384), q, &opts)
         .await
-        .unwrap();
+        .unwrap()
+        .hits;
     let focus: String =
         sqlx::query_scalar("SELECT focus::text FROM question_templates WHERE id = $1")
             .bind(hits[0].source_id)
@@ -83,9 +82,10 @@ async fn the_local_model_ranks_a_harmony_template_first_and_rls_keeps_users_apar
         as_user: Some(ada),
         ..Default::default()
     };
-    let hits = search::search(&t.admin, &s.model.name, 384, q, &opts)
+    let hits = search::search(&t.admin, &spec(&s.model.name, 384), q, &opts)
         .await
-        .unwrap();
+        .unwrap()
+        .hits;
     assert_eq!(hits.len(), 5);
     for h in &hits {
         let (owner, focus): (uuid::Uuid, String) =

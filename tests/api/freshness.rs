@@ -182,9 +182,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     a.model.name = "text-embedding-3-small".into();
     a.model.dimensions = 256;
     a.model.send_dimensions = true;
-    model_index::ensure_model_index(&t.admin, &a.model.name, 256)
-        .await
-        .unwrap();
+    build_index(&t, &a.model.name, 256).await;
     let w = RunningWorker::start(a.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
@@ -192,15 +190,15 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     let mut b = a.clone();
     b.model.name = "text-embedding-3-large".into();
     b.model.dimensions = 512;
-    model_index::ensure_model_index(&t.admin, &b.model.name, 512)
+    build_index(&t, &b.model.name, 512).await;
+    let st = model_index::status(&t.admin, &spec(&b.model.name, 512))
         .await
         .unwrap();
-    let st = model_index::status(&t.admin, &b.model.name).await.unwrap();
     let old = st.iter().find(|m| m.model == a.model.name).unwrap();
     assert_eq!((old.sources, old.percent as i64), (30, 100));
     let new = st.iter().find(|m| m.model == b.model.name).unwrap();
-    assert!(new.active && new.rows == 0 && new.index_valid);
-    let err = model_index::prune(&t.admin, &a.model.name, &b.model.name)
+    assert!(new.active && new.rows == 0 && new.indexes.iter().any(|i| i.2));
+    let err = model_index::prune(&t.admin, &a.model.name, &spec(&b.model.name, 512))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("refusing to prune"), "{err}");
@@ -221,13 +219,13 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     let q = embed_worker::fake_openai::fake_vector("Practice 3", 256);
     let hits = search::search(
         &t.admin,
-        &a.model.name,
-        256,
+        &spec(&a.model.name, 256),
         q,
         &search::SearchOptions::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .hits;
     assert_eq!(hits.len(), 5);
 
     let w = RunningWorker::start(b.clone()).await;
@@ -240,34 +238,30 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .map(|i| i.name)
         .collect();
     assert!(
-        names.contains(&model_index::index_name(&a.model.name))
-            && names.contains(&model_index::index_name(&b.model.name))
+        names.contains(&spec(&a.model.name, 256).name())
+            && names.contains(&spec(&b.model.name, 512).name())
     );
     let plan = search::explain(
         &t.admin,
-        &b.model.name,
-        512,
+        &spec(&b.model.name, 512),
         embed_worker::fake_openai::fake_vector("x", 512),
         true,
     )
     .await
     .unwrap();
-    assert!(
-        plan.contains(&model_index::index_name(&b.model.name)),
-        "{plan}"
-    );
+    assert!(plan.contains(&spec(&b.model.name, 512).name()), "{plan}");
     let hits = search::search(
         &t.admin,
-        &b.model.name,
-        512,
+        &spec(&b.model.name, 512),
         embed_worker::fake_openai::fake_vector("y", 512),
         &search::SearchOptions::default(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .hits;
     assert_eq!(hits.len(), 5);
 
-    let deleted = model_index::prune(&t.admin, &a.model.name, &b.model.name)
+    let deleted = model_index::prune(&t.admin, &a.model.name, &spec(&b.model.name, 512))
         .await
         .unwrap();
     assert_eq!(deleted, 30);
@@ -278,7 +272,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .map(|i| i.name)
         .collect();
     assert!(
-        !names.contains(&model_index::index_name(&a.model.name)),
+        !names.contains(&spec(&a.model.name, 256).name()),
         "old index dropped"
     );
     let left: Vec<String> =
@@ -339,9 +333,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     .execute(&t.admin)
     .await
     .unwrap();
-    model_index::ensure_model_index(&t.admin, model, dims)
-        .await
-        .unwrap();
+    build_index(&t, model, dims).await;
     sqlx::query("ANALYZE rag_embeddings")
         .execute(&t.admin)
         .await
@@ -361,9 +353,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         ef_search: 40,
         ..Default::default()
     };
-    let hits = search::search(&t.admin, model, dims, q.clone(), &opts)
+    let hits = search::search(&t.admin, &spec(model, dims), q.clone(), &opts)
         .await
-        .unwrap();
+        .unwrap()
+        .hits;
     assert_eq!(hits.len(), 5, "k rows despite the filter");
     assert!(
         hits.iter().all(|h| mine.contains(&h.source_id)),
@@ -373,8 +366,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     let other = others[0];
     let hits = search::search(
         &t.admin,
-        model,
-        dims,
+        &spec(model, dims),
         q.clone(),
         &search::SearchOptions {
             as_user: Some(other),
@@ -382,7 +374,8 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+    .hits;
     assert_eq!(hits.len(), 5);
     assert!(
         hits.iter().all(|h| !mine.contains(&h.source_id)),
@@ -427,9 +420,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         as_user: Some(heavy),
         ..opts.clone()
     };
-    let hits = search::search(&t.admin, model, dims, q.clone(), &heavy_opts)
+    let hits = search::search(&t.admin, &spec(model, dims), q.clone(), &heavy_opts)
         .await
-        .unwrap();
+        .unwrap()
+        .hits;
     assert_eq!(
         hits.iter().map(|h| h.source_id).collect::<Vec<_>>(),
         truth,
@@ -457,9 +451,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
             .unwrap(),
         51
     );
-    let hits = search::search(&t.admin, model, dims, q.clone(), &heavy_opts)
+    let hits = search::search(&t.admin, &spec(model, dims), q.clone(), &heavy_opts)
         .await
-        .unwrap();
+        .unwrap()
+        .hits;
     // Their row 3 is the query itself too: the two tie at distance 0, so compare as sets.
     let got: std::collections::HashSet<Uuid> = hits.iter().map(|h| h.source_id).collect();
     let want: std::collections::HashSet<Uuid> =
@@ -470,8 +465,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     );
     let sessions_only = search::search(
         &t.admin,
-        model,
-        dims,
+        &spec(model, dims),
         q.clone(),
         &search::SearchOptions {
             source_type: Some(embed_worker::source::SourceType::Session),
@@ -479,7 +473,8 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+    .hits;
     assert_eq!(
         sessions_only
             .iter()
@@ -496,8 +491,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     // Forced onto the HNSW path: still only their rows.
     let hits = search::search(
         &t.admin,
-        model,
-        dims,
+        &spec(model, dims),
         q.clone(),
         &search::SearchOptions {
             exact_below: 0,
@@ -505,7 +499,8 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+    .hits;
     assert_eq!(hits.len(), 5);
     let ids_of_theirs: std::collections::HashSet<Uuid> = theirs.iter().map(|(id, _)| *id).collect();
     assert!(hits.iter().all(|h| ids_of_theirs.contains(&h.source_id)));
@@ -530,7 +525,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .await
         .unwrap();
     let plain: Vec<search::Hit> = sqlx::query_as(sqlx::AssertSqlSafe(search::search_sql(
-        model, dims, 5, None,
+        &spec(model, dims),
+        5,
+        None,
+        false,
     )))
     .bind(pgvector::Vector::from(q))
     .fetch_all(&mut *tx)

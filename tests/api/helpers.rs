@@ -280,3 +280,29 @@ pub async fn wait_first_request(fake: &FakeServer) {
 pub async fn count(pool: &PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
+
+/// The index spec of `model` at `dims` with the shipped precision (`auto`).
+pub fn spec(model: &str, dims: usize) -> embed_worker::model_index::IndexSpec {
+    embed_worker::model_index::IndexSpec::new(
+        model,
+        dims,
+        embed_worker::config::IndexPrecision::Auto,
+    )
+    .unwrap()
+}
+
+/// Builds `model`'s index now, as `models build-index` would.
+pub async fn build_index(t: &TestDb, model: &str, dims: usize) {
+    let cfg = embed_worker::config::Settings::load(None).unwrap().index;
+    let outcome = embed_worker::model_index::build::build(&t.url, &spec(model, dims), &cfg, None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            embed_worker::model_index::BuildOutcome::Built(..)
+                | embed_worker::model_index::BuildOutcome::Ready(_)
+        ),
+        "{outcome:?}"
+    );
+}

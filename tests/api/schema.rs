@@ -2,7 +2,7 @@
 //! placeholders, RLS, idempotent migrations and `verify`.
 
 use crate::helpers::*;
-use embed_worker::{db, model_index};
+use embed_worker::db;
 use uuid::Uuid;
 
 async fn insert_embedding(
@@ -310,8 +310,8 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
             .await
             .unwrap();
     assert!(!rls, "the app's table is left alone");
-    let default_index = model_index::index_name("text-embedding-ada-002");
-    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    let settings = embed_worker::config::Settings::load(None).unwrap();
+    let report = db::verify(&t.admin, &settings).await.unwrap();
     assert_eq!(
         report.problems.len(),
         1,
@@ -334,7 +334,7 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
         .execute(&t.admin)
         .await
         .unwrap();
-    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    let report = db::verify(&t.admin, &settings).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let worker = t.worker_pool().await;
     let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
@@ -431,13 +431,14 @@ async fn app_user_statement(t: &TestDb, user: Uuid, sql: &'static str) -> Result
 #[tokio::test]
 async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     let t = TestDb::migrated().await;
-    let default_index = model_index::index_name("text-embedding-ada-002");
-    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    let settings = embed_worker::config::Settings::load(None).unwrap();
+    let default_index = spec("text-embedding-ada-002", 1536);
+    let report = db::verify(&t.admin, &settings).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let ix = report
         .indexes
         .iter()
-        .find(|i| i.name == default_index)
+        .find(|i| default_index.matches(i))
         .expect("default index listed");
     assert_eq!(ix.access_method, "hnsw");
     assert!(
@@ -452,7 +453,7 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     .execute(&t.admin)
     .await
     .unwrap();
-    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    let report = db::verify(&t.admin, &settings).await.unwrap();
     assert!(
         report
             .problems
@@ -466,7 +467,7 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
         .execute(&t.admin)
         .await
         .unwrap();
-    let report = db::verify(&t.admin, &default_index).await.unwrap();
+    let report = db::verify(&t.admin, &settings).await.unwrap();
     assert!(
         report
             .problems

@@ -1,0 +1,382 @@
+//! Embedding models as the database sees them: one HNSW partial expression index per model.
+//!
+//! Why one place: the index's expression (a cast to `vector(d)` or `halfvec(d)`), its operator
+//! class and its predicate (`embedding_model = '…'`) must agree between `migrate`, the builder,
+//! `verify`, `models`, `prune` and the search query, or the planner silently falls back to a
+//! sequential scan. An [`IndexSpec`] says what a model's index must be; [`find`] finds a model's
+//! indexes by their definition (not by name), so indexes named by earlier versions still count.
+//!
+//! Why two precisions: pgvector's HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up
+//! to 4,000; `text-embedding-3-large` (3,072) fits only as `halfvec`. The column keeps full
+//! precision; only the index (and the query's cast) is half.
+//!
+//! Why names carry a hash: PostgreSQL cuts identifiers at 63 bytes, so two long model names
+//! (Azure deployment names) sharing a prefix got one index name and the second model no index.
+
+pub mod build;
+pub mod status;
+
+pub use build::{BuildOutcome, build_if_due};
+pub use status::{ModelStatus, StatusTable, prune, status};
+
+use sqlx::PgPool;
+
+use crate::config::IndexPrecision;
+use crate::db::VectorIndex;
+
+/// pgvector's HNSW limit for `vector`.
+pub const MAX_FULL_DIMS: usize = 2000;
+/// pgvector's HNSW limit for `halfvec`.
+pub const MAX_HALF_DIMS: usize = 4000;
+
+/// What one model's index must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexSpec {
+    /// `embedding_model`.
+    pub model: String,
+    /// Vector dimensions.
+    pub dimensions: usize,
+    /// `halfvec` (true) or `vector`.
+    pub half: bool,
+}
+
+impl IndexSpec {
+    /// The spec for `model` at `dimensions`; `precision` as configured. Refuses what pgvector's
+    /// HNSW cannot index.
+    pub fn new(model: &str, dimensions: usize, precision: IndexPrecision) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            (1..=MAX_HALF_DIMS).contains(&dimensions),
+            "{model}: {dimensions} dimensions cannot be indexed: pgvector's HNSW takes `vector` up \
+             to {MAX_FULL_DIMS} and `halfvec` up to {MAX_HALF_DIMS} dimensions"
+        );
+        let half = match precision {
+            IndexPrecision::Auto => dimensions > MAX_FULL_DIMS,
+            IndexPrecision::Half => true,
+            IndexPrecision::Full => {
+                anyhow::ensure!(
+                    dimensions <= MAX_FULL_DIMS,
+                    "{model}: index.precision = \"full\" takes at most {MAX_FULL_DIMS} dimensions \
+                     (pgvector's HNSW `vector` limit), not {dimensions}: use \"half\" or \"auto\""
+                );
+                false
+            }
+        };
+        Ok(IndexSpec {
+            model: model.to_string(),
+            dimensions,
+            half,
+        })
+    }
+
+    /// The active model's spec.
+    pub fn from_settings(s: &crate::config::Settings) -> anyhow::Result<Self> {
+        Self::new(&s.model.name, s.model.dimensions, s.index.precision)
+    }
+
+    /// `vector(1536)` or `halfvec(3072)`: the type the index stores.
+    pub fn index_type(&self) -> String {
+        let t = if self.half { "halfvec" } else { "vector" };
+        format!("{t}({})", self.dimensions)
+    }
+
+    /// The indexed expression, as search must write it for the planner to use the index.
+    pub fn key(&self) -> String {
+        format!("embedding::{}", self.index_type())
+    }
+
+    /// The query parameter `$1` cast to the index's type.
+    pub fn query_param(&self) -> String {
+        if self.half {
+            format!("$1::{}", self.index_type())
+        } else {
+            "$1".into()
+        }
+    }
+
+    /// The cosine operator class of the index's type.
+    pub fn opclass(&self) -> &'static str {
+        if self.half {
+            "halfvec_cosine_ops"
+        } else {
+            "vector_cosine_ops"
+        }
+    }
+
+    /// `idx_rag_emb_<model folded to [a-z0-9_], cut>_<v|h><dims>_<hash>`: readable, at most 63
+    /// bytes, and distinct for distinct (model, dimensions, precision) even when names share a
+    /// long prefix.
+    pub fn name(&self) -> String {
+        let folded: String = self
+            .model
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let tail = format!(
+            "_{}{}_{:08x}",
+            if self.half { 'h' } else { 'v' },
+            self.dimensions,
+            self.hash() as u32
+        );
+        let head = "idx_rag_emb_";
+        let room = 63 - head.len() - tail.len();
+        let prefix: String = folded.chars().take(room).collect();
+        format!("{head}{prefix}{tail}")
+    }
+
+    /// FNV-1a of the full model name, dimensions and precision (stable across releases and
+    /// platforms, unlike `std`'s hasher).
+    fn hash(&self) -> u64 {
+        let key = format!("{}\0{}\0{}", self.model, self.dimensions, self.half);
+        key.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100000001b3)
+        })
+    }
+
+    /// `CREATE INDEX [CONCURRENTLY]` with the design's parameters (m = 16, ef_construction = 64).
+    pub fn create_sql(&self, concurrently: bool) -> String {
+        format!(
+            "CREATE INDEX {}{} ON rag_embeddings USING hnsw (({}) {}) \
+             WITH (m = 16, ef_construction = 64) WHERE embedding_model = {}",
+            if concurrently { "CONCURRENTLY " } else { "" },
+            self.name(),
+            self.key(),
+            self.opclass(),
+            quote_literal(&self.model)
+        )
+    }
+
+    /// Whether `ix` is this spec's index (whatever its name): HNSW, the same cast and operator
+    /// class, the same model predicate.
+    pub fn matches(&self, ix: &VectorIndex) -> bool {
+        ix.access_method == "hnsw"
+            && of_model(ix, &self.model)
+            && ix.definition.contains(&format!(
+                "((embedding)::{}) {}",
+                self.index_type(),
+                self.opclass()
+            ))
+    }
+}
+
+/// Whether `ix` indexes `model`'s rows (its predicate, as PostgreSQL prints it, names the model).
+pub fn of_model(ix: &VectorIndex, model: &str) -> bool {
+    ix.definition.ends_with(&format!(
+        "WHERE ((embedding_model)::text = {}::text)",
+        quote_literal(model)
+    ))
+}
+
+/// The stored type of an index, `vector(1536)` or `halfvec(3072)`, read from its definition.
+pub fn stored_type(ix: &VectorIndex) -> Option<String> {
+    let at = ix.definition.find("((embedding)::")? + "((embedding)::".len();
+    let rest = &ix.definition[at..];
+    Some(rest[..rest.find(')')? + 1].to_string())
+}
+
+/// `s` as a quoted SQL literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Where a model's index stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexState {
+    /// Valid and usable.
+    Ready(String),
+    /// Present but not valid: a build in progress, or the leftover of one that died.
+    Invalid(String),
+    /// None of this spec (another precision may still exist).
+    Missing,
+}
+
+/// Every vector index (of any table; [`find`] and [`of_model`] pick `rag_embeddings`' own).
+pub async fn indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
+    crate::db::vector_indexes(pool).await
+}
+
+/// The state of `spec`'s index among `all`.
+pub fn find(all: &[VectorIndex], spec: &IndexSpec) -> IndexState {
+    let mine: Vec<&VectorIndex> = all.iter().filter(|ix| spec.matches(ix)).collect();
+    if let Some(ix) = mine.iter().find(|ix| ix.valid) {
+        IndexState::Ready(ix.name.clone())
+    } else if let Some(ix) = mine.first() {
+        IndexState::Invalid(ix.name.clone())
+    } else {
+        IndexState::Missing
+    }
+}
+
+/// The state of `spec`'s index.
+pub async fn state(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<IndexState> {
+    Ok(find(&indexes(pool).await?, spec))
+}
+
+/// A build in progress, from `pg_stat_progress_create_index` (only visible to the building
+/// login, its members and `pg_read_all_stats`).
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The index being built.
+    pub index: String,
+    /// PostgreSQL's phase, e.g. `building index: loading tuples`.
+    pub phase: String,
+    /// Tuples loaded into the graph so far.
+    pub tuples_done: i64,
+    /// Rows to index (the model's rows when PostgreSQL does not say).
+    pub tuples_total: i64,
+    /// Seconds since the build started.
+    pub secs: f64,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = if self.tuples_total > 0 {
+            format!(
+                " {:.0}%",
+                (self.tuples_done as f64 * 100.0 / self.tuples_total as f64).min(100.0)
+            )
+        } else {
+            String::new()
+        };
+        write!(
+            f,
+            "building{pct} ({}, {}/{} rows, {:.0} s)",
+            self.phase, self.tuples_done, self.tuples_total, self.secs
+        )
+    }
+}
+
+/// The progress of builds on `rag_embeddings`, by index name.
+pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
+    let rows: Vec<(
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+        Option<i64>,
+        Option<f64>,
+        Option<String>,
+    )> = sqlx::query_as(
+        "SELECT c.relname::text, p.phase, p.tuples_done, p.tuples_total,
+                    extract(epoch FROM now() - a.query_start)::float8,
+                    pg_get_indexdef(p.index_relid)
+               FROM pg_stat_progress_create_index p
+               LEFT JOIN pg_class c ON c.oid = p.index_relid
+               LEFT JOIN pg_stat_activity a ON a.pid = p.pid
+              WHERE p.relid = to_regclass('public.rag_embeddings')",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::new();
+    for (name, phase, done, total, secs, def) in rows {
+        let Some(name) = name else { continue };
+        let mut total = total.unwrap_or(0);
+        // pgvector reports tuples loaded but not the total: the model's rows are what it loads.
+        if total == 0 {
+            if let Some(model) = def.as_deref().and_then(predicate_model) {
+                total = sqlx::query_scalar(
+                    "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1",
+                )
+                .bind(model)
+                .fetch_one(pool)
+                .await?;
+            }
+        }
+        out.push(Progress {
+            index: name,
+            phase: phase.unwrap_or_default(),
+            tuples_done: done.unwrap_or(0),
+            tuples_total: total,
+            secs: secs.unwrap_or(0.0),
+        });
+    }
+    Ok(out)
+}
+
+/// The model named in an index definition's predicate.
+fn predicate_model(definition: &str) -> Option<String> {
+    let at = definition.find("WHERE ((embedding_model)::text = '")?
+        + "WHERE ((embedding_model)::text = '".len();
+    let rest = &definition[at..];
+    let end = rest.rfind("'::text)")?;
+    Some(rest[..end].replace("''", "'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_bounded_and_long_shared_prefixes_do_not_collide() {
+        let a = IndexSpec::new(
+            &format!("{}-east", "x".repeat(60)),
+            1536,
+            IndexPrecision::Auto,
+        )
+        .unwrap();
+        let b = IndexSpec::new(
+            &format!("{}-west", "x".repeat(60)),
+            1536,
+            IndexPrecision::Auto,
+        )
+        .unwrap();
+        assert!(a.name().len() <= 63 && b.name().len() <= 63);
+        assert_ne!(a.name(), b.name());
+        let ada = IndexSpec::new("text-embedding-ada-002", 1536, IndexPrecision::Auto).unwrap();
+        assert!(
+            ada.name()
+                .starts_with("idx_rag_emb_text_embedding_ada_002_v1536_"),
+            "{}",
+            ada.name()
+        );
+        let half = IndexSpec::new("text-embedding-ada-002", 1536, IndexPrecision::Half).unwrap();
+        assert_ne!(ada.name(), half.name());
+    }
+
+    #[test]
+    fn precision_follows_pgvector_limits() {
+        assert!(
+            IndexSpec::new("m", 3072, IndexPrecision::Auto)
+                .unwrap()
+                .half
+        );
+        assert!(
+            !IndexSpec::new("m", 1536, IndexPrecision::Auto)
+                .unwrap()
+                .half
+        );
+        assert!(IndexSpec::new("m", 3072, IndexPrecision::Full).is_err());
+        let err = IndexSpec::new("m", 4096, IndexPrecision::Half)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4000"), "{err}");
+    }
+
+    #[test]
+    fn the_model_is_read_back_from_a_definition() {
+        let def = "CREATE INDEX a ON public.r USING hnsw (((embedding)::halfvec(3072)) halfvec_cosine_ops) WITH (m='16', ef_construction='64') WHERE ((embedding_model)::text = 'it''s'::text)";
+        assert_eq!(predicate_model(def).as_deref(), Some("it's"));
+        let ix = VectorIndex {
+            name: "a".into(),
+            access_method: "hnsw".into(),
+            options: vec![],
+            definition: def.into(),
+            valid: true,
+        };
+        assert_eq!(stored_type(&ix).as_deref(), Some("halfvec(3072)"));
+        assert!(
+            IndexSpec::new("it's", 3072, IndexPrecision::Auto)
+                .unwrap()
+                .matches(&ix)
+        );
+        assert!(
+            !IndexSpec::new("it", 3072, IndexPrecision::Auto)
+                .unwrap()
+                .matches(&ix)
+        );
+    }
+}
