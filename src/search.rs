@@ -294,7 +294,7 @@ pub async fn explain(
         .execute(&mut *tx)
         .await?;
     if without_seqscan {
-        sqlx::query("SET LOCAL enable_seqscan = off")
+        sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
             .execute(&mut *tx)
             .await?;
     }

@@ -216,7 +216,6 @@ pub(crate) fn parse_summary(stdout: &str, key: &str) -> u64 {
         .find_map(|part| {
             part.trim().strip_prefix(key).and_then(|v| {
                 v.trim_start_matches(':')
-                    .trim()
                     .split_whitespace()
                     .next()?
                     .parse()

@@ -276,8 +276,8 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
         let Some(name) = name else { continue };
         let mut total = total.unwrap_or(0);
         // pgvector reports tuples loaded but not the total: the model's rows are what it loads.
-        if total == 0 {
-            if let Some(model) = def.as_deref().and_then(predicate_model) {
+        if total == 0
+            && let Some(model) = def.as_deref().and_then(predicate_model) {
                 total = sqlx::query_scalar(
                     "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1",
                 )
@@ -285,7 +285,6 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
                 .fetch_one(pool)
                 .await?;
             }
-        }
         out.push(Progress {
             index: name,
             phase: phase.unwrap_or_default(),

@@ -8,6 +8,7 @@ mod demo;
 mod deploy;
 mod freshness;
 mod hardening;
+mod index;
 mod local_model;
 mod operate;
 mod pipeline;

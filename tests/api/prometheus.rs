@@ -78,11 +78,10 @@ async fn prometheus_scrapes_tokens_and_cost_that_match_the_table() {
     // Wait until Prometheus has scraped the final counters.
     let start = Instant::now();
     let scraped = loop {
-        if let Some(v) = prom_query(&base, "sum(embed_worker_tokens_embedded_total)").await {
-            if v as i64 == stored_tokens {
+        if let Some(v) = prom_query(&base, "sum(embed_worker_tokens_embedded_total)").await
+            && v as i64 == stored_tokens {
                 break v;
             }
-        }
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "Prometheus never saw {stored_tokens} tokens"
