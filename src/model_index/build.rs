@@ -106,10 +106,9 @@ pub async fn build_if_due(
         return Ok(BuildOutcome::Ready(name));
     }
     crate::meter::index_ready(&spec.model, false);
-    if !force
-        && let Some(why) = not_due(pool, s, &spec).await? {
-            return Ok(BuildOutcome::Deferred(why));
-        }
+    if !force && let Some(why) = not_due(pool, s, &spec).await? {
+        return Ok(BuildOutcome::Deferred(why));
+    }
     let outcome = build(&s.database.url, &spec, &s.index, stop).await?;
     crate::meter::index_ready(&spec.model, matches!(outcome, BuildOutcome::Built(..)));
     Ok(outcome)

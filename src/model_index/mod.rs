@@ -251,16 +251,19 @@ impl std::fmt::Display for Progress {
     }
 }
 
+/// (index, phase, tuples done, tuples total, seconds, definition) as the catalog gives them.
+type ProgressRow = (
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+    Option<String>,
+);
+
 /// The progress of builds on `rag_embeddings`, by index name.
 pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
-    let rows: Vec<(
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-        Option<i64>,
-        Option<f64>,
-        Option<String>,
-    )> = sqlx::query_as(
+    let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT c.relname::text, p.phase, p.tuples_done, p.tuples_total,
                     extract(epoch FROM now() - a.query_start)::float8,
                     pg_get_indexdef(p.index_relid)
@@ -277,14 +280,15 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
         let mut total = total.unwrap_or(0);
         // pgvector reports tuples loaded but not the total: the model's rows are what it loads.
         if total == 0
-            && let Some(model) = def.as_deref().and_then(predicate_model) {
-                total = sqlx::query_scalar(
-                    "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1",
-                )
-                .bind(model)
-                .fetch_one(pool)
-                .await?;
-            }
+            && let Some(model) = def.as_deref().and_then(predicate_model)
+        {
+            total = sqlx::query_scalar(
+                "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1",
+            )
+            .bind(model)
+            .fetch_one(pool)
+            .await?;
+        }
         out.push(Progress {
             index: name,
             phase: phase.unwrap_or_default(),

@@ -196,9 +196,10 @@ async fn manifests_agree_with_the_binary() {
                 let name = e["name"].as_str().unwrap();
                 names.push(name.to_string());
                 if let Some(v) = e["value"].as_str()
-                    && name.starts_with("EMBED_WORKER__") {
-                        cmd.env(name, v);
-                    }
+                    && name.starts_with("EMBED_WORKER__")
+                {
+                    cmd.env(name, v);
+                }
             }
             let out = cmd.output().unwrap();
             assert!(

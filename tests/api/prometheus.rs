@@ -79,9 +79,10 @@ async fn prometheus_scrapes_tokens_and_cost_that_match_the_table() {
     let start = Instant::now();
     let scraped = loop {
         if let Some(v) = prom_query(&base, "sum(embed_worker_tokens_embedded_total)").await
-            && v as i64 == stored_tokens {
-                break v;
-            }
+            && v as i64 == stored_tokens
+        {
+            break v;
+        }
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "Prometheus never saw {stored_tokens} tokens"
