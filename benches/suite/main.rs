@@ -117,8 +117,36 @@ async fn main() {
         if want("e2e") {
             for latency in [0u64, 200] {
                 eprintln!("e2e at {latency} ms …");
-                let r = bench_e2e(&mut report, &url, &pool, &sources, latency, tokenize_cpu).await;
-                let _ = (r.rows, r.rows_per_s, r.cpu_s);
+                let live = bench_e2e(
+                    &mut report,
+                    &url,
+                    &pool,
+                    &sources,
+                    latency,
+                    tokenize_cpu,
+                    false,
+                )
+                .await;
+                eprintln!("e2e at {latency} ms, deferred index …");
+                let deferred = bench_e2e(
+                    &mut report,
+                    &url,
+                    &pool,
+                    &sources,
+                    latency,
+                    tokenize_cpu,
+                    true,
+                )
+                .await;
+                let _ = (live.rows, live.cpu_s);
+                let speedup = deferred.rows_per_s / live.rows_per_s;
+                report.add(
+                    &format!("e2e {latency}ms, deferred index"),
+                    "rows/s, deferred build ÷ live index",
+                    format!("{speedup:.2}"),
+                    "≥ 3",
+                    Some(speedup >= 3.0),
+                );
             }
         }
         if want("quota") {

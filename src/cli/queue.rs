@@ -15,6 +15,7 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
     if until_empty {
         let pool = worker.pool.clone();
         let queue = worker.settings.queue.name.clone();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let drained = async move {
             loop {
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -23,11 +24,28 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
                 }
             }
         };
+        let signalled = tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let mut stop = stop_rx.clone();
         worker
             .run(async move {
-                tokio::select! { _ = shutdown => {}, _ = drained => {} }
+                tokio::select! { _ = stop.wait_for(|v| *v) => {}, _ = drained => {} }
             })
             .await?;
+        // Drained, not stopped: the backlog's deferred index is built now, as `run` would.
+        if !*stop_rx.borrow() {
+            let outcome = embed_worker::model_index::build_if_due(
+                &worker.pool,
+                &worker.settings,
+                false,
+                Some(stop_rx.clone()),
+            )
+            .await?;
+            println!("{outcome}");
+        }
+        signalled.abort();
     } else {
         worker.run(shutdown).await?;
     }

@@ -46,10 +46,10 @@ pub(crate) async fn search(
         println!("{:.4}  {label}", 1.0 - h.distance);
     }
     println!(
-        "{} hits in {:.1} ms, {}",
+        "{} hits, {}, in {:.1} ms",
         hits.len(),
-        took.as_secs_f64() * 1000.0,
-        found.path
+        found.path,
+        took.as_secs_f64() * 1000.0
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -262,7 +262,10 @@ async fn manifests_agree_with_the_binary() {
             }
         }
     }
-    assert_eq!(checked, 3, "Deployment, migrate Job, enqueue-stale CronJob");
+    assert_eq!(
+        checked, 4,
+        "Deployment, migrate Job, enqueue-stale and index-build CronJobs"
+    );
 
     embed_worker::init_tls();
     // The probe paths answer on the worker HTTP server.
