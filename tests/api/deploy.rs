@@ -295,7 +295,7 @@ fn manifests_validate_against_kubernetes_schemas() {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    assert_eq!(core.len(), 4);
+    assert_eq!(core.len(), 5);
     let out = Command::new(&tool)
         .args(["--strict", "--kubernetes-version", "1.31"])
         .args(core.iter().map(|p| p.as_path()))
