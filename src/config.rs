@@ -48,6 +48,41 @@ pub struct Settings {
     pub budget: BudgetSettings,
     /// `[index]`: each model's HNSW index: precision and when it is built.
     pub index: IndexSettings,
+    /// `[bulk]`: the lane of backfills and stale re-embeds (sync, or the Batch API).
+    pub bulk: BulkSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[bulk]`.
+pub struct BulkSettings {
+    /// How bulk jobs are embedded: `sync` (the embeddings endpoint, after every interactive job)
+    /// or `batch` (OpenAI's Batch API: half price, results within 24 hours).
+    pub mode: BulkMode,
+    /// Queue priority of bulk jobs (interactive jobs have 0; apalis claims higher first).
+    pub priority: i32,
+    /// Sources claimed into one batch at most.
+    pub max_sources_per_batch: usize,
+    /// Requests (lines) per batch file (OpenAI: 50,000).
+    pub max_requests_per_batch: usize,
+    /// Embedding inputs per batch, all requests together (OpenAI: 50,000).
+    pub max_inputs_per_batch: usize,
+    /// Batch file size in MB (OpenAI: 200).
+    pub max_file_mb: usize,
+    /// How often `run` polls open batches and submits new ones.
+    pub poll_secs: u64,
+    /// Batches open at the provider at once at most.
+    pub max_open_batches: usize,
+}
+
+/// `bulk.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BulkMode {
+    /// The embeddings endpoint, at a lower queue priority than interactive jobs.
+    Sync,
+    /// OpenAI's Batch API (`/v1/files`, `/v1/batches`).
+    Batch,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -276,6 +311,8 @@ pub struct ModelSettings {
     pub chunk_overlap_tokens: usize,
     /// Price, for cost metrics and the budget.
     pub usd_per_million_tokens: f64,
+    /// Price through the Batch API (OpenAI: half the synchronous price).
+    pub batch_usd_per_million_tokens: f64,
     /// A source longer than this (in tokens, all chunks) is a dead letter with its size, never
     /// embedded: one 50 MB paste would otherwise take the whole token quota.
     pub max_source_tokens: usize,
@@ -623,6 +660,55 @@ impl Settings {
             "budget.recheck_secs",
             &g.recheck_secs,
             "1..=86400",
+        );
+        let b = &self.bulk;
+        check(
+            (-100..=-1).contains(&b.priority),
+            "bulk.priority",
+            &b.priority,
+            "-100..=-1 (below interactive jobs' 0)",
+        );
+        check(
+            (1..=50_000).contains(&b.max_sources_per_batch),
+            "bulk.max_sources_per_batch",
+            &b.max_sources_per_batch,
+            "1..=50000",
+        );
+        check(
+            (1..=50_000).contains(&b.max_requests_per_batch),
+            "bulk.max_requests_per_batch",
+            &b.max_requests_per_batch,
+            "1..=50000 (OpenAI's limit)",
+        );
+        check(
+            (1..=50_000).contains(&b.max_inputs_per_batch),
+            "bulk.max_inputs_per_batch",
+            &b.max_inputs_per_batch,
+            "1..=50000 (OpenAI's limit)",
+        );
+        check(
+            (1..=200).contains(&b.max_file_mb),
+            "bulk.max_file_mb",
+            &b.max_file_mb,
+            "1..=200 (OpenAI's limit)",
+        );
+        check(
+            (1..=3600).contains(&b.poll_secs),
+            "bulk.poll_secs",
+            &b.poll_secs,
+            "1..=3600",
+        );
+        check(
+            (1..=1000).contains(&b.max_open_batches),
+            "bulk.max_open_batches",
+            &b.max_open_batches,
+            "1..=1000",
+        );
+        check(
+            m.batch_usd_per_million_tokens.is_finite() && m.batch_usd_per_million_tokens >= 0.0,
+            "model.batch_usd_per_million_tokens",
+            &m.batch_usd_per_million_tokens,
+            "a finite number >= 0",
         );
         let ix = &self.index;
         check(

@@ -172,7 +172,7 @@ pub fn counts(stale: &[Stale]) -> BTreeMap<StaleReason, usize> {
     m
 }
 
-/// Queues the `stale` sources on the configured queue in chunks of 1,000, calling
+/// Queues the `stale` sources in the bulk lane (`bulk.mode`) in chunks of 1,000, calling
 /// `progress(done, total)` after each: the one way every caller (the periodic scan,
 /// `enqueue-stale`, `backfill`) turns a scan into jobs. Returns how many jobs were created
 /// (sources with a pending job are skipped).
@@ -182,7 +182,8 @@ pub async fn enqueue_stale(
     stale: &[Stale],
     mut progress: impl FnMut(usize, usize),
 ) -> sqlx::Result<i64> {
-    let (queue, attempts) = (&settings.queue.name, settings.queue.max_attempts);
+    let attempts = settings.queue.max_attempts;
+    let queue = crate::bulk::bulk_queue(settings);
     // A source whose job is already open (pending, claimed or running) will be embedded by it:
     // running jobs have given up their dedup key, so enqueueing them again made a second job
     // per source for every batch the worker had started (128 extra jobs in the demo, varying
@@ -190,10 +191,11 @@ pub async fn enqueue_stale(
     let open: std::collections::HashSet<(String, Uuid)> = sqlx::query_as(
         "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
            FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                  WHERE job_type = $1 AND status IN ('Pending', 'Queued', 'Running')) j
+                  WHERE job_type IN ($1, $2) AND status IN ('Pending', 'Queued', 'Running')) j
           WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'",
     )
-    .bind(queue)
+    .bind(&settings.queue.name)
+    .bind(crate::queue::batch_queue(&settings.queue.name))
     .fetch_all(pool)
     .await?
     .into_iter()
@@ -205,7 +207,9 @@ pub async fn enqueue_stale(
         .collect();
     let mut created = 0;
     for (i, chunk) in sources.chunks(1000).enumerate() {
-        created += crate::queue::enqueue_many(pool, queue, attempts, chunk).await?;
+        created +=
+            crate::queue::enqueue_lane(pool, &queue, attempts, settings.bulk.priority, chunk)
+                .await?;
         progress((i * 1000 + chunk.len()).min(sources.len()), sources.len());
     }
     Ok(created)

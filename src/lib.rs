@@ -16,13 +16,15 @@
 //! | rate-limit and call | [`embed::caller`] → [`embed::ratelimit`], [`guard`] → [`embed::openai`] / [`embed::local`] | the provider, `embed_worker.spend` |
 //! | write | [`pipeline::write`] | `rag_embeddings` (the only writer) |
 //! | ack: release, back off, kill | [`job::settle`], [`job::JobError::report`] | `apalis.jobs` |
+//! | bulk lane in batch mode: submit, poll, collect | [`bulk`] (same load → chunk → skip → write stages; the Batch API instead of the embed call) | `apalis.jobs` (`<queue>.batch`), `embed_worker.batches`, the provider's files and batches |
 //!
 //! [`pipeline::Pipeline::process`] reads as those steps. Around them: [`config`] (typed settings),
-//! [`db`] (connect, migrate, verify), [`model_index`] (one HNSW index per model), [`freshness`] (what
+//! [`db`] (connect, migrate, verify), [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what
 //! is stale), [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`]
 //! (secrets never leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command
 //! line is the binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
 
+pub mod bulk;
 pub mod config;
 pub mod db;
 pub mod embed;

@@ -45,6 +45,10 @@ pub const QUEUE_JOBS: &str = "embed_worker_queue_jobs";
 pub const QUEUE_OLDEST: &str = "embed_worker_queue_oldest_pending_age_seconds";
 /// Duration of a batch's write transaction.
 pub const DB_WRITE: &str = "embed_worker_db_write_duration_seconds";
+/// Batches of the batch lane by state (sampled; finished ones over the last day).
+pub const BATCHES: &str = "embed_worker_batches";
+/// Age of the oldest batch still open at the provider.
+pub const BATCH_OLDEST_AGE: &str = "embed_worker_batch_oldest_open_age_seconds";
 /// Index builds by result (`built`, `failed`, `cancelled`).
 pub const INDEX_BUILDS: &str = "embed_worker_index_builds_total";
 /// Duration of the last index build.
@@ -81,9 +85,14 @@ pub const ALL: &[&str] = &[
     BUDGET_SPENT,
     BUDGET_LIMIT,
     BUILD_INFO,
+    INDEX_BUILDS,
+    INDEX_BUILD_SECONDS,
+    INDEX_READY,
+    BATCHES,
+    BATCH_OLDEST_AGE,
 ];
 
-static COST: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
+static COST: Mutex<BTreeMap<(String, &'static str), f64>> = Mutex::new(BTreeMap::new());
 
 /// HELP and units, once per process.
 pub fn describe() {
@@ -171,6 +180,16 @@ pub fn describe() {
     describe_gauge!(BUILD_INFO, Unit::Count, "Build information");
     describe_counter!(INDEX_BUILDS, Unit::Count, "HNSW index builds by result");
     describe_gauge!(
+        BATCHES,
+        Unit::Count,
+        "Batch API batches by state (open ones, and those finished in the last day)"
+    );
+    describe_gauge!(
+        BATCH_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest batch not yet collected (its window is 24 h)"
+    );
+    describe_gauge!(
         INDEX_BUILD_SECONDS,
         Unit::Seconds,
         "Duration of the last HNSW index build"
@@ -195,9 +214,40 @@ pub fn index_ready(model: &str, ready: bool) {
 
 /// Counts billed tokens and their cost.
 pub fn tokens_embedded(model: &str, tokens: u64, usd_per_million: f64) {
-    counter!(TOKENS_EMBEDDED, "model" => model.to_string()).increment(tokens);
-    *COST.lock().unwrap().entry(model.to_string()).or_insert(0.0) +=
-        tokens as f64 * usd_per_million / 1e6;
+    lane_tokens(model, "sync", tokens, usd_per_million);
+}
+
+/// Counts tokens billed through the Batch API and their cost at the batch price.
+pub fn batch_tokens(model: &str, tokens: u64, usd_per_million: f64) {
+    lane_tokens(model, "batch", tokens, usd_per_million);
+}
+
+fn lane_tokens(model: &str, lane: &'static str, tokens: u64, usd_per_million: f64) {
+    counter!(TOKENS_EMBEDDED, "model" => model.to_string(), "lane" => lane).increment(tokens);
+    *COST
+        .lock()
+        .unwrap()
+        .entry((model.to_string(), lane))
+        .or_insert(0.0) += tokens as f64 * usd_per_million / 1e6;
+}
+
+/// The batch lane's records, sampled: batches by state, and the age of the oldest open one.
+pub fn batches(by_state: &[(String, i64)], oldest_open_secs: f64) {
+    for state in [
+        "preparing",
+        "submitted",
+        "completed",
+        "expired",
+        "failed",
+        "cancelled",
+    ] {
+        let n = by_state
+            .iter()
+            .find(|(s, _)| s == state)
+            .map_or(0, |(_, n)| *n);
+        gauge!(BATCHES, "state" => state).set(n as f64);
+    }
+    gauge!(BATCH_OLDEST_AGE).set(oldest_open_secs);
 }
 
 /// Counts tokens not sent.
@@ -289,9 +339,9 @@ pub fn render_extra() -> String {
     let mut out = format!(
         "# HELP {COST_USD} Estimated embedding cost in USD (tokens × the model's configured price)\n# TYPE {COST_USD} counter\n"
     );
-    for (model, usd) in cost.iter() {
+    for ((model, lane), usd) in cost.iter() {
         out.push_str(&format!(
-            "{COST_USD}{{model=\"{}\"}} {usd}\n",
+            "{COST_USD}{{model=\"{}\",lane=\"{lane}\"}} {usd}\n",
             model.replace('\\', "\\\\").replace('"', "\\\"")
         ));
     }

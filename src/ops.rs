@@ -20,8 +20,25 @@ pub struct Estimate {
     pub sources: usize,
     /// Their tokens.
     pub tokens: u64,
-    /// Their cost.
+    /// Their cost at the synchronous price.
     pub usd: f64,
+    /// Their cost through the Batch API.
+    pub batch_usd: f64,
+}
+
+impl std::fmt::Display for Estimate {
+    /// `N sources, T tokens, $S sync / $B batch (saves $D)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sources, {} tokens, ${:.4} sync / ${:.4} through the Batch API (saves ${:.4})",
+            self.sources,
+            self.tokens,
+            self.usd,
+            self.batch_usd,
+            self.usd - self.batch_usd
+        )
+    }
 }
 
 /// Renders and counts the sources' chunks, 1,000 sources at a time.
@@ -47,6 +64,7 @@ pub async fn estimate(
         sources: sources.len(),
         tokens,
         usd: tokens as f64 * m.usd_per_million_tokens / 1e6,
+        batch_usd: tokens as f64 * m.batch_usd_per_million_tokens / 1e6,
     })
 }
 
@@ -106,16 +124,16 @@ pub async fn backfill(
     let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
     let est = estimate(pool, settings, &sources).await?;
     eprintln!(
-        "backfill: {} sources {:?}, about {} tokens, ${:.4} at ${}/1M tokens ({})",
-        est.sources,
+        "backfill: {:?}; {est} ({}; bulk.mode = {})",
         freshness::counts(&stale)
             .iter()
             .map(|(r, n)| (r.as_str(), *n))
             .collect::<std::collections::BTreeMap<_, _>>(),
-        est.tokens,
-        est.usd,
-        settings.model.usd_per_million_tokens,
-        settings.model.name
+        settings.model.name,
+        match settings.bulk.mode {
+            crate::config::BulkMode::Sync => "sync",
+            crate::config::BulkMode::Batch => "batch",
+        }
     );
     if !yes && !confirm("queue them?")? {
         eprintln!("backfill: nothing queued");

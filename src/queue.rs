@@ -24,18 +24,146 @@ pub async fn enqueue_many<'e>(
     max_attempts: i32,
     sources: &[EmbedSource],
 ) -> sqlx::Result<i64> {
+    enqueue_lane(exec, queue, max_attempts, 0, sources).await
+}
+
+/// [`enqueue_many`] at `priority` (bulk jobs: below interactive ones' 0). A source whose pending
+/// job has a lower priority gets it raised instead.
+pub async fn enqueue_lane<'e>(
+    exec: impl PgExecutor<'e>,
+    queue: &str,
+    max_attempts: i32,
+    priority: i32,
+    sources: &[EmbedSource],
+) -> sqlx::Result<i64> {
     let types: Vec<&str> = sources.iter().map(|s| s.source_type.as_str()).collect();
     let ids: Vec<Uuid> = sources.iter().map(|s| s.source_id).collect();
     let n: i32 = sqlx::query_scalar(
-        "SELECT embed_worker.enqueue_many($1::text[]::embedding_source[], $2, $3, $4)",
+        "SELECT embed_worker.enqueue_many($1::text[]::embedding_source[], $2, $3, $4, $5)",
     )
     .bind(&types)
     .bind(&ids)
     .bind(queue)
     .bind(max_attempts)
+    .bind(priority)
     .fetch_one(exec)
     .await?;
     Ok(n as i64)
+}
+
+/// The queue (job type) of `queue`'s bulk jobs in batch mode: the sync workers never claim them.
+pub fn batch_queue(queue: &str) -> String {
+    format!("{queue}.batch")
+}
+
+/// Claims up to `limit` due bulk jobs of `queue` for the batch lane (highest priority, oldest
+/// first; `Running`, not locked by an apalis worker: the batch record owns them from here) and
+/// clears their dedup keys, as a started sync job's are. Returns (id, payload).
+pub async fn claim_batch_jobs(
+    pool: &PgPool,
+    queue: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, serde_json::Value)>> {
+    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+        "WITH due AS (SELECT id FROM apalis.jobs
+                       WHERE job_type = $1 AND run_at <= now()
+                         AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+                       ORDER BY priority DESC, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
+         UPDATE apalis.jobs j SET status = 'Running', lock_at = now(), lock_by = NULL,
+                                  idempotency_key = NULL
+           FROM due WHERE j.id = due.id
+         RETURNING j.id, j.job",
+    )
+    .bind(batch_queue(queue))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, job)| {
+            let v = serde_json::from_slice(&job).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&job).into())
+            });
+            (id, v)
+        })
+        .collect())
+}
+
+/// Ends jobs no apalis worker will acknowledge (the batch lane's): done → `Done`; dead →
+/// `Killed`; retry → `Failed` with an attempt used and its backoff; release → back to `Pending`.
+pub async fn finish_jobs(
+    pool: &PgPool,
+    retry: &crate::config::RetrySettings,
+    results: &std::collections::HashMap<String, crate::job::JobResult>,
+) -> sqlx::Result<()> {
+    use crate::job::Disposition;
+    let mut ids = Vec::new();
+    let mut statuses = Vec::new();
+    let mut reasons = Vec::new();
+    for (id, r) in results {
+        let (status, result) = match r {
+            Ok(outcome) => ("Done", serde_json::json!({"Ok": outcome.to_string()})),
+            Err(e) => match e.disposition {
+                Disposition::Dead => ("Killed", serde_json::json!({"Err": e.reason})),
+                Disposition::Retry => ("Failed", serde_json::json!({"Err": e.reason})),
+                Disposition::Release { .. } => continue,
+            },
+        };
+        ids.push(id.clone());
+        statuses.push(status.to_string());
+        reasons.push(result);
+    }
+    if !ids.is_empty() {
+        let by_id: std::collections::HashMap<String, (String, serde_json::Value)> = ids
+            .iter()
+            .cloned()
+            .zip(statuses.into_iter().zip(reasons))
+            .collect();
+        update_unlocked(pool, &ids, |chunk| {
+            let (st, rs): (Vec<String>, Vec<serde_json::Value>) =
+                chunk.iter().map(|id| by_id[id].clone()).unzip();
+            async move {
+                sqlx::query_as::<_, (String, bool)>(
+                    "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS r(id, status, result)),
+                          locked AS (SELECT j.id FROM apalis.jobs j JOIN r USING (id)
+                                      ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
+                     UPDATE apalis.jobs j
+                        SET status = r.status, last_result = r.result, done_at = now(),
+                            lock_by = NULL, lock_at = NULL,
+                            attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END,
+                            run_at = CASE WHEN r.status = 'Failed'
+                                     THEN now() + make_interval(secs => random() * least($5::float8, $4::float8 * power(2, least(j.attempts, 20))))
+                                     ELSE j.run_at END
+                       FROM locked, r
+                      WHERE j.id = locked.id AND r.id = j.id
+                     RETURNING j.id, true",
+                )
+                .bind(&chunk)
+                .bind(&st)
+                .bind(&rs)
+                .bind(retry.job_backoff_base_secs as f64)
+                .bind(retry.job_backoff_cap_secs as f64)
+                .fetch_all(pool)
+                .await
+            }
+        })
+        .await?;
+    }
+    crate::job::settle(pool, retry, &releases_only(results)).await;
+    Ok(())
+}
+
+/// The released jobs of `results` (what [`crate::job::settle`] should act on here).
+fn releases_only(
+    results: &std::collections::HashMap<String, crate::job::JobResult>,
+) -> std::collections::HashMap<String, crate::job::JobResult> {
+    results
+        .iter()
+        .filter(|(_, r)| {
+            matches!(r, Err(e) if matches!(e.disposition, crate::job::Disposition::Release { .. }))
+        })
+        .map(|(id, r)| (id.clone(), r.clone()))
+        .collect()
 }
 
 /// Clears the dedup key of jobs that are starting, so later changes queue new jobs. Returns
@@ -145,14 +273,16 @@ pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(St
     .await
 }
 
-/// Jobs not yet finished: pending, claimed, running, or failed with attempts left.
+/// Jobs not yet finished in `queue` and its batch lane: pending, claimed, running, or failed
+/// with attempts left.
 pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM apalis.jobs WHERE job_type = $1
+        "SELECT count(*) FROM apalis.jobs WHERE job_type IN ($1, $2)
             AND (status IN ('Pending', 'Queued', 'Running')
                  OR (status = 'Failed' AND attempts < max_attempts))",
     )
     .bind(queue)
+    .bind(batch_queue(queue))
     .fetch_one(pool)
     .await
 }

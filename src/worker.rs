@@ -150,6 +150,13 @@ impl Worker {
             self.settings.clone(),
             stop_rx.clone(),
         ));
+        let lane = match self.settings.bulk.mode {
+            crate::config::BulkMode::Batch => {
+                let lane = crate::bulk::Lane::new(self.pipeline.clone())?;
+                Some(tokio::spawn(lane.run(stop_rx.clone())))
+            }
+            crate::config::BulkMode::Sync => None,
+        };
 
         // apalis-postgres 1.0's Monitor can return an error when the database restarts: run it
         // again (with fresh worker names) until shutdown is requested.
@@ -198,8 +205,12 @@ impl Worker {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         maintenance.abort();
-        // A build in progress is cancelled by its own task on the stop signal.
+        // A build in progress is cancelled by its own task on the stop signal; a batch round
+        // in progress ends at its next step (its records let the next process resume it).
         let _ = tokio::time::timeout(Duration::from_secs(10), indexer).await;
+        if let Some(lane) = lane {
+            let _ = tokio::time::timeout(Duration::from_secs(10), lane).await;
+        }
         tracing::info!("worker stopped");
         Ok(())
     }

@@ -212,7 +212,7 @@ pub(crate) fn worker_cmd(db_url: &str, api: &str, extra: &[(&str, String)]) -> C
 
 pub(crate) fn parse_summary(stdout: &str, key: &str) -> u64 {
     stdout
-        .split(',')
+        .split([',', '\n'])
         .find_map(|part| {
             part.trim().strip_prefix(key).and_then(|v| {
                 v.trim_start_matches(':')

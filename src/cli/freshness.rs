@@ -69,9 +69,6 @@ pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
         .map(|s| s.source)
         .collect();
     let e = embed_worker::ops::estimate(&pool, settings, &todo).await?;
-    println!(
-        "not yet embedded by {}: {} sources, {} tokens, ${:.4} at ${}/1M tokens",
-        settings.model.name, e.sources, e.tokens, e.usd, settings.model.usd_per_million_tokens
-    );
+    println!("not yet embedded by {}: {e}", settings.model.name);
     Ok(ExitCode::SUCCESS)
 }

@@ -116,6 +116,14 @@ pub(crate) enum Command {
     },
     /// Tokens and cost to embed everything not yet embedded by the active model.
     Estimate,
+    /// Batch API batches (bulk.mode = "batch"): state, progress, age, tokens, cost; or cancel one.
+    Batches {
+        #[command(subcommand)]
+        action: Option<BatchesAction>,
+        /// How many of the newest batches to list.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
     /// Per model: rows, sources covered, % complete, index present and valid; or prune one.
     Models {
         #[command(subcommand)]
@@ -155,6 +163,13 @@ pub(crate) enum ModelsAction {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub(crate) enum BatchesAction {
+    /// Ask the provider to cancel a batch (by the id `batches` lists); its unanswered jobs go
+    /// back to the queue when the lane sees it cancelled.
+    Cancel { id: i64 },
+}
+
 /// Runs one subcommand.
 pub(crate) async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
@@ -183,6 +198,7 @@ pub(crate) async fn dispatch(command: Command, settings: Settings) -> anyhow::Re
             wait,
         } => freshness::backfill(&settings, source_type, since, yes, wait).await,
         Command::Estimate => freshness::estimate(&settings).await,
+        Command::Batches { action, limit } => queue::batches(&settings, action, limit).await,
         Command::Models { action } => admin::models(&settings, action).await,
         Command::Search {
             text,

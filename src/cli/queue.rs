@@ -12,6 +12,7 @@ use embed_worker::source::SourceType;
 pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result<ExitCode> {
     let worker = embed_worker::worker::Worker::build(settings).await?;
     let shutdown = embed_worker::worker::shutdown_signal();
+    let mut index = None;
     if until_empty {
         let pool = worker.pool.clone();
         let queue = worker.settings.queue.name.clone();
@@ -36,14 +37,15 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
             .await?;
         // Drained, not stopped: the backlog's deferred index is built now, as `run` would.
         if !*stop_rx.borrow() {
-            let outcome = embed_worker::model_index::build_if_due(
-                &worker.pool,
-                &worker.settings,
-                false,
-                Some(stop_rx.clone()),
-            )
-            .await?;
-            println!("{outcome}");
+            index = Some(
+                embed_worker::model_index::build_if_due(
+                    &worker.pool,
+                    &worker.settings,
+                    false,
+                    Some(stop_rx.clone()),
+                )
+                .await?,
+            );
         }
         signalled.abort();
     } else {
@@ -59,6 +61,9 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
         load(&st.chunks_written),
         load(&st.rate_limited)
     );
+    if let Some(outcome) = index {
+        println!("{outcome}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -155,5 +160,25 @@ pub(crate) async fn prune_jobs(settings: &Settings) -> anyhow::Result<ExitCode> 
     )
     .await?;
     println!("deleted {done} finished and {failed} dead-letter jobs");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `embed-worker batches`.
+pub(crate) async fn batches(
+    settings: &Settings,
+    action: Option<super::BatchesAction>,
+    limit: i64,
+) -> anyhow::Result<ExitCode> {
+    let pool = embed_worker::db::connect(&settings.database).await?;
+    match action {
+        None => print!(
+            "{}",
+            embed_worker::bulk::BatchTable(embed_worker::bulk::records::list(&pool, limit).await?)
+        ),
+        Some(super::BatchesAction::Cancel { id }) => {
+            let status = embed_worker::bulk::cancel(&pool, settings, id).await?;
+            println!("batch {id}: {status}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

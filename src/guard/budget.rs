@@ -22,6 +22,18 @@ pub struct Reservation {
     usd: f64,
 }
 
+impl Reservation {
+    /// A reservation as recorded elsewhere (a batch record), to settle after a restart.
+    pub fn from_parts(month: NaiveDate, usd: f64) -> Reservation {
+        Reservation { month, usd }
+    }
+
+    /// The month it counts against, and the USD reserved.
+    pub fn parts(&self) -> (NaiveDate, f64) {
+        (self.month, self.usd)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 /// Whether a reservation fits the budget.
 pub enum Decision {

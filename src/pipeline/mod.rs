@@ -45,9 +45,23 @@ pub struct Pipeline {
 }
 
 /// Each source's chunks, with the `updated_at` its text was read at.
-type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
+pub type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
 /// Vectors in hand, by (source, chunk index).
-type Vectors = HashMap<(EmbedSource, usize), pgvector::Vector>;
+pub type Vectors = HashMap<(EmbedSource, usize), pgvector::Vector>;
+
+/// A batch up to the embed stage, for the bulk lane, which embeds through the Batch API: the
+/// sources settled already, every source's chunks, the vectors in hand (unchanged chunks are
+/// not in it: they are written as unchanged), and which chunks must be embedded.
+pub struct Prepared {
+    /// Sources settled before any API call (gone, too large).
+    pub results: HashMap<EmbedSource, JobResult>,
+    /// The sources to write, with their chunks.
+    pub chunked: Chunked,
+    /// Vectors already in hand (staged from an earlier attempt).
+    pub vectors: Vectors,
+    /// (source, chunk index) of each chunk to embed.
+    pub to_send: std::collections::HashSet<(EmbedSource, usize)>,
+}
 /// When each job became due, by job id (for the job-latency metric).
 type DueAt = HashMap<String, chrono::DateTime<chrono::Utc>>;
 
@@ -131,6 +145,34 @@ impl Pipeline {
             }
         }
         Ok(results)
+    }
+
+    /// The stages before embedding (start → load → chunk → skip unchanged), for the bulk lane.
+    pub async fn prepare(&self, jobs: &[Job]) -> anyhow::Result<Prepared> {
+        let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
+        let (sources, _) = self.start(jobs).await?;
+        let loaded = load::load(&self.pool, &self.settings.render, &sources).await?;
+        let chunked = self.chunk(sources, loaded, &mut results).await?;
+        let (to_embed, vectors) = self.skip_unchanged(&chunked).await?;
+        let to_send = to_embed.iter().map(|p| (p.source, p.chunk.index)).collect();
+        Ok(Prepared {
+            results,
+            chunked,
+            vectors,
+            to_send,
+        })
+    }
+
+    /// The stages after embedding (write → outcomes), for the bulk lane: writes `writes` and
+    /// adds each source's answer to `results`.
+    pub async fn finish(
+        &self,
+        writes: &[SourceWrite],
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) -> anyhow::Result<()> {
+        let outcomes = self.write(writes).await?;
+        self.outcomes(writes, &outcomes, results);
+        Ok(())
     }
 
     /// Start: clear the jobs' dedup keys (a change from now on queues a new job); the distinct
@@ -400,7 +442,7 @@ impl Pipeline {
     }
 
     /// What a request failure means for the jobs whose inputs were in it.
-    fn job_error(&self, e: &EmbedError) -> JobError {
+    pub fn job_error(&self, e: &EmbedError) -> JobError {
         match e {
             EmbedError::InvalidInput { .. } => {
                 JobError::dead(format!("input rejected by the provider: {e}"))

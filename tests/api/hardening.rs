@@ -52,7 +52,7 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
             "auth.uid()",
             "embed_worker.check_placeholders(text,jsonb)",
             "embed_worker.enqueue(embedding_source,uuid,text)",
-            "embed_worker.enqueue_many(embedding_source[],uuid[],text,integer)",
+            "embed_worker.enqueue_many(embedding_source[],uuid[],text,integer,integer)",
         ],
         "app_user can call exactly these"
     );

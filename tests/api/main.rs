@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod bulk;
 mod demo;
 mod deploy;
 mod freshness;

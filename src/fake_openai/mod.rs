@@ -8,6 +8,10 @@
 //! and configurable latency. Vectors are deterministic unit vectors from a hash of the text
 //! (same text → same vector). Every request is recorded for assertions.
 
+mod batch;
+
+pub use batch::BATCH_ERROR_MARKER;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -61,6 +65,13 @@ pub struct FakeConfig {
     /// After this many successful requests, answer every request with a 503 (an outage that
     /// starts mid-run).
     pub fail_after: Option<usize>,
+    /// Batch API: how long a batch stays `in_progress` before it ends.
+    pub batch_delay: Duration,
+    /// Batch API: this many of the first batches expire with only the first half of their
+    /// lines answered.
+    pub batch_expire_first: usize,
+    /// Batch API: this many of the first batches fail as a whole (no output).
+    pub batch_fail_first: usize,
 }
 
 impl Default for FakeConfig {
@@ -82,6 +93,9 @@ impl Default for FakeConfig {
             billing_multiplier: 1.0,
             quantised_rpm: None,
             fail_after: None,
+            batch_delay: Duration::ZERO,
+            batch_expire_first: 0,
+            batch_fail_first: 0,
         }
     }
 }
@@ -154,6 +168,8 @@ struct Inner {
     /// Requests let through to an answer; claimed atomically so that concurrent requests
     /// cannot all see "fewer than `fail_after`".
     answered: AtomicUsize,
+    /// Uploaded and produced files, and batches (the Batch API).
+    batch: batch::Store,
 }
 
 #[derive(Clone)]
@@ -173,11 +189,16 @@ impl FakeServer {
             window: Mutex::new(Window::default()),
             rng: Mutex::new(0x9E3779B97F4A7C15),
             answered: AtomicUsize::new(0),
+            batch: batch::Store::default(),
         });
-        let app = Router::new()
-            .route("/v1/embeddings", post(embeddings))
-            .route("/embeddings", post(embeddings))
-            .with_state(inner.clone());
+        let app = batch::routes(
+            Router::new()
+                .route("/v1/embeddings", post(embeddings))
+                .route("/embeddings", post(embeddings)),
+        )
+        // Batch files reach 200 MB (axum's default limit is 2 MB).
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
+        .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
@@ -199,6 +220,21 @@ impl FakeServer {
     /// Every request seen so far.
     pub fn requests(&self) -> Vec<Recorded> {
         self.inner.recorded.lock().unwrap().clone()
+    }
+
+    /// Batches created so far (a resumed batch must not be created twice).
+    pub fn batches_created(&self) -> usize {
+        self.inner.batch.created()
+    }
+
+    /// Tokens billed through batches (`usage.prompt_tokens` of their output lines).
+    pub fn batch_tokens_billed(&self) -> u64 {
+        self.inner.batch.tokens_billed()
+    }
+
+    /// Files stored now (uploaded and produced, not yet deleted).
+    pub fn files_stored(&self) -> usize {
+        self.inner.batch.files_stored()
     }
 
     /// Sum of `usage.prompt_tokens` over successful requests.
@@ -606,18 +642,15 @@ fn injected_failure(inner: &Inner, cfg: &FakeConfig) -> bool {
         .is_err()
 }
 
-/// The answer: one vector per input (poisoned where a marker asks), `usage` at the billing
-/// multiplier, and the rate-limit headers.
-fn respond(
-    inner: &Inner,
+/// The body of a successful answer: one vector per input (poisoned where a marker asks) and
+/// `usage` at the billing multiplier; and the tokens billed. Shared with the batch lines.
+fn embedding_body(
     cfg: &FakeConfig,
     req: &Request,
     texts: &[String],
     dims: usize,
     total: u64,
-    quota: Quota,
-) -> Response {
-    let n = texts.len();
+) -> (serde_json::Value, u64) {
     let base64 = req.encoding_format.as_deref() == Some("base64");
     let data: Vec<serde_json::Value> = texts
         .iter()
@@ -641,11 +674,25 @@ fn respond(
         })
         .collect();
     let billed = (total as f64 * cfg.billing_multiplier).round() as u64;
-    inner.record(&req.model, n, billed, 200);
     let body = json!({
         "object": "list", "data": data, "model": req.model,
         "usage": {"prompt_tokens": billed, "total_tokens": billed}
     });
+    (body, billed)
+}
+
+/// The answer: [`embedding_body`] and the rate-limit headers.
+fn respond(
+    inner: &Inner,
+    cfg: &FakeConfig,
+    req: &Request,
+    texts: &[String],
+    dims: usize,
+    total: u64,
+    quota: Quota,
+) -> Response {
+    let (body, billed) = embedding_body(cfg, req, texts, dims, total);
+    inner.record(&req.model, texts.len(), billed, 200);
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();
     let mut put = |k: &'static str, v: String| {

@@ -1,0 +1,309 @@
+//! The batch records (`embed_worker.batches`, `embed_worker.batch_items`): what was submitted,
+//! written before the provider hears of it, so that any process can resume it.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::source::{EmbedSource, SourceType};
+
+/// One batch as recorded.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BatchRecord {
+    /// Our id (also in the provider's metadata).
+    pub id: i64,
+    /// The provider's batch id, once created.
+    pub provider_id: Option<String>,
+    /// preparing, submitted, completed, expired, failed, cancelled.
+    pub state: String,
+    /// The provider's last status.
+    pub provider_status: Option<String>,
+    /// `embedding_model`.
+    pub model: String,
+    /// The uploaded JSONL.
+    pub input_file_id: Option<String>,
+    /// Results.
+    pub output_file_id: Option<String>,
+    /// Error lines.
+    pub error_file_id: Option<String>,
+    /// Request lines.
+    pub requests: i32,
+    /// Embedding inputs.
+    pub inputs: i32,
+    /// Tokens by our count.
+    pub tokens_estimate: i64,
+    /// Reserved against the monthly budget.
+    pub usd_reserved: f64,
+    /// The budget month of the reservation.
+    pub spend_month: NaiveDate,
+    /// Tokens the provider billed.
+    pub tokens_billed: Option<i64>,
+    /// Their cost at the batch price.
+    pub usd_billed: Option<f64>,
+    /// The provider's `request_counts`.
+    pub request_counts: Option<serde_json::Value>,
+    /// Why it failed, or the first error lines.
+    pub last_error: Option<String>,
+    /// Recorded.
+    pub created_at: DateTime<Utc>,
+    /// Created at the provider.
+    pub submitted_at: Option<DateTime<Utc>>,
+    /// Results written and jobs settled.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, provider_id, state, provider_status, model, input_file_id, \
+    output_file_id, error_file_id, requests, inputs, tokens_estimate, \
+    usd_reserved::float8 AS usd_reserved, spend_month, tokens_billed, usd_billed::float8 AS usd_billed, \
+    request_counts, last_error, created_at, submitted_at, finished_at";
+
+/// One chunk of one source in a batch.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The job that asked for the source.
+    pub job_id: String,
+    /// The source.
+    pub source: EmbedSource,
+    /// `updated_at` of the text that was chunked (newest wins at the write).
+    pub read_at: DateTime<Utc>,
+    /// Chunk index.
+    pub chunk_index: i32,
+    /// The chunk's hash.
+    pub content_hash: String,
+    /// Its tokens.
+    pub tokens: i32,
+    /// The request line; `None` for a chunk that was not sent (unchanged).
+    pub custom_id: Option<String>,
+    /// The input's position in that request.
+    pub position: Option<i32>,
+}
+
+/// What a new record says.
+pub struct NewBatch<'a> {
+    /// `embedding_model`.
+    pub model: &'a str,
+    /// Request lines.
+    pub requests: usize,
+    /// Inputs.
+    pub inputs: usize,
+    /// Tokens by our count.
+    pub tokens: u64,
+    /// Reserved USD and its month.
+    pub reserved: (f64, NaiveDate),
+}
+
+/// Records a batch and its items in one transaction; returns its id.
+pub async fn insert(pool: &PgPool, b: &NewBatch<'_>, items: &[Item]) -> sqlx::Result<i64> {
+    let mut tx = pool.begin().await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO embed_worker.batches (model, requests, inputs, tokens_estimate, usd_reserved, spend_month)
+         VALUES ($1, $2, $3, $4, $5::float8::numeric, $6) RETURNING id",
+    )
+    .bind(b.model)
+    .bind(b.requests as i32)
+    .bind(b.inputs as i32)
+    .bind(b.tokens as i64)
+    .bind(b.reserved.0)
+    .bind(b.reserved.1)
+    .fetch_one(&mut *tx)
+    .await?;
+    for part in items.chunks(5000) {
+        sqlx::query(
+            "INSERT INTO embed_worker.batch_items (batch_id, job_id, source_type, source_id, read_at,
+                 chunk_index, content_hash, tokens, custom_id, position)
+             SELECT $1, * FROM unnest($2::text[], $3::text[]::embedding_source[], $4::uuid[],
+                 $5::timestamptz[], $6::int[], $7::text[], $8::int[], $9::text[], $10::int[])",
+        )
+        .bind(id)
+        .bind(part.iter().map(|i| i.job_id.clone()).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.source.source_type.as_str()).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.source.source_id).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.read_at).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.chunk_index).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.content_hash.clone()).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.tokens).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.custom_id.clone()).collect::<Vec<_>>())
+        .bind(part.iter().map(|i| i.position).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// The uploaded input file.
+pub async fn set_file(pool: &PgPool, id: i64, file_id: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches SET input_file_id = $2, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(file_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Created at the provider.
+pub async fn set_submitted(
+    pool: &PgPool,
+    id: i64,
+    provider_id: &str,
+    status: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches SET provider_id = $2, provider_status = $3, state = 'submitted',
+                submitted_at = now(), updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(provider_id)
+    .bind(status)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// What the provider says now.
+pub async fn set_status(
+    pool: &PgPool,
+    id: i64,
+    status: &str,
+    counts: Option<serde_json::Value>,
+    output_file_id: Option<&str>,
+    error_file_id: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches SET provider_status = $2, request_counts = $3,
+                output_file_id = coalesce($4, output_file_id), error_file_id = coalesce($5, error_file_id),
+                updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(counts)
+    .bind(output_file_id)
+    .bind(error_file_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Results written and jobs settled: the end state, what was billed, and why it failed if it did.
+pub async fn finish(
+    pool: &PgPool,
+    id: i64,
+    state: &str,
+    billed: (i64, f64),
+    last_error: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches SET state = $2, tokens_billed = $3, usd_billed = $4::float8::numeric,
+                last_error = $5, finished_at = now(), updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(billed.0)
+    .bind(billed.1)
+    .bind(last_error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A record whose file never reached the provider: gone (its jobs are released by the caller).
+pub async fn delete(pool: &PgPool, id: i64) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM embed_worker.batches WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Records not finished, oldest first.
+pub async fn open(pool: &PgPool) -> sqlx::Result<Vec<BatchRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM embed_worker.batches WHERE finished_at IS NULL ORDER BY id"
+    )))
+    .fetch_all(pool)
+    .await
+}
+
+/// The newest `limit` records.
+pub async fn list(pool: &PgPool, limit: i64) -> sqlx::Result<Vec<BatchRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM embed_worker.batches ORDER BY id DESC LIMIT $1"
+    )))
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// One record.
+pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<BatchRecord>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM embed_worker.batches WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Every item of a batch, by source then chunk.
+pub async fn items(pool: &PgPool, id: i64) -> sqlx::Result<Vec<Item>> {
+    type Row = (
+        String,
+        String,
+        Uuid,
+        DateTime<Utc>,
+        i32,
+        String,
+        i32,
+        Option<String>,
+        Option<i32>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT job_id, source_type::text, source_id, read_at, chunk_index, content_hash, tokens,
+                custom_id, position
+           FROM embed_worker.batch_items WHERE batch_id = $1
+          ORDER BY source_type, source_id, chunk_index",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(
+            |(job_id, t, sid, read_at, chunk_index, content_hash, tokens, custom_id, position)| {
+                Some(Item {
+                    job_id,
+                    source: EmbedSource {
+                        source_type: t.parse::<SourceType>().ok()?,
+                        source_id: sid,
+                    },
+                    read_at,
+                    chunk_index,
+                    content_hash,
+                    tokens,
+                    custom_id,
+                    position,
+                })
+            },
+        )
+        .collect())
+}
+
+/// Records by state (finished ones of the last day) and the age in seconds of the oldest
+/// record not yet finished, for the metrics.
+pub async fn sample(pool: &PgPool) -> sqlx::Result<(Vec<(String, i64)>, f64)> {
+    let by_state: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, count(*) FROM embed_worker.batches
+          WHERE finished_at IS NULL OR finished_at > now() - interval '1 day' GROUP BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    let oldest: f64 = sqlx::query_scalar(
+        "SELECT coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
+           FROM embed_worker.batches WHERE finished_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((by_state, oldest))
+}
