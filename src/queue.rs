@@ -253,7 +253,7 @@ where
 pub async fn sample(pool: &PgPool, queue: &str) -> sqlx::Result<(Vec<(String, i64)>, i64, f64)> {
     let by_state = counts_by_state(pool, queue).await?;
     let (dead, oldest): (i64, f64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM embed_worker.failed_jobs WHERE queue = $1),
+        "SELECT (SELECT count(*) FROM embed_worker.failed_jobs WHERE queue IN ($1, $1 || '.batch')),
                 coalesce((SELECT extract(epoch FROM now() - min(run_at))::float8 FROM apalis.jobs
                            WHERE job_type = $1 AND status = 'Pending' AND run_at <= now()), 0)",
     )
@@ -263,10 +263,11 @@ pub async fn sample(pool: &PgPool, queue: &str) -> sqlx::Result<(Vec<(String, i6
     Ok((by_state, dead, oldest))
 }
 
-/// Job counts by state for one queue.
+/// Job counts by state for one queue (both lanes).
 pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT status, count(*) FROM apalis.jobs WHERE job_type = $1 GROUP BY status ORDER BY status",
+        "SELECT status, count(*) FROM apalis.jobs WHERE job_type IN ($1, $1 || '.batch')
+          GROUP BY status ORDER BY status",
     )
     .bind(queue)
     .fetch_all(pool)
@@ -398,11 +399,11 @@ pub struct FailedJob {
     pub failed_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-/// The latest dead letters of a queue.
+/// The latest dead letters of a queue (both lanes).
 pub async fn failed_jobs(pool: &PgPool, queue: &str, limit: i64) -> sqlx::Result<Vec<FailedJob>> {
     sqlx::query_as(
         "SELECT id, source_type, source_id, status, attempts, max_attempts, last_error, failed_at
-           FROM embed_worker.failed_jobs WHERE queue = $1
+           FROM embed_worker.failed_jobs WHERE queue IN ($1, $1 || '.batch')
           ORDER BY failed_at DESC NULLS LAST LIMIT $2",
     )
     .bind(queue)
@@ -424,7 +425,7 @@ pub async fn retry_failed(
             SET status = 'Pending', attempts = 0, run_at = now(), done_at = NULL,
                 lock_by = NULL, lock_at = NULL
            FROM embed_worker.failed_jobs f
-          WHERE j.id = f.id AND f.queue = $1 AND f.source_type IS NOT NULL
+          WHERE j.id = f.id AND f.queue IN ($1, $1 || '.batch') AND f.source_type IS NOT NULL
             AND ($2::text IS NULL OR f.source_type = $2)
             AND ($3::timestamptz IS NULL OR f.failed_at >= $3)",
     )
@@ -445,7 +446,7 @@ pub async fn prune_finished(
     failed_age: std::time::Duration,
 ) -> sqlx::Result<(u64, u64)> {
     let done = sqlx::query(
-        "DELETE FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'
+        "DELETE FROM apalis.jobs WHERE job_type IN ($1, $1 || '.batch') AND status = 'Done'
             AND done_at < now() - make_interval(secs => $2)",
     )
     .bind(queue)
@@ -459,7 +460,7 @@ pub async fn prune_finished(
     // it, 66 s instead of 15 s); one table, one scan.
     let failed = sqlx::query(
         "DELETE FROM apalis.jobs
-          WHERE job_type = $1
+          WHERE job_type IN ($1, $1 || '.batch')
             AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
             AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)",
     )

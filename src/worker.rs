@@ -280,6 +280,9 @@ async fn maintain(
             if let Err(e) = crate::pipeline::stage::prune(&pool, r.failed_age()).await {
                 tracing::warn!(error = %e, "pruning staged chunks failed");
             }
+            if let Err(e) = crate::bulk::records::prune(&pool, r.failed_age()).await {
+                tracing::warn!(error = %e, "pruning finished batch records failed");
+            }
         }
     }
 }

@@ -142,6 +142,14 @@ pub(crate) async fn bench_e2e(
             "yes",
             Some(ready),
         );
+        // The worker's last line: "index … built in 9.8 s".
+        let build = usage
+            .stdout
+            .lines()
+            .find_map(|l| l.split(" built in ").nth(1))
+            .unwrap_or("?")
+            .to_string();
+        report.add(&section, "of which the index build", build, "", None);
         return E2e {
             rows,
             rows_per_s,

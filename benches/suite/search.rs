@@ -206,7 +206,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         warm("rag_embeddings".into()).await;
         let sql = embed_worker::search::search_sql(&spec, 5, None, false);
         let _ = run(sql.clone(), 200, 1).await;
-        for ef in [40u32, 100, 200] {
+        for ef in [40u32, 100, 200, 400, 800] {
             for clients in [1usize, 4] {
                 let (lat, found) = run(sql.clone(), ef, clients).await;
                 let r = recall(&found);

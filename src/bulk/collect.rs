@@ -206,8 +206,10 @@ impl Lane {
                 }),
             }
         }
-        if !writes.is_empty() {
-            self.pipeline.finish(&writes, &mut by_source).await?;
+        // In parts: one write transaction per 1,000 sources keeps locks and memory short
+        // beside the interactive lane's writes.
+        for part in writes.chunks(1000) {
+            self.pipeline.finish(part, &mut by_source).await?;
         }
         let results: HashMap<String, JobResult> = sources
             .iter()
@@ -224,6 +226,10 @@ impl Lane {
             out.billed,
             s.model.batch_usd_per_million_tokens,
         );
+        self.pipeline
+            .stats
+            .tokens_embedded
+            .fetch_add(out.billed, std::sync::atomic::Ordering::Relaxed);
         for f in [&rec.input_file_id, &b.output_file_id, &b.error_file_id]
             .into_iter()
             .flatten()

@@ -194,6 +194,9 @@ pub async fn finish(
     billed: (i64, f64),
     last_error: Option<&str>,
 ) -> sqlx::Result<()> {
+    // The items were needed until now (a collect that died is redone from them); the record
+    // stays for `embed-worker batches` until retention.
+    let mut tx = pool.begin().await?;
     sqlx::query(
         "UPDATE embed_worker.batches SET state = $2, tokens_billed = $3, usd_billed = $4::float8::numeric,
                 last_error = $5, finished_at = now(), updated_at = now() WHERE id = $1",
@@ -203,9 +206,26 @@ pub async fn finish(
     .bind(billed.0)
     .bind(billed.1)
     .bind(last_error)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    sqlx::query("DELETE FROM embed_worker.batch_items WHERE batch_id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(())
+}
+
+/// Retention: finished records older than `age`. Returns how many were deleted.
+pub async fn prune(pool: &PgPool, age: std::time::Duration) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "DELETE FROM embed_worker.batches
+          WHERE finished_at < now() - make_interval(secs => $1)",
+    )
+    .bind(age.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// A record whose file never reached the provider: gone (its jobs are released by the caller).

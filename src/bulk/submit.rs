@@ -140,8 +140,8 @@ impl Lane {
                     .collect(),
             })
             .collect();
-        if !writes.is_empty() {
-            self.pipeline.finish(&writes, &mut by_source).await?;
+        for part in writes.chunks(1000) {
+            self.pipeline.finish(part, &mut by_source).await?;
         }
         let (built, left_out) = self.build(&send, &prepared.to_send, &job_of);
         for src in left_out {

@@ -462,3 +462,96 @@ async fn in_sync_mode_interactive_jobs_go_first_and_a_change_raises_a_pending_bu
         "interactive done by {last_interactive}, half the backlog by {median_bulk}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_batch_retries_its_jobs_and_a_cancelled_one_releases_them() {
+    let t = quiet_db().await;
+    let fake = fake(FakeConfig {
+        batch_fail_first: 1,
+        ..FakeConfig::default()
+    })
+    .await;
+    insert_sessions(&t.admin, Uuid::new_v4(), 100, |i| 3 + i % 20).await;
+    let s = batch_settings(&t, &fake);
+    assert_eq!(backfill(&t, &s).await, 100);
+    let w = RunningWorker::start(s.clone()).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+    let states: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, last_error FROM embed_worker.batches ORDER BY id")
+            .fetch_all(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(states[0].0, "failed");
+    assert!(
+        states[0]
+            .1
+            .as_deref()
+            .unwrap_or_default()
+            .contains("server_error"),
+        "{states:?}"
+    );
+    assert_eq!(states[1].0, "completed");
+    let (done, attempts): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'Done'), min(attempts)::int8 FROM apalis.jobs",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!((done, attempts), (100, 1), "retried once, an attempt used");
+
+    // Cancelled by an operator while in progress: the jobs go back untouched and the lane
+    // submits them again.
+    // (Retries become due at jittered times: phase one may have taken more than two batches.)
+    let before = fake.batches_created();
+    fake.configure(|c| c.batch_delay = Duration::from_secs(3600));
+    sqlx::raw_sql("DELETE FROM rag_embeddings; DELETE FROM apalis.jobs")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(backfill(&t, &s).await, 100);
+    let w = RunningWorker::start(s.clone()).await;
+    let started = Instant::now();
+    let id: i64 = loop {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM embed_worker.batches WHERE state = 'submitted' ORDER BY id DESC LIMIT 1",
+        )
+        .fetch_optional(&t.admin)
+        .await
+        .unwrap();
+        if let Some(id) = id {
+            break id;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = embed_worker::bulk::cancel(&t.admin, &s, id).await.unwrap();
+    assert_eq!(status, "cancelled");
+    fake.configure(|c| c.batch_delay = Duration::ZERO);
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+    let state: String = sqlx::query_scalar("SELECT state FROM embed_worker.batches WHERE id = $1")
+        .bind(id)
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(state, "cancelled");
+    let (done, attempts): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'Done'), max(attempts)::int8 FROM apalis.jobs",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!((done, attempts), (100, 0), "released, no attempt used");
+    let all: Vec<(i64, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT id, state, requests, last_error FROM embed_worker.batches ORDER BY id",
+    )
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        fake.batches_created() - before,
+        2,
+        "the cancelled batch and its resubmission: {all:?}"
+    );
+}

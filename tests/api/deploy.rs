@@ -78,7 +78,7 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("6 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("7 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
