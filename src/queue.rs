@@ -298,15 +298,7 @@ pub async fn all_sources(pool: &PgPool) -> sqlx::Result<Vec<EmbedSource>> {
     let rows: Vec<(String, Uuid)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .fetch_all(pool)
         .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(t, id)| {
-            Some(EmbedSource {
-                source_type: t.parse().ok()?,
-                source_id: id,
-            })
-        })
-        .collect())
+    Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
 }
 
 /// Gives claimed jobs back to the queue untouched (no attempt used), claimable again after

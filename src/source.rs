@@ -85,3 +85,13 @@ pub struct EmbedSource {
     /// The row's id.
     pub source_id: Uuid,
 }
+
+impl EmbedSource {
+    /// From a `(source_type text, id)` row; `None` for an unknown type.
+    pub fn from_row((t, id): (String, Uuid)) -> Option<EmbedSource> {
+        Some(EmbedSource {
+            source_type: t.parse().ok()?,
+            source_id: id,
+        })
+    }
+}

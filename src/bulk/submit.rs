@@ -8,7 +8,7 @@ use crate::embed::plan::plan_requests;
 use crate::guard::budget::Decision;
 use crate::job::{Job, JobError, JobOutcome, JobResult};
 use crate::pipeline::chunk::request_cap_tokens;
-use crate::pipeline::write::{ChunkWrite, SourceWrite};
+use crate::pipeline::write::SourceWrite;
 use crate::source::EmbedSource;
 
 use super::Lane;
@@ -84,15 +84,7 @@ impl Lane {
         .bind(&keys)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(t, id)| {
-                Some(EmbedSource {
-                    source_type: t.parse().ok()?,
-                    source_id: id,
-                })
-            })
-            .collect())
+        Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
     }
 
     async fn submit_jobs(
@@ -126,18 +118,8 @@ impl Lane {
             });
         let writes: Vec<SourceWrite> = now
             .iter()
-            .map(|(src, read_at, chunks)| SourceWrite {
-                source: *src,
-                read_at: *read_at,
-                chunks: chunks
-                    .iter()
-                    .map(|c| ChunkWrite {
-                        index: c.index,
-                        content_hash: c.content_hash.clone(),
-                        tokens: c.tokens,
-                        vector: vectors.remove(&(*src, c.index)),
-                    })
-                    .collect(),
+            .map(|(src, read_at, chunks)| {
+                crate::pipeline::source_write(*src, *read_at, chunks, &mut vectors)
             })
             .collect();
         for part in writes.chunks(1000) {

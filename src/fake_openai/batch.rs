@@ -212,18 +212,29 @@ async fn upload(
     Json(inner.batch.put_file(bytes, "batch", &filename)).into_response()
 }
 
+/// A file route: authorized, then `op` on the file (or 404).
+fn with_file(
+    inner: &Inner,
+    headers: &HeaderMap,
+    id: &str,
+    op: impl FnOnce(&mut HashMap<String, StoredFile>) -> Option<Response>,
+) -> Response {
+    if let Err(r) = auth(inner, headers) {
+        return *r;
+    }
+    op(&mut inner.batch.files.lock().unwrap()).unwrap_or_else(|| not_found("file", id))
+}
+
 async fn file_info(
     State(inner): State<Arc<Inner>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = auth(&inner, &headers) {
-        return *r;
-    }
-    match inner.batch.files.lock().unwrap().get(&id) {
-        Some(f) => Json(file_json(&id, f)).into_response(),
-        None => not_found("file", &id),
-    }
+    with_file(&inner, &headers, &id, |files| {
+        files
+            .get(&id)
+            .map(|f| Json(file_json(&id, f)).into_response())
+    })
 }
 
 async fn content(
@@ -231,13 +242,11 @@ async fn content(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = auth(&inner, &headers) {
-        return *r;
-    }
-    match inner.batch.files.lock().unwrap().get(&id) {
-        Some(f) => (StatusCode::OK, f.bytes.clone()).into_response(),
-        None => not_found("file", &id),
-    }
+    with_file(&inner, &headers, &id, |files| {
+        files
+            .get(&id)
+            .map(|f| (StatusCode::OK, f.bytes.clone()).into_response())
+    })
 }
 
 async fn delete_file(
@@ -245,13 +254,11 @@ async fn delete_file(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = auth(&inner, &headers) {
-        return *r;
-    }
-    match inner.batch.files.lock().unwrap().remove(&id) {
-        Some(_) => Json(json!({"id": id, "object": "file", "deleted": true})).into_response(),
-        None => not_found("file", &id),
-    }
+    with_file(&inner, &headers, &id, |files| {
+        files
+            .remove(&id)
+            .map(|_| Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
+    })
 }
 
 /// The problems the service reports for an input file, one per line at most (`line` 1-based).

@@ -49,6 +49,29 @@ pub type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>
 /// Vectors in hand, by (source, chunk index).
 pub type Vectors = HashMap<(EmbedSource, usize), pgvector::Vector>;
 
+/// What to write for one source: every chunk, with its vector when one was embedded (taken
+/// from `vectors`); a chunk without one is unchanged.
+pub fn source_write(
+    source: EmbedSource,
+    read_at: chrono::DateTime<chrono::Utc>,
+    chunks: &[Chunk],
+    vectors: &mut Vectors,
+) -> SourceWrite {
+    SourceWrite {
+        source,
+        read_at,
+        chunks: chunks
+            .iter()
+            .map(|c| ChunkWrite {
+                index: c.index,
+                content_hash: c.content_hash.clone(),
+                tokens: c.tokens,
+                vector: vectors.remove(&(source, c.index)),
+            })
+            .collect(),
+    }
+}
+
 /// A batch up to the embed stage, for the bulk lane, which embeds through the Batch API: the
 /// sources settled already, every source's chunks, the vectors in hand (unchanged chunks are
 /// not in it: they are written as unchanged), and which chunks must be embedded.
@@ -343,20 +366,7 @@ impl Pipeline {
                 results.insert(*src, Err(self.job_error(e)));
                 continue;
             }
-            let chunks = chunks
-                .iter()
-                .map(|c| ChunkWrite {
-                    index: c.index,
-                    content_hash: c.content_hash.clone(),
-                    tokens: c.tokens,
-                    vector: vectors.remove(&(*src, c.index)),
-                })
-                .collect();
-            writes.push(SourceWrite {
-                source: *src,
-                read_at: *read_at,
-                chunks,
-            });
+            writes.push(source_write(*src, *read_at, chunks, &mut vectors));
         }
         writes
     }
