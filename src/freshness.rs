@@ -191,11 +191,10 @@ pub async fn enqueue_stale(
     let open: std::collections::HashSet<(String, Uuid)> = sqlx::query_as(
         "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
            FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                  WHERE job_type IN ($1, $2) AND status IN ('Pending', 'Queued', 'Running')) j
+                  WHERE job_type = ANY($1) AND status IN ('Pending', 'Queued', 'Running')) j
           WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'",
     )
-    .bind(&settings.queue.name)
-    .bind(crate::queue::batch_queue(&settings.queue.name))
+    .bind(crate::queue::lanes(&settings.queue.name))
     .fetch_all(pool)
     .await?
     .into_iter()

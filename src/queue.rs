@@ -56,6 +56,12 @@ pub fn batch_queue(queue: &str) -> String {
     format!("{queue}.batch")
 }
 
+/// Both lanes' job types of `queue`: what counts, dead letters, retention and "open job" checks
+/// look at.
+pub fn lanes(queue: &str) -> Vec<String> {
+    vec![queue.to_string(), batch_queue(queue)]
+}
+
 /// Claims up to `limit` due bulk jobs of `queue` for the batch lane (highest priority, oldest
 /// first; `Running`, not locked by an apalis worker: the batch record owns them from here) and
 /// clears their dedup keys, as a started sync job's are. Returns (id, payload).
@@ -89,81 +95,59 @@ pub async fn claim_batch_jobs(
         .collect())
 }
 
-/// Ends jobs no apalis worker will acknowledge (the batch lane's): done → `Done`; dead →
-/// `Killed`; retry → `Failed` with an attempt used and its backoff; release → back to `Pending`.
+/// Ends jobs no apalis worker will acknowledge (the batch lane's), as apalis would: done →
+/// `Done`; dead → `Killed`; retry → `Failed` with an attempt used; release → back to `Pending`.
+/// Releases and retry backoff go through [`crate::job::settle`], as on the sync path.
 pub async fn finish_jobs(
     pool: &PgPool,
     retry: &crate::config::RetrySettings,
     results: &std::collections::HashMap<String, crate::job::JobResult>,
 ) -> sqlx::Result<()> {
     use crate::job::Disposition;
-    let mut ids = Vec::new();
-    let mut statuses = Vec::new();
-    let mut reasons = Vec::new();
-    for (id, r) in results {
-        let (status, result) = match r {
-            Ok(outcome) => ("Done", serde_json::json!({"Ok": outcome.to_string()})),
-            Err(e) => match e.disposition {
-                Disposition::Dead => ("Killed", serde_json::json!({"Err": e.reason})),
-                Disposition::Retry => ("Failed", serde_json::json!({"Err": e.reason})),
-                Disposition::Release { .. } => continue,
-            },
-        };
-        ids.push(id.clone());
-        statuses.push(status.to_string());
-        reasons.push(result);
-    }
-    if !ids.is_empty() {
-        let by_id: std::collections::HashMap<String, (String, serde_json::Value)> = ids
-            .iter()
-            .cloned()
-            .zip(statuses.into_iter().zip(reasons))
-            .collect();
-        update_unlocked(pool, &ids, |chunk| {
-            let (st, rs): (Vec<String>, Vec<serde_json::Value>) =
-                chunk.iter().map(|id| by_id[id].clone()).unzip();
-            async move {
-                sqlx::query_as::<_, (String, bool)>(
-                    "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS r(id, status, result)),
-                          locked AS (SELECT j.id FROM apalis.jobs j JOIN r USING (id)
-                                      ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
-                     UPDATE apalis.jobs j
-                        SET status = r.status, last_result = r.result, done_at = now(),
-                            lock_by = NULL, lock_at = NULL,
-                            attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END,
-                            run_at = CASE WHEN r.status = 'Failed'
-                                     THEN now() + make_interval(secs => random() * least($5::float8, $4::float8 * power(2, least(j.attempts, 20))))
-                                     ELSE j.run_at END
-                       FROM locked, r
-                      WHERE j.id = locked.id AND r.id = j.id
-                     RETURNING j.id, true",
-                )
-                .bind(&chunk)
-                .bind(&st)
-                .bind(&rs)
-                .bind(retry.job_backoff_base_secs as f64)
-                .bind(retry.job_backoff_cap_secs as f64)
-                .fetch_all(pool)
-                .await
-            }
-        })
-        .await?;
-    }
-    crate::job::settle(pool, retry, &releases_only(results)).await;
-    Ok(())
-}
-
-/// The released jobs of `results` (what [`crate::job::settle`] should act on here).
-fn releases_only(
-    results: &std::collections::HashMap<String, crate::job::JobResult>,
-) -> std::collections::HashMap<String, crate::job::JobResult> {
-    results
+    crate::job::settle(pool, retry, results).await;
+    let by_id: std::collections::HashMap<&str, (&str, serde_json::Value)> = results
         .iter()
-        .filter(|(_, r)| {
-            matches!(r, Err(e) if matches!(e.disposition, crate::job::Disposition::Release { .. }))
+        .filter_map(|(id, r)| {
+            let end = match r {
+                Ok(outcome) => ("Done", serde_json::json!({"Ok": outcome.to_string()})),
+                Err(e) => match e.disposition {
+                    Disposition::Dead => ("Killed", serde_json::json!({"Err": e.reason})),
+                    Disposition::Retry => ("Failed", serde_json::json!({"Err": e.reason})),
+                    Disposition::Release { .. } => return None,
+                },
+            };
+            Some((id.as_str(), end))
         })
-        .map(|(id, r)| (id.clone(), r.clone()))
-        .collect()
+        .collect();
+    let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    update_unlocked(pool, &ids, |chunk| {
+        let (st, rs): (Vec<&str>, Vec<serde_json::Value>) =
+            chunk.iter().map(|id| by_id[id.as_str()].clone()).unzip();
+        async move {
+            sqlx::query_as::<_, (String, bool)>(
+                "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS r(id, status, result)),
+                      locked AS (SELECT j.id FROM apalis.jobs j JOIN r USING (id)
+                                  ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
+                 UPDATE apalis.jobs j
+                    SET status = r.status, last_result = r.result, done_at = now(),
+                        lock_by = NULL, lock_at = NULL,
+                        attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END
+                   FROM locked, r
+                  WHERE j.id = locked.id AND r.id = j.id
+                 RETURNING j.id, true",
+            )
+            .bind(&chunk)
+            .bind(&st)
+            .bind(&rs)
+            .fetch_all(pool)
+            .await
+        }
+    })
+    .await?;
+    Ok(())
 }
 
 /// Clears the dedup key of jobs that are starting, so later changes queue new jobs. Returns
@@ -253,11 +237,12 @@ where
 pub async fn sample(pool: &PgPool, queue: &str) -> sqlx::Result<(Vec<(String, i64)>, i64, f64)> {
     let by_state = counts_by_state(pool, queue).await?;
     let (dead, oldest): (i64, f64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM embed_worker.failed_jobs WHERE queue IN ($1, $1 || '.batch')),
+        "SELECT (SELECT count(*) FROM embed_worker.failed_jobs WHERE queue = ANY($2)),
                 coalesce((SELECT extract(epoch FROM now() - min(run_at))::float8 FROM apalis.jobs
                            WHERE job_type = $1 AND status = 'Pending' AND run_at <= now()), 0)",
     )
     .bind(queue)
+    .bind(lanes(queue))
     .fetch_one(pool)
     .await?;
     Ok((by_state, dead, oldest))
@@ -266,10 +251,10 @@ pub async fn sample(pool: &PgPool, queue: &str) -> sqlx::Result<(Vec<(String, i6
 /// Job counts by state for one queue (both lanes).
 pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT status, count(*) FROM apalis.jobs WHERE job_type IN ($1, $1 || '.batch')
+        "SELECT status, count(*) FROM apalis.jobs WHERE job_type = ANY($1)
           GROUP BY status ORDER BY status",
     )
-    .bind(queue)
+    .bind(lanes(queue))
     .fetch_all(pool)
     .await
 }
@@ -278,12 +263,11 @@ pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(St
 /// with attempts left.
 pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM apalis.jobs WHERE job_type IN ($1, $2)
+        "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1)
             AND (status IN ('Pending', 'Queued', 'Running')
                  OR (status = 'Failed' AND attempts < max_attempts))",
     )
-    .bind(queue)
-    .bind(batch_queue(queue))
+    .bind(lanes(queue))
     .fetch_one(pool)
     .await
 }
@@ -395,10 +379,10 @@ pub struct FailedJob {
 pub async fn failed_jobs(pool: &PgPool, queue: &str, limit: i64) -> sqlx::Result<Vec<FailedJob>> {
     sqlx::query_as(
         "SELECT id, source_type, source_id, status, attempts, max_attempts, last_error, failed_at
-           FROM embed_worker.failed_jobs WHERE queue IN ($1, $1 || '.batch')
+           FROM embed_worker.failed_jobs WHERE queue = ANY($1)
           ORDER BY failed_at DESC NULLS LAST LIMIT $2",
     )
-    .bind(queue)
+    .bind(lanes(queue))
     .bind(limit)
     .fetch_all(pool)
     .await
@@ -417,11 +401,11 @@ pub async fn retry_failed(
             SET status = 'Pending', attempts = 0, run_at = now(), done_at = NULL,
                 lock_by = NULL, lock_at = NULL
            FROM embed_worker.failed_jobs f
-          WHERE j.id = f.id AND f.queue IN ($1, $1 || '.batch') AND f.source_type IS NOT NULL
+          WHERE j.id = f.id AND f.queue = ANY($1) AND f.source_type IS NOT NULL
             AND ($2::text IS NULL OR f.source_type = $2)
             AND ($3::timestamptz IS NULL OR f.failed_at >= $3)",
     )
-    .bind(queue)
+    .bind(lanes(queue))
     .bind(source_type.map(|t| t.as_str()))
     .bind(since)
     .execute(pool)
@@ -438,10 +422,10 @@ pub async fn prune_finished(
     failed_age: std::time::Duration,
 ) -> sqlx::Result<(u64, u64)> {
     let done = sqlx::query(
-        "DELETE FROM apalis.jobs WHERE job_type IN ($1, $1 || '.batch') AND status = 'Done'
+        "DELETE FROM apalis.jobs WHERE job_type = ANY($1) AND status = 'Done'
             AND done_at < now() - make_interval(secs => $2)",
     )
-    .bind(queue)
+    .bind(lanes(queue))
     .bind(done_age.as_secs_f64())
     .execute(pool)
     .await?
@@ -452,11 +436,11 @@ pub async fn prune_finished(
     // it, 66 s instead of 15 s); one table, one scan.
     let failed = sqlx::query(
         "DELETE FROM apalis.jobs
-          WHERE job_type IN ($1, $1 || '.batch')
+          WHERE job_type = ANY($1)
             AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
             AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)",
     )
-    .bind(queue)
+    .bind(lanes(queue))
     .bind(failed_age.as_secs_f64())
     .execute(pool)
     .await?

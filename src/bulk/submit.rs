@@ -137,7 +137,7 @@ impl Lane {
         }
         let record = match built {
             None => None,
-            Some(b) => self.record(b, &send, &mut by_source).await?,
+            Some(b) => self.record(b, &mut by_source).await?,
         };
         for j in jobs {
             if let Some(r) = by_source.get(&j.source) {
@@ -265,7 +265,6 @@ impl Lane {
     async fn record(
         &self,
         b: Built,
-        send: &crate::pipeline::Chunked,
         by_source: &mut HashMap<EmbedSource, JobResult>,
     ) -> anyhow::Result<Option<i64>> {
         let s = &self.settings;
@@ -314,7 +313,6 @@ impl Lane {
                 return Err(e.into());
             }
         };
-        let _ = send;
         tracing::info!(
             batch = id,
             requests = b.requests,

@@ -127,7 +127,7 @@ pub async fn on_migrate(pool: &PgPool, s: &Settings) -> anyhow::Result<BuildOutc
     }
     match super::state(pool, &spec).await? {
         IndexState::Ready(name) => {
-            drop_superseded(pool, &spec).await?;
+            drop_superseded(&mut *pool.acquire().await?, &spec).await?;
             Ok(BuildOutcome::Ready(name))
         }
         _ => build(&s.database.url, &spec, &s.index, None).await,
@@ -253,21 +253,16 @@ async fn build_locked(
     }
     crate::meter::index_build("built", secs);
     tracing::info!(index = %name, secs, rows, "HNSW index built");
-    for ix in crate::db::vector_indexes(&mut *conn).await? {
-        if super::of_model(&ix, &spec.model) && !spec.matches(&ix) {
-            tracing::info!(index = %ix.name, "dropping the model's superseded index");
-            drop_on(conn, &ix.name).await?;
-        }
-    }
+    drop_superseded(conn, spec).await?;
     Ok(BuildOutcome::Built(name, secs))
 }
 
 /// Drops the model's indexes that do not match `spec`, once `spec`'s is valid.
-async fn drop_superseded(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<()> {
-    for ix in super::indexes(pool).await? {
+async fn drop_superseded(conn: &mut PgConnection, spec: &IndexSpec) -> anyhow::Result<()> {
+    for ix in crate::db::vector_indexes(&mut *conn).await? {
         if super::of_model(&ix, &spec.model) && !spec.matches(&ix) {
             tracing::info!(index = %ix.name, "dropping the model's superseded index");
-            drop_index(pool, &ix.name).await?;
+            drop_on(conn, &ix.name).await?;
         }
     }
     Ok(())

@@ -195,11 +195,6 @@ pub enum IndexState {
     Missing,
 }
 
-/// Every vector index (of any table; [`find`] and [`of_model`] pick `rag_embeddings`' own).
-pub async fn indexes(pool: &PgPool) -> anyhow::Result<Vec<VectorIndex>> {
-    crate::db::vector_indexes(pool).await
-}
-
 /// The state of `spec`'s index among `all`.
 pub fn find(all: &[VectorIndex], spec: &IndexSpec) -> IndexState {
     let mine: Vec<&VectorIndex> = all.iter().filter(|ix| spec.matches(ix)).collect();
@@ -214,7 +209,7 @@ pub fn find(all: &[VectorIndex], spec: &IndexSpec) -> IndexState {
 
 /// The state of `spec`'s index.
 pub async fn state(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<IndexState> {
-    Ok(find(&indexes(pool).await?, spec))
+    Ok(find(&crate::db::vector_indexes(pool).await?, spec))
 }
 
 /// A build in progress, from `pg_stat_progress_create_index` (only visible to the building
