@@ -115,6 +115,13 @@ pub enum IndexPrecision {
     Half,
 }
 
+impl IndexPrecision {
+    /// pgvector's HNSW limit for `vector`.
+    pub const MAX_FULL_DIMS: usize = 2000;
+    /// pgvector's HNSW limit for `halfvec`.
+    pub const MAX_HALF_DIMS: usize = 4000;
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[budget]`.
@@ -527,14 +534,14 @@ impl Settings {
             "1-100 characters (rag_embeddings.embedding_model is varchar(100))",
         );
         check(
-            (1..=crate::model_index::MAX_HALF_DIMS).contains(&m.dimensions),
+            (1..=IndexPrecision::MAX_HALF_DIMS).contains(&m.dimensions),
             "model.dimensions",
             &m.dimensions,
             "1..=4000: pgvector's HNSW indexes `vector` up to 2,000 and `halfvec` up to 4,000 dimensions",
         );
         check(
             self.index.precision != IndexPrecision::Full
-                || m.dimensions <= crate::model_index::MAX_FULL_DIMS,
+                || m.dimensions <= IndexPrecision::MAX_FULL_DIMS,
             "index.precision",
             &format!("\"full\" with model.dimensions = {}", m.dimensions),
             "\"half\" or \"auto\" over 2,000 dimensions (pgvector's HNSW `vector` limit)",

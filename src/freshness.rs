@@ -183,26 +183,15 @@ pub async fn enqueue_stale(
     mut progress: impl FnMut(usize, usize),
 ) -> sqlx::Result<i64> {
     let attempts = settings.queue.max_attempts;
-    let queue = crate::bulk::bulk_queue(settings);
+    let queue = crate::queue::bulk_job_type(settings);
     // A source whose job is already open (pending, claimed or running) will be embedded by it:
     // running jobs have given up their dedup key, so enqueueing them again made a second job
-    // per source for every batch the worker had started (128 extra jobs in the demo, varying
-    // run to run).
-    let open: std::collections::HashSet<(String, Uuid)> = sqlx::query_as(
-        "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
-           FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                  WHERE job_type = ANY($1) AND status IN ('Pending', 'Queued', 'Running')) j
-          WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'",
-    )
-    .bind(crate::queue::lanes(&settings.queue.name))
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    // per source for every batch the worker had started.
+    let open = crate::queue::open_sources(pool, &crate::queue::lanes(&settings.queue.name), None).await?;
     let sources: Vec<EmbedSource> = stale
         .iter()
         .map(|s| s.source)
-        .filter(|s| !open.contains(&(s.source_type.as_str().to_string(), s.source_id)))
+        .filter(|s| !open.contains(s))
         .collect();
     let mut created = 0;
     for (i, chunk) in sources.chunks(1000).enumerate() {

@@ -7,6 +7,10 @@
 //! [`JobError::report`] for apalis), whether it is retried with backoff, given back untouched, or
 //! killed as a dead letter.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::embed::EmbedError;
 use crate::source::EmbedSource;
 
 /// A claimed job: its apalis id and its payload.
@@ -16,6 +20,29 @@ pub struct Job {
     pub id: String,
     /// Which source to embed.
     pub source: EmbedSource,
+}
+
+impl Job {
+    /// The job `id` whose payload is `payload`; a payload of the wrong shape is this job's
+    /// permanent failure, with the payload in its reason (both lanes decode jobs here).
+    pub fn from_payload(id: String, payload: &serde_json::Value) -> Result<Job, JobError> {
+        match serde_json::from_value::<EmbedSource>(payload.clone()) {
+            Ok(source) => Ok(Job { id, source }),
+            Err(e) => Err(JobError::dead(format!("bad job payload {payload}: {e}"))),
+        }
+    }
+}
+
+/// Each job's result from its source's (the pipeline answers per source; apalis and the batch
+/// lane per job): the one re-keying both lanes use. A job whose source has no answer yet is
+/// left out.
+pub fn by_job<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, EmbedSource)>,
+    by_source: &HashMap<EmbedSource, JobResult>,
+) -> HashMap<String, JobResult> {
+    jobs.into_iter()
+        .filter_map(|(id, src)| Some((id.to_string(), by_source.get(&src)?.clone())))
+        .collect()
 }
 
 /// How a job ended, when it ended well.
@@ -95,6 +122,26 @@ pub struct JobError {
 }
 
 impl JobError {
+    /// What a failed request means for the jobs whose inputs were in it. `quota_recheck` is
+    /// when a job stopped by the provider's quota or a refused key is due again; `stopped_for`
+    /// how long API calls stay stopped (whichever guard stopped them), so the probe's success
+    /// finds the job due.
+    pub fn from_embed(e: &EmbedError, quota_recheck: Duration, stopped_for: Duration) -> Self {
+        match e {
+            EmbedError::InvalidInput { .. } => {
+                JobError::dead(format!("input rejected by the provider: {e}"))
+            }
+            // A vector of the wrong size or with NaN: sending it again cannot fix it.
+            EmbedError::BadVector { .. } => JobError::dead(e.to_string()),
+            // Back to the queue untouched (no attempt used) until the quota or key is checked.
+            EmbedError::QuotaExhausted { .. } | EmbedError::Unauthorized { .. } => {
+                JobError::release(e.to_string(), quota_recheck)
+            }
+            EmbedError::Stopped { .. } => JobError::release(e.to_string(), stopped_for),
+            _ => JobError::retry(e.to_string()),
+        }
+    }
+
     /// A retryable failure.
     pub fn retry(reason: impl Into<String>) -> Self {
         JobError {
@@ -162,10 +209,9 @@ impl JobError {
 pub async fn settle(
     pool: &sqlx::PgPool,
     retry: &crate::config::RetrySettings,
-    results: &std::collections::HashMap<String, JobResult>,
+    results: &HashMap<String, JobResult>,
 ) {
-    let mut releases: std::collections::HashMap<(std::time::Duration, String), Vec<String>> =
-        Default::default();
+    let mut releases: HashMap<(Duration, String), Vec<String>> = Default::default();
     let mut retries = Vec::new();
     for (id, r) in results {
         if let Err(e) = r {
@@ -194,4 +240,32 @@ pub async fn settle(
     {
         tracing::warn!(error = %e, "could not defer retries; they will be retried at once");
     }
+}
+
+/// Ends jobs no apalis worker will acknowledge (the batch lane's), as apalis would: done →
+/// `Done`; dead → `Killed`; retry → `Failed` with an attempt used; release → back to `Pending`.
+/// Releases and retry backoff go through [`settle`], as on the sync path, so both lanes' acks
+/// are decided here.
+pub async fn end_unacked(
+    pool: &sqlx::PgPool,
+    retry: &crate::config::RetrySettings,
+    results: &HashMap<String, JobResult>,
+) -> sqlx::Result<()> {
+    use crate::queue::JobState;
+    settle(pool, retry, results).await;
+    let ends: Vec<(String, JobState, serde_json::Value)> = results
+        .iter()
+        .filter_map(|(id, r)| {
+            let (state, result) = match r {
+                Ok(outcome) => (JobState::Done, serde_json::json!({"Ok": outcome.to_string()})),
+                Err(e) => match e.disposition {
+                    Disposition::Dead => (JobState::Killed, serde_json::json!({"Err": e.reason})),
+                    Disposition::Retry => (JobState::Failed, serde_json::json!({"Err": e.reason})),
+                    Disposition::Release { .. } => return None,
+                },
+            };
+            Some((id.clone(), state, result))
+        })
+        .collect();
+    crate::queue::end_jobs(pool, &ends).await
 }

@@ -19,7 +19,7 @@
 //! | bulk lane in batch mode: submit, poll, collect | [`bulk`] (same load → chunk → skip → write stages; the Batch API instead of the embed call) | `apalis.jobs` (`<queue>.batch`), `embed_worker.batches`, the provider's files and batches |
 //!
 //! [`pipeline::Pipeline::process`] reads as those steps. Around them: [`config`] (typed settings),
-//! [`db`] (connect, migrate, verify), [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what
+//! [`db`] (connect, migrate), [`verify`], [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what
 //! is stale), [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`]
 //! (secrets never leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command
 //! line is the binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
@@ -44,6 +44,7 @@ pub mod search;
 pub mod seed;
 pub mod source;
 pub mod telemetry;
+pub mod verify;
 pub mod worker;
 
 /// Installs rustls' ring crypto provider (once). sqlx already uses ring; choosing it for the

@@ -1,9 +1,13 @@
-//! The embed queue: what a job is and how to enqueue one.
+//! The embed queue: every statement on `apalis.jobs` that apalis does not make itself.
 //!
-//! Jobs live in apalis-postgres's `apalis.jobs` under the queue (job_type) `embed`. States, as
-//! apalis-postgres keeps them: `Pending` (waiting; `run_at` says from when) → `Queued` (claimed
-//! by a worker, `lock_by` names it) → `Running` → `Done`, or `Failed` (retried while
-//! `attempts < max_attempts`), or `Killed`. A worker that stops heart-beating for
+//! Why one room: the queue's schema is apalis-postgres's, and its states, locks and dedup keys
+//! must be read the same way by the worker, the bulk lane, the freshness scan and the
+//! operator's commands. What a job *is* and how it ends is [`crate::job`]'s.
+//!
+//! Jobs live in apalis-postgres's `apalis.jobs` under the queue (job_type) `embed`. States
+//! ([`JobState`], as apalis-postgres keeps them): `Pending` (waiting; `run_at` says from when) →
+//! `Queued` (claimed by a worker, `lock_by` names it) → `Running` → `Done`, or `Failed` (retried
+//! while `attempts < max_attempts`), or `Killed`. A worker that stops heart-beating for
 //! `heartbeat × missed_heartbeats` has its `Queued`/`Running` jobs put back to `Pending` by any
 //! other worker of the queue (rescue of stuck jobs).
 //!
@@ -14,7 +18,58 @@
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
+use crate::config::{BulkMode, Settings};
 use crate::source::{EmbedSource, SourceType};
+
+/// A job's state as apalis-postgres stores it in `apalis.jobs.status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting; `run_at` says from when.
+    Pending,
+    /// Claimed by a worker (`lock_by`), not started.
+    Queued,
+    /// Started (or, in the batch lane, owned by a batch record).
+    Running,
+    /// Ended well.
+    Done,
+    /// Ended badly; claimed again while `attempts < max_attempts`, a dead letter after.
+    Failed,
+    /// A dead letter now (a permanent failure).
+    Killed,
+}
+
+impl JobState {
+    /// The word in `apalis.jobs.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "Pending",
+            JobState::Queued => "Queued",
+            JobState::Running => "Running",
+            JobState::Done => "Done",
+            JobState::Failed => "Failed",
+            JobState::Killed => "Killed",
+        }
+    }
+}
+
+/// SQL: a job not yet finished (pending, claimed, running, or failed with attempts left).
+macro_rules! open_job {
+    () => {
+        "(status IN ('Pending', 'Queued', 'Running') OR (status = 'Failed' AND attempts < max_attempts))"
+    };
+}
+/// SQL: a job that holds its source (pending, claimed or running).
+macro_rules! active_job {
+    () => {
+        "status IN ('Pending', 'Queued', 'Running')"
+    };
+}
+/// SQL: a dead letter (as the view `embed_worker.failed_jobs` says).
+macro_rules! dead_job {
+    () => {
+        "(status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))"
+    };
+}
 
 /// Enqueues many sources in one statement (in the caller's transaction when `exec` is one).
 /// Returns how many jobs were created; sources with a pending job are skipped.
@@ -51,15 +106,63 @@ pub async fn enqueue_lane<'e>(
     Ok(n as i64)
 }
 
-/// The queue (job type) of `queue`'s bulk jobs in batch mode: the sync workers never claim them.
-pub fn batch_queue(queue: &str) -> String {
+/// The job type of `queue`'s batch lane (bulk jobs in `bulk.mode = batch`): the sync workers
+/// never claim them.
+pub fn batch_lane_job_type(queue: &str) -> String {
     format!("{queue}.batch")
+}
+
+/// The job type bulk jobs are enqueued into under the configured `bulk.mode`.
+pub fn bulk_job_type(s: &Settings) -> String {
+    match s.bulk.mode {
+        BulkMode::Sync => s.queue.name.clone(),
+        BulkMode::Batch => batch_lane_job_type(&s.queue.name),
+    }
 }
 
 /// Both lanes' job types of `queue`: what counts, dead letters, retention and "open job" checks
 /// look at.
 pub fn lanes(queue: &str) -> Vec<String> {
-    vec![queue.to_string(), batch_queue(queue)]
+    vec![queue.to_string(), batch_lane_job_type(queue)]
+}
+
+/// Sources that have an active job (pending, claimed or running) in `job_types`: such a source
+/// will be embedded by that job. With `among`, only those sources are asked about, by their
+/// dedup key (so only jobs that still hold it: pending or claimed, not started).
+pub async fn open_sources(
+    pool: &PgPool,
+    job_types: &[String],
+    among: Option<&[EmbedSource]>,
+) -> sqlx::Result<std::collections::HashSet<EmbedSource>> {
+    let rows: Vec<(String, Uuid)> = match among {
+        Some(sources) => {
+            let keys: Vec<String> = sources.iter().map(EmbedSource::dedup_key).collect();
+            sqlx::query_as(concat!(
+                "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
+                   FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+                          WHERE job_type = ANY($1) AND ",
+                active_job!(),
+                " AND idempotency_key = ANY($2)) j"
+            ))
+            .bind(job_types)
+            .bind(&keys)
+            .fetch_all(pool)
+            .await?
+        }
+        None => {
+            sqlx::query_as(concat!(
+                "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
+                   FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+                          WHERE job_type = ANY($1) AND ",
+                active_job!(),
+                ") j WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'"
+            ))
+            .bind(job_types)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
 }
 
 /// Claims up to `limit` due bulk jobs of `queue` for the batch lane (highest priority, oldest
@@ -80,7 +183,7 @@ pub async fn claim_batch_jobs(
            FROM due WHERE j.id = due.id
          RETURNING j.id, j.job",
     )
-    .bind(batch_queue(queue))
+    .bind(batch_lane_job_type(queue))
     .bind(limit)
     .fetch_all(pool)
     .await?;
@@ -95,37 +198,26 @@ pub async fn claim_batch_jobs(
         .collect())
 }
 
-/// Ends jobs no apalis worker will acknowledge (the batch lane's), as apalis would: done →
-/// `Done`; dead → `Killed`; retry → `Failed` with an attempt used; release → back to `Pending`.
-/// Releases and retry backoff go through [`crate::job::settle`], as on the sync path.
-pub async fn finish_jobs(
-    pool: &PgPool,
-    retry: &crate::config::RetrySettings,
-    results: &std::collections::HashMap<String, crate::job::JobResult>,
-) -> sqlx::Result<()> {
-    use crate::job::Disposition;
-    crate::job::settle(pool, retry, results).await;
-    let by_id: std::collections::HashMap<&str, (&str, serde_json::Value)> = results
-        .iter()
-        .filter_map(|(id, r)| {
-            let end = match r {
-                Ok(outcome) => ("Done", serde_json::json!({"Ok": outcome.to_string()})),
-                Err(e) => match e.disposition {
-                    Disposition::Dead => ("Killed", serde_json::json!({"Err": e.reason})),
-                    Disposition::Retry => ("Failed", serde_json::json!({"Err": e.reason})),
-                    Disposition::Release { .. } => return None,
-                },
-            };
-            Some((id.as_str(), end))
-        })
-        .collect();
-    let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
-    if ids.is_empty() {
+/// Ends jobs no apalis worker acknowledges (the batch lane's) as apalis would: each row gets
+/// `status` (`Done`, `Failed` with an attempt used, or `Killed`) and `last_result`, unlocked.
+/// The mapping from a job's result to its end is [`crate::job::end_unacked`]'s.
+pub async fn end_jobs(pool: &PgPool, ends: &[(String, JobState, serde_json::Value)]) -> sqlx::Result<()> {
+    if ends.is_empty() {
         return Ok(());
     }
+    let by_id: std::collections::HashMap<&str, (&str, &serde_json::Value)> = ends
+        .iter()
+        .map(|(id, st, r)| (id.as_str(), (st.as_str(), r)))
+        .collect();
+    let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
     update_unlocked(pool, &ids, |chunk| {
-        let (st, rs): (Vec<&str>, Vec<serde_json::Value>) =
-            chunk.iter().map(|id| by_id[id.as_str()].clone()).unzip();
+        let (st, rs): (Vec<&str>, Vec<serde_json::Value>) = chunk
+            .iter()
+            .map(|id| {
+                let (st, r) = by_id[id.as_str()];
+                (st, r.clone())
+            })
+            .unzip();
         async move {
             sqlx::query_as::<_, (String, bool)>(
                 "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS r(id, status, result)),
@@ -263,9 +355,10 @@ pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(St
 /// with attempts left.
 pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1)
-            AND (status IN ('Pending', 'Queued', 'Running')
-                 OR (status = 'Failed' AND attempts < max_attempts))",
+        concat!(
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1) AND ",
+            open_job!()
+        ),
     )
     .bind(lanes(queue))
     .fetch_one(pool)
@@ -435,10 +528,11 @@ pub async fn prune_finished(
     // loop of sequential scans that ran for minutes at worker start (the five-run test caught
     // it, 66 s instead of 15 s); one table, one scan.
     let failed = sqlx::query(
-        "DELETE FROM apalis.jobs
-          WHERE job_type = ANY($1)
-            AND (status = 'Killed' OR (status = 'Failed' AND attempts >= max_attempts))
-            AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)",
+        concat!(
+            "DELETE FROM apalis.jobs WHERE job_type = ANY($1) AND ",
+            dead_job!(),
+            " AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)"
+        ),
     )
     .bind(lanes(queue))
     .bind(failed_age.as_secs_f64())

@@ -94,4 +94,16 @@ impl EmbedSource {
             source_id: id,
         })
     }
+
+    /// Its jobs' dedup key (`apalis.jobs.idempotency_key`, as `embed_worker.enqueue_many` sets
+    /// it): `<type>:<id>`.
+    pub fn dedup_key(&self) -> String {
+        format!("{}:{}", self.source_type.as_str(), self.source_id)
+    }
+}
+
+/// Distinct sources, in order.
+pub fn distinct(sources: impl IntoIterator<Item = EmbedSource>) -> Vec<EmbedSource> {
+    let mut seen = std::collections::HashSet::new();
+    sources.into_iter().filter(|s| seen.insert(*s)).collect()
 }

@@ -20,7 +20,6 @@ use crate::config::Settings;
 use crate::job::Job;
 use crate::pipeline::Pipeline;
 use crate::pipeline::batcher::Batcher;
-use crate::source::EmbedSource;
 
 /// A unique worker name: host (pod) name plus a random suffix.
 pub fn worker_name() -> String {
@@ -37,17 +36,12 @@ async fn handle(
     id: TaskId,
     batcher: Data<Batcher>,
 ) -> Result<String, BoxDynError> {
-    let source: EmbedSource = match serde_json::from_value(payload.clone()) {
-        Ok(s) => s,
+    let job = match Job::from_payload(id.to_string(), &payload) {
+        Ok(job) => job,
         Err(e) => {
-            let reason = format!("bad job payload {payload}: {e}");
-            tracing::error!(job = %id, %reason, "job failed permanently (dead letter)");
-            return Err(AbortError::new(reason).into());
+            tracing::error!(job = %id, reason = %e.reason, "job failed permanently (dead letter)");
+            return Err(AbortError::new(e.reason).into());
         }
-    };
-    let job = Job {
-        id: id.to_string(),
-        source,
     };
     match batcher.submit(job.clone()).await {
         Ok(outcome) => {
@@ -153,7 +147,7 @@ impl Worker {
         let lane = match self.settings.bulk.mode {
             crate::config::BulkMode::Batch => {
                 let lane = crate::bulk::Lane::new(self.pipeline.clone())?;
-                Some(tokio::spawn(lane.run(stop_rx.clone())))
+                Some(tokio::spawn(lane.lead(stop_rx.clone())))
             }
             crate::config::BulkMode::Sync => None,
         };
@@ -277,7 +271,7 @@ async fn maintain(
                 }
                 Err(e) => tracing::warn!(error = %e, "pruning finished jobs failed"),
             }
-            if let Err(e) = crate::pipeline::stage::prune(&pool, r.failed_age()).await {
+            if let Err(e) = crate::pipeline::paid::prune(&pool, r.failed_age()).await {
                 tracing::warn!(error = %e, "pruning staged chunks failed");
             }
             if let Err(e) = crate::bulk::records::prune(&pool, r.failed_age()).await {

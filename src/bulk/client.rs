@@ -145,3 +145,11 @@ impl BatchClient {
         Ok(())
     }
 }
+
+/// The provider's status as a word (`in_progress`, `completed`…).
+pub fn status_str(s: &async_openai::types::batches::BatchStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{s:?}").to_lowercase())
+}

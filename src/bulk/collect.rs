@@ -15,23 +15,39 @@ use anyhow::Context;
 use async_openai::types::batches::{Batch, BatchStatus};
 use base64::Engine;
 
-use crate::guard::budget::Reservation;
 use crate::job::{JobError, JobResult};
-use crate::pipeline::write::{ChunkWrite, SourceWrite};
+use crate::pipeline::{ChunkWrite, SourceWrite};
 use crate::source::EmbedSource;
 
 use super::Lane;
-use super::records::{self, BatchRecord, Item};
+use super::client::status_str;
+use super::records::{self, BatchRecord, BatchState, Item};
 
 /// What the provider's files said.
 #[derive(Default)]
 struct Output {
     /// (custom_id, position) → vector.
     vectors: HashMap<(String, i32), Vec<f32>>,
-    /// custom_id → (permanent, message).
-    errors: HashMap<String, (bool, String)>,
+    /// custom_id → why that request line has no answer.
+    errors: HashMap<String, LineError>,
     /// `usage.prompt_tokens` of the answered lines.
     billed: u64,
+}
+
+/// Why one request line of a batch came back without vectors.
+struct LineError {
+    /// The input's fault (HTTP 400): sending it again cannot succeed.
+    permanent: bool,
+    /// The provider's words, secrets masked.
+    message: String,
+}
+
+/// One source of a batch, as its items say: which job asked, the text's `read_at`, its chunks.
+struct BatchSource {
+    source: EmbedSource,
+    job_id: String,
+    read_at: chrono::DateTime<chrono::Utc>,
+    items: Vec<Item>,
 }
 
 impl Lane {
@@ -48,7 +64,7 @@ impl Lane {
                     continue;
                 }
             };
-            let status = super::submit::status_str(&b.status);
+            let status = status_str(&b.status);
             records::set_status(
                 &self.pool,
                 rec.id,
@@ -113,62 +129,25 @@ impl Lane {
         let s = &self.settings;
         let out = self.download(b).await?;
         let items = records::items(&self.pool, rec.id).await?;
-        let mut sources: Vec<(
-            EmbedSource,
-            String,
-            chrono::DateTime<chrono::Utc>,
-            Vec<Item>,
-        )> = Vec::new();
+        let mut sources: Vec<BatchSource> = Vec::new();
         for it in items {
             match sources.last_mut() {
-                Some(last) if last.0 == it.source => last.3.push(it),
-                _ => sources.push((it.source, it.job_id.clone(), it.read_at, vec![it])),
+                Some(last) if last.source == it.source => last.items.push(it),
+                _ => sources.push(BatchSource {
+                    source: it.source,
+                    job_id: it.job_id.clone(),
+                    read_at: it.read_at,
+                    items: vec![it],
+                }),
             }
         }
-        let missing = |cid: &str| -> JobError {
-            match out.errors.get(cid) {
-                Some((true, msg)) => JobError::dead(format!(
-                    "rejected by the provider in batch {}: {msg}",
-                    rec.id
-                )),
-                Some((false, msg)) if b.status == BatchStatus::Expired => JobError::release(
-                    format!(
-                        "batch {} expired before this request ran ({msg}); resubmitted",
-                        rec.id
-                    ),
-                    std::time::Duration::ZERO,
-                ),
-                Some((false, msg)) => {
-                    JobError::retry(format!("batch {} request failed: {msg}", rec.id))
-                }
-                None => match b.status {
-                    BatchStatus::Cancelled => JobError::release(
-                        format!("batch {} was cancelled", rec.id),
-                        std::time::Duration::ZERO,
-                    ),
-                    BatchStatus::Expired => JobError::release(
-                        format!(
-                            "batch {} expired before this request ran; resubmitted",
-                            rec.id
-                        ),
-                        std::time::Duration::ZERO,
-                    ),
-                    BatchStatus::Failed => JobError::retry(format!(
-                        "batch {} failed: {}",
-                        rec.id,
-                        batch_errors(b).unwrap_or_else(|| "no reason given".into())
-                    )),
-                    _ => JobError::retry(format!("batch {}: no result for this request", rec.id)),
-                },
-            }
-        };
         let mut vectors = out.vectors;
         let mut by_source: HashMap<EmbedSource, JobResult> = HashMap::new();
         let mut writes = Vec::new();
-        for (src, _, read_at, chunks) in &sources {
+        for bs in &sources {
             let mut failure: Option<JobError> = None;
-            let mut cw = Vec::with_capacity(chunks.len());
-            for it in chunks {
+            let mut cw = Vec::with_capacity(bs.items.len());
+            for it in &bs.items {
                 let vector = match (&it.custom_id, it.position) {
                     (Some(cid), Some(pos)) => match vectors.remove(&(cid.clone(), pos)) {
                         Some(v) => match crate::embed::check_vector(&v, s.model.dimensions) {
@@ -182,7 +161,7 @@ impl Lane {
                             }
                         },
                         None => {
-                            failure.get_or_insert(missing(cid));
+                            failure.get_or_insert(unanswered(rec.id, b, out.errors.get(cid)));
                             None
                         }
                     },
@@ -197,11 +176,11 @@ impl Lane {
             }
             match failure {
                 Some(e) => {
-                    by_source.insert(*src, Err(e));
+                    by_source.insert(bs.source, Err(e));
                 }
                 None => writes.push(SourceWrite {
-                    source: *src,
-                    read_at: *read_at,
+                    source: bs.source,
+                    read_at: bs.read_at,
                     chunks: cw,
                 }),
             }
@@ -209,16 +188,15 @@ impl Lane {
         // In parts: one write transaction per 1,000 sources keeps locks and memory short
         // beside the interactive lane's writes.
         for part in writes.chunks(1000) {
-            self.pipeline.finish(part, &mut by_source).await?;
+            self.pipeline.write(part, &mut by_source).await?;
         }
-        let results: HashMap<String, JobResult> = sources
-            .iter()
-            .filter_map(|(src, job, _, _)| Some((job.clone(), by_source.get(src)?.clone())))
-            .collect();
-        crate::queue::finish_jobs(&self.pool, &s.retry, &results).await?;
-        let reservation = Reservation::from_parts(rec.spend_month, rec.usd_reserved);
+        let results = crate::job::by_job(
+            sources.iter().map(|bs| (bs.job_id.as_str(), bs.source)),
+            &by_source,
+        );
+        crate::job::end_unacked(&self.pool, &s.retry, &results).await?;
         let usd = self.budget.cost(out.billed);
-        if let Err(e) = self.budget.settle(reservation, Some(out.billed)).await {
+        if let Err(e) = self.budget.settle(rec.reservation(), Some(out.billed)).await {
             tracing::warn!(batch = rec.id, error = %e, "settling the batch's spend failed");
         }
         crate::meter::batch_tokens(
@@ -239,10 +217,10 @@ impl Lane {
             }
         }
         let state = match b.status {
-            BatchStatus::Completed => "completed",
-            BatchStatus::Expired => "expired",
-            BatchStatus::Cancelled => "cancelled",
-            _ => "failed",
+            BatchStatus::Completed => BatchState::Completed,
+            BatchStatus::Expired => BatchState::Expired,
+            BatchStatus::Cancelled => BatchState::Cancelled,
+            _ => BatchState::Failed,
         };
         let errors = results.values().filter(|r| r.is_err()).count();
         let last_error = batch_errors(b).or_else(|| {
@@ -256,13 +234,14 @@ impl Lane {
             &self.pool,
             rec.id,
             state,
-            (out.billed as i64, usd),
+            out.billed as i64,
+            usd,
             last_error.as_deref(),
         )
         .await?;
         tracing::info!(
             batch = rec.id,
-            state,
+            state = state.as_str(),
             written = writes.len(),
             not_written = errors,
             tokens = out.billed,
@@ -271,48 +250,43 @@ impl Lane {
         );
         Ok(())
     }
+}
 
-    /// Records that never reached the provider (the submitter died before or during the
-    /// upload): their jobs go back to the queue and the reservation is refunded. Records whose
-    /// file was uploaded but whose batch id was not recorded: created now, or adopted if the
-    /// provider has it.
-    pub(super) async fn resume(&self) -> anyhow::Result<()> {
-        for rec in records::open(&self.pool).await? {
-            if rec.state != "preparing" {
-                continue;
-            }
-            match &rec.input_file_id {
-                Some(file) => self.create_or_adopt(rec.id, file).await?,
-                None => {
-                    let jobs: Vec<String> = records::items(&self.pool, rec.id)
-                        .await?
-                        .into_iter()
-                        .map(|i| i.job_id)
-                        .collect();
-                    crate::queue::release_jobs(
-                        &self.pool,
-                        &jobs,
-                        std::time::Duration::ZERO,
-                        "the batch was never uploaded; back to the queue",
-                    )
-                    .await?;
-                    let r = Reservation::from_parts(rec.spend_month, rec.usd_reserved);
-                    self.budget.settle(r, Some(0)).await?;
-                    records::delete(&self.pool, rec.id).await?;
-                    tracing::warn!(
-                        batch = rec.id,
-                        jobs = jobs.len(),
-                        "batch never uploaded; its jobs were released"
-                    );
-                }
-            }
+/// Why a request line of batch `id` has no vector, as the module's table says: the line's error
+/// (`error`) if the provider gave one, else the batch's end.
+fn unanswered(id: i64, b: &Batch, error: Option<&LineError>) -> JobError {
+    match error {
+        Some(LineError {
+            permanent: true,
+            message,
+        }) => JobError::dead(format!("rejected by the provider in batch {id}: {message}")),
+        Some(LineError { message, .. }) if b.status == BatchStatus::Expired => JobError::release(
+            format!("batch {id} expired before this request ran ({message}); resubmitted"),
+            std::time::Duration::ZERO,
+        ),
+        Some(LineError { message, .. }) => {
+            JobError::retry(format!("batch {id} request failed: {message}"))
         }
-        Ok(())
+        None => match b.status {
+            BatchStatus::Cancelled => JobError::release(
+                format!("batch {id} was cancelled"),
+                std::time::Duration::ZERO,
+            ),
+            BatchStatus::Expired => JobError::release(
+                format!("batch {id} expired before this request ran; resubmitted"),
+                std::time::Duration::ZERO,
+            ),
+            BatchStatus::Failed => JobError::retry(format!(
+                "batch {id} failed: {}",
+                batch_errors(b).unwrap_or_else(|| "no reason given".into())
+            )),
+            _ => JobError::retry(format!("batch {id}: no result for this request")),
+        },
     }
 }
 
-/// An error line's (permanent, message): HTTP 400 from the endpoint is the input's fault.
-fn line_error(v: &serde_json::Value) -> (bool, String) {
+/// An error line's [`LineError`]: HTTP 400 from the endpoint is the input's fault.
+fn line_error(v: &serde_json::Value) -> LineError {
     let resp = &v["response"];
     let status = resp["status_code"].as_u64();
     let msg = resp["body"]["error"]["message"]
@@ -325,7 +299,10 @@ fn line_error(v: &serde_json::Value) -> (bool, String) {
         (None, c) if !c.is_empty() => format!("{c}: {msg}"),
         _ => msg.to_string(),
     };
-    (status == Some(400), crate::redact::secrets(&text, None))
+    LineError {
+        permanent: status == Some(400),
+        message: crate::redact::secrets(&text, None),
+    }
 }
 
 /// A batch's own errors (validation), in one line.

@@ -7,7 +7,7 @@
 //! billed at half price from a separate rate-limit pool), which no apalis worker claims.
 //!
 //! The batch lane, one leader across replicas (advisory lock), every `bulk.poll_secs`:
-//! 1. resume: records left `preparing` by a dead submitter (see [`collect`]);
+//! 1. resume: records left `preparing` by a dead submitter ([`submit`]);
 //! 2. poll: each submitted batch; an ended one is collected ([`collect`]);
 //! 3. submit: due bulk jobs → one batch ([`submit`]), while fewer than `bulk.max_open_batches`
 //!    are open.
@@ -28,20 +28,12 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::config::{BulkMode, Settings};
+use crate::config::Settings;
 use crate::guard::budget::Budget;
 use crate::pipeline::Pipeline;
 
 /// `pg_advisory_lock` key of the batch lane's leader ("embbat").
 const LEADER_LOCK: i64 = 0x656d_6262_6174;
-
-/// The queue (job type) bulk jobs are enqueued into under the configured `bulk.mode`.
-pub fn bulk_queue(s: &Settings) -> String {
-    match s.bulk.mode {
-        BulkMode::Sync => s.queue.name.clone(),
-        BulkMode::Batch => crate::queue::batch_queue(&s.queue.name),
-    }
-}
 
 /// What the batch lane works with.
 pub struct Lane {
@@ -80,7 +72,7 @@ impl Lane {
 
     /// Runs rounds every `bulk.poll_secs` until `stop`, when this process holds the lane's
     /// leader lock (taken on a connection of its own, released if the process dies).
-    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn lead(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(self.settings.bulk.poll_secs));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut leader: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
@@ -147,7 +139,7 @@ impl std::fmt::Display for BatchTable {
                 if r.finished_at.is_some() {
                     format!("{} (done)", r.state)
                 } else {
-                    r.state.clone()
+                    r.state.to_string()
                 },
                 r.provider_status.as_deref().unwrap_or("-"),
                 counts,
@@ -179,5 +171,5 @@ pub async fn cancel(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Resu
     let b = client::BatchClient::new(&settings.api)?
         .cancel(&pid)
         .await?;
-    Ok(submit::status_str(&b.status))
+    Ok(client::status_str(&b.status))
 }

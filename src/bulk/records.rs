@@ -5,7 +5,68 @@ use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::guard::budget::Reservation;
 use crate::source::{EmbedSource, SourceType};
+
+/// A batch's state as recorded (`embed_worker.batches.state`): `preparing` (recorded with its
+/// items, the file maybe uploaded) → `submitted` (the provider has it) → one of the four ends,
+/// named as the provider names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchState {
+    /// Recorded; not yet created at the provider.
+    Preparing,
+    /// Created at the provider; its jobs are `Running`, owned by the record.
+    Submitted,
+    /// Every request ran.
+    Completed,
+    /// The completion window passed first.
+    Expired,
+    /// The provider refused or failed the batch.
+    Failed,
+    /// Cancelled (by `embed-worker batches cancel` or at the provider).
+    Cancelled,
+}
+
+impl BatchState {
+    /// The word stored in the record.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Preparing => "preparing",
+            BatchState::Submitted => "submitted",
+            BatchState::Completed => "completed",
+            BatchState::Expired => "expired",
+            BatchState::Failed => "failed",
+            BatchState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for BatchState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for BatchState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl TryFrom<String> for BatchState {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Ok(match s.as_str() {
+            "preparing" => BatchState::Preparing,
+            "submitted" => BatchState::Submitted,
+            "completed" => BatchState::Completed,
+            "expired" => BatchState::Expired,
+            "failed" => BatchState::Failed,
+            "cancelled" => BatchState::Cancelled,
+            other => return Err(format!("unknown batch state {other:?}")),
+        })
+    }
+}
 
 /// One batch as recorded.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -14,8 +75,9 @@ pub struct BatchRecord {
     pub id: i64,
     /// The provider's batch id, once created.
     pub provider_id: Option<String>,
-    /// preparing, submitted, completed, expired, failed, cancelled.
-    pub state: String,
+    /// Where it is in its life.
+    #[sqlx(try_from = "String")]
+    pub state: BatchState,
     /// The provider's last status.
     pub provider_status: Option<String>,
     /// `embedding_model`.
@@ -50,6 +112,16 @@ pub struct BatchRecord {
     pub submitted_at: Option<DateTime<Utc>>,
     /// Results written and jobs settled.
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl BatchRecord {
+    /// What it reserved of the monthly budget (settled when it ends).
+    pub fn reservation(&self) -> Reservation {
+        Reservation {
+            month: self.spend_month,
+            usd: self.usd_reserved,
+        }
+    }
 }
 
 const COLUMNS: &str = "id, provider_id, state, provider_status, model, input_file_id, \
@@ -88,8 +160,8 @@ pub struct NewBatch<'a> {
     pub inputs: usize,
     /// Tokens by our count.
     pub tokens: u64,
-    /// Reserved USD and its month.
-    pub reserved: (f64, NaiveDate),
+    /// What the batch reserved of the monthly budget.
+    pub reserved: Reservation,
 }
 
 /// Records a batch and its items in one transaction; returns its id.
@@ -103,8 +175,8 @@ pub async fn insert(pool: &PgPool, b: &NewBatch<'_>, items: &[Item]) -> sqlx::Re
     .bind(b.requests as i32)
     .bind(b.inputs as i32)
     .bind(b.tokens as i64)
-    .bind(b.reserved.0)
-    .bind(b.reserved.1)
+    .bind(b.reserved.usd)
+    .bind(b.reserved.month)
     .fetch_one(&mut *tx)
     .await?;
     for part in items.chunks(5000) {
@@ -190,8 +262,9 @@ pub async fn set_status(
 pub async fn finish(
     pool: &PgPool,
     id: i64,
-    state: &str,
-    billed: (i64, f64),
+    state: BatchState,
+    tokens_billed: i64,
+    usd_billed: f64,
     last_error: Option<&str>,
 ) -> sqlx::Result<()> {
     // The items were needed until now (a collect that died is redone from them); the record
@@ -202,9 +275,9 @@ pub async fn finish(
                 last_error = $5, finished_at = now(), updated_at = now() WHERE id = $1",
     )
     .bind(id)
-    .bind(state)
-    .bind(billed.0)
-    .bind(billed.1)
+    .bind(state.as_str())
+    .bind(tokens_billed)
+    .bind(usd_billed)
     .bind(last_error)
     .execute(&mut *tx)
     .await?;

@@ -1,18 +1,19 @@
-//! Submitting: bulk jobs → the sync path's stages up to the embed step (load, chunk, count,
-//! skip what the content hash says is stored) → one JSONL file of `/v1/embeddings` requests →
-//! the record (before the provider hears of it) → upload → create.
+//! Submitting: bulk jobs → the pipeline's prepare step (load, chunk, count, skip what is paid
+//! for) → one JSONL file of `/v1/embeddings` requests → the record (before the provider hears
+//! of it) → upload → create. And resuming what a dead submitter left `preparing`.
 
 use std::collections::{HashMap, HashSet};
 
-use crate::embed::plan::plan_requests;
+use crate::embed::plan::{plan_requests, request_cap_tokens};
 use crate::guard::budget::Decision;
 use crate::job::{Job, JobError, JobOutcome, JobResult};
-use crate::pipeline::chunk::request_cap_tokens;
-use crate::pipeline::write::SourceWrite;
+use crate::pipeline::chunk::Chunk;
+use crate::pipeline::{ChunkedSource, Prepared};
 use crate::source::EmbedSource;
 
 use super::Lane;
-use super::records::{self, Item, NewBatch};
+use super::client::status_str;
+use super::records::{self, BatchState, Item, NewBatch};
 
 /// One batch, ready to record and upload.
 struct Built {
@@ -23,6 +24,9 @@ struct Built {
     tokens: u64,
 }
 
+/// A source taken into the batch, with the chunks it sends.
+type Taken<'a> = (&'a ChunkedSource, Vec<&'a Chunk>);
+
 impl Lane {
     /// Claims due bulk jobs and submits them as one batch. Returns the record id, or `None`
     /// when there was nothing to submit (or the budget or the open-batch limit says wait).
@@ -32,6 +36,7 @@ impl Lane {
         if open >= s.bulk.max_open_batches {
             return Ok(None);
         }
+        // The claim clears the jobs' dedup keys (a change from now on queues a new job).
         let claimed = crate::queue::claim_batch_jobs(
             &self.pool,
             &s.queue.name,
@@ -44,18 +49,21 @@ impl Lane {
         let mut results: HashMap<String, JobResult> = HashMap::new();
         let mut jobs = Vec::new();
         for (id, payload) in claimed {
-            match serde_json::from_value::<EmbedSource>(payload.clone()) {
-                Ok(source) => jobs.push(Job { id, source }),
+            match Job::from_payload(id.clone(), &payload) {
+                Ok(job) => jobs.push(job),
                 Err(e) => {
-                    results.insert(
-                        id,
-                        Err(JobError::dead(format!("bad job payload {payload}: {e}"))),
-                    );
+                    results.insert(id, Err(e));
                 }
             }
         }
         // A change since the backfill queued these: the interactive job embeds the newer text.
-        let interactive = self.open_interactive(&jobs).await?;
+        let sources: Vec<EmbedSource> = jobs.iter().map(|j| j.source).collect();
+        let interactive = crate::queue::open_sources(
+            &self.pool,
+            std::slice::from_ref(&s.queue.name),
+            Some(&sources),
+        )
+        .await?;
         jobs.retain(|j| {
             let superseded = interactive.contains(&j.source);
             if superseded {
@@ -64,37 +72,21 @@ impl Lane {
             !superseded
         });
         let outcome = self.submit_jobs(&jobs, &mut results).await;
-        crate::queue::finish_jobs(&self.pool, &s.retry, &results).await?;
+        crate::job::end_unacked(&self.pool, &s.retry, &results).await?;
         outcome
     }
 
-    /// Sources among `jobs` with an open interactive job.
-    async fn open_interactive(&self, jobs: &[Job]) -> anyhow::Result<HashSet<EmbedSource>> {
-        let keys: Vec<String> = jobs
-            .iter()
-            .map(|j| format!("{}:{}", j.source.source_type.as_str(), j.source.source_id))
-            .collect();
-        let rows: Vec<(String, uuid::Uuid)> = sqlx::query_as(
-            "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
-               FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                      WHERE job_type = $1 AND status IN ('Pending', 'Queued', 'Running')
-                        AND idempotency_key = ANY($2)) j",
-        )
-        .bind(&self.settings.queue.name)
-        .bind(&keys)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
-    }
-
+    /// The jobs' sources: prepared; those with nothing to embed written now; the rest recorded
+    /// and submitted as far as one batch's limits allow. Jobs in the batch get no answer yet.
     async fn submit_jobs(
         &self,
         jobs: &[Job],
         results: &mut HashMap<String, JobResult>,
     ) -> anyhow::Result<Option<i64>> {
-        let mut by_source: HashMap<EmbedSource, JobResult> = HashMap::new();
-        let prepared = match self.pipeline.prepare(jobs).await {
-            Ok(p) => p,
+        let ids = || jobs.iter().map(|j| (j.id.as_str(), j.source));
+        let sources = crate::source::distinct(jobs.iter().map(|j| j.source));
+        let mut batch = match self.pipeline.prepare(sources).await {
+            Ok(b) => b,
             Err(e) => {
                 for j in jobs {
                     results.insert(
@@ -105,27 +97,14 @@ impl Lane {
                 return Err(e);
             }
         };
-        by_source.extend(prepared.results);
-        let job_of: HashMap<EmbedSource, &Job> = jobs.iter().map(|j| (j.source, j)).collect();
-        // Sources with nothing to send (unchanged, or staged by an earlier sync attempt) are
-        // written now; the rest go into the batch as far as its limits allow.
-        let mut vectors = prepared.vectors;
-        let (send, now): (Vec<_>, Vec<_>) =
-            prepared.chunked.into_iter().partition(|(src, _, chunks)| {
-                chunks
-                    .iter()
-                    .any(|c| prepared.to_send.contains(&(*src, c.index)))
-            });
-        let writes: Vec<SourceWrite> = now
-            .iter()
-            .map(|(src, read_at, chunks)| {
-                crate::pipeline::source_write(*src, *read_at, chunks, &mut vectors)
-            })
-            .collect();
-        for part in writes.chunks(1000) {
-            self.pipeline.finish(part, &mut by_source).await?;
+        // Unchanged, or kept from an earlier sync attempt: no API call needed.
+        let ready = batch.take_ready();
+        for part in ready.chunks(1000) {
+            self.pipeline.write(part, &mut batch.results).await?;
         }
-        let (built, left_out) = self.build(&send, &prepared.to_send, &job_of);
+        let job_of: HashMap<EmbedSource, &str> = ids().map(|(id, src)| (src, id)).collect();
+        let (built, left_out) = self.build(&batch, &job_of);
+        let mut by_source = batch.results;
         for src in left_out {
             by_source.insert(
                 src,
@@ -139,62 +118,74 @@ impl Lane {
             None => None,
             Some(b) => self.record(b, &mut by_source).await?,
         };
-        for j in jobs {
-            if let Some(r) = by_source.get(&j.source) {
-                results.insert(j.id.clone(), r.clone());
-            }
-        }
+        results.extend(crate::job::by_job(ids(), &by_source));
         Ok(record)
     }
 
-    /// The JSONL and the items of `send` (every chunk of each source; the ones to embed with
-    /// their request line and position), within the batch's limits. Returns the sources left
-    /// out.
+    /// The batch of `batch`'s sources to embed, within one batch's limits: which sources, their
+    /// request lines, their items. Returns the sources left out.
     fn build(
         &self,
-        send: &crate::pipeline::Chunked,
-        to_send: &HashSet<(EmbedSource, usize)>,
-        job_of: &HashMap<EmbedSource, &Job>,
+        batch: &Prepared,
+        job_of: &HashMap<EmbedSource, &str>,
     ) -> (Option<Built>, Vec<EmbedSource>) {
+        let (taken, mut left_out) = self.select(batch.to_embed());
+        if taken.is_empty() {
+            return (None, left_out);
+        }
+        let (jsonl, line_of, requests) = self.jsonl(&taken);
+        let (items, inputs, tokens) = items(&taken, &line_of, job_of, &mut left_out);
+        (
+            Some(Built {
+                jsonl,
+                items,
+                requests,
+                inputs,
+                tokens,
+            }),
+            left_out,
+        )
+    }
+
+    /// Whole sources, in order, while the inputs and (roughly) the file size fit.
+    fn select<'a>(&self, candidates: Vec<Taken<'a>>) -> (Vec<Taken<'a>>, Vec<EmbedSource>) {
         let s = &self.settings;
         let max_bytes = s.bulk.max_file_mb * 1024 * 1024;
-        // Take whole sources while the inputs and (roughly) the file size fit.
-        let mut taken = Vec::new();
-        let mut left_out = Vec::new();
+        let (mut taken, mut left_out) = (Vec::new(), Vec::new());
         let (mut inputs, mut bytes) = (0usize, 0usize);
-        for entry in send {
-            let (src, _, chunks) = entry;
-            let mine: Vec<&crate::pipeline::chunk::Chunk> = chunks
-                .iter()
-                .filter(|c| to_send.contains(&(*src, c.index)))
-                .collect();
+        for (src, mine) in candidates {
             let size: usize = mine.iter().map(|c| c.text.len() * 2 + 16).sum();
             if !taken.is_empty()
                 && (inputs + mine.len() > s.bulk.max_inputs_per_batch
                     || bytes + size > max_bytes * 9 / 10)
             {
-                left_out.push(*src);
+                left_out.push(src.source);
                 continue;
             }
             inputs += mine.len();
             bytes += size;
-            taken.push((entry, mine));
+            taken.push((src, mine));
         }
-        let flat: Vec<(EmbedSource, &crate::pipeline::chunk::Chunk)> = taken
+        (taken, left_out)
+    }
+
+    /// The JSONL of `taken`'s chunks, packed into requests as the sync path packs them (at most
+    /// `bulk.max_requests_per_batch`); each chunk's (custom_id, position); the request count.
+    fn jsonl(&self, taken: &[Taken<'_>]) -> (Vec<u8>, LineOf, usize) {
+        let s = &self.settings;
+        let flat: Vec<(EmbedSource, &Chunk)> = taken
             .iter()
-            .flat_map(|((src, _, _), mine)| mine.iter().map(move |c| (*src, *c)))
+            .flat_map(|(src, mine)| mine.iter().map(move |c| (src.source, *c)))
             .collect();
-        if flat.is_empty() {
-            return (None, left_out);
-        }
         let plan = plan_requests(
             flat.iter()
                 .map(|(_, c)| request_cap_tokens(&c.text, c.tokens)),
             s.api.max_inputs_per_request,
             s.api.max_tokens_per_request,
         );
+        let bytes: usize = flat.iter().map(|(_, c)| c.text.len() * 2 + 16).sum();
         let mut jsonl = Vec::with_capacity(bytes + plan.len() * 200);
-        let mut line_of: HashMap<(EmbedSource, usize), (String, i32)> = HashMap::new();
+        let mut line_of = LineOf::new();
         for (ri, range) in plan.iter().enumerate().take(s.bulk.max_requests_per_batch) {
             let custom_id = format!("r{ri}");
             let texts: Vec<&str> = flat[range.clone()]
@@ -216,47 +207,8 @@ impl Lane {
                 line_of.insert((*src, c.index), (custom_id.clone(), pos as i32));
             }
         }
-        let mut items = Vec::new();
-        let mut tokens = 0u64;
-        let mut sent_inputs = 0usize;
-        for ((src, read_at, chunks), _) in &taken {
-            // A source whose chunks did not all get a line (over max_requests) waits.
-            let complete = chunks.iter().all(|c| {
-                !to_send.contains(&(*src, c.index)) || line_of.contains_key(&(*src, c.index))
-            });
-            if !complete {
-                left_out.push(*src);
-                continue;
-            }
-            for c in chunks {
-                let line = line_of.get(&(*src, c.index));
-                if line.is_some() {
-                    tokens += c.tokens as u64;
-                    sent_inputs += 1;
-                }
-                items.push(Item {
-                    job_id: job_of[src].id.clone(),
-                    source: *src,
-                    read_at: *read_at,
-                    chunk_index: c.index as i32,
-                    content_hash: c.content_hash.clone(),
-                    tokens: c.tokens as i32,
-                    custom_id: line.map(|l| l.0.clone()),
-                    position: line.map(|l| l.1),
-                });
-            }
-        }
         let requests = plan.len().min(s.bulk.max_requests_per_batch);
-        (
-            Some(Built {
-                jsonl,
-                items,
-                requests,
-                inputs: sent_inputs,
-                tokens,
-            }),
-            left_out,
-        )
+        (jsonl, line_of, requests)
     }
 
     /// Reserves the batch's cost, records it, uploads the file and creates the batch. The
@@ -295,15 +247,12 @@ impl Lane {
             requests: b.requests,
             inputs: b.inputs,
             tokens: b.tokens,
-            reserved: {
-                let (month, usd) = reservation.parts();
-                (usd, month)
-            },
+            reserved: reservation,
         };
         let id = match records::insert(&self.pool, &new, &b.items).await {
             Ok(id) => id,
             Err(e) => {
-                let _ = self.budget.settle(reservation, Some(0)).await;
+                let _ = self.budget.settle(new.reserved, Some(0)).await;
                 for src in &in_batch {
                     by_source.insert(
                         *src,
@@ -334,9 +283,7 @@ impl Lane {
                 // An attempt each: a file the provider keeps refusing ends as dead letters
                 // with its reason, not as a loop.
                 tracing::warn!(batch = id, error = %format!("{e:#}"), "batch upload failed; its jobs will retry");
-                let reservation =
-                    crate::guard::budget::Reservation::from_parts(new.reserved.1, new.reserved.0);
-                let _ = self.budget.settle(reservation, Some(0)).await;
+                let _ = self.budget.settle(new.reserved, Some(0)).await;
                 records::delete(&self.pool, id).await?;
                 for src in &in_batch {
                     by_source.insert(*src, Err(JobError::retry(format!("{e:#}"))));
@@ -349,7 +296,7 @@ impl Lane {
 
     /// Creates the batch for record `id` unless the provider already has it (a submitter that
     /// died after creating it): a batch is never created twice.
-    pub(super) async fn create_or_adopt(&self, id: i64, file_id: &str) -> anyhow::Result<()> {
+    async fn create_or_adopt(&self, id: i64, file_id: &str) -> anyhow::Result<()> {
         if let Some(found) = self.client.find(id).await? {
             tracing::info!(batch = id, provider = %found.id, "batch found at the provider; resuming it");
             records::set_submitted(&self.pool, id, &found.id, &status_str(&found.status)).await?;
@@ -360,12 +307,81 @@ impl Lane {
         records::set_submitted(&self.pool, id, &created.id, &status_str(&created.status)).await?;
         Ok(())
     }
+
+    /// Records that never reached the provider (the submitter died before or during the
+    /// upload): their jobs go back to the queue and the reservation is refunded. Records whose
+    /// file was uploaded but whose batch id was not recorded: created now, or adopted if the
+    /// provider has it.
+    pub(super) async fn resume(&self) -> anyhow::Result<()> {
+        for rec in records::open(&self.pool).await? {
+            if rec.state != BatchState::Preparing {
+                continue;
+            }
+            match &rec.input_file_id {
+                Some(file) => self.create_or_adopt(rec.id, file).await?,
+                None => {
+                    let jobs: Vec<String> = records::items(&self.pool, rec.id)
+                        .await?
+                        .into_iter()
+                        .map(|i| i.job_id)
+                        .collect();
+                    crate::queue::release_jobs(
+                        &self.pool,
+                        &jobs,
+                        std::time::Duration::ZERO,
+                        "the batch was never uploaded; back to the queue",
+                    )
+                    .await?;
+                    self.budget.settle(rec.reservation(), Some(0)).await?;
+                    records::delete(&self.pool, rec.id).await?;
+                    tracing::warn!(
+                        batch = rec.id,
+                        jobs = jobs.len(),
+                        "batch never uploaded; its jobs were released"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
-/// The provider's status as a word (`in_progress`, `completed`…).
-pub(super) fn status_str(s: &async_openai::types::batches::BatchStatus) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("{s:?}").to_lowercase())
+/// (source, chunk index) → (custom_id, position in that request).
+type LineOf = HashMap<(EmbedSource, usize), (String, i32)>;
+
+/// Every chunk of each taken source as an item (the sent ones with their request line and
+/// position), and the inputs and tokens sent. A source whose chunks did not all get a line
+/// (over `bulk.max_requests_per_batch`) is left out and waits.
+fn items(
+    taken: &[Taken<'_>],
+    line_of: &LineOf,
+    job_of: &HashMap<EmbedSource, &str>,
+    left_out: &mut Vec<EmbedSource>,
+) -> (Vec<Item>, usize, u64) {
+    let mut items = Vec::new();
+    let (mut inputs, mut tokens) = (0usize, 0u64);
+    for (src, mine) in taken {
+        if !mine.iter().all(|c| line_of.contains_key(&(src.source, c.index))) {
+            left_out.push(src.source);
+            continue;
+        }
+        for c in &src.chunks {
+            let line = line_of.get(&(src.source, c.index));
+            if line.is_some() {
+                tokens += c.tokens as u64;
+                inputs += 1;
+            }
+            items.push(Item {
+                job_id: job_of[&src.source].to_string(),
+                source: src.source,
+                read_at: src.read_at,
+                chunk_index: c.index as i32,
+                content_hash: c.content_hash.clone(),
+                tokens: c.tokens as i32,
+                custom_id: line.map(|l| l.0.clone()),
+                position: line.map(|l| l.1),
+            });
+        }
+    }
+    (items, inputs, tokens)
 }

@@ -30,7 +30,7 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// `embed-worker verify`.
 pub(crate) async fn verify(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
-    let report = db::verify(&pool, settings).await?;
+    let report = embed_worker::verify::verify(&pool, settings).await?;
     print!("{report}");
     Ok(if report.problems.is_empty() {
         ExitCode::SUCCESS

@@ -12,10 +12,17 @@ pub fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Durati
     std::time::Duration::from_millis(rand::random_range(0..=ceiling))
 }
 
-/// Packs inputs (given by their budgeted token counts) into consecutive ranges, each at most
+/// What the provider's per-request token cap is charged for an input: OpenAI estimates about
+/// 0.25 token per UTF-8 byte when enforcing it, so a request is packed by the larger of that and
+/// the real count.
+pub fn request_cap_tokens(text: &str, tokens: usize) -> usize {
+    tokens.max(text.len().div_ceil(4))
+}
+
+/// Packs inputs (given by their [`request_cap_tokens`]) into consecutive ranges, each at most
 /// `max_inputs` long and `max_tokens` in total. An input is never split across requests.
 pub fn plan_requests(
-    budgets: impl IntoIterator<Item = usize>,
+    cap_tokens: impl IntoIterator<Item = usize>,
     max_inputs: usize,
     max_tokens: usize,
 ) -> Vec<std::ops::Range<usize>> {
@@ -23,7 +30,7 @@ pub fn plan_requests(
     let mut start = 0;
     let mut tokens = 0;
     let mut i = 0;
-    for b in budgets {
+    for b in cap_tokens {
         if i > start && (i - start == max_inputs || tokens + b > max_tokens) {
             ranges.push(start..i);
             start = i;
@@ -40,7 +47,14 @@ pub fn plan_requests(
 
 #[cfg(test)]
 mod tests {
-    use super::plan_requests;
+    use super::{plan_requests, request_cap_tokens};
+
+    #[test]
+    fn the_cap_uses_the_byte_estimate_when_larger() {
+        assert_eq!(request_cap_tokens("abcd", 10), 10);
+        let cjk = "音".repeat(100); // 300 bytes
+        assert_eq!(request_cap_tokens(&cjk, 50), 75);
+    }
 
     #[test]
     fn requests_respect_input_and_token_caps() {

@@ -517,7 +517,7 @@ fn check_limits(
             )));
         }
         total += c as u64;
-        estimated += crate::pipeline::chunk::request_cap_tokens(t, c) as u64;
+        estimated += crate::embed::plan::request_cap_tokens(t, c) as u64;
     }
     if estimated as usize > cfg.max_tokens_per_request {
         return Err(Refusal::new(

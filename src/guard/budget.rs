@@ -15,23 +15,14 @@
 use chrono::NaiveDate;
 use sqlx::PgPool;
 
-/// A reservation to settle or refund.
-#[derive(Debug, Clone)]
+/// A reservation to settle or refund. A batch record stores both fields, so a restarted
+/// process settles the reservation it made.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
-    month: NaiveDate,
-    usd: f64,
-}
-
-impl Reservation {
-    /// A reservation as recorded elsewhere (a batch record), to settle after a restart.
-    pub fn from_parts(month: NaiveDate, usd: f64) -> Reservation {
-        Reservation { month, usd }
-    }
-
-    /// The month it counts against, and the USD reserved.
-    pub fn parts(&self) -> (NaiveDate, f64) {
-        (self.month, self.usd)
-    }
+    /// The budget month it counts against (settled in that month even after it ends).
+    pub month: NaiveDate,
+    /// USD reserved (≥ 0).
+    pub usd: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

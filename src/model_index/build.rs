@@ -177,7 +177,7 @@ async fn build_locked(
     cfg: &IndexSettings,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> anyhow::Result<BuildOutcome> {
-    let all = crate::db::vector_indexes(&mut *conn).await?;
+    let all = super::vector_indexes(&mut *conn).await?;
     match super::find(&all, spec) {
         IndexState::Ready(name) => return Ok(BuildOutcome::Ready(name)),
         // Every build holds the lock we hold: this one died.
@@ -259,7 +259,7 @@ async fn build_locked(
 
 /// Drops the model's indexes that do not match `spec`, once `spec`'s is valid.
 async fn drop_superseded(conn: &mut PgConnection, spec: &IndexSpec) -> anyhow::Result<()> {
-    for ix in crate::db::vector_indexes(&mut *conn).await? {
+    for ix in super::vector_indexes(&mut *conn).await? {
         if super::of_model(&ix, &spec.model) && !spec.matches(&ix) {
             tracing::info!(index = %ix.name, "dropping the model's superseded index");
             drop_on(conn, &ix.name).await?;

@@ -22,12 +22,47 @@ pub use status::{ModelStatus, StatusTable, prune, status};
 use sqlx::PgPool;
 
 use crate::config::IndexPrecision;
-use crate::db::VectorIndex;
 
-/// pgvector's HNSW limit for `vector`.
-pub const MAX_FULL_DIMS: usize = 2000;
-/// pgvector's HNSW limit for `halfvec`.
-pub const MAX_HALF_DIMS: usize = 4000;
+const MAX_FULL_DIMS: usize = IndexPrecision::MAX_FULL_DIMS;
+const MAX_HALF_DIMS: usize = IndexPrecision::MAX_HALF_DIMS;
+
+/// One vector index as the catalog describes it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct VectorIndex {
+    /// Index name.
+    pub name: String,
+    /// `hnsw` or `ivfflat` (or another).
+    pub access_method: String,
+    /// Storage options, e.g. `m=16`.
+    pub options: Vec<String>,
+    /// `CREATE INDEX` statement.
+    pub definition: String,
+    /// False after a failed concurrent build.
+    pub valid: bool,
+}
+
+/// Every index on a `vector` column or expression of any table.
+pub async fn vector_indexes<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<VectorIndex>> {
+    Ok(sqlx::query_as::<_, VectorIndex>(
+        r#"
+        SELECT i.relname::text AS name,
+               am.amname::text AS access_method,
+               coalesce(i.reloptions, '{}')::text[] AS options,
+               pg_get_indexdef(i.oid) AS definition,
+               x.indisvalid AS valid
+          FROM pg_index x
+          JOIN pg_class i ON i.oid = x.indexrelid
+          JOIN pg_am am ON am.oid = i.relam
+         WHERE am.amname IN ('hnsw', 'ivfflat')
+            OR EXISTS (SELECT 1 FROM pg_opclass oc
+                         JOIN pg_type t ON t.oid = oc.opcintype
+                        WHERE oc.oid = ANY (x.indclass) AND t.typname = 'vector')
+         ORDER BY 1
+        "#,
+    )
+    .fetch_all(db)
+    .await?)
+}
 
 /// What one model's index must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,7 +244,7 @@ pub fn find(all: &[VectorIndex], spec: &IndexSpec) -> IndexState {
 
 /// The state of `spec`'s index.
 pub async fn state(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<IndexState> {
-    Ok(find(&crate::db::vector_indexes(pool).await?, spec))
+    Ok(find(&vector_indexes(pool).await?, spec))
 }
 
 /// A build in progress, from `pg_stat_progress_create_index` (only visible to the building

@@ -61,7 +61,7 @@ pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<Mod
     if !rows.iter().any(|(m, _, _)| *m == active.model) {
         rows.push((active.model.clone(), 0, 0));
     }
-    let all = crate::db::vector_indexes(pool).await?;
+    let all = super::vector_indexes(pool).await?;
     let building = super::progress(pool).await.unwrap_or_default();
     Ok(rows
         .into_iter()
@@ -126,7 +126,7 @@ pub async fn prune(pool: &PgPool, old: &str, active: &IndexSpec) -> anyhow::Resu
         .execute(pool)
         .await?
         .rows_affected();
-    for ix in crate::db::vector_indexes(pool).await? {
+    for ix in super::vector_indexes(pool).await? {
         if super::of_model(&ix, old) {
             super::build::drop_index(pool, &ix.name).await?;
         }

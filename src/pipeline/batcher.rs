@@ -45,7 +45,7 @@ impl Batcher {
         let (tx, rx) = mpsc::channel(cfg.max_jobs * 4);
         let (drain_tx, drain_rx) = mpsc::channel(1);
         let draining = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(
+        tokio::spawn(gather(
             pipeline.clone(),
             rx,
             drain_rx,
@@ -93,7 +93,7 @@ impl Batcher {
     }
 }
 
-async fn run(
+async fn gather(
     pipeline: Arc<Pipeline>,
     mut rx: mpsc::Receiver<Submitted>,
     mut drain_rx: mpsc::Receiver<oneshot::Sender<()>>,

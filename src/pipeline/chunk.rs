@@ -247,7 +247,7 @@ impl ChunkerThread {
     }
 
     /// Runs `f` on the tokenizer thread and waits for its result.
-    pub async fn run<R: Send + 'static>(
+    pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Chunker) -> R + Send + 'static,
     ) -> anyhow::Result<R> {
@@ -272,12 +272,6 @@ pub fn content_hash(text: &str, model: &str, dimensions: usize) -> String {
     h.update([0]);
     h.update(text.as_bytes());
     hex::encode(h.finalize())
-}
-
-/// What the provider's per-request token cap is charged for an input: OpenAI estimates about
-/// 0.25 token per UTF-8 byte when enforcing it, so budget by the larger of that and the real count.
-pub fn request_cap_tokens(text: &str, tokens: usize) -> usize {
-    tokens.max(text.len().div_ceil(4))
 }
 
 #[cfg(test)]
@@ -365,13 +359,6 @@ mod tests {
         assert_ne!(content_hash("a", "m1", 3), content_hash("a", "m2", 3));
         assert_ne!(content_hash("a", "m1", 3), content_hash("a", "m1", 4));
         assert_eq!(content_hash("a", "m1", 3), content_hash("a", "m1", 3));
-    }
-
-    #[test]
-    fn budget_uses_the_byte_estimate_when_larger() {
-        assert_eq!(request_cap_tokens("abcd", 10), 10);
-        let cjk = "音".repeat(100); // 300 bytes
-        assert_eq!(request_cap_tokens(&cjk, 50), 75);
     }
 }
 

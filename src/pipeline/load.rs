@@ -18,8 +18,8 @@ use crate::source::{EmbedSource, SourceType};
 pub struct Loaded {
     /// The rendered text.
     pub text: String,
-    /// The source's `updated_at` when read.
-    pub updated_at: DateTime<Utc>,
+    /// The source's `updated_at` when read (newest wins at the write).
+    pub read_at: DateTime<Utc>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -80,7 +80,7 @@ pub async fn load(
                 key,
                 Loaded {
                     text,
-                    updated_at: r.updated_at,
+                    read_at: r.updated_at,
                 },
             );
         }
@@ -115,7 +115,7 @@ pub async fn load(
                 key,
                 Loaded {
                     text,
-                    updated_at: r.updated_at,
+                    read_at: r.updated_at,
                 },
             );
         }

@@ -1,100 +1,135 @@
-//! The pipeline for one batch: load → tokenize/split → skip unchanged → embed → write.
+//! The pipeline for one batch: prepare (load → tokenize/split → skip what is paid for) → embed →
+//! finish (write → answers).
 //!
 //! Why a batch and not a job: the API bills and limits per request, and the database is fastest
 //! with set-based statements. A batch of up to `batch.max_jobs` sources becomes as few API
-//! requests as the provider's limits allow (≤ 2,048 inputs, ≤ 300,000 budgeted tokens each) and
+//! requests as the provider's limits allow (≤ 2,048 inputs, ≤ 300,000 counted tokens each) and
 //! one write transaction. Each job still gets its own answer: a bad input fails only its source.
+//!
+//! Both lanes run the same three public steps: the sync lane [`Pipeline::prepare`] →
+//! [`Pipeline::embed`] → [`Pipeline::finish`]; the bulk lane [`Pipeline::prepare`] → the Batch API
+//! → [`Pipeline::write`] of what came back. The embed step's requests are in [`embed`].
 
 pub mod batcher;
 pub mod chunk;
+mod embed;
 pub mod load;
-pub mod stage;
+pub mod paid;
 pub mod write;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use sqlx::PgPool;
 
 use crate::config::Settings;
+use crate::embed::Embedder;
 use crate::embed::caller::Caller;
-use crate::embed::plan::plan_requests;
-use crate::embed::{EmbedError, Embedder};
 use crate::guard::health::Health;
 pub use crate::job::{Disposition, Job, JobError, JobOutcome, JobResult};
 use crate::meter::Stats;
 use crate::source::EmbedSource;
-use chunk::{Chunk, Chunker, ChunkerThread, request_cap_tokens};
-use write::{ChunkWrite, SourceWrite, WriteOutcome};
+use chunk::{Chunk, Chunker, ChunkerThread};
+pub use write::{ChunkWrite, SourceWrite};
+use write::WriteOutcome;
 
 /// One process's pipeline: what every batch shares.
 pub struct Pipeline {
     /// The worker role's pool (reads sources, writes `rag_embeddings`, updates job rows).
     pub pool: PgPool,
-    /// The configuration.
+    /// Shared by every step; read-only.
     pub settings: Arc<Settings>,
     /// Tokenizing and splitting, on their own thread.
     chunker: ChunkerThread,
     /// Every API request goes through it (guards, limiter, retries).
     caller: Caller,
-    /// Readiness and the API gate.
+    /// Readiness and the API gate (a stop releases jobs until it ends).
     pub health: Arc<Health>,
-    /// This process's counters.
+    /// This process's counters (tokens embedded and saved, chunks written).
     pub stats: Arc<Stats>,
 }
 
-/// Each source's chunks, with the `updated_at` its text was read at.
-pub type Chunked = Vec<(EmbedSource, chrono::DateTime<chrono::Utc>, Vec<Chunk>)>;
+/// One source read and split.
+pub struct ChunkedSource {
+    /// The source.
+    pub source: EmbedSource,
+    /// Its `updated_at` when the text was read (newest wins at the write).
+    pub read_at: chrono::DateTime<chrono::Utc>,
+    /// Its chunks, in order (empty for an empty text).
+    pub chunks: Vec<Chunk>,
+}
+
 /// Vectors in hand, by (source, chunk index).
 pub type Vectors = HashMap<(EmbedSource, usize), pgvector::Vector>;
 
-/// What to write for one source: every chunk, with its vector when one was embedded (taken
-/// from `vectors`); a chunk without one is unchanged.
-pub fn source_write(
-    source: EmbedSource,
-    read_at: chrono::DateTime<chrono::Utc>,
-    chunks: &[Chunk],
-    vectors: &mut Vectors,
-) -> SourceWrite {
-    SourceWrite {
-        source,
-        read_at,
-        chunks: chunks
+/// A batch after [`Pipeline::prepare`]: what is settled, what is in hand, what must be embedded.
+pub struct Prepared {
+    /// Sources answered already (gone, too large, or failed at the embed step).
+    pub results: HashMap<EmbedSource, JobResult>,
+    /// Every source still to write, with its chunks.
+    pub sources: Vec<ChunkedSource>,
+    /// Vectors in hand (kept from an earlier attempt, or embedded since).
+    pub vectors: Vectors,
+    /// (source, chunk index) of each chunk that must be embedded; every other chunk is stored
+    /// unchanged or in `vectors`.
+    to_embed: HashSet<(EmbedSource, usize)>,
+}
+
+impl Prepared {
+    /// Whether chunk `index` of `source` must be embedded.
+    pub fn must_embed(&self, source: EmbedSource, index: usize) -> bool {
+        self.to_embed.contains(&(source, index))
+    }
+
+    /// Each source with chunks to embed, and those chunks, in order.
+    pub fn to_embed(&self) -> Vec<(&ChunkedSource, Vec<&Chunk>)> {
+        self.sources
             .iter()
-            .map(|c| ChunkWrite {
-                index: c.index,
-                content_hash: c.content_hash.clone(),
-                tokens: c.tokens,
-                vector: vectors.remove(&(source, c.index)),
+            .filter_map(|s| {
+                let mine: Vec<&Chunk> = s
+                    .chunks
+                    .iter()
+                    .filter(|c| self.must_embed(s.source, c.index))
+                    .collect();
+                (!mine.is_empty()).then_some((s, mine))
             })
-            .collect(),
+            .collect()
+    }
+
+    /// Takes out the sources with nothing to embed (unchanged, or every chunk in hand) as
+    /// writes: they need no API call.
+    pub fn take_ready(&mut self) -> Vec<SourceWrite> {
+        let (ready, rest): (Vec<ChunkedSource>, Vec<ChunkedSource>) =
+            std::mem::take(&mut self.sources)
+                .into_iter()
+                .partition(|s| !s.chunks.iter().any(|c| self.must_embed(s.source, c.index)));
+        self.sources = rest;
+        ready.iter().map(|s| self.source_write(s)).collect()
+    }
+
+    /// What to write for one source: every chunk, with its vector when one is in hand (taken
+    /// out of `vectors`); a chunk without one is unchanged.
+    fn source_write(&mut self, s: &ChunkedSource) -> SourceWrite {
+        SourceWrite {
+            source: s.source,
+            read_at: s.read_at,
+            chunks: s
+                .chunks
+                .iter()
+                .map(|c| ChunkWrite {
+                    index: c.index,
+                    content_hash: c.content_hash.clone(),
+                    tokens: c.tokens,
+                    vector: self.vectors.remove(&(s.source, c.index)),
+                })
+                .collect(),
+        }
     }
 }
 
-/// A batch up to the embed stage, for the bulk lane, which embeds through the Batch API: the
-/// sources settled already, every source's chunks, the vectors in hand (unchanged chunks are
-/// not in it: they are written as unchanged), and which chunks must be embedded.
-pub struct Prepared {
-    /// Sources settled before any API call (gone, too large).
-    pub results: HashMap<EmbedSource, JobResult>,
-    /// The sources to write, with their chunks.
-    pub chunked: Chunked,
-    /// Vectors already in hand (staged from an earlier attempt).
-    pub vectors: Vectors,
-    /// (source, chunk index) of each chunk to embed.
-    pub to_send: std::collections::HashSet<(EmbedSource, usize)>,
-}
 /// When each job became due, by job id (for the job-latency metric).
 type DueAt = HashMap<String, chrono::DateTime<chrono::Utc>>;
-
-/// One input to embed: which source and chunk it belongs to.
-struct ToEmbed<'a> {
-    source: EmbedSource,
-    chunk: &'a Chunk,
-    /// The source has several chunks: stage the vector as soon as it is paid for.
-    stage: bool,
-}
 
 impl Pipeline {
     /// The pipeline for `settings`, calling `embedder`.
@@ -123,44 +158,34 @@ impl Pipeline {
         })
     }
 
-    /// Processes one batch of jobs; returns every job's result by job id.
+    /// Processes one batch of jobs (the sync lane); returns every job's result by job id.
     pub async fn process(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
-        match self.process_inner(jobs).await {
-            Ok(by_source) => jobs
-                .iter()
-                .map(|j| {
-                    (
-                        j.id.clone(),
-                        by_source
-                            .get(&j.source)
-                            .cloned()
-                            .unwrap_or(Err(JobError::retry("internal: no result for source"))),
-                    )
-                })
-                .collect(),
+        let by_source = match self.process_batch(jobs).await {
+            Ok(by_source) => by_source,
             Err(e) => {
                 // Database trouble: every job of the batch is retried.
                 tracing::warn!(error = %format!("{e:#}"), jobs = jobs.len(), "batch failed");
                 let err = JobError::retry(format!("batch failed: {e:#}"));
-                jobs.iter()
-                    .map(|j| (j.id.clone(), Err(err.clone())))
-                    .collect()
+                jobs.iter().map(|j| (j.source, Err(err.clone()))).collect()
             }
+        };
+        let mut results = crate::job::by_job(jobs.iter().map(|j| (j.id.as_str(), j.source)), &by_source);
+        for j in jobs {
+            results
+                .entry(j.id.clone())
+                .or_insert_with(|| Err(JobError::retry("internal: no result for source")));
         }
+        results
     }
 
-    /// The batch, step by step: start → load → chunk → skip unchanged → embed → write →
-    /// outcomes. `results` collects each source's answer as soon as a step settles it.
-    async fn process_inner(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
-        let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
-        let (sources, due_at) = self.start(jobs).await?;
-        let loaded = load::load(&self.pool, &self.settings.render, &sources).await?;
-        let chunked = self.chunk(sources, loaded, &mut results).await?;
-        let (to_embed, mut vectors) = self.skip_unchanged(&chunked).await?;
-        let failures = self.embed_all(&to_embed, &mut vectors).await;
-        let writes = self.writes(&chunked, failures, vectors, &mut results);
-        let outcomes = self.write(&writes).await?;
-        self.outcomes(&writes, &outcomes, &mut results);
+    /// The sync lane's sequence: start → prepare → embed → finish.
+    async fn process_batch(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
+        let due_at = self.start(jobs).await?;
+        let mut batch = self
+            .prepare(crate::source::distinct(jobs.iter().map(|j| j.source)))
+            .await?;
+        self.embed(&mut batch).await;
+        let results = self.finish(batch).await?;
         let now = chrono::Utc::now();
         for j in jobs {
             if let (Some(Ok(_)), Some(due)) = (results.get(&j.source), due_at.get(&j.id)) {
@@ -170,40 +195,63 @@ impl Pipeline {
         Ok(results)
     }
 
-    /// The stages before embedding (start → load → chunk → skip unchanged), for the bulk lane.
-    pub async fn prepare(&self, jobs: &[Job]) -> anyhow::Result<Prepared> {
+    /// Start: clear the jobs' dedup keys (a change from now on queues a new job); when each job
+    /// became due. (The batch lane's claim clears them itself.)
+    async fn start(&self, jobs: &[Job]) -> anyhow::Result<DueAt> {
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        Ok(crate::queue::start_jobs(&self.pool, &ids).await?)
+    }
+
+    /// Prepare: load → chunk → skip what is paid for. Both lanes' first step.
+    pub async fn prepare(&self, sources: Vec<EmbedSource>) -> anyhow::Result<Prepared> {
         let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
-        let (sources, _) = self.start(jobs).await?;
         let loaded = load::load(&self.pool, &self.settings.render, &sources).await?;
-        let chunked = self.chunk(sources, loaded, &mut results).await?;
-        let (to_embed, vectors) = self.skip_unchanged(&chunked).await?;
-        let to_send = to_embed.iter().map(|p| (p.source, p.chunk.index)).collect();
+        let sources = self.chunk(sources, loaded, &mut results).await?;
+        let (to_embed, vectors) = self.skip_paid(&sources).await?;
         Ok(Prepared {
             results,
-            chunked,
+            sources,
             vectors,
-            to_send,
+            to_embed,
         })
     }
 
-    /// The stages after embedding (write → outcomes), for the bulk lane: writes `writes` and
-    /// adds each source's answer to `results`.
-    pub async fn finish(
-        &self,
-        writes: &[SourceWrite],
-        results: &mut HashMap<EmbedSource, JobResult>,
-    ) -> anyhow::Result<()> {
-        let outcomes = self.write(writes).await?;
-        self.outcomes(writes, &outcomes, results);
-        Ok(())
+    /// Embed (the sync lane): what `batch` must embed, through the provider; each vector is
+    /// checked. A source with a failed request or an unusable vector is answered with the error
+    /// (the first for that source) and not written.
+    pub async fn embed(&self, batch: &mut Prepared) {
+        let failures = embed::embed_all(self, batch).await;
+        let quota_recheck =
+            std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60));
+        let stopped_for = self
+            .health
+            .api
+            .remaining()
+            .unwrap_or_default()
+            .min(std::time::Duration::from_secs(60));
+        for (src, e) in failures {
+            batch
+                .results
+                .insert(src, Err(JobError::from_embed(&e, quota_recheck, stopped_for)));
+        }
     }
 
-    /// Start: clear the jobs' dedup keys (a change from now on queues a new job); the distinct
-    /// sources, and when each job became due.
-    async fn start(&self, jobs: &[Job]) -> anyhow::Result<(Vec<EmbedSource>, DueAt)> {
-        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        let due_at = crate::queue::start_jobs(&self.pool, &ids).await?;
-        Ok((write::distinct(jobs.iter().map(|j| j.source)), due_at))
+    /// Finish (the sync lane): write every source not answered yet; every source's answer.
+    pub async fn finish(
+        &self,
+        mut batch: Prepared,
+    ) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
+        let sources = std::mem::take(&mut batch.sources);
+        let unanswered: Vec<&ChunkedSource> = sources
+            .iter()
+            .filter(|s| !batch.results.contains_key(&s.source))
+            .collect();
+        let writes: Vec<SourceWrite> = unanswered
+            .into_iter()
+            .map(|s| batch.source_write(s))
+            .collect();
+        self.write(&writes, &mut batch.results).await?;
+        Ok(batch.results)
     }
 
     /// Chunk, on the tokenizer thread. A source that is gone is settled here, and so is one over
@@ -213,21 +261,23 @@ impl Pipeline {
         sources: Vec<EmbedSource>,
         loaded: HashMap<EmbedSource, load::Loaded>,
         results: &mut HashMap<EmbedSource, JobResult>,
-    ) -> anyhow::Result<Chunked> {
+    ) -> anyhow::Result<Vec<ChunkedSource>> {
         let (model, dims) = (
             self.settings.model.name.clone(),
             self.settings.model.dimensions,
         );
-        let (gone, mut chunked): (Vec<EmbedSource>, Chunked) = self
+        let (gone, mut chunked): (Vec<EmbedSource>, Vec<ChunkedSource>) = self
             .chunker
-            .run(move |chunker| {
+            .call(move |chunker| {
                 let (mut gone, mut chunked) = (Vec::new(), Vec::new());
-                for src in sources {
-                    match loaded.get(&src) {
-                        None => gone.push(src),
-                        Some(l) => {
-                            chunked.push((src, l.updated_at, chunker.chunks(&l.text, &model, dims)))
-                        }
+                for source in sources {
+                    match loaded.get(&source) {
+                        None => gone.push(source),
+                        Some(l) => chunked.push(ChunkedSource {
+                            source,
+                            read_at: l.read_at,
+                            chunks: chunker.chunks(&l.text, &model, dims),
+                        }),
                     }
                 }
                 (gone, chunked)
@@ -237,14 +287,14 @@ impl Pipeline {
             results.insert(src, Ok(JobOutcome::SourceGone));
         }
         let cap = self.settings.model.max_source_tokens;
-        chunked.retain(|(src, _, chunks)| {
-            let tokens: usize = chunks.iter().map(|c| c.tokens).sum();
+        chunked.retain(|s| {
+            let tokens: usize = s.chunks.iter().map(|c| c.tokens).sum();
             if tokens > cap {
                 results.insert(
-                    *src,
+                    s.source,
                     Err(JobError::dead(format!(
                         "source too large: {tokens} tokens in {} chunks (model.max_source_tokens = {cap})",
-                        chunks.len()
+                        s.chunks.len()
                     ))),
                 );
             }
@@ -254,46 +304,45 @@ impl Pipeline {
     }
 
     /// Never pay twice: chunks whose stored hash matches are not sent, and chunks of long
-    /// sources an earlier attempt paid for come from the stage. Returns what is left to embed
-    /// and the vectors already in hand.
-    async fn skip_unchanged<'c>(
+    /// sources an earlier attempt paid for come from [`paid`]. Returns which chunks are left to
+    /// embed and the vectors already in hand.
+    async fn skip_paid(
         &self,
-        chunked: &'c Chunked,
-    ) -> anyhow::Result<(Vec<ToEmbed<'c>>, Vectors)> {
+        sources: &[ChunkedSource],
+    ) -> anyhow::Result<(HashSet<(EmbedSource, usize)>, Vectors)> {
         let model = self.settings.model.name.as_str();
-        let present: Vec<EmbedSource> = chunked.iter().map(|(s, _, _)| *s).collect();
-        let stored = write::existing_hashes(&self.pool, model, &present).await?;
-        let mut to_embed: Vec<ToEmbed> = Vec::new();
+        let present: Vec<EmbedSource> = sources.iter().map(|s| s.source).collect();
+        let stored = paid::stored_hashes(&self.pool, model, &present).await?;
+        let mut to_embed = HashSet::new();
+        let mut kept_hashes: Vec<&str> = Vec::new();
         let mut saved_tokens = 0u64;
-        for (src, _, chunks) in chunked {
-            for c in chunks {
-                if stored.get(&(*src, c.index)) == Some(&c.content_hash) {
+        for s in sources {
+            for c in &s.chunks {
+                if stored.get(&(s.source, c.index)) == Some(&c.content_hash) {
                     saved_tokens += c.tokens as u64;
                 } else {
-                    to_embed.push(ToEmbed {
-                        source: *src,
-                        chunk: c,
-                        stage: chunks.len() > 1,
-                    });
+                    to_embed.insert((s.source, c.index));
+                    if s.chunks.len() > 1 {
+                        kept_hashes.push(c.content_hash.as_str());
+                    }
                 }
             }
         }
         let mut vectors = Vectors::new();
-        let staged_hashes: Vec<&str> = to_embed
-            .iter()
-            .filter(|p| p.stage)
-            .map(|p| p.chunk.content_hash.as_str())
-            .collect();
-        let mut staged = stage::take(&self.pool, model, &staged_hashes).await?;
-        if !staged.is_empty() {
-            to_embed.retain(|p| match staged.remove(&p.chunk.content_hash) {
-                Some((v, _)) if p.stage => {
-                    saved_tokens += p.chunk.tokens as u64;
-                    vectors.insert((p.source, p.chunk.index), v);
-                    false
+        let mut kept = paid::take(&self.pool, model, &kept_hashes).await?;
+        if !kept.is_empty() {
+            for s in sources.iter().filter(|s| s.chunks.len() > 1) {
+                for c in &s.chunks {
+                    if !to_embed.contains(&(s.source, c.index)) {
+                        continue;
+                    }
+                    if let Some((v, _)) = kept.remove(&c.content_hash) {
+                        saved_tokens += c.tokens as u64;
+                        vectors.insert((s.source, c.index), v);
+                        to_embed.remove(&(s.source, c.index));
+                    }
                 }
-                _ => true,
-            });
+            }
         }
         self.stats
             .tokens_saved
@@ -302,80 +351,14 @@ impl Pipeline {
         Ok((to_embed, vectors))
     }
 
-    /// Embed: pack into requests within the provider's limits and run them concurrently. Each
-    /// vector is checked; a source with a failed request or an unusable vector is returned
-    /// with the error (the first for that source).
-    async fn embed_all(
-        &self,
-        to_embed: &[ToEmbed<'_>],
-        vectors: &mut Vectors,
-    ) -> HashMap<EmbedSource, EmbedError> {
-        let s = &self.settings;
-        let plan = plan_requests(
-            to_embed
-                .iter()
-                .map(|p| request_cap_tokens(&p.chunk.text, p.chunk.tokens)),
-            s.api.max_inputs_per_request,
-            self.caller
-                .max_request_tokens()
-                .map_or(s.api.max_tokens_per_request, |b| {
-                    (b as usize).min(s.api.max_tokens_per_request)
-                }),
-        );
-        let request_results = futures::future::join_all(plan.iter().map(|range| {
-            let inputs: Vec<&ToEmbed> = to_embed[range.clone()].iter().collect();
-            self.embed_isolating(inputs)
-        }))
-        .await;
-        let mut failures: HashMap<EmbedSource, EmbedError> = HashMap::new();
-        for (range, res) in plan.iter().zip(request_results) {
-            for (p, r) in to_embed[range.clone()].iter().zip(res) {
-                match r {
-                    Ok(v) => match crate::embed::check_vector(&v, s.model.dimensions) {
-                        // Moved, not copied: this Vec is what the write encodes.
-                        Ok(()) => {
-                            vectors.insert((p.source, p.chunk.index), pgvector::Vector::from(v));
-                        }
-                        // Only this source fails (permanently); its batch-mates are written.
-                        Err(why) => {
-                            failures.entry(p.source).or_insert(EmbedError::BadVector {
-                                message: format!("chunk {}: {why}", p.chunk.index),
-                            });
-                        }
-                    },
-                    Err(e) => {
-                        failures.entry(p.source).or_insert(e);
-                    }
-                }
-            }
-        }
-        failures
-    }
-
-    /// What to write: every source that has all its chunks; a failed one is settled here.
-    fn writes(
-        &self,
-        chunked: &Chunked,
-        failures: HashMap<EmbedSource, EmbedError>,
-        mut vectors: Vectors,
-        results: &mut HashMap<EmbedSource, JobResult>,
-    ) -> Vec<SourceWrite> {
-        let mut writes = Vec::new();
-        for (src, read_at, chunks) in chunked {
-            if let Some(e) = failures.get(src) {
-                results.insert(*src, Err(self.job_error(e)));
-                continue;
-            }
-            writes.push(source_write(*src, *read_at, chunks, &mut vectors));
-        }
-        writes
-    }
-
-    /// Write: one transaction for the batch; then forget the staged chunks it stored.
-    async fn write(
+    /// Write `writes` (one transaction), forget the kept vectors of long sources it stored,
+    /// and add each written source's answer to `results`. The bulk lane calls it with what a
+    /// batch brought back, in parts.
+    pub async fn write(
         &self,
         writes: &[SourceWrite],
-    ) -> anyhow::Result<HashMap<EmbedSource, WriteOutcome>> {
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) -> anyhow::Result<()> {
         let s = &self.settings;
         let model = s.model.name.as_str();
         let started = std::time::Instant::now();
@@ -389,21 +372,22 @@ impl Pipeline {
         )
         .await?;
         crate::meter::db_write(started.elapsed());
-        let written_staged: Vec<String> = writes
+        let written_kept: Vec<String> = writes
             .iter()
             .filter(|w| {
                 w.chunks.len() > 1 && matches!(outcomes.get(&w.source), Some(WriteOutcome::Written))
             })
             .flat_map(|w| w.chunks.iter().map(|c| c.content_hash.clone()))
             .collect();
-        if let Err(e) = stage::clear(&self.pool, model, &written_staged).await {
-            tracing::warn!(error = %e, "could not clear staged chunks; retention removes them");
+        if let Err(e) = paid::clear(&self.pool, model, &written_kept).await {
+            tracing::warn!(error = %e, "could not clear kept chunks; retention removes them");
         }
-        Ok(outcomes)
+        self.answers(writes, &outcomes, results);
+        Ok(())
     }
 
-    /// Outcomes: each written source's answer, and the write metrics.
-    fn outcomes(
+    /// Answers: each written source's outcome, and the write metrics.
+    fn answers(
         &self,
         writes: &[SourceWrite],
         outcomes: &HashMap<EmbedSource, WriteOutcome>,
@@ -449,88 +433,5 @@ impl Pipeline {
         self.stats
             .chunks_written
             .fetch_add(written_chunks, Ordering::Relaxed);
-    }
-
-    /// What a request failure means for the jobs whose inputs were in it.
-    pub fn job_error(&self, e: &EmbedError) -> JobError {
-        match e {
-            EmbedError::InvalidInput { .. } => {
-                JobError::dead(format!("input rejected by the provider: {e}"))
-            }
-            // Stopped calling (quota or budget): back to the queue untouched, no attempt used.
-            EmbedError::BadVector { .. } => JobError::dead(e.to_string()),
-            EmbedError::QuotaExhausted { .. } | EmbedError::Unauthorized { .. } => {
-                JobError::release(
-                    e.to_string(),
-                    std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60)),
-                )
-            }
-            // Back when the stop ends (whichever guard set it: budget, quota, a refused key),
-            // so the probe's success finds them due.
-            EmbedError::Stopped { .. } => JobError::release(
-                e.to_string(),
-                self.health
-                    .api
-                    .remaining()
-                    .unwrap_or_default()
-                    .min(std::time::Duration::from_secs(60)),
-            ),
-            _ => JobError::retry(e.to_string()),
-        }
-    }
-
-    /// Embeds `inputs` in one request; when the provider rejects the request as invalid, splits
-    /// it in halves until the bad input is alone, so the good inputs are still embedded.
-    fn embed_isolating<'a>(
-        &'a self,
-        inputs: Vec<&'a ToEmbed<'a>>,
-    ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
-        Box::pin(async move {
-            let texts: Vec<&str> = inputs.iter().map(|p| p.chunk.text.as_str()).collect();
-            let budget = inputs
-                .iter()
-                .map(|p| request_cap_tokens(&p.chunk.text, p.chunk.tokens))
-                .sum();
-            let model = self.settings.model.name.clone();
-            let tokens = inputs.iter().map(|p| p.chunk.tokens).sum();
-            match self.caller.send(&texts, budget, tokens).await {
-                Ok(done) => {
-                    let to_stage: Vec<(&str, &[f32], usize)> = inputs
-                        .iter()
-                        .zip(&done.vectors)
-                        .filter(|(p, v)| {
-                            p.stage
-                                && crate::embed::check_vector(v, self.settings.model.dimensions)
-                                    .is_ok()
-                        })
-                        .map(|(p, v)| (p.chunk.content_hash.as_str(), v.as_slice(), p.chunk.tokens))
-                        .collect();
-                    if let Err(e) = stage::put(&self.pool, &model, &to_stage).await {
-                        tracing::warn!(error = %e, "could not stage paid-for chunks of a long source");
-                    }
-                    self.stats
-                        .tokens_embedded
-                        .fetch_add(done.prompt_tokens, Ordering::Relaxed);
-                    crate::meter::tokens_embedded(
-                        &model,
-                        done.prompt_tokens,
-                        self.settings.model.usd_per_million_tokens,
-                    );
-                    done.vectors.into_iter().map(Ok).collect()
-                }
-                Err(EmbedError::InvalidInput { .. }) if inputs.len() > 1 => {
-                    let right = inputs[inputs.len() / 2..].to_vec();
-                    let left = inputs[..inputs.len() / 2].to_vec();
-                    let (mut a, b) =
-                        futures::join!(self.embed_isolating(left), self.embed_isolating(right));
-                    a.extend(b);
-                    a
-                }
-                Err(e) => {
-                    tracing::warn!(class = e.class(), error = %e, inputs = inputs.len(), "embedding request failed");
-                    inputs.iter().map(|_| Err(e.clone())).collect()
-                }
-            }
-        })
     }
 }

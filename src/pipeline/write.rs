@@ -13,7 +13,7 @@
 //!
 //! This module is the only one that writes `rag_embeddings`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use pgvector::Vector;
@@ -21,44 +21,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::source::{EmbedSource, SourceType};
-
-/// Stored content hashes by (source, chunk_index) for one model.
-pub async fn existing_hashes(
-    pool: &PgPool,
-    model: &str,
-    sources: &[EmbedSource],
-) -> sqlx::Result<HashMap<(EmbedSource, usize), String>> {
-    let types: Vec<&str> = sources.iter().map(|s| s.source_type.as_str()).collect();
-    let ids: Vec<Uuid> = sources.iter().map(|s| s.source_id).collect();
-    let rows: Vec<(String, Uuid, i32, String)> = sqlx::query_as(
-        "SELECT e.source_type::text, e.source_id, e.chunk_index, e.content_hash
-           FROM rag_embeddings e
-           JOIN unnest($1::text[]::embedding_source[], $2::uuid[]) AS s(t, id)
-             ON e.source_type = s.t AND e.source_id = s.id
-          WHERE e.embedding_model = $3",
-    )
-    .bind(&types)
-    .bind(&ids)
-    .bind(model)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(t, id, idx, hash)| {
-            let source_type: SourceType = t.parse().ok()?;
-            Some((
-                (
-                    EmbedSource {
-                        source_type,
-                        source_id: id,
-                    },
-                    idx as usize,
-                ),
-                hash,
-            ))
-        })
-        .collect())
-}
 
 /// A chunk to store. `vector` is `None` when the stored row already has this content hash.
 #[derive(Debug, Clone)]
@@ -109,11 +71,11 @@ fn lock_key(s: &EmbedSource) -> i64 {
     h as i64
 }
 
-/// The staging table of one connection's writes: temporary (no WAL, local buffers) and emptied
+/// The COPY target of one connection's writes: temporary (no WAL, local buffers) and emptied
 /// at every commit or rollback. Created on the connection's first write.
-const STAGE_TABLE: &str = "DO $$ BEGIN
-    IF to_regclass('pg_temp.embed_stage') IS NULL THEN
-        CREATE TEMP TABLE embed_stage (
+const COPY_TABLE: &str = "DO $$ BEGIN
+    IF to_regclass('pg_temp.embed_copy') IS NULL THEN
+        CREATE TEMP TABLE embed_copy (
             source_type embedding_source NOT NULL,
             source_id   uuid NOT NULL,
             chunk_index integer NOT NULL,
@@ -306,9 +268,9 @@ async fn copy_new(
     {
         return Ok(());
     }
-    sqlx::raw_sql(STAGE_TABLE).execute(&mut **tx).await?;
+    sqlx::raw_sql(COPY_TABLE).execute(&mut **tx).await?;
     let mut copy = (**tx)
-        .copy_in_raw("COPY pg_temp.embed_stage (source_type, source_id, chunk_index, content_hash, embedding, token_count) FROM STDIN (FORMAT binary)")
+        .copy_in_raw("COPY pg_temp.embed_copy (source_type, source_id, chunk_index, content_hash, embedding, token_count) FROM STDIN (FORMAT binary)")
         .await?;
     let mut rows = CopyRows::new();
     for w in fresh {
@@ -332,7 +294,7 @@ async fn copy_new(
         "INSERT INTO rag_embeddings AS e (source_type, source_id, chunk_index, content_hash,
                                           embedding, embedding_model, dimensions, token_count)
          SELECT source_type, source_id, chunk_index, content_hash, embedding, $1, $2, token_count
-           FROM pg_temp.embed_stage
+           FROM pg_temp.embed_copy
          ON CONFLICT (source_type, source_id, embedding_model, chunk_index) DO UPDATE
             SET content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
                 dimensions = EXCLUDED.dimensions, token_count = EXCLUDED.token_count,
@@ -401,8 +363,3 @@ async fn trim_tail(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx
     Ok(())
 }
 
-/// Distinct sources, in order.
-pub fn distinct(sources: impl IntoIterator<Item = EmbedSource>) -> Vec<EmbedSource> {
-    let mut seen = HashSet::new();
-    sources.into_iter().filter(|s| seen.insert(*s)).collect()
-}

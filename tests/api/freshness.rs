@@ -231,7 +231,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     let w = RunningWorker::start(b.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
-    let names: Vec<String> = embed_worker::db::vector_indexes(&t.admin)
+    let names: Vec<String> = embed_worker::model_index::vector_indexes(&t.admin)
         .await
         .unwrap()
         .into_iter()
@@ -265,7 +265,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         .await
         .unwrap();
     assert_eq!(deleted, 30);
-    let names: Vec<String> = embed_worker::db::vector_indexes(&t.admin)
+    let names: Vec<String> = embed_worker::model_index::vector_indexes(&t.admin)
         .await
         .unwrap()
         .into_iter()

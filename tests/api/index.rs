@@ -61,7 +61,7 @@ async fn text_embedding_3_large_at_3072_dimensions_migrates_embeds_and_searches_
     .await;
     assert_eq!(rows, 60);
 
-    let report = embed_worker::db::verify(&t.admin, &s).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &s).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let ix = report.indexes.iter().find(|i| i.name == name).unwrap();
     assert_eq!(
@@ -127,7 +127,7 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
         model_index::state(&t.admin, &spec).await.unwrap(),
         IndexState::Missing
     );
-    let report = embed_worker::db::verify(&t.admin, &b).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &b).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert!(
         report.notes.iter().any(|n| n.contains("not built yet")),
@@ -209,7 +209,7 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
         .unwrap();
     assert_eq!(found.path, SearchPath::Index(name));
     assert_eq!(found.hits[0].source_id, sources[3].source_id);
-    let report = embed_worker::db::verify(&t.admin, &b).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &b).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
@@ -282,7 +282,7 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
         model_index::state(&t.admin, &spec).await.unwrap(),
         IndexState::Invalid(spec.name())
     );
-    let report = embed_worker::db::verify(&t.admin, &s).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &s).await.unwrap();
     assert!(
         report.problems.iter().any(|p| p.contains("INVALID")),
         "{:?}",
@@ -296,9 +296,9 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
         model_index::state(&t.admin, &spec).await.unwrap(),
         IndexState::Ready(spec.name())
     );
-    let report = embed_worker::db::verify(&t.admin, &s).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &s).await.unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
-    let of_model = embed_worker::db::vector_indexes(&t.admin)
+    let of_model = embed_worker::model_index::vector_indexes(&t.admin)
         .await
         .unwrap()
         .into_iter()
@@ -317,7 +317,7 @@ async fn two_models_sharing_a_60_character_prefix_get_two_indexes() {
     assert_ne!(east.name(), west.name());
     build_index(&t, &east.model, 8).await;
     build_index(&t, &west.model, 8).await;
-    let all = embed_worker::db::vector_indexes(&t.admin).await.unwrap();
+    let all = embed_worker::model_index::vector_indexes(&t.admin).await.unwrap();
     for s in [&east, &west] {
         assert_eq!(
             model_index::find(&all, s),

@@ -1,7 +1,10 @@
-//! Stage: vectors of long sources, kept from the moment they are paid for until their source
-//! is written.
+//! Paid: what need not be paid for again, read before any API call.
 //!
-//! Why: a source is written all or nothing, and a long one spans several requests. When one of
+//! Two things: the stored content hashes of a source's chunks ([`stored_hashes`]: an unchanged
+//! chunk is not sent), and vectors of long sources kept from the moment they are paid for
+//! until their source is written ([`take`], [`put`], [`clear`]).
+//!
+//! Why the second: a source is written all or nothing, and a long one spans several requests. When one of
 //! them failed (or the worker stopped half-way), the retry used to send — and pay for — every
 //! chunk again. Vectors of sources with more than one chunk are staged by (model, content hash)
 //! as each request returns; the next attempt takes them from here, and the write removes them.
@@ -11,8 +14,40 @@ use std::collections::HashMap;
 
 use pgvector::Vector;
 use sqlx::PgPool;
+use uuid::Uuid;
 
-/// Staged vectors for `hashes` of `model`: content hash → (vector, tokens).
+use crate::source::EmbedSource;
+
+/// Stored content hashes by (source, chunk_index) for one model.
+pub async fn stored_hashes(
+    pool: &PgPool,
+    model: &str,
+    sources: &[EmbedSource],
+) -> sqlx::Result<HashMap<(EmbedSource, usize), String>> {
+    let types: Vec<&str> = sources.iter().map(|s| s.source_type.as_str()).collect();
+    let ids: Vec<Uuid> = sources.iter().map(|s| s.source_id).collect();
+    let rows: Vec<(String, Uuid, i32, String)> = sqlx::query_as(
+        "SELECT e.source_type::text, e.source_id, e.chunk_index, e.content_hash
+           FROM rag_embeddings e
+           JOIN unnest($1::text[]::embedding_source[], $2::uuid[]) AS s(t, id)
+             ON e.source_type = s.t AND e.source_id = s.id
+          WHERE e.embedding_model = $3",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .bind(model)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(t, id, idx, hash)| {
+            Some(((EmbedSource::from_row((t, id))?, idx as usize), hash))
+        })
+        .collect())
+}
+
+
+/// Vectors kept for `hashes` of `model`: content hash → (vector, tokens).
 pub async fn take(
     pool: &PgPool,
     model: &str,
@@ -35,7 +70,7 @@ pub async fn take(
         .collect())
 }
 
-/// Stages vectors just paid for: (content hash, vector, tokens).
+/// Keeps vectors just paid for: (content hash, vector, tokens).
 pub async fn put(pool: &PgPool, model: &str, chunks: &[(&str, &[f32], usize)]) -> sqlx::Result<()> {
     if chunks.is_empty() {
         return Ok(());
@@ -64,7 +99,7 @@ pub async fn put(pool: &PgPool, model: &str, chunks: &[(&str, &[f32], usize)]) -
     Ok(())
 }
 
-/// Forgets staged vectors once their source is written.
+/// Forgets kept vectors once their source is written.
 pub async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Result<()> {
     if hashes.is_empty() {
         return Ok(());
@@ -79,7 +114,7 @@ pub async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Resul
     Ok(())
 }
 
-/// Retention: staged vectors older than `age` belong to sources that never completed.
+/// Retention: kept vectors older than `age` belong to sources that never completed.
 pub async fn prune(pool: &PgPool, age: std::time::Duration) -> sqlx::Result<u64> {
     Ok(sqlx::query(
         "DELETE FROM embed_worker.chunk_stage WHERE created_at < now() - make_interval(secs => $1)",

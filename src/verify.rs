@@ -1,0 +1,161 @@
+//! `verify`: the design's post-migration check.
+//!
+//! Why its own module: it reads the catalog, not our migration history, so it also catches an
+//! index someone created by hand; and it is the one place that knows both the connection layer
+//! ([`crate::db`]) and the models' indexes ([`crate::model_index`]), so neither of those has to
+//! know the other's report.
+
+use sqlx::PgPool;
+
+use crate::model_index::{self, VectorIndex};
+
+/// The result of `verify`: what was found and what is wrong.
+#[derive(Debug)]
+pub struct VerifyReport {
+    /// Every vector index found.
+    pub indexes: Vec<VectorIndex>,
+    /// What is wrong, one sentence each.
+    pub problems: Vec<String>,
+    /// What is fine but worth knowing (an index deferred until a backfill drains).
+    pub notes: Vec<String>,
+}
+
+/// The indexes as a table, then `verify: OK` or one `verify: FAIL: …` line per problem.
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<56} {:<8} {:<14} {:<32} valid",
+            "vector index", "method", "type", "options"
+        )?;
+        for ix in &self.indexes {
+            writeln!(
+                f,
+                "{:<56} {:<8} {:<14} {:<32} {}",
+                ix.name,
+                ix.access_method,
+                model_index::stored_type(ix).unwrap_or_else(|| "?".into()),
+                ix.options.join(","),
+                ix.valid
+            )?;
+        }
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        if self.problems.is_empty() {
+            writeln!(f, "verify: OK")
+        } else {
+            self.problems
+                .iter()
+                .try_for_each(|p| writeln!(f, "verify: FAIL: {p}"))
+        }
+    }
+}
+
+/// The design's post-migration check, against the active model's index as configured
+/// (`settings`): HNSW, m = 16, ef_construction = 64, cosine; missing only while deferred.
+pub async fn verify(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+) -> anyhow::Result<VerifyReport> {
+    let indexes = model_index::vector_indexes(pool).await?;
+    let mut problems = Vec::new();
+    let mut notes = Vec::new();
+    for ix in &indexes {
+        if ix.access_method == "ivfflat" {
+            problems.push(format!(
+                "index {} uses IVFFlat; the design requires HNSW",
+                ix.name
+            ));
+        }
+        if !ix.valid {
+            problems.push(format!(
+                "index {} is INVALID (a failed CONCURRENTLY build? `embed-worker migrate` or \
+                 `models build-index` drops and rebuilds it)",
+                ix.name
+            ));
+        }
+    }
+    let spec = model_index::IndexSpec::from_settings(settings)?;
+    let want = format!(
+        "{} index of {} ({})",
+        spec.index_type(),
+        spec.model,
+        spec.name()
+    );
+    match model_index::find(&indexes, &spec) {
+        model_index::IndexState::Ready(name) => {
+            let ix = indexes.iter().find(|i| i.name == name).expect("found");
+            for opt in ["m=16", "ef_construction=64"] {
+                if !ix.options.iter().any(|o| o == opt) {
+                    problems.push(format!("{name} lacks {opt}"));
+                }
+            }
+        }
+        model_index::IndexState::Invalid(_) => {}
+        model_index::IndexState::Missing => {
+            match model_index::build::not_due(pool, settings, &spec).await? {
+                Some(why) => notes.push(format!("{want} not built yet: {why}")),
+                None => problems.push(format!(
+                    "{want} is missing (`embed-worker models build-index` builds it)"
+                )),
+            }
+        }
+    }
+    let rls: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT relname::text, relrowsecurity FROM pg_class
+          WHERE relname IN ('rag_embeddings', 'question_templates') AND relkind = 'r'
+            AND relnamespace = 'public'::regnamespace",
+    )
+    .fetch_all(pool)
+    .await?;
+    for table in ["rag_embeddings", "question_templates"] {
+        match rls.iter().find(|(t, _)| t == table) {
+            Some((_, true)) => {}
+            Some((_, false)) => problems.push(format!("row-level security is off on {table}")),
+            None => problems.push(format!("table {table} is missing")),
+        }
+    }
+    // `sessions` usually belongs to the app (we leave its table alone), but a user's practice
+    // notes readable by every user is the leak the design's RLS exists to prevent.
+    let sessions_open: bool = sqlx::query_scalar(
+        "SELECT coalesce(NOT c.relrowsecurity
+                         AND EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'app_user')
+                         AND has_table_privilege('app_user', c.oid, 'SELECT'), false)
+           FROM pg_class c
+          WHERE c.relname = 'sessions' AND c.relkind = 'r'
+            AND c.relnamespace = 'public'::regnamespace",
+    )
+    .fetch_optional(pool)
+    .await?
+    .unwrap_or(false);
+    if sessions_open {
+        problems.push(
+            "row-level security is off on sessions while app_user can select it: every user \
+             reads every user's sessions. Fix (as the table's owner): ALTER TABLE sessions \
+             ENABLE ROW LEVEL SECURITY; CREATE POLICY sessions_read_own ON sessions FOR SELECT \
+             TO app_user USING (user_id = auth.uid()); CREATE POLICY sessions_worker_read ON \
+             sessions FOR SELECT TO embed_worker USING (true);"
+                .into(),
+        );
+    }
+    let trigger: Option<(bool,)> = sqlx::query_as(
+        "SELECT tgenabled <> 'D' FROM pg_trigger
+          WHERE tgname = 'trg_rag_embeddings_check_source'
+            AND tgrelid = to_regclass('public.rag_embeddings')",
+    )
+    .fetch_optional(pool)
+    .await?;
+    match trigger {
+        Some((true,)) => {}
+        Some((false,)) => {
+            problems.push("source trigger trg_rag_embeddings_check_source is disabled".into())
+        }
+        None => problems.push("source trigger trg_rag_embeddings_check_source is missing".into()),
+    }
+    Ok(VerifyReport {
+        indexes,
+        problems,
+        notes,
+    })
+}
