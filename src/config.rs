@@ -75,6 +75,48 @@ pub struct BulkSettings {
     pub max_open_batches: usize,
 }
 
+impl BulkSettings {
+    /// `[bulk]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within_because(
+            "bulk.priority",
+            self.priority,
+            -100,
+            -1,
+            "below interactive jobs' 0",
+        );
+        c.within(
+            "bulk.max_sources_per_batch",
+            self.max_sources_per_batch,
+            1,
+            50_000,
+        );
+        c.within_because(
+            "bulk.max_requests_per_batch",
+            self.max_requests_per_batch,
+            1,
+            50_000,
+            "OpenAI's limit",
+        );
+        c.within_because(
+            "bulk.max_inputs_per_batch",
+            self.max_inputs_per_batch,
+            1,
+            50_000,
+            "OpenAI's limit",
+        );
+        c.within_because(
+            "bulk.max_file_mb",
+            self.max_file_mb,
+            1,
+            200,
+            "OpenAI's limit",
+        );
+        c.within("bulk.poll_secs", self.poll_secs, 1, 3600);
+        c.within("bulk.max_open_batches", self.max_open_batches, 1, 1000);
+    }
+}
+
 /// `bulk.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,6 +143,30 @@ pub struct IndexSettings {
     pub max_build_memory_mb: u64,
     /// Parallel workers a build may use (`max_parallel_maintenance_workers`).
     pub build_parallel_workers: u32,
+}
+
+impl IndexSettings {
+    /// `[index]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within(
+            "index.check_interval_secs",
+            self.check_interval_secs,
+            1,
+            86_400,
+        );
+        c.within(
+            "index.max_build_memory_mb",
+            self.max_build_memory_mb,
+            64,
+            65_536,
+        );
+        c.within(
+            "index.build_parallel_workers",
+            self.build_parallel_workers,
+            0,
+            64,
+        );
+    }
 }
 
 /// The type the HNSW index stores (`index.precision`); the column always keeps full precision.
@@ -132,6 +198,18 @@ pub struct BudgetSettings {
     pub recheck_secs: u64,
 }
 
+impl BudgetSettings {
+    /// `[budget]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.price(
+            "budget.monthly_usd",
+            self.monthly_usd,
+            "a finite number >= 0 (0 = none)",
+        );
+        c.within("budget.recheck_secs", self.recheck_secs, 1, 86_400);
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[capture]`: which change-capture triggers `migrate` enables.
@@ -154,12 +232,37 @@ pub struct FreshnessSettings {
     pub scan_limit: i64,
 }
 
+impl FreshnessSettings {
+    /// `[freshness]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.check(
+            self.scan_limit >= 0,
+            "freshness.scan_limit",
+            &self.scan_limit,
+            ">= 0 (0 = no limit)",
+        );
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[http]`.
 pub struct HttpSettings {
     /// Address for /metrics, /healthz, /readyz (empty disables).
     pub addr: String,
+}
+
+impl HttpSettings {
+    /// `[http]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        let ok = self.addr.is_empty() || self.addr.parse::<std::net::SocketAddr>().is_ok();
+        c.check(
+            ok,
+            "http.addr",
+            &format!("{:?}", self.addr),
+            "host:port (an IP address and a port), or empty to disable",
+        );
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +275,15 @@ pub struct RetentionSettings {
     pub failed_after_hours: u64,
     /// How often `run` prunes.
     pub interval_secs: u64,
+}
+
+impl RetentionSettings {
+    /// `[retention]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.at_least("retention.done_after_hours", self.done_after_hours, 1);
+        c.at_least("retention.failed_after_hours", self.failed_after_hours, 1);
+        c.at_least("retention.interval_secs", self.interval_secs, 1);
+    }
 }
 
 impl RetentionSettings {
@@ -197,6 +309,13 @@ pub struct RateLimitSettings {
     pub period_secs: u64,
 }
 
+impl RateLimitSettings {
+    /// `[rate_limit]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within("rate_limit.period_secs", self.period_secs, 1, 3600);
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[retry]`.
@@ -215,6 +334,38 @@ pub struct RetrySettings {
     pub quota_recheck_secs: u64,
 }
 
+impl RetrySettings {
+    /// `[retry]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within("retry.request_retries", self.request_retries, 0, 20);
+        c.within("retry.base_ms", self.base_ms, 1, 60_000);
+        c.within_named(
+            "retry.cap_ms",
+            self.cap_ms,
+            (self.base_ms, "retry.base_ms"),
+            600_000,
+        );
+        c.within(
+            "retry.job_backoff_base_secs",
+            self.job_backoff_base_secs,
+            1,
+            86_400,
+        );
+        c.within_named(
+            "retry.job_backoff_cap_secs",
+            self.job_backoff_cap_secs,
+            (self.job_backoff_base_secs, "retry.job_backoff_base_secs"),
+            604_800,
+        );
+        c.within(
+            "retry.quota_recheck_secs",
+            self.quota_recheck_secs,
+            1,
+            86_400,
+        );
+    }
+}
+
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[database]`.
@@ -225,6 +376,19 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Role to `SET ROLE` to after connecting; empty means the login role.
     pub role: String,
+}
+
+impl DatabaseSettings {
+    /// `[database]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.check(
+            !self.url.trim().is_empty(),
+            "database.url",
+            &"\"\"",
+            "a postgres:// URL",
+        );
+        c.within("database.max_connections", self.max_connections, 1, 1000);
+    }
 }
 
 impl std::fmt::Debug for DatabaseSettings {
@@ -257,6 +421,30 @@ pub struct QueueSettings {
     pub missed_heartbeats: usize,
 }
 
+impl QueueSettings {
+    /// `[_]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        let name_ok = !self.name.is_empty()
+            && self.name.len() <= 64
+            && self
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_.:-".contains(ch));
+        c.check(
+            name_ok,
+            "queue.name",
+            &format!("{:?}", self.name),
+            "1-64 characters of A-Z a-z 0-9 _ . : -",
+        );
+        c.within("queue.fetch_batch", self.fetch_batch, 1, 10_000);
+        c.within("queue.concurrency", self.concurrency, 1, 100_000);
+        c.within("queue.poll_interval_ms", self.poll_interval_ms, 10, 60_000);
+        c.within("queue.max_attempts", self.max_attempts, 1, 100);
+        c.within("queue.heartbeat_secs", self.heartbeat_secs, 1, 3600);
+        c.within("queue.missed_heartbeats", self.missed_heartbeats, 2, 100);
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 /// `[batch]`.
@@ -267,6 +455,15 @@ pub struct BatchSettings {
     pub linger_ms: u64,
     /// Batches (and API requests) at once.
     pub max_in_flight: usize,
+}
+
+impl BatchSettings {
+    /// `[batch]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within("batch.max_jobs", self.max_jobs, 1, 10_000);
+        c.within("batch.linger_ms", self.linger_ms, 0, 60_000);
+        c.within("batch.max_in_flight", self.max_in_flight, 1, 256);
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -284,6 +481,26 @@ pub struct ApiSettings {
     /// Never from the file: filled from the environment by [`Settings::load`].
     #[serde(skip)]
     pub api_key: Option<SecretString>,
+}
+
+impl ApiSettings {
+    /// `[api]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        let url_ok = self.base_url.starts_with("http://") || self.base_url.starts_with("https://");
+        c.check(
+            url_ok,
+            "api.base_url",
+            &format!("{:?}", self.base_url),
+            "an http:// or https:// URL",
+        );
+        c.within("api.timeout_secs", self.timeout_secs, 1, 3600);
+        c.within(
+            "api.max_inputs_per_request",
+            self.max_inputs_per_request,
+            1,
+            2048,
+        );
+    }
 }
 
 impl std::fmt::Debug for ApiSettings {
@@ -325,6 +542,61 @@ pub struct ModelSettings {
     pub max_source_tokens: usize,
 }
 
+impl ModelSettings {
+    /// `[model]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.check(
+            cfg!(feature = "local") || self.provider != Provider::Local,
+            "model.provider",
+            &"\"local\"",
+            "\"openai\" (this build has no `local` feature)",
+        );
+        let name_ok = !self.name.is_empty() && self.name.len() <= 100;
+        c.check(
+            name_ok,
+            "model.name",
+            &format!("{:?}", self.name),
+            "1-100 characters (rag_embeddings.embedding_model is varchar(100))",
+        );
+        c.within_because(
+            "model.dimensions",
+            self.dimensions,
+            1,
+            IndexPrecision::MAX_HALF_DIMS,
+            "pgvector's HNSW indexes `vector` up to 2,000 and `halfvec` up to 4,000 dimensions",
+        );
+        c.within(
+            "model.max_input_tokens",
+            self.max_input_tokens,
+            16,
+            1_000_000,
+        );
+        let half = self.max_input_tokens / 2;
+        c.check(
+            self.chunk_overlap_tokens < half,
+            "model.chunk_overlap_tokens",
+            &self.chunk_overlap_tokens,
+            &format!("0..{half} (below half of model.max_input_tokens)"),
+        );
+        c.price(
+            "model.usd_per_million_tokens",
+            self.usd_per_million_tokens,
+            "a finite number >= 0",
+        );
+        c.check(
+            self.max_source_tokens >= self.max_input_tokens,
+            "model.max_source_tokens",
+            &self.max_source_tokens,
+            &format!(">= model.max_input_tokens ({})", self.max_input_tokens),
+        );
+        c.price(
+            "model.batch_usd_per_million_tokens",
+            self.batch_usd_per_million_tokens,
+            "a finite number >= 0",
+        );
+    }
+}
+
 /// Who computes the embeddings (`model.provider`); anything else is refused when the
 /// configuration is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -352,6 +624,13 @@ pub struct RenderSettings {
 pub struct ShutdownSettings {
     /// In-flight batches get this long after SIGTERM.
     pub grace_secs: u64,
+}
+
+impl ShutdownSettings {
+    /// `[shutdown]`'s ranges.
+    fn check(&self, c: &mut Checks) {
+        c.within("shutdown.grace_secs", self.grace_secs, 0, 3600);
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -403,343 +682,102 @@ impl Settings {
     }
 
     /// Every value against its allowed range, so no configuration reaches a panic, a worker that
-    /// silently does nothing, or a heartbeat shorter than a request. One line per bad key.
+    /// silently does nothing, or a heartbeat shorter than a request. One line per bad key; each
+    /// section's ranges are beside its struct, the rules that span sections here.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let mut bad = Vec::new();
-        let mut check = |ok: bool, key: &str, value: &dyn std::fmt::Display, allowed: &str| {
-            if !ok {
-                bad.push(format!(
-                    "{key} = {value} is out of range (allowed: {allowed})"
-                ));
-            }
-        };
-        let d = &self.database;
-        check(
-            !d.url.trim().is_empty(),
-            "database.url",
-            &"\"\"",
-            "a postgres:// URL",
-        );
-        check(
-            (1..=1000).contains(&d.max_connections),
-            "database.max_connections",
-            &d.max_connections,
-            "1..=1000",
-        );
-        let q = &self.queue;
-        check(
-            !q.name.is_empty()
-                && q.name.len() <= 64
-                && q.name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c)),
-            "queue.name",
-            &format!("{:?}", q.name),
-            "1-64 characters of A-Z a-z 0-9 _ . : -",
-        );
-        check(
-            (1..=10_000).contains(&q.fetch_batch),
-            "queue.fetch_batch",
-            &q.fetch_batch,
-            "1..=10000",
-        );
-        check(
-            (1..=100_000).contains(&q.concurrency),
-            "queue.concurrency",
-            &q.concurrency,
-            "1..=100000",
-        );
-        check(
-            (10..=60_000).contains(&q.poll_interval_ms),
-            "queue.poll_interval_ms",
-            &q.poll_interval_ms,
-            "10..=60000",
-        );
-        check(
-            (1..=100).contains(&q.max_attempts),
-            "queue.max_attempts",
-            &q.max_attempts,
-            "1..=100",
-        );
-        check(
-            (1..=3600).contains(&q.heartbeat_secs),
-            "queue.heartbeat_secs",
-            &q.heartbeat_secs,
-            "1..=3600",
-        );
-        check(
-            (2..=100).contains(&q.missed_heartbeats),
-            "queue.missed_heartbeats",
-            &q.missed_heartbeats,
-            "2..=100",
-        );
-        let b = &self.batch;
-        check(
-            (1..=10_000).contains(&b.max_jobs),
-            "batch.max_jobs",
-            &b.max_jobs,
-            "1..=10000",
-        );
-        check(
-            b.linger_ms <= 60_000,
-            "batch.linger_ms",
-            &b.linger_ms,
-            "0..=60000",
-        );
-        check(
-            (1..=256).contains(&b.max_in_flight),
-            "batch.max_in_flight",
-            &b.max_in_flight,
-            "1..=256",
-        );
-        let a = &self.api;
-        check(
-            a.base_url.starts_with("http://") || a.base_url.starts_with("https://"),
-            "api.base_url",
-            &format!("{:?}", a.base_url),
-            "an http:// or https:// URL",
-        );
-        check(
-            (1..=3600).contains(&a.timeout_secs),
-            "api.timeout_secs",
-            &a.timeout_secs,
-            "1..=3600",
-        );
-        check(
-            (1..=2048).contains(&a.max_inputs_per_request),
-            "api.max_inputs_per_request",
-            &a.max_inputs_per_request,
-            "1..=2048",
-        );
-        check(
-            (self.model.max_input_tokens.max(1)..=300_000).contains(&a.max_tokens_per_request),
-            "api.max_tokens_per_request",
-            &a.max_tokens_per_request,
-            &format!(
-                "model.max_input_tokens ({})..=300000",
-                self.model.max_input_tokens
-            ),
-        );
+        let mut c = Checks::default();
+        self.database.check(&mut c);
+        self.queue.check(&mut c);
+        self.batch.check(&mut c);
+        self.api.check(&mut c);
         let m = &self.model;
-        check(
-            cfg!(feature = "local") || m.provider != Provider::Local,
-            "model.provider",
-            &"\"local\"",
-            "\"openai\" (this build has no `local` feature)",
+        c.check(
+            (m.max_input_tokens.max(1)..=300_000).contains(&self.api.max_tokens_per_request),
+            "api.max_tokens_per_request",
+            &self.api.max_tokens_per_request,
+            &format!("model.max_input_tokens ({})..=300000", m.max_input_tokens),
         );
-        check(
-            !m.name.is_empty() && m.name.len() <= 100,
-            "model.name",
-            &format!("{:?}", m.name),
-            "1-100 characters (rag_embeddings.embedding_model is varchar(100))",
-        );
-        check(
-            (1..=IndexPrecision::MAX_HALF_DIMS).contains(&m.dimensions),
-            "model.dimensions",
-            &m.dimensions,
-            "1..=4000: pgvector's HNSW indexes `vector` up to 2,000 and `halfvec` up to 4,000 dimensions",
-        );
-        check(
+        m.check(&mut c);
+        c.check(
             self.index.precision != IndexPrecision::Full
                 || m.dimensions <= IndexPrecision::MAX_FULL_DIMS,
             "index.precision",
             &format!("\"full\" with model.dimensions = {}", m.dimensions),
             "\"half\" or \"auto\" over 2,000 dimensions (pgvector's HNSW `vector` limit)",
         );
-        check(
-            (16..=1_000_000).contains(&m.max_input_tokens),
-            "model.max_input_tokens",
-            &m.max_input_tokens,
-            "16..=1000000",
-        );
-        check(
-            m.chunk_overlap_tokens < m.max_input_tokens / 2,
-            "model.chunk_overlap_tokens",
-            &m.chunk_overlap_tokens,
-            &format!(
-                "0..{} (below half of model.max_input_tokens)",
-                m.max_input_tokens / 2
-            ),
-        );
-        check(
-            m.usd_per_million_tokens.is_finite() && m.usd_per_million_tokens >= 0.0,
-            "model.usd_per_million_tokens",
-            &m.usd_per_million_tokens,
-            "a finite number >= 0",
-        );
-        check(
-            m.max_source_tokens >= m.max_input_tokens,
-            "model.max_source_tokens",
-            &m.max_source_tokens,
-            &format!(">= model.max_input_tokens ({})", m.max_input_tokens),
-        );
-        check(
-            self.shutdown.grace_secs <= 3600,
-            "shutdown.grace_secs",
-            &self.shutdown.grace_secs,
-            "0..=3600",
-        );
-        let r = &self.rate_limit;
-        check(
-            (1..=3600).contains(&r.period_secs),
-            "rate_limit.period_secs",
-            &r.period_secs,
-            "1..=3600",
-        );
-        let t = &self.retry;
-        check(
-            t.request_retries <= 20,
-            "retry.request_retries",
-            &t.request_retries,
-            "0..=20",
-        );
-        check(
-            (1..=60_000).contains(&t.base_ms),
-            "retry.base_ms",
-            &t.base_ms,
-            "1..=60000",
-        );
-        check(
-            (t.base_ms..=600_000).contains(&t.cap_ms),
-            "retry.cap_ms",
-            &t.cap_ms,
-            "retry.base_ms..=600000",
-        );
-        check(
-            (1..=86_400).contains(&t.job_backoff_base_secs),
-            "retry.job_backoff_base_secs",
-            &t.job_backoff_base_secs,
-            "1..=86400",
-        );
-        check(
-            (t.job_backoff_base_secs..=604_800).contains(&t.job_backoff_cap_secs),
-            "retry.job_backoff_cap_secs",
-            &t.job_backoff_cap_secs,
-            "retry.job_backoff_base_secs..=604800",
-        );
-        check(
-            (1..=86_400).contains(&t.quota_recheck_secs),
-            "retry.quota_recheck_secs",
-            &t.quota_recheck_secs,
-            "1..=86400",
-        );
-        let n = &self.retention;
-        check(
-            n.done_after_hours >= 1,
-            "retention.done_after_hours",
-            &n.done_after_hours,
-            ">= 1",
-        );
-        check(
-            n.failed_after_hours >= 1,
-            "retention.failed_after_hours",
-            &n.failed_after_hours,
-            ">= 1",
-        );
-        check(
-            n.interval_secs >= 1,
-            "retention.interval_secs",
-            &n.interval_secs,
-            ">= 1",
-        );
-        check(
-            self.http.addr.is_empty() || self.http.addr.parse::<std::net::SocketAddr>().is_ok(),
-            "http.addr",
-            &format!("{:?}", self.http.addr),
-            "host:port (an IP address and a port), or empty to disable",
-        );
-        let f = &self.freshness;
-        check(
-            f.scan_limit >= 0,
-            "freshness.scan_limit",
-            &f.scan_limit,
-            ">= 0 (0 = no limit)",
-        );
-        let g = &self.budget;
-        check(
-            g.monthly_usd.is_finite() && g.monthly_usd >= 0.0,
-            "budget.monthly_usd",
-            &g.monthly_usd,
-            "a finite number >= 0 (0 = none)",
-        );
-        check(
-            (1..=86_400).contains(&g.recheck_secs),
-            "budget.recheck_secs",
-            &g.recheck_secs,
-            "1..=86400",
-        );
-        let b = &self.bulk;
-        check(
-            (-100..=-1).contains(&b.priority),
-            "bulk.priority",
-            &b.priority,
-            "-100..=-1 (below interactive jobs' 0)",
-        );
-        check(
-            (1..=50_000).contains(&b.max_sources_per_batch),
-            "bulk.max_sources_per_batch",
-            &b.max_sources_per_batch,
-            "1..=50000",
-        );
-        check(
-            (1..=50_000).contains(&b.max_requests_per_batch),
-            "bulk.max_requests_per_batch",
-            &b.max_requests_per_batch,
-            "1..=50000 (OpenAI's limit)",
-        );
-        check(
-            (1..=50_000).contains(&b.max_inputs_per_batch),
-            "bulk.max_inputs_per_batch",
-            &b.max_inputs_per_batch,
-            "1..=50000 (OpenAI's limit)",
-        );
-        check(
-            (1..=200).contains(&b.max_file_mb),
-            "bulk.max_file_mb",
-            &b.max_file_mb,
-            "1..=200 (OpenAI's limit)",
-        );
-        check(
-            (1..=3600).contains(&b.poll_secs),
-            "bulk.poll_secs",
-            &b.poll_secs,
-            "1..=3600",
-        );
-        check(
-            (1..=1000).contains(&b.max_open_batches),
-            "bulk.max_open_batches",
-            &b.max_open_batches,
-            "1..=1000",
-        );
-        check(
-            m.batch_usd_per_million_tokens.is_finite() && m.batch_usd_per_million_tokens >= 0.0,
-            "model.batch_usd_per_million_tokens",
-            &m.batch_usd_per_million_tokens,
-            "a finite number >= 0",
-        );
-        let ix = &self.index;
-        check(
-            (1..=86_400).contains(&ix.check_interval_secs),
-            "index.check_interval_secs",
-            &ix.check_interval_secs,
-            "1..=86400",
-        );
-        check(
-            (64..=65_536).contains(&ix.max_build_memory_mb),
-            "index.max_build_memory_mb",
-            &ix.max_build_memory_mb,
-            "64..=65536",
-        );
-        check(
-            ix.build_parallel_workers <= 64,
-            "index.build_parallel_workers",
-            &ix.build_parallel_workers,
-            "0..=64",
-        );
-        if bad.is_empty() {
+        self.shutdown.check(&mut c);
+        self.rate_limit.check(&mut c);
+        self.retry.check(&mut c);
+        self.retention.check(&mut c);
+        self.http.check(&mut c);
+        self.freshness.check(&mut c);
+        self.budget.check(&mut c);
+        self.bulk.check(&mut c);
+        self.index.check(&mut c);
+        c.result()
+    }
+}
+
+/// Keys out of range, one line each: `<key> = <value> is out of range (allowed: …)`.
+#[derive(Default)]
+struct Checks(Vec<String>);
+
+impl Checks {
+    fn check(&mut self, ok: bool, key: &str, value: &dyn std::fmt::Display, allowed: &str) {
+        if !ok {
+            self.0.push(format!(
+                "{key} = {value} is out of range (allowed: {allowed})"
+            ));
+        }
+    }
+
+    /// `lo..=hi`.
+    fn within<T: PartialOrd + std::fmt::Display>(&mut self, key: &str, value: T, lo: T, hi: T) {
+        let allowed = format!("{lo}..={hi}");
+        self.check(lo <= value && value <= hi, key, &value, &allowed);
+    }
+
+    /// `lo..=hi`, with why those are the limits.
+    fn within_because<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        key: &str,
+        value: T,
+        lo: T,
+        hi: T,
+        why: &str,
+    ) {
+        let allowed = format!("{lo}..={hi} ({why})");
+        self.check(lo <= value && value <= hi, key, &value, &allowed);
+    }
+
+    /// From another key's value (`lo`, named) up to `hi`.
+    fn within_named<T: PartialOrd + std::fmt::Display>(
+        &mut self,
+        key: &str,
+        value: T,
+        (lo, lo_key): (T, &str),
+        hi: T,
+    ) {
+        let allowed = format!("{lo_key}..={hi}");
+        self.check(lo <= value && value <= hi, key, &value, &allowed);
+    }
+
+    /// `>= lo`.
+    fn at_least<T: PartialOrd + std::fmt::Display>(&mut self, key: &str, value: T, lo: T) {
+        let allowed = format!(">= {lo}");
+        self.check(value >= lo, key, &value, &allowed);
+    }
+
+    /// A finite amount of USD, not negative.
+    fn price(&mut self, key: &str, value: f64, allowed: &str) {
+        self.check(value.is_finite() && value >= 0.0, key, &value, allowed);
+    }
+
+    fn result(self) -> anyhow::Result<()> {
+        if self.0.is_empty() {
             Ok(())
         } else {
-            anyhow::bail!("invalid configuration:\n  {}", bad.join("\n  "))
+            anyhow::bail!("invalid configuration:\n  {}", self.0.join("\n  "))
         }
     }
 }
@@ -760,15 +798,6 @@ fn api_key_from_env() -> anyhow::Result<Option<SecretString>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_password_in_url() {
-        assert_eq!(
-            crate::redact::url("postgres://u:hunter2@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(crate::redact::url("postgres://u@h/db"), "postgres://u@h/db");
-    }
 
     #[test]
     fn api_key_never_in_debug() {

@@ -187,7 +187,8 @@ pub async fn enqueue_stale(
     // A source whose job is already open (pending, claimed or running) will be embedded by it:
     // running jobs have given up their dedup key, so enqueueing them again made a second job
     // per source for every batch the worker had started.
-    let open = crate::queue::open_sources(pool, &crate::queue::lanes(&settings.queue.name), None).await?;
+    let open =
+        crate::queue::open_sources(pool, &crate::queue::lanes(&settings.queue.name), None).await?;
     let sources: Vec<EmbedSource> = stale
         .iter()
         .map(|s| s.source)

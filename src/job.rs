@@ -257,7 +257,10 @@ pub async fn end_unacked(
         .iter()
         .filter_map(|(id, r)| {
             let (state, result) = match r {
-                Ok(outcome) => (JobState::Done, serde_json::json!({"Ok": outcome.to_string()})),
+                Ok(outcome) => (
+                    JobState::Done,
+                    serde_json::json!({"Ok": outcome.to_string()}),
+                ),
                 Err(e) => match e.disposition {
                     Disposition::Dead => (JobState::Killed, serde_json::json!({"Err": e.reason})),
                     Disposition::Retry => (JobState::Failed, serde_json::json!({"Err": e.reason})),

@@ -201,7 +201,10 @@ pub async fn claim_batch_jobs(
 /// Ends jobs no apalis worker acknowledges (the batch lane's) as apalis would: each row gets
 /// `status` (`Done`, `Failed` with an attempt used, or `Killed`) and `last_result`, unlocked.
 /// The mapping from a job's result to its end is [`crate::job::end_unacked`]'s.
-pub async fn end_jobs(pool: &PgPool, ends: &[(String, JobState, serde_json::Value)]) -> sqlx::Result<()> {
+pub async fn end_jobs(
+    pool: &PgPool,
+    ends: &[(String, JobState, serde_json::Value)],
+) -> sqlx::Result<()> {
     if ends.is_empty() {
         return Ok(());
     }
@@ -354,12 +357,10 @@ pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(St
 /// Jobs not yet finished in `queue` and its batch lane: pending, claimed, running, or failed
 /// with attempts left.
 pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        concat!(
-            "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1) AND ",
-            open_job!()
-        ),
-    )
+    sqlx::query_scalar(concat!(
+        "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1) AND ",
+        open_job!()
+    ))
     .bind(lanes(queue))
     .fetch_one(pool)
     .await
@@ -527,13 +528,11 @@ pub async fn prune_finished(
     // a plan made while apalis.jobs had just been refilled (stale statistics) became a nested
     // loop of sequential scans that ran for minutes at worker start (the five-run test caught
     // it, 66 s instead of 15 s); one table, one scan.
-    let failed = sqlx::query(
-        concat!(
-            "DELETE FROM apalis.jobs WHERE job_type = ANY($1) AND ",
-            dead_job!(),
-            " AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)"
-        ),
-    )
+    let failed = sqlx::query(concat!(
+        "DELETE FROM apalis.jobs WHERE job_type = ANY($1) AND ",
+        dead_job!(),
+        " AND coalesce(done_at, lock_at, run_at) < now() - make_interval(secs => $2)"
+    ))
     .bind(lanes(queue))
     .bind(failed_age.as_secs_f64())
     .execute(pool)

@@ -107,3 +107,23 @@ pub fn distinct(sources: impl IntoIterator<Item = EmbedSource>) -> Vec<EmbedSour
     let mut seen = std::collections::HashSet::new();
     sources.into_iter().filter(|s| seen.insert(*s)).collect()
 }
+
+/// Sources with text to embed, counted as the stale scan counts them.
+pub async fn count_with_text(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
+    let counts: Vec<String> = SourceType::ALL
+        .iter()
+        .map(|t| {
+            format!(
+                "(SELECT count(*) FROM {} x WHERE {})",
+                t.table(),
+                t.has_text_sql("x")
+            )
+        })
+        .collect();
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {}",
+        counts.join(" + ")
+    )))
+    .fetch_one(pool)
+    .await
+}

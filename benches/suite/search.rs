@@ -29,7 +29,10 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         .unwrap();
         ids.extend(got);
     }
-    for ix in embed_worker::model_index::vector_indexes(pool).await.unwrap() {
+    for ix in embed_worker::model_index::vector_indexes(pool)
+        .await
+        .unwrap()
+    {
         if model_index::of_model(&ix, MODEL) {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP INDEX {}", ix.name)))
                 .execute(pool)

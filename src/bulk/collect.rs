@@ -196,7 +196,11 @@ impl Lane {
         );
         crate::job::end_unacked(&self.pool, &s.retry, &results).await?;
         let usd = self.budget.cost(out.billed);
-        if let Err(e) = self.budget.settle(rec.reservation(), Some(out.billed)).await {
+        if let Err(e) = self
+            .budget
+            .settle(rec.reservation(), Some(out.billed))
+            .await
+        {
             tracing::warn!(batch = rec.id, error = %e, "settling the batch's spend failed");
         }
         crate::meter::batch_tokens(

@@ -361,7 +361,10 @@ fn items(
     let mut items = Vec::new();
     let (mut inputs, mut tokens) = (0usize, 0u64);
     for (src, mine) in taken {
-        if !mine.iter().all(|c| line_of.contains_key(&(src.source, c.index))) {
+        if !mine
+            .iter()
+            .all(|c| line_of.contains_key(&(src.source, c.index)))
+        {
             left_out.push(src.source);
             continue;
         }

@@ -71,7 +71,7 @@ async fn defer_empty(pool: &PgPool, s: &Settings, model: &str) -> anyhow::Result
     if min == 0 || has_rows(pool, model).await? {
         return Ok(None);
     }
-    let sources = super::status::sources_with_text(pool).await?;
+    let sources = crate::source::count_with_text(pool).await?;
     Ok((sources >= min as i64).then(|| {
         format!("{model} has no rows yet and {sources} sources to embed: built after the backfill")
     }))

@@ -28,30 +28,10 @@ pub struct ModelStatus {
     pub building: Option<Progress>,
 }
 
-/// Sources with text to embed, counted as the stale scan counts them.
-pub async fn sources_with_text(pool: &PgPool) -> anyhow::Result<i64> {
-    let counts: Vec<String> = crate::source::SourceType::ALL
-        .iter()
-        .map(|t| {
-            format!(
-                "(SELECT count(*) FROM {} x WHERE {})",
-                t.table(),
-                t.has_text_sql("x")
-            )
-        })
-        .collect();
-    Ok(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT {}",
-        counts.join(" + ")
-    )))
-    .fetch_one(pool)
-    .await?)
-}
-
 /// Per model: rows, sources covered, completeness, its indexes; for the active model (`active`),
 /// whether its configured index is ready, building or deferred. Listed even before it has rows.
 pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<ModelStatus>> {
-    let total = sources_with_text(pool).await?;
+    let total = crate::source::count_with_text(pool).await?;
     let mut rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT embedding_model::text, count(*), count(DISTINCT (source_type, source_id))
            FROM rag_embeddings GROUP BY 1 ORDER BY 1",

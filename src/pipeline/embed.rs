@@ -9,40 +9,43 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use sqlx::PgPool;
+
+use crate::config::Settings;
 use crate::embed::EmbedError;
+use crate::embed::caller::Caller;
 use crate::embed::plan::{plan_requests, request_cap_tokens};
+use crate::meter::Stats;
 use crate::source::EmbedSource;
 
 use super::chunk::Chunk;
-use super::{Pipeline, Prepared};
 
 /// One input to embed: which source and chunk it belongs to.
-struct Input<'a> {
-    source: EmbedSource,
-    chunk: &'a Chunk,
+pub(super) struct Input<'a> {
+    pub(super) source: EmbedSource,
+    pub(super) chunk: &'a Chunk,
     /// The source has several chunks: keep the vector as soon as it is paid for.
-    keep_paid: bool,
+    pub(super) keep_paid: bool,
 }
 
-/// Embeds what `batch` must embed; the vectors go into `batch.vectors`. Returns the sources
-/// that failed, with the first error of each.
+/// What the embed step uses of the pipeline.
+pub(super) struct Step<'p> {
+    pub(super) caller: &'p Caller,
+    pub(super) pool: &'p PgPool,
+    pub(super) settings: &'p Settings,
+    pub(super) stats: &'p Stats,
+}
+
+/// A checked vector for (source, chunk index).
+pub(super) type Embedded = Vec<((EmbedSource, usize), pgvector::Vector)>;
+
+/// Embeds `inputs`. Returns the checked vectors and the sources that failed, with the first
+/// error of each.
 pub(super) async fn embed_all(
-    p: &Pipeline,
-    batch: &mut Prepared,
-) -> HashMap<EmbedSource, EmbedError> {
-    let s = &p.settings;
-    let inputs: Vec<Input> = batch
-        .to_embed()
-        .into_iter()
-        .flat_map(|(src, chunks)| {
-            let keep_paid = src.chunks.len() > 1;
-            chunks.into_iter().map(move |chunk| Input {
-                source: src.source,
-                chunk,
-                keep_paid,
-            })
-        })
-        .collect();
+    p: &Step<'_>,
+    inputs: &[Input<'_>],
+) -> (Embedded, HashMap<EmbedSource, EmbedError>) {
+    let s = p.settings;
     let plan = plan_requests(
         inputs
             .iter()
@@ -80,15 +83,13 @@ pub(super) async fn embed_all(
             }
         }
     }
-    drop(inputs);
-    batch.vectors.extend(vectors);
-    failures
+    (vectors, failures)
 }
 
 /// Embeds `inputs` in one request; when the provider rejects the request as invalid, splits
 /// it in halves until the bad input is alone, so the good inputs are still embedded.
 fn isolating<'a>(
-    p: &'a Pipeline,
+    p: &'a Step<'a>,
     inputs: Vec<&'a Input<'a>>,
 ) -> futures::future::BoxFuture<'a, Vec<Result<Vec<f32>, EmbedError>>> {
     Box::pin(async move {
@@ -110,7 +111,7 @@ fn isolating<'a>(
                     })
                     .map(|(i, v)| (i.chunk.content_hash.as_str(), v.as_slice(), i.chunk.tokens))
                     .collect();
-                if let Err(e) = super::paid::put(&p.pool, &model, &to_keep).await {
+                if let Err(e) = super::paid::put(p.pool, &model, &to_keep).await {
                     tracing::warn!(error = %e, "could not keep paid-for chunks of a long source");
                 }
                 p.stats

@@ -31,8 +31,8 @@ pub use crate::job::{Disposition, Job, JobError, JobOutcome, JobResult};
 use crate::meter::Stats;
 use crate::source::EmbedSource;
 use chunk::{Chunk, Chunker, ChunkerThread};
-pub use write::{ChunkWrite, SourceWrite};
 use write::WriteOutcome;
+pub use write::{ChunkWrite, SourceWrite};
 
 /// One process's pipeline: what every batch shares.
 pub struct Pipeline {
@@ -169,7 +169,8 @@ impl Pipeline {
                 jobs.iter().map(|j| (j.source, Err(err.clone()))).collect()
             }
         };
-        let mut results = crate::job::by_job(jobs.iter().map(|j| (j.id.as_str(), j.source)), &by_source);
+        let mut results =
+            crate::job::by_job(jobs.iter().map(|j| (j.id.as_str(), j.source)), &by_source);
         for j in jobs {
             results
                 .entry(j.id.clone())
@@ -220,7 +221,28 @@ impl Pipeline {
     /// checked. A source with a failed request or an unusable vector is answered with the error
     /// (the first for that source) and not written.
     pub async fn embed(&self, batch: &mut Prepared) {
-        let failures = embed::embed_all(self, batch).await;
+        let step = embed::Step {
+            caller: &self.caller,
+            pool: &self.pool,
+            settings: &self.settings,
+            stats: &self.stats,
+        };
+        let (vectors, failures) = {
+            let inputs: Vec<embed::Input> = batch
+                .to_embed()
+                .into_iter()
+                .flat_map(|(src, chunks)| {
+                    let keep_paid = src.chunks.len() > 1;
+                    chunks.into_iter().map(move |chunk| embed::Input {
+                        source: src.source,
+                        chunk,
+                        keep_paid,
+                    })
+                })
+                .collect();
+            embed::embed_all(&step, &inputs).await
+        };
+        batch.vectors.extend(vectors);
         let quota_recheck =
             std::time::Duration::from_secs(self.settings.retry.quota_recheck_secs.min(60));
         let stopped_for = self
@@ -230,9 +252,10 @@ impl Pipeline {
             .unwrap_or_default()
             .min(std::time::Duration::from_secs(60));
         for (src, e) in failures {
-            batch
-                .results
-                .insert(src, Err(JobError::from_embed(&e, quota_recheck, stopped_for)));
+            batch.results.insert(
+                src,
+                Err(JobError::from_embed(&e, quota_recheck, stopped_for)),
+            );
         }
     }
 

@@ -46,7 +46,6 @@ pub async fn stored_hashes(
         .collect())
 }
 
-
 /// Vectors kept for `hashes` of `model`: content hash → (vector, tokens).
 pub async fn take(
     pool: &PgPool,

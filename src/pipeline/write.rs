@@ -362,4 +362,3 @@ async fn trim_tail(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx
     .await?;
     Ok(())
 }
-

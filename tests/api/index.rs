@@ -317,7 +317,9 @@ async fn two_models_sharing_a_60_character_prefix_get_two_indexes() {
     assert_ne!(east.name(), west.name());
     build_index(&t, &east.model, 8).await;
     build_index(&t, &west.model, 8).await;
-    let all = embed_worker::model_index::vector_indexes(&t.admin).await.unwrap();
+    let all = embed_worker::model_index::vector_indexes(&t.admin)
+        .await
+        .unwrap();
     for s in [&east, &west] {
         assert_eq!(
             model_index::find(&all, s),

@@ -311,7 +311,9 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
             .unwrap();
     assert!(!rls, "the app's table is left alone");
     let settings = embed_worker::config::Settings::load(None).unwrap();
-    let report = embed_worker::verify::verify(&t.admin, &settings).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &settings)
+        .await
+        .unwrap();
     assert_eq!(
         report.problems.len(),
         1,
@@ -334,7 +336,9 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
         .execute(&t.admin)
         .await
         .unwrap();
-    let report = embed_worker::verify::verify(&t.admin, &settings).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &settings)
+        .await
+        .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let worker = t.worker_pool().await;
     let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM sessions")
@@ -433,7 +437,9 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     let t = TestDb::migrated().await;
     let settings = embed_worker::config::Settings::load(None).unwrap();
     let default_index = spec("text-embedding-ada-002", 1536);
-    let report = embed_worker::verify::verify(&t.admin, &settings).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &settings)
+        .await
+        .unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     let ix = report
         .indexes
@@ -453,7 +459,9 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     .execute(&t.admin)
     .await
     .unwrap();
-    let report = embed_worker::verify::verify(&t.admin, &settings).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &settings)
+        .await
+        .unwrap();
     assert!(
         report
             .problems
@@ -467,7 +475,9 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
         .execute(&t.admin)
         .await
         .unwrap();
-    let report = embed_worker::verify::verify(&t.admin, &settings).await.unwrap();
+    let report = embed_worker::verify::verify(&t.admin, &settings)
+        .await
+        .unwrap();
     assert!(
         report
             .problems
