@@ -140,6 +140,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn redacts_password_in_url() {
+        assert_eq!(
+            url("postgres://u:hunter2@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
     fn url_passwords_are_masked_in_both_forms() {
         assert_eq!(
             url("postgres://u:hunter2@h:5432/db"),

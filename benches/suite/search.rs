@@ -339,7 +339,7 @@ async fn filtered_and_lookups(
     let mut lat = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
-        embed_worker::search::templates_by_focus(pool, foci[i % 4])
+        helpers::templates_by_focus(pool, foci[i % 4])
             .await
             .unwrap();
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -348,7 +348,7 @@ async fn filtered_and_lookups(
     let mut lat = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
-        embed_worker::search::session_embeddings(pool, ids[(i * 7919) % ids.len()])
+        helpers::session_embeddings(pool, ids[(i * 7919) % ids.len()])
             .await
             .unwrap();
         lat.push(t.elapsed().as_secs_f64() * 1000.0);

@@ -15,17 +15,17 @@ use secrecy::ExposeSecret;
 use crate::config::ApiSettings;
 
 /// The metadata key that ties a provider's batch to its record (`embed_worker.batches.id`).
-pub const RECORD_KEY: &str = "embed_worker_batch";
+pub(crate) const RECORD_KEY: &str = "embed_worker_batch";
 
 /// A Batch API client for `api.base_url`.
-pub struct BatchClient {
+pub(crate) struct BatchClient {
     client: async_openai::Client<OpenAIConfig>,
     key: Option<secrecy::SecretString>,
 }
 
 impl BatchClient {
     /// A client with the configured key and a timeout long enough for a 200 MB upload.
-    pub fn new(api: &ApiSettings) -> anyhow::Result<Self> {
+    pub(crate) fn new(api: &ApiSettings) -> anyhow::Result<Self> {
         crate::init_tls();
         let mut config = OpenAIConfig::new().with_api_base(api.base_url.trim_end_matches('/'));
         if let Some(key) = &api.api_key {
@@ -48,7 +48,7 @@ impl BatchClient {
     }
 
     /// Uploads a JSONL file with purpose `batch`; returns its id.
-    pub async fn upload(&self, filename: &str, bytes: Vec<u8>) -> anyhow::Result<String> {
+    pub(crate) async fn upload(&self, filename: &str, bytes: Vec<u8>) -> anyhow::Result<String> {
         let req = CreateFileRequest {
             file: FileInput {
                 source: InputSource::VecU8 {
@@ -69,7 +69,7 @@ impl BatchClient {
     }
 
     /// Creates the batch of `/v1/embeddings` requests in `file_id`, tagged with its record id.
-    pub async fn create(&self, file_id: &str, record: i64) -> anyhow::Result<Batch> {
+    pub(crate) async fn create(&self, file_id: &str, record: i64) -> anyhow::Result<Batch> {
         let req = BatchRequest {
             input_file_id: file_id.to_string(),
             endpoint: BatchEndpoint::V1Embeddings,
@@ -89,7 +89,7 @@ impl BatchClient {
 
     /// The provider's batch created for `record`, if there is one (a submitter that died
     /// between creating it and recording its id).
-    pub async fn find(&self, record: i64) -> anyhow::Result<Option<Batch>> {
+    pub(crate) async fn find(&self, record: i64) -> anyhow::Result<Option<Batch>> {
         let list = self
             .client
             .batches()
@@ -106,7 +106,7 @@ impl BatchClient {
     }
 
     /// The batch now.
-    pub async fn retrieve(&self, id: &str) -> anyhow::Result<Batch> {
+    pub(crate) async fn retrieve(&self, id: &str) -> anyhow::Result<Batch> {
         self.client
             .batches()
             .retrieve(id)
@@ -115,7 +115,7 @@ impl BatchClient {
     }
 
     /// Asks the provider to cancel the batch.
-    pub async fn cancel(&self, id: &str) -> anyhow::Result<Batch> {
+    pub(crate) async fn cancel(&self, id: &str) -> anyhow::Result<Batch> {
         self.client
             .batches()
             .cancel(id)
@@ -124,7 +124,7 @@ impl BatchClient {
     }
 
     /// A file's content.
-    pub async fn content(&self, file_id: &str) -> anyhow::Result<Vec<u8>> {
+    pub(crate) async fn content(&self, file_id: &str) -> anyhow::Result<Vec<u8>> {
         let bytes = self
             .client
             .files()
@@ -136,7 +136,7 @@ impl BatchClient {
     }
 
     /// Deletes a file at the provider.
-    pub async fn delete(&self, file_id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn delete(&self, file_id: &str) -> anyhow::Result<()> {
         self.client
             .files()
             .delete(file_id)
@@ -147,7 +147,7 @@ impl BatchClient {
 }
 
 /// The provider's status as a word (`in_progress`, `completed`…).
-pub fn status_str(s: &async_openai::types::batches::BatchStatus) -> String {
+pub(crate) fn status_str(s: &async_openai::types::batches::BatchStatus) -> String {
     serde_json::to_value(s)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))

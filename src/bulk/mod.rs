@@ -18,10 +18,10 @@
 //! results are written and every job has ended. A restart resumes polling; a batch is never
 //! created twice (its record id is in the provider's metadata and looked up before creating).
 
-pub mod client;
-pub mod collect;
+pub(crate) mod client;
+mod collect;
 pub mod records;
-pub mod submit;
+mod submit;
 
 use std::sync::Arc;
 use std::time::Duration;

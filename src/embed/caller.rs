@@ -22,7 +22,7 @@ use crate::meter::Stats;
 
 /// Sends requests for one process: what every request shares (the provider, its limits, the
 /// guards and the counters).
-pub struct Caller {
+pub(crate) struct Caller {
     settings: Arc<Settings>,
     embedder: Embedder,
     /// Requests in flight at once (`batch.max_in_flight`).
@@ -35,7 +35,7 @@ pub struct Caller {
 
 impl Caller {
     /// A caller for `embedder` under `settings`' limits; an in-process model gets no rate limit.
-    pub fn new(
+    pub(crate) fn new(
         pool: sqlx::PgPool,
         settings: Arc<Settings>,
         embedder: Embedder,
@@ -78,7 +78,7 @@ impl Caller {
     }
 
     /// The largest request (in budgeted tokens) the rate limiter can ever admit.
-    pub fn max_request_tokens(&self) -> Option<u32> {
+    pub(crate) fn max_request_tokens(&self) -> Option<u32> {
         self.limiter.max_request_tokens()
     }
 
@@ -109,7 +109,7 @@ impl Caller {
     /// count, which is what is billed and what the tokens-per-minute limit is charged (charging
     /// the estimate left part of the quota unused: docs/decisions.md); a provider that counts its
     /// quota otherwise is followed through its `x-ratelimit-remaining-tokens`.
-    pub async fn send(
+    pub(crate) async fn send(
         &self,
         texts: &[&str],
         cap_tokens: usize,

@@ -10,13 +10,13 @@
 //! limiter and the retries). This file only declares and re-exports: no module here imports a
 //! module that imports it back.
 
-pub mod caller;
+pub(crate) mod caller;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
-pub mod plan;
+pub(crate) mod plan;
 pub mod provider;
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod reply;
 
 pub use openai::OpenAiEmbedder;

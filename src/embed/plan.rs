@@ -4,7 +4,7 @@
 //! inputs, ≤ 300,000 budgeted tokens a request), testable without a provider or a database.
 
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base · 2^attempt)].
-pub fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Duration {
+pub(crate) fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Duration {
     let ceiling = base_ms
         .saturating_mul(1u64 << attempt.min(20))
         .min(cap_ms)
@@ -15,13 +15,13 @@ pub fn full_jitter(base_ms: u64, cap_ms: u64, attempt: u32) -> std::time::Durati
 /// What the provider's per-request token cap is charged for an input: OpenAI estimates about
 /// 0.25 token per UTF-8 byte when enforcing it, so a request is packed by the larger of that and
 /// the real count.
-pub fn request_cap_tokens(text: &str, tokens: usize) -> usize {
+pub(crate) fn request_cap_tokens(text: &str, tokens: usize) -> usize {
     tokens.max(text.len().div_ceil(4))
 }
 
 /// Packs inputs (given by their [`request_cap_tokens`]) into consecutive ranges, each at most
 /// `max_inputs` long and `max_tokens` in total. An input is never split across requests.
-pub fn plan_requests(
+pub(crate) fn plan_requests(
     cap_tokens: impl IntoIterator<Item = usize>,
     max_inputs: usize,
     max_tokens: usize,

@@ -44,7 +44,7 @@ pub struct RateLimitHeaders {
 }
 
 /// This process's limiter: governor, provider headers, pacing after 429s.
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
     token_burst: u32,
@@ -95,7 +95,7 @@ struct Adaptive {
 }
 
 /// Held while a request is in flight; dropping it marks the request answered.
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     limiter: &'a RateLimiter,
     _slot: Option<Slot<'a>>,
     id: u64,
@@ -124,7 +124,7 @@ impl RateLimiter {
     /// `max_request_tokens`: the largest request the pipeline will send (the token burst);
     /// `max_in_flight`: requests at once, the most the slow-start window opens to (0: a local
     /// model, no provider to learn from).
-    pub fn new(
+    pub(crate) fn new(
         cfg: &RateLimitSettings,
         max_request_tokens: u32,
         headers: Arc<Mutex<RateLimitHeaders>>,
@@ -192,7 +192,7 @@ impl RateLimiter {
 
     /// The provider accepted a request: open the window, and every 8 in a row shorten the
     /// spacing by an eighth.
-    pub fn accepted(&self) {
+    pub(crate) fn accepted(&self) {
         if let Some(adaptive) = &self.adaptive {
             let mut a = adaptive.lock().unwrap();
             a.window = (a.window + 1).min(a.max_window);
@@ -208,12 +208,12 @@ impl RateLimiter {
     }
 
     /// The largest request (in budgeted tokens) this limiter can ever admit.
-    pub fn max_request_tokens(&self) -> Option<u32> {
+    pub(crate) fn max_request_tokens(&self) -> Option<u32> {
         self.tokens.as_ref().map(|_| self.token_burst)
     }
 
     /// Waits until a request of `tokens` may be sent; hold the permit until it is answered.
-    pub async fn acquire(&self, tokens: u32) -> Permit<'_> {
+    pub(crate) async fn acquire(&self, tokens: u32) -> Permit<'_> {
         let start = Instant::now();
         loop {
             let pause = *self.paused_until.lock().unwrap();
@@ -302,7 +302,7 @@ impl RateLimiter {
     /// After a 429 for a request sent at `sent_at`: no request from this process before
     /// `after` from now; then one at a time, spaced by at least `after` (twice the last spacing
     /// if this round had one already).
-    pub fn refused(&self, after: Duration, sent_at: Instant) {
+    pub(crate) fn refused(&self, after: Duration, sent_at: Instant) {
         let now = Instant::now();
         let until = now + after;
         {
@@ -326,7 +326,7 @@ impl RateLimiter {
     }
 
     /// The learnt spacing between requests, if a 429 taught one.
-    pub fn interval(&self) -> Option<Duration> {
+    pub(crate) fn interval(&self) -> Option<Duration> {
         self.adaptive
             .as_ref()
             .and_then(|a| a.lock().unwrap().interval)
@@ -336,7 +336,7 @@ impl RateLimiter {
 /// How long to wait, per the provider's last headers, before sending `tokens` more.
 /// `reset` is the time until the limit is back to its initial state (OpenAI's meaning); with the
 /// limit known, the provider replenishes continuously, so only the missing share is waited for.
-pub fn provider_wait(h: &RateLimitHeaders, tokens: u64, now: Instant) -> Option<Duration> {
+pub(crate) fn provider_wait(h: &RateLimitHeaders, tokens: u64, now: Instant) -> Option<Duration> {
     let seen = h.seen_at?;
     let wait_for = |remaining: Option<u64>,
                     limit: Option<u64>,

@@ -6,5 +6,5 @@
 //! every reason in one line.
 
 pub mod budget;
-pub mod gate;
+pub(crate) mod gate;
 pub mod health;

@@ -24,7 +24,7 @@ struct Submitted {
 
 /// The handlers' side of the batcher. Cheap to clone.
 #[derive(Clone)]
-pub struct Batcher {
+pub(crate) struct Batcher {
     tx: mpsc::Sender<Submitted>,
     pipeline: Arc<Pipeline>,
     draining: Arc<AtomicBool>,
@@ -40,7 +40,7 @@ fn released() -> JobError {
 
 impl Batcher {
     /// Starts the batching task on the current runtime.
-    pub fn spawn(pipeline: Arc<Pipeline>) -> Batcher {
+    pub(crate) fn spawn(pipeline: Arc<Pipeline>) -> Batcher {
         let cfg = pipeline.settings.batch.clone();
         let (tx, rx) = mpsc::channel(cfg.max_jobs * 4);
         let (drain_tx, drain_rx) = mpsc::channel(1);
@@ -62,7 +62,7 @@ impl Batcher {
     }
 
     /// Submits one job and waits for its result.
-    pub async fn submit(&self, job: Job) -> JobResult {
+    pub(crate) async fn submit(&self, job: Job) -> JobResult {
         if self.draining.load(Ordering::SeqCst) {
             return self.release_one(job).await;
         }
@@ -84,7 +84,7 @@ impl Batcher {
     }
 
     /// Stops forming batches, releases unstarted jobs, waits for running batches.
-    pub async fn drain(&self) {
+    pub(crate) async fn drain(&self) {
         self.draining.store(true, Ordering::SeqCst);
         let (done_tx, done_rx) = oneshot::channel();
         if self.drain_tx.send(done_tx).await.is_ok() {

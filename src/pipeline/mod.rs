@@ -10,11 +10,11 @@
 //! [`Pipeline::embed`] → [`Pipeline::finish`]; the bulk lane [`Pipeline::prepare`] → the Batch API
 //! → [`Pipeline::write`] of what came back. The embed step's requests are in [`embed`].
 
-pub mod batcher;
+pub(crate) mod batcher;
 pub mod chunk;
 mod embed;
 pub mod load;
-pub mod paid;
+pub(crate) mod paid;
 pub mod write;
 
 use std::collections::{HashMap, HashSet};

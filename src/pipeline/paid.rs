@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::source::EmbedSource;
 
 /// Stored content hashes by (source, chunk_index) for one model.
-pub async fn stored_hashes(
+pub(crate) async fn stored_hashes(
     pool: &PgPool,
     model: &str,
     sources: &[EmbedSource],
@@ -47,7 +47,7 @@ pub async fn stored_hashes(
 }
 
 /// Vectors kept for `hashes` of `model`: content hash → (vector, tokens).
-pub async fn take(
+pub(crate) async fn take(
     pool: &PgPool,
     model: &str,
     hashes: &[&str],
@@ -70,7 +70,11 @@ pub async fn take(
 }
 
 /// Keeps vectors just paid for: (content hash, vector, tokens).
-pub async fn put(pool: &PgPool, model: &str, chunks: &[(&str, &[f32], usize)]) -> sqlx::Result<()> {
+pub(crate) async fn put(
+    pool: &PgPool,
+    model: &str,
+    chunks: &[(&str, &[f32], usize)],
+) -> sqlx::Result<()> {
     if chunks.is_empty() {
         return Ok(());
     }
@@ -99,7 +103,7 @@ pub async fn put(pool: &PgPool, model: &str, chunks: &[(&str, &[f32], usize)]) -
 }
 
 /// Forgets kept vectors once their source is written.
-pub async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Result<()> {
+pub(crate) async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Result<()> {
     if hashes.is_empty() {
         return Ok(());
     }
@@ -114,7 +118,7 @@ pub async fn clear(pool: &PgPool, model: &str, hashes: &[String]) -> sqlx::Resul
 }
 
 /// Retention: kept vectors older than `age` belong to sources that never completed.
-pub async fn prune(pool: &PgPool, age: std::time::Duration) -> sqlx::Result<u64> {
+pub(crate) async fn prune(pool: &PgPool, age: std::time::Duration) -> sqlx::Result<u64> {
     Ok(sqlx::query(
         "DELETE FROM embed_worker.chunk_stage WHERE created_at < now() - make_interval(secs => $1)",
     )

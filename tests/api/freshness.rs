@@ -241,7 +241,7 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
         names.contains(&spec(&a.model.name, 256).name())
             && names.contains(&spec(&b.model.name, 512).name())
     );
-    let plan = search::explain(
+    let plan = explain(
         &t.admin,
         &spec(&b.model.name, 512),
         embed_worker::fake_openai::fake_vector("x", 512),

@@ -306,3 +306,59 @@ pub async fn build_index(t: &TestDb, model: &str, dims: usize) {
         "{outcome:?}"
     );
 }
+
+/// Test and bench lookups (not part of the worker).
+///
+/// EXPLAIN of the search, to show which index it uses. `without_seqscan`: on a small table the
+/// planner rightly prefers a sequential scan; disabling it shows whether the index matches.
+pub async fn explain(
+    pool: &sqlx::PgPool,
+    spec: &embed_worker::model_index::IndexSpec,
+    query: Vec<f32>,
+    without_seqscan: bool,
+) -> sqlx::Result<String> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        .execute(&mut *tx)
+        .await?;
+    if without_seqscan {
+        sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        embed_worker::search::search_sql(spec, 5, None, false)
+    )))
+    .bind(pgvector::Vector::from(query))
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n"))
+}
+
+/// Enabled templates of a focus (the design's template lookup).
+pub async fn templates_by_focus(
+    pool: &sqlx::PgPool,
+    focus: &str,
+) -> sqlx::Result<Vec<(uuid::Uuid, String)>> {
+    sqlx::query_as(
+        "SELECT id, body FROM question_templates WHERE focus = $1::interview_focus AND enabled ORDER BY usage_count DESC, id",
+    )
+    .bind(focus)
+    .fetch_all(pool)
+    .await
+}
+
+/// A session's own embeddings (the design's session lookup): (model, chunk, tokens).
+pub async fn session_embeddings(
+    pool: &sqlx::PgPool,
+    session: uuid::Uuid,
+) -> sqlx::Result<Vec<(String, i32, i32)>> {
+    sqlx::query_as(
+        "SELECT embedding_model::text, chunk_index, token_count FROM rag_embeddings
+          WHERE source_type = 'session' AND source_id = $1 ORDER BY embedding_model, chunk_index",
+    )
+    .bind(session)
+    .fetch_all(pool)
+    .await
+}

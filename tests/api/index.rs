@@ -72,9 +72,7 @@ async fn text_embedding_3_large_at_3072_dimensions_migrates_embeds_and_searches_
 
     let target = sources[17].source_id;
     let q = stored_vector(&t, target).await;
-    let plan = search::explain(&t.admin, &spec, q.clone(), true)
-        .await
-        .unwrap();
+    let plan = explain(&t.admin, &spec, q.clone(), true).await.unwrap();
     assert!(plan.contains(&name), "{plan}");
     let found = search::search(&t.admin, &spec, q, &SearchOptions::default())
         .await
@@ -200,9 +198,7 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
     .await;
     assert_eq!(rows, 300);
 
-    let plan = search::explain(&t.admin, &spec, q.clone(), true)
-        .await
-        .unwrap();
+    let plan = explain(&t.admin, &spec, q.clone(), true).await.unwrap();
     assert!(plan.contains(&name), "{plan}");
     let found = search::search(&t.admin, &spec, q, &SearchOptions::default())
         .await
@@ -327,9 +323,7 @@ async fn two_models_sharing_a_60_character_prefix_get_two_indexes() {
             "{}",
             s.model
         );
-        let plan = search::explain(&t.admin, s, vec![0.5; 8], true)
-            .await
-            .unwrap();
+        let plan = explain(&t.admin, s, vec![0.5; 8], true).await.unwrap();
         assert!(plan.contains(&s.name()), "{plan}");
     }
     let st = model_index::status(&t.admin, &east).await.unwrap();

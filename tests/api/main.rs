@@ -5,15 +5,18 @@
 mod helpers;
 
 mod bulk;
+mod config;
 mod demo;
 mod deploy;
 mod freshness;
-mod hardening;
 mod index;
 mod local_model;
 mod operate;
 mod pipeline;
 mod prometheus;
+mod provider;
+mod queue;
 mod resilience;
 mod schema;
+mod security;
 mod shutdown;
