@@ -8,21 +8,23 @@
 //! | stage | where | may touch |
 //! | --- | --- | --- |
 //! | job: claim, payload, how it ends | [`worker`] (apalis), [`job`], [`source`] | `apalis.jobs` through apalis |
-//! | batch: gather jobs | [`pipeline::batcher`] | memory only |
+//! | batch: gather jobs | `pipeline::batcher` | memory only |
 //! | start: clear the dedup key | [`queue`] | `apalis.jobs` (our columns, never waiting on a row lock) |
-//! | load: read and render the text | [`pipeline::load`] | `sessions`, `question_templates` (read) |
-//! | tokenize/split | [`pipeline::chunk`] | the tokenizer thread |
-//! | skip unchanged, reuse paid-for chunks | [`pipeline::write::existing_hashes`], [`pipeline::stage`] | `rag_embeddings` (read), `embed_worker.chunk_stage` |
-//! | rate-limit and call | [`embed::caller`] → [`embed::ratelimit`], [`guard`] → [`embed::openai`] / [`embed::local`] | the provider, `embed_worker.spend` |
-//! | write | [`pipeline::write`] | `rag_embeddings` (the only writer) |
-//! | ack: release, back off, kill | [`job::settle`], [`job::JobError::report`] | `apalis.jobs` |
-//! | bulk lane in batch mode: submit, poll, collect | [`bulk`] (same load → chunk → skip → write stages; the Batch API instead of the embed call) | `apalis.jobs` (`<queue>.batch`), `embed_worker.batches`, the provider's files and batches |
+//! | prepare: load, render | [`pipeline::load`] | `sessions`, `question_templates` (read) |
+//! | prepare: tokenize/split | [`pipeline::chunk`] | the tokenizer thread |
+//! | prepare: skip what is paid for | `pipeline::paid` | `rag_embeddings` (read), `embed_worker.chunk_stage` |
+//! | embed: pack, call, rate-limit | `pipeline::embed` → `embed::caller` → `embed::ratelimit`, [`guard`] → [`embed::openai`] / [`embed::local`] | the provider, `embed_worker.spend` |
+//! | finish: write | [`pipeline::write`] | `rag_embeddings` (the only writer) |
+//! | ack: release, back off, kill; the batch lane's ends | [`job::settle`], [`job::JobError::report`], [`job::end_unacked`] | `apalis.jobs` (through [`queue`]) |
+//! | bulk lane in batch mode: submit, poll, collect | [`bulk`] (the same prepare and write steps; the Batch API instead of the embed step) | `apalis.jobs` (`<queue>.batch`), `embed_worker.batches`, the provider's files and batches |
 //!
-//! [`pipeline::Pipeline::process`] reads as those steps. Around them: [`config`] (typed settings),
-//! [`db`] (connect, migrate), [`verify`], [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what
-//! is stale), [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`]
-//! (secrets never leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command
-//! line is the binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
+//! [`pipeline::Pipeline`] runs them as one sequence of public steps: `prepare → embed →
+//! finish`. Every statement on `apalis.jobs` is in [`queue`]. Around them: [`config`] (typed
+//! settings, each section's ranges beside it), [`db`] (connect, migrate), [`verify`],
+//! [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what is stale),
+//! [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`] (secrets never
+//! leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command line is the
+//! binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
 
 pub mod bulk;
 pub mod config;

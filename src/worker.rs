@@ -1,7 +1,7 @@
 //! `run`: the apalis worker that feeds the batcher, and graceful shutdown.
 //!
 //! Why apalis hands jobs to a batcher instead of embedding them itself: apalis calls the
-//! handler once per job; the handler submits the job to the [`Batcher`] and returns that job's
+//! handler once per job; the handler submits the job to the `Batcher` and returns that job's
 //! own result, which apalis-postgres acknowledges (Done / Failed with the reason).
 //!
 //! Shutdown (SIGTERM, SIGINT): apalis stops claiming, in-flight handlers (and so their batches)

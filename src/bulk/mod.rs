@@ -7,9 +7,9 @@
 //! billed at half price from a separate rate-limit pool), which no apalis worker claims.
 //!
 //! The batch lane, one leader across replicas (advisory lock), every `bulk.poll_secs`:
-//! 1. resume: records left `preparing` by a dead submitter ([`submit`]);
-//! 2. poll: each submitted batch; an ended one is collected ([`collect`]);
-//! 3. submit: due bulk jobs → one batch ([`submit`]), while fewer than `bulk.max_open_batches`
+//! 1. resume: records left `preparing` by a dead submitter (`submit`);
+//! 2. poll: each submitted batch; an ended one is collected (`collect`);
+//! 3. submit: due bulk jobs → one batch (`submit`), while fewer than `bulk.max_open_batches`
 //!    are open.
 //!
 //! Batch states as recorded (`embed_worker.batches`): `preparing` (recorded with its items,

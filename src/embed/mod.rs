@@ -5,8 +5,8 @@
 //! one vector per input plus the billed tokens ([`Embedded`]), or an [`EmbedError`] classified by
 //! what the worker should do next. [`reply`] holds those terms and depends on no provider; the
 //! providers depend on it, and [`provider`] picks the configured one. Around a provider:
-//! [`ratelimit`] (requests and tokens per minute, the provider's headers, pacing after a 429),
-//! [`plan`] (packing inputs into requests) and [`caller`] (one request through the guards, the
+//! `ratelimit` (requests and tokens per minute, the provider's headers, pacing after a 429),
+//! `plan` (packing inputs into requests) and `caller` (one request through the guards, the
 //! limiter and the retries). This file only declares and re-exports: no module here imports a
 //! module that imports it back.
 

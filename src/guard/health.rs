@@ -1,7 +1,7 @@
 //! Health: what `/healthz` and `/readyz` report, shared by every part of the worker.
 //!
 //! Why one struct: readiness is the sum of facts owned by different stages (the database
-//! answers, the process is not shutting down, the [`ApiGate`](super::gate::ApiGate) is open),
+//! answers, the process is not shutting down, the `ApiGate` is open),
 //! and an operator at 3 a.m. wants the reason in one line, not a bare 503.
 
 use std::sync::Mutex;

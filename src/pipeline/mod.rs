@@ -8,7 +8,7 @@
 //!
 //! Both lanes run the same three public steps: the sync lane [`Pipeline::prepare`] →
 //! [`Pipeline::embed`] → [`Pipeline::finish`]; the bulk lane [`Pipeline::prepare`] → the Batch API
-//! → [`Pipeline::write`] of what came back. The embed step's requests are in [`embed`].
+//! → [`Pipeline::write`] of what came back. The embed step's requests are in `embed`.
 
 pub(crate) mod batcher;
 pub mod chunk;

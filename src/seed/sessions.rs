@@ -1,5 +1,5 @@
 //! `seed-demo`: the demo's practice sessions for three users, generated deterministically
-//! (no two alike) from the phrase tables in [`super::corpus`].
+//! (no two alike) from the phrase tables in `super::corpus`.
 
 use sqlx::PgPool;
 
