@@ -734,32 +734,35 @@ impl Checks {
     /// `lo..=hi`.
     fn within<T: PartialOrd + std::fmt::Display>(&mut self, key: &str, value: T, lo: T, hi: T) {
         let allowed = format!("{lo}..={hi}");
-        self.check(lo <= value && value <= hi, key, &value, &allowed);
+        self.between(key, value, (lo, hi), &allowed);
     }
 
     /// `lo..=hi`, with why those are the limits.
-    fn within_because<T: PartialOrd + std::fmt::Display>(
-        &mut self,
-        key: &str,
-        value: T,
-        lo: T,
-        hi: T,
-        why: &str,
-    ) {
+    fn within_because<T>(&mut self, key: &str, value: T, lo: T, hi: T, why: &str)
+    where
+        T: PartialOrd + std::fmt::Display,
+    {
         let allowed = format!("{lo}..={hi} ({why})");
-        self.check(lo <= value && value <= hi, key, &value, &allowed);
+        self.between(key, value, (lo, hi), &allowed);
     }
 
     /// From another key's value (`lo`, named) up to `hi`.
-    fn within_named<T: PartialOrd + std::fmt::Display>(
+    fn within_named<T>(&mut self, key: &str, value: T, (lo, lo_key): (T, &str), hi: T)
+    where
+        T: PartialOrd + std::fmt::Display,
+    {
+        let allowed = format!("{lo_key}..={hi}");
+        self.between(key, value, (lo, hi), &allowed);
+    }
+
+    fn between<T: PartialOrd + std::fmt::Display>(
         &mut self,
         key: &str,
-        value: T,
-        (lo, lo_key): (T, &str),
-        hi: T,
+        v: T,
+        r: (T, T),
+        allowed: &str,
     ) {
-        let allowed = format!("{lo_key}..={hi}");
-        self.check(lo <= value && value <= hi, key, &value, &allowed);
+        self.check(r.0 <= v && v <= r.1, key, &v, allowed);
     }
 
     /// `>= lo`.

@@ -134,34 +134,29 @@ pub async fn open_sources(
     job_types: &[String],
     among: Option<&[EmbedSource]>,
 ) -> sqlx::Result<std::collections::HashSet<EmbedSource>> {
-    let rows: Vec<(String, Uuid)> = match among {
-        Some(sources) => {
-            let keys: Vec<String> = sources.iter().map(EmbedSource::dedup_key).collect();
-            sqlx::query_as(concat!(
-                "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
-                   FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                          WHERE job_type = ANY($1) AND ",
-                active_job!(),
-                " AND idempotency_key = ANY($2)) j"
-            ))
-            .bind(job_types)
-            .bind(&keys)
-            .fetch_all(pool)
-            .await?
-        }
-        None => {
-            sqlx::query_as(concat!(
-                "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
-                   FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
-                          WHERE job_type = ANY($1) AND ",
-                active_job!(),
-                ") j WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'"
-            ))
-            .bind(job_types)
-            .fetch_all(pool)
-            .await?
-        }
+    let keys: Option<Vec<String>> =
+        among.map(|sources| sources.iter().map(EmbedSource::dedup_key).collect());
+    let sql = match keys {
+        Some(_) => concat!(
+            "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
+               FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+                      WHERE job_type = ANY($1) AND ",
+            active_job!(),
+            " AND idempotency_key = ANY($2)) j"
+        ),
+        None => concat!(
+            "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
+               FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+                      WHERE job_type = ANY($1) AND ",
+            active_job!(),
+            ") j WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'"
+        ),
     };
+    let mut query = sqlx::query_as::<_, (String, Uuid)>(sql).bind(job_types);
+    if let Some(keys) = keys {
+        query = query.bind(keys);
+    }
+    let rows = query.fetch_all(pool).await?;
     Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
 }
 
