@@ -243,3 +243,58 @@ pub async fn with_scan_lock<T, F: std::future::Future<Output = anyhow::Result<T>
         .await;
     result.map(Some)
 }
+
+/// Tokens the sources would cost to embed now with the active model, and that in USD.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// Sources to embed.
+    pub sources: usize,
+    /// Their tokens.
+    pub tokens: u64,
+    /// Their cost at the synchronous price.
+    pub usd: f64,
+    /// Their cost through the Batch API.
+    pub batch_usd: f64,
+}
+
+impl std::fmt::Display for Estimate {
+    /// `N sources, T tokens, $S sync / $B batch (saves $D)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} sources, {} tokens, ${:.4} sync / ${:.4} through the Batch API (saves ${:.4})",
+            self.sources,
+            self.tokens,
+            self.usd,
+            self.batch_usd,
+            self.usd - self.batch_usd
+        )
+    }
+}
+
+/// Renders and counts the sources' chunks, 1,000 sources at a time.
+pub async fn estimate(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+    sources: &[EmbedSource],
+) -> anyhow::Result<Estimate> {
+    let m = &settings.model;
+    let chunker = crate::pipeline::chunk::Chunker::for_model(m)?;
+    let mut tokens = 0u64;
+    for chunk in sources.chunks(1000) {
+        let loaded = crate::pipeline::load::load(pool, &settings.render, chunk).await?;
+        for l in loaded.values() {
+            tokens += chunker
+                .chunks(&l.text, &m.name, m.dimensions)
+                .iter()
+                .map(|c| c.tokens as u64)
+                .sum::<u64>();
+        }
+    }
+    Ok(Estimate {
+        sources: sources.len(),
+        tokens,
+        usd: tokens as f64 * m.usd_per_million_tokens / 1e6,
+        batch_usd: tokens as f64 * m.batch_usd_per_million_tokens / 1e6,
+    })
+}

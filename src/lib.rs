@@ -23,7 +23,7 @@
 //! settings, each section's ranges beside it), [`db`] (connect, migrate), [`verify`],
 //! [`model_index`] (one HNSW index per model, deferred builds), [`freshness`] (what is stale),
 //! [`search`], [`meter`] and [`http`] (metrics, probes), [`telemetry`], [`redact`] (secrets never
-//! leave), [`seed`] and [`ops`] (the demo's data; backfill progress). The command line is the
+//! leave), [`seed`] (the demo's data). The command line is the
 //! binary's `cli` module; the fake provider is the `testing` feature's `fake_openai`.
 
 pub mod bulk;
@@ -38,7 +38,6 @@ pub mod http;
 pub mod job;
 pub mod meter;
 pub mod model_index;
-pub mod ops;
 pub mod pipeline;
 pub mod queue;
 pub mod redact;

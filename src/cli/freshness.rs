@@ -1,10 +1,17 @@
-//! Freshness: what is stale or not yet embedded, what it would cost, and queueing it.
+//! Freshness: what is stale or not yet embedded, what it would cost, and queueing it — with
+//! the terminal's share (the confirmation prompt, progress bars on stderr), which the library
+//! leaves to its callers.
 
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
 
 use embed_worker::config::Settings;
 use embed_worker::db;
-use embed_worker::source::SourceType;
+use embed_worker::freshness::{self, Scope};
+use embed_worker::source::{EmbedSource, SourceType};
 
 /// `embed-worker enqueue-stale`.
 pub(crate) async fn enqueue_stale(
@@ -50,7 +57,7 @@ pub(crate) async fn backfill(
         since,
         ..Default::default()
     };
-    embed_worker::ops::backfill(&pool, settings, &scope, yes, wait).await?;
+    run_backfill(&pool, settings, &scope, yes, wait).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -68,7 +75,154 @@ pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
         .filter(|s| s.reason != embed_worker::freshness::StaleReason::Outdated)
         .map(|s| s.source)
         .collect();
-    let e = embed_worker::ops::estimate(&pool, settings, &todo).await?;
+    let e = embed_worker::freshness::estimate(&pool, settings, &todo).await?;
     println!("not yet embedded by {}: {e}", settings.model.name);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A one-line progress bar on stderr: `label [#####.....] 50% 500/1000 extra`.
+fn progress_line(label: &str, done: usize, total: usize, extra: &str) {
+    let width = 30;
+    let frac = if total == 0 {
+        1.0
+    } else {
+        done as f64 / total as f64
+    };
+    let filled = (frac * width as f64).round() as usize;
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r{label} [{}{}] {:>3.0}% {done}/{total} {extra}   ",
+        "#".repeat(filled.min(width)),
+        ".".repeat(width - filled.min(width)),
+        frac * 100.0
+    );
+    let _ = err.flush();
+}
+
+/// Asks "proceed?" on a terminal; without one, only `--yes` proceeds.
+fn confirm(question: &str) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{question} — not a terminal: pass --yes to proceed");
+    }
+    eprint!("{question} [y/N] ");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes"))
+}
+
+/// Finds the stale sources in `scope`, prints the estimate, asks (unless `yes`), queues them
+/// with a progress bar. `wait`: then shows embedding progress with rate and ETA until the
+/// queue drains.
+async fn run_backfill(
+    pool: &PgPool,
+    settings: &Settings,
+    scope: &Scope,
+    yes: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let stale = freshness::find_stale(pool, &settings.model.name, scope).await?;
+    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
+    let est = freshness::estimate(pool, settings, &sources).await?;
+    eprintln!(
+        "backfill: {:?}; {est} ({}; bulk.mode = {})",
+        freshness::counts(&stale)
+            .iter()
+            .map(|(r, n)| (r.as_str(), *n))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        settings.model.name,
+        match settings.bulk.mode {
+            embed_worker::config::BulkMode::Sync => "sync",
+            embed_worker::config::BulkMode::Batch => "batch",
+        }
+    );
+    if !yes && !confirm("queue them?")? {
+        eprintln!("backfill: nothing queued");
+        return Ok(());
+    }
+    let queue = &settings.queue.name;
+    let queued = freshness::enqueue_stale(pool, settings, &stale, |d, t| {
+        progress_line("queueing ", d, t, "")
+    })
+    .await?;
+    eprintln!(
+        "\nbackfill: {queued} jobs queued ({} already pending)",
+        sources.len() as i64 - queued
+    );
+    if wait {
+        wait_for_queue(pool, queue).await?;
+        wait_for_index(pool, settings).await?;
+    }
+    Ok(())
+}
+
+/// After a backfill drains: the active model's index until it is ready (a deferred build runs
+/// now), with PostgreSQL's build progress where this login may see it. Gives up with a hint when
+/// no build starts (a worker login that is not the table's owner cannot build).
+async fn wait_for_index(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
+    use embed_worker::model_index::{self, IndexState};
+    let spec = model_index::IndexSpec::from_settings(settings)?;
+    let started = Instant::now();
+    let patience = Duration::from_secs(settings.index.check_interval_secs * 2 + 10);
+    let mut seen_build = false;
+    loop {
+        match model_index::state(pool, &spec).await? {
+            IndexState::Ready(name) => {
+                if seen_build || started.elapsed() > Duration::from_secs(1) {
+                    eprintln!();
+                }
+                eprintln!("index {name} ({}) ready", spec.index_type());
+                return Ok(());
+            }
+            IndexState::Invalid(name) => {
+                seen_build = true;
+                let p = model_index::progress(pool).await.unwrap_or_default();
+                match p.iter().find(|p| p.index == name) {
+                    Some(p) => progress_line(
+                        "indexing ",
+                        p.tuples_done.max(0) as usize,
+                        p.tuples_total.max(0) as usize,
+                        &format!("{} {:.0}s", p.phase, p.secs),
+                    ),
+                    None => {
+                        progress_line("indexing ", 0, 0, "(progress not visible to this login)")
+                    }
+                }
+            }
+            IndexState::Missing if !seen_build && started.elapsed() > patience => {
+                eprintln!(
+                    "index {} not built: is `run` up, and its login the owner of rag_embeddings? \
+                     `embed-worker models build-index` builds it",
+                    spec.name()
+                );
+                return Ok(());
+            }
+            IndexState::Missing => progress_line("indexing ", 0, 0, "waiting for the build"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Progress of the queue until no job is open: done/total, rate, ETA.
+async fn wait_for_queue(pool: &PgPool, queue: &str) -> anyhow::Result<()> {
+    let initial = embed_worker::queue::open_jobs(pool, queue).await?.max(0) as usize;
+    let started = Instant::now();
+    loop {
+        let open = embed_worker::queue::open_jobs(pool, queue).await?.max(0) as usize;
+        let total = initial.max(open);
+        let done = total - open;
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let eta = if rate > 0.0 {
+            format!("{:.0}s", open as f64 / rate)
+        } else {
+            "?".into()
+        };
+        progress_line("embedding", done, total, &format!("{rate:.1}/s ETA {eta}"));
+        if open == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

@@ -315,7 +315,7 @@ async fn the_budget_holds_back_the_next_batch_while_one_is_in_flight() {
             source_id: *id,
         })
         .collect();
-    let one = embed_worker::ops::estimate(&t.admin, &s, &hundred)
+    let one = embed_worker::freshness::estimate(&t.admin, &s, &hundred)
         .await
         .unwrap();
     embed_worker::guard::budget::set(&t.admin, one.batch_usd * 1.5)

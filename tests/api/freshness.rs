@@ -554,16 +554,33 @@ async fn backfill_wait_ends_when_the_queue_drains_and_counts_match() {
     let settings = worker_settings(&t, &fake);
     let w = RunningWorker::start(settings.clone()).await;
     let pool = t.worker_pool().await;
-    let done = tokio::time::timeout(
+    let stale = freshness::find_stale(&pool, &settings.model.name, &Scope::default())
+        .await
+        .unwrap();
+    let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
+    let estimate = freshness::estimate(&pool, &settings, &sources)
+        .await
+        .unwrap();
+    // The command as an operator runs it (the prompt and progress bars are the CLI's).
+    let mut backfill = worker_command(&t, &fake.base_url());
+    backfill
+        .args(["backfill", "--yes", "--wait"])
+        .stderr(std::process::Stdio::piped());
+    let out = tokio::time::timeout(
         Duration::from_secs(60),
-        embed_worker::ops::backfill(&pool, &settings, &Scope::default(), true, true),
+        tokio::task::spawn_blocking(move || backfill.output().unwrap()),
     )
     .await
     .expect("backfill --wait returns once the queue drains")
-    .unwrap()
     .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let queued: i64 = said
+        .split("backfill: ")
+        .find_map(|l| l.split(" jobs queued").next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no 'N jobs queued' in {said}"));
     w.stop().await;
-    assert_eq!(done.queued, 140);
+    assert_eq!(queued, 140);
     assert_eq!(
         embed_worker::queue::open_jobs(&t.admin, "embed")
             .await
@@ -576,7 +593,7 @@ async fn backfill_wait_ends_when_the_queue_drains_and_counts_match() {
         .unwrap();
     assert_eq!(sources, 140);
     assert_eq!(
-        tokens as u64, done.estimate.tokens,
+        tokens as u64, estimate.tokens,
         "the estimate is what was embedded"
     );
     assert_eq!(tokens as u64, fake.tokens_billed());
