@@ -269,8 +269,7 @@ pub async fn start_jobs(
 /// Why: apalis-postgres claims and acknowledges jobs in one transaction per flush, its claim a
 /// multi-row `UPDATE … WHERE id = ANY($1)` in no guaranteed order. Our own multi-row updates of
 /// the same rows (clearing the dedup key, releasing, deferring) deadlocked with it, even in one
-/// process: 2 of 4 runs of 20,000 jobs stalled 30 s for the heartbeat rescue, and 3 replicas
-/// logged 13 `deadlock detected`. So `update` takes its rows with `FOR UPDATE SKIP LOCKED` (in
+/// process (docs/decisions.md has the runs). So `update` takes its rows with `FOR UPDATE SKIP LOCKED` (in
 /// id order) and returns each row it locked: a statement that never waits while holding a lock
 /// cannot be part of a deadlock. Rows apalis holds at that moment are tried again a few
 /// milliseconds later, when its short transaction has committed.
@@ -521,8 +520,8 @@ pub async fn prune_finished(
     .rows_affected();
     // The predicate of the view embed_worker.failed_jobs, written out: joined with the view,
     // a plan made while apalis.jobs had just been refilled (stale statistics) became a nested
-    // loop of sequential scans that ran for minutes at worker start (the five-run test caught
-    // it, 66 s instead of 15 s); one table, one scan.
+    // loop of sequential scans that ran for minutes at worker start (docs/decisions.md); one
+    // table, one scan.
     let failed = sqlx::query(concat!(
         "DELETE FROM apalis.jobs WHERE job_type = ANY($1) AND ",
         dead_job!(),

@@ -54,13 +54,13 @@ async fn handle(
 
 /// Everything `run` needs, built once.
 pub struct Worker {
-    /// The worker role's pool.
+    /// The worker role's pool; every connection runs as `database.role` (RLS and grants apply).
     pub pool: PgPool,
-    /// The configuration.
+    /// Validated at load; never changes while the process runs.
     pub settings: Arc<Settings>,
-    /// The pipeline.
+    /// Shared by every batch of this process (one tokenizer thread, one limiter, one budget).
     pub pipeline: Arc<Pipeline>,
-    /// Readiness.
+    /// What /readyz reports; the same `Health` the pipeline's API gate stops and resumes.
     pub health: Arc<crate::guard::health::Health>,
     /// Where /metrics, /healthz and /readyz are served, when they are.
     pub http_addr: Option<std::net::SocketAddr>,

@@ -234,7 +234,7 @@ impl Lane {
                     .map(|e| format!("{errors} jobs not written; first: {}", e.reason))
             })
         });
-        records::finish(
+        records::close(
             &self.pool,
             rec.id,
             state,

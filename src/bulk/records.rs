@@ -71,7 +71,7 @@ impl TryFrom<String> for BatchState {
 /// One batch as recorded.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct BatchRecord {
-    /// Our id (also in the provider's metadata).
+    /// Our id; also in the provider's metadata, which is how a restart finds the batch.
     pub id: i64,
     /// The provider's batch id, once created.
     pub provider_id: Option<String>,
@@ -84,9 +84,9 @@ pub struct BatchRecord {
     pub model: String,
     /// The uploaded JSONL.
     pub input_file_id: Option<String>,
-    /// Results.
+    /// The provider's output file (answered lines), once the batch ended.
     pub output_file_id: Option<String>,
-    /// Error lines.
+    /// The provider's error file (failed lines), if any.
     pub error_file_id: Option<String>,
     /// Request lines.
     pub requests: i32,
@@ -106,11 +106,11 @@ pub struct BatchRecord {
     pub request_counts: Option<serde_json::Value>,
     /// Why it failed, or the first error lines.
     pub last_error: Option<String>,
-    /// Recorded.
+    /// When it was recorded (before the provider heard of it).
     pub created_at: DateTime<Utc>,
     /// Created at the provider.
     pub submitted_at: Option<DateTime<Utc>>,
-    /// Results written and jobs settled.
+    /// Set once its results are written and every job has ended; `None` while open.
     pub finished_at: Option<DateTime<Utc>>,
 }
 
@@ -259,7 +259,7 @@ pub async fn set_status(
 }
 
 /// Results written and jobs settled: the end state, what was billed, and why it failed if it did.
-pub async fn finish(
+pub async fn close(
     pool: &PgPool,
     id: i64,
     state: BatchState,

@@ -14,7 +14,7 @@
 //!    requests) and shrinking by an eighth after every 8 accepted requests (additive increase).
 //!    Why: providers quantise their headers (one that enforces 1 request/second says "60 per
 //!    minute, 59 remaining"), so layer 2 lets a burst through; resuming everything at once
-//!    after the pause drew 42 429s for 16 accepted requests.
+//!    after the pause drew a storm of 429s (docs/decisions.md).
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
