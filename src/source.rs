@@ -102,12 +102,6 @@ impl EmbedSource {
     }
 }
 
-/// Distinct sources, in order.
-pub fn distinct(sources: impl IntoIterator<Item = EmbedSource>) -> Vec<EmbedSource> {
-    let mut seen = std::collections::HashSet::new();
-    sources.into_iter().filter(|s| seen.insert(*s)).collect()
-}
-
 /// Sources with text to embed, counted as the stale scan counts them.
 pub async fn count_with_text(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
     let counts: Vec<String> = SourceType::ALL

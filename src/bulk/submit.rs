@@ -84,8 +84,7 @@ impl Lane {
         results: &mut HashMap<String, JobResult>,
     ) -> anyhow::Result<Option<i64>> {
         let ids = || jobs.iter().map(|j| (j.id.as_str(), j.source));
-        let sources = crate::source::distinct(jobs.iter().map(|j| j.source));
-        let mut batch = match self.pipeline.prepare(sources).await {
+        let mut batch = match self.pipeline.prepare(jobs.iter().map(|j| j.source)).await {
             Ok(b) => b,
             Err(e) => {
                 for j in jobs {

@@ -182,9 +182,7 @@ impl Pipeline {
     /// The sync lane's sequence: start → prepare → embed → finish.
     async fn process_batch(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
         let due_at = self.start(jobs).await?;
-        let mut batch = self
-            .prepare(crate::source::distinct(jobs.iter().map(|j| j.source)))
-            .await?;
+        let mut batch = self.prepare(jobs.iter().map(|j| j.source)).await?;
         self.embed(&mut batch).await;
         let results = self.finish(batch).await?;
         let now = chrono::Utc::now();
@@ -203,8 +201,14 @@ impl Pipeline {
         Ok(crate::queue::start_jobs(&self.pool, &ids).await?)
     }
 
-    /// Prepare: load → chunk → skip what is paid for. Both lanes' first step.
-    pub async fn prepare(&self, sources: Vec<EmbedSource>) -> anyhow::Result<Prepared> {
+    /// Prepare: load → chunk → skip what is paid for, for each distinct source (in order).
+    /// Both lanes' first step.
+    pub async fn prepare(
+        &self,
+        sources: impl IntoIterator<Item = EmbedSource>,
+    ) -> anyhow::Result<Prepared> {
+        let mut seen = HashSet::new();
+        let sources: Vec<EmbedSource> = sources.into_iter().filter(|s| seen.insert(*s)).collect();
         let mut results: HashMap<EmbedSource, JobResult> = HashMap::new();
         let loaded = load::load(&self.pool, &self.settings.render, &sources).await?;
         let sources = self.chunk(sources, loaded, &mut results).await?;
