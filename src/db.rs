@@ -132,6 +132,17 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Registers `queue` as the worker's: the only queues the app's `embed_worker.enqueue_many`
+/// accepts (its batch lane is the server's, for backfills).
+pub async fn register_queue(pool: &PgPool, queue: &str) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO embed_worker.queues (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(queue)
+        .execute(pool)
+        .await
+        .context("registering the queue")?;
+    Ok(())
+}
+
 /// Enables or disables the change-capture triggers per source (config `capture.*`).
 pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> anyhow::Result<()> {
     for (table, on, triggers) in [

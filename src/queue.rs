@@ -94,7 +94,7 @@ pub async fn enqueue_lane<'e>(
     let types: Vec<&str> = sources.iter().map(|s| s.source_type.as_str()).collect();
     let ids: Vec<Uuid> = sources.iter().map(|s| s.source_id).collect();
     let n: i32 = sqlx::query_scalar(
-        "SELECT embed_worker.enqueue_many($1::text[]::embedding_source[], $2, $3, $4, $5)",
+        "SELECT embed_worker.enqueue_jobs($1::text[]::embedding_source[], $2, $3, $4, $5)",
     )
     .bind(&types)
     .bind(&ids)

@@ -17,6 +17,7 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
 pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
     db::migrate(&pool).await?;
+    db::register_queue(&pool, &settings.queue.name).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;

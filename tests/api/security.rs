@@ -3,12 +3,16 @@
 use crate::helpers::*;
 use uuid::Uuid;
 
-/// Runs `sql` as `app_user` for a user; returns the error text, if any.
+/// Runs `sql` as `app_user` for a new user; returns the error text, if any.
 async fn run_as_app_user(t: &TestDb, sql: &str) -> Result<(), String> {
+    run_as_user(t, Uuid::new_v4(), sql).await
+}
+
+/// Runs `sql` as `app_user` with `auth.uid()` = `user`; returns the error text, if any.
+async fn run_as_user(t: &TestDb, user: Uuid, sql: &str) -> Result<(), String> {
     let mut tx = t.admin.begin().await.unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SET LOCAL ROLE app_user; SELECT set_config('request.jwt.claim.sub', '{}', true);",
-        Uuid::new_v4()
+        "SET LOCAL ROLE app_user; SELECT set_config('request.jwt.claim.sub', '{user}', true);"
     )))
     .execute(&mut *tx)
     .await
@@ -84,22 +88,25 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
         assert!(err.contains("permission denied"), "{sql}: {err}");
     }
     // What the README tells the app to call works, without any right on the apalis schema.
-    let id = insert_session(&t.admin, Uuid::new_v4(), "x", "y").await;
+    let user = Uuid::new_v4();
+    let id = insert_session(&t.admin, user, "x", "y").await;
+    let other = insert_session(&t.admin, user, "x", "z").await;
     sqlx::query("DELETE FROM apalis.jobs")
         .execute(&t.admin)
         .await
         .unwrap();
-    run_as_app_user(
+    run_as_user(
         &t,
+        user,
         &format!("SELECT embed_worker.enqueue('session', '{id}')"),
     )
     .await
     .unwrap();
-    run_as_app_user(
+    run_as_user(
         &t,
+        user,
         &format!(
-            "SELECT embed_worker.enqueue_many(ARRAY['session']::embedding_source[], ARRAY['{}']::uuid[])",
-            Uuid::new_v4()
+            "SELECT embed_worker.enqueue_many(ARRAY['session']::embedding_source[], ARRAY['{other}']::uuid[])"
         ),
     )
     .await
@@ -110,8 +117,9 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
     )
     .await;
     assert_eq!(queued, 2);
-    let err = run_as_app_user(
+    let err = run_as_user(
         &t,
+        user,
         &format!("SELECT embed_worker.enqueue_many(ARRAY['session']::embedding_source[], ARRAY['{id}']::uuid[], 'embed', 100000)"),
     )
     .await
@@ -124,4 +132,194 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("must be finite and >= 0"), "{err}");
+}
+
+/// Jobs in `apalis.jobs` (any queue).
+async fn jobs(t: &TestDb) -> i64 {
+    count(&t.admin, "SELECT count(*) FROM apalis.jobs").await
+}
+
+#[tokio::test]
+async fn the_app_enqueues_only_its_own_sources_into_the_workers_queue_at_most_1000_at_a_time() {
+    let t = TestDb::migrated().await;
+    let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    let mine = insert_session(&t.admin, ada, "mine", "scales").await;
+    let theirs = insert_session(&t.admin, bob, "theirs", "arpeggios").await;
+    seed_templates(&t.admin).await;
+    let enabled: Uuid =
+        sqlx::query_scalar("SELECT id FROM question_templates WHERE enabled LIMIT 1")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    let disabled: Uuid = sqlx::query_scalar(
+        "UPDATE question_templates SET enabled = false
+          WHERE id = (SELECT id FROM question_templates WHERE id <> $1 LIMIT 1) RETURNING id",
+    )
+    .bind(enabled)
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM apalis.jobs")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let many = |types: &str, ids: &str, rest: &str| {
+        format!(
+            "SELECT embed_worker.enqueue_many(ARRAY[{types}]::embedding_source[], ARRAY[{ids}]::uuid[]{rest})"
+        )
+    };
+
+    // Refused, each with its reason, and nothing queued.
+    for (sql, why) in [
+        (
+            format!("SELECT embed_worker.enqueue('session', '{theirs}')"),
+            "not yours",
+        ),
+        (
+            many(
+                "'session'",
+                &format!("'{mine}', '{theirs}'").replace("', '", "','"),
+                "",
+            ),
+            "does not match",
+        ),
+        (
+            many("'session','session'", &format!("'{mine}','{theirs}'"), ""),
+            "1 of 2 sources",
+        ),
+        (
+            many("'session'", &format!("'{}'", Uuid::new_v4()), ""),
+            "do not exist",
+        ),
+        (
+            many("'template'", &format!("'{disabled}'"), ""),
+            "do not exist",
+        ),
+        (
+            many(
+                "'session'",
+                &format!("'{mine}'"),
+                ", 'some-other-app-queue'",
+            ),
+            "is not a queue of embed-worker",
+        ),
+        (
+            many("'session'", &format!("'{mine}'"), ", 'embed.batch'"),
+            "is not a queue of embed-worker",
+        ),
+        (
+            many(
+                &vec!["'session'"; 1001].join(","),
+                &vec![format!("'{mine}'"); 1001].join(","),
+                "",
+            ),
+            "at most 1000 sources per call",
+        ),
+    ] {
+        let err = run_as_user(&t, ada, &sql).await.unwrap_err();
+        let why = if why == "does not match" {
+            "1 source types for 2 source ids"
+        } else {
+            why
+        };
+        assert!(err.contains(why), "{sql}: {err}");
+    }
+    assert_eq!(jobs(&t).await, 0, "nothing queued by a refused call");
+
+    // Allowed: her own session and an enabled template, in the worker's queue.
+    run_as_user(
+        &t,
+        ada,
+        &many("'session','template'", &format!("'{mine}','{enabled}'"), ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(jobs(&t).await, 2);
+    // Without a user, only templates.
+    let err = run_as_user(
+        &t,
+        Uuid::nil(),
+        &format!("SELECT embed_worker.enqueue('session', '{mine}')"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("not yours"), "{err}");
+
+    // The operator's server-side path is not the app's.
+    let err = run_as_user(
+        &t,
+        ada,
+        &format!("SELECT embed_worker.enqueue_jobs(ARRAY['session']::embedding_source[], ARRAY['{mine}']::uuid[])"),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("permission denied"), "{err}");
+    // ... and stays unrestricted for the worker role: 5,000 sources in one call.
+    let worker = t.worker_pool().await;
+    let sources: Vec<embed_worker::source::EmbedSource> = (0..5000)
+        .map(|_| embed_worker::source::EmbedSource {
+            source_type: embed_worker::source::SourceType::Session,
+            source_id: Uuid::new_v4(),
+        })
+        .collect();
+    let n = embed_worker::queue::enqueue_lane(&worker, "embed.batch", 10, -10, &sources)
+        .await
+        .unwrap();
+    assert_eq!(n, 5000);
+}
+
+#[tokio::test]
+async fn settle_spend_settles_only_reservations_that_exist() {
+    let t = TestDb::migrated().await;
+    let worker = t.worker_pool().await;
+    let spent = || async {
+        sqlx::query_scalar::<_, f64>("SELECT coalesce(sum(usd), 0)::float8 FROM embed_worker.spend")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap()
+    };
+    sqlx::query("SELECT * FROM embed_worker.reserve_spend('m', 0.25)")
+        .execute(&worker)
+        .await
+        .unwrap();
+    sqlx::query("SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'm', 0.25, 0.25, 100)")
+        .execute(&worker)
+        .await
+        .unwrap();
+    assert!((spent().await - 0.25).abs() < 1e-9);
+    // The month's spend cannot be settled away: no reservation is open any more.
+    for sql in [
+        "SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'm', 1e12, 0, 0)",
+        "SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'm', 0.25, 0, 0)",
+        "SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'other', 1, 0, 0)",
+    ] {
+        let err = sqlx::query(sql).execute(&worker).await.unwrap_err();
+        assert!(
+            err.to_string().contains("no open reservation"),
+            "{sql}: {err}"
+        );
+    }
+    assert!(
+        (spent().await - 0.25).abs() < 1e-9,
+        "the spend is untouched"
+    );
+    // An open reservation settles once, for at most what it reserved.
+    sqlx::query("SELECT * FROM embed_worker.reserve_spend('m', 0.5)")
+        .execute(&worker)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'm', 0.5, 0.1, 10)",
+    )
+    .execute(&worker)
+    .await
+    .unwrap();
+    assert!((spent().await - 0.35).abs() < 1e-9);
+    let err = sqlx::query(
+        "SELECT * FROM embed_worker.settle_spend(embed_worker.current_month(), 'm', 0.5, 0, 0)",
+    )
+    .execute(&worker)
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("no open reservation"), "{err}");
 }
