@@ -226,7 +226,7 @@ pub async fn end_jobs(
                         lock_by = NULL, lock_at = NULL,
                         attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END
                    FROM locked, r
-                  WHERE j.id = locked.id AND r.id = j.id
+                  WHERE j.id = locked.id AND r.id = j.id AND j.status IN ('Queued', 'Running')
                  RETURNING j.id, true",
             )
             .bind(&chunk)
@@ -238,6 +238,47 @@ pub async fn end_jobs(
     })
     .await?;
     Ok(())
+}
+
+/// Moves the batch lane's waiting jobs (pending, or failed with attempts left) into `queue` at
+/// `priority`, for the sync workers: after `bulk.mode` went from `batch` to `sync`, nothing
+/// else reads `<queue>.batch`. A job whose source already waits in `queue` is ended as
+/// superseded (that job embeds it). Returns how many were moved.
+pub async fn move_batch_lane_to_sync(
+    pool: &PgPool,
+    queue: &str,
+    priority: i32,
+) -> sqlx::Result<u64> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "WITH dup AS (SELECT b.id FROM apalis.jobs b
+                       WHERE b.job_type = $1 AND b.status = 'Pending' AND b.idempotency_key IS NOT NULL
+                         AND EXISTS (SELECT 1 FROM apalis.jobs s WHERE s.job_type = $2
+                                        AND s.idempotency_key = b.idempotency_key)
+                       ORDER BY b.id FOR UPDATE SKIP LOCKED)
+         UPDATE apalis.jobs j SET status = 'Done', done_at = now(), idempotency_key = NULL,
+                last_result = jsonb_build_object('Ok', 'superseded: the source waits in the sync lane')
+           FROM dup WHERE j.id = dup.id",
+    )
+    .bind(batch_lane_job_type(queue))
+    .bind(queue)
+    .execute(&mut *tx)
+    .await?;
+    let moved = sqlx::query(
+        "WITH m AS (SELECT id FROM apalis.jobs
+                     WHERE job_type = $1 AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+                     ORDER BY id FOR UPDATE SKIP LOCKED)
+         UPDATE apalis.jobs j SET job_type = $2, priority = $3, run_at = least(j.run_at, now())
+           FROM m WHERE j.id = m.id",
+    )
+    .bind(batch_lane_job_type(queue))
+    .bind(queue)
+    .bind(priority)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(moved)
 }
 
 /// Clears the dedup key of jobs that are starting, so later changes queue new jobs. Returns

@@ -144,13 +144,11 @@ impl Worker {
             self.settings.clone(),
             stop_rx.clone(),
         ));
-        let lane = match self.settings.bulk.mode {
-            crate::config::BulkMode::Batch => {
-                let lane = crate::bulk::Lane::new(self.pipeline.clone())?;
-                Some(tokio::spawn(lane.lead(stop_rx.clone())))
-            }
-            crate::config::BulkMode::Sync => None,
-        };
+        // In sync mode too: batches still open from batch mode are collected, and the batch
+        // lane's waiting jobs move to the sync queue.
+        let lane = Some(tokio::spawn(
+            crate::bulk::Lane::new(self.pipeline.clone())?.lead(stop_rx.clone()),
+        ));
 
         // apalis-postgres 1.0's Monitor can return an error when the database restarts: run it
         // again (with fresh worker names) until shutdown is requested.

@@ -1,14 +1,17 @@
-//! The provider's Batch API through async-openai: files (upload, content, delete) and batches
-//! (create, retrieve, list, cancel). Errors carry the provider's message with the key masked.
+//! The provider's Batch API through async-openai: files (upload, delete) and batches (create,
+//! retrieve, list, cancel); output files are read line by line over a plain streamed GET, so
+//! memory holds one line, not the file. Errors carry the provider's message with the key
+//! masked, and say whether trying again can help ([`BatchError`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use anyhow::Context;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::InputSource;
-use async_openai::types::batches::{Batch, BatchCompletionWindow, BatchEndpoint, BatchRequest};
+use async_openai::types::batches::{
+    Batch, BatchCompletionWindow, BatchEndpoint, BatchRequest, BatchStatus,
+};
 use async_openai::types::files::{CreateFileRequest, FileInput, FilePurpose};
 use secrecy::ExposeSecret;
 
@@ -20,7 +23,90 @@ pub(crate) const RECORD_KEY: &str = "embed_worker_batch";
 /// A Batch API client for `api.base_url`.
 pub(crate) struct BatchClient {
     client: async_openai::Client<OpenAIConfig>,
+    http: reqwest::Client,
+    base_url: String,
     key: Option<secrecy::SecretString>,
+}
+
+/// What went wrong with one batch's call, and whether the next round may do better.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BatchError {
+    /// The provider refused (4xx other than 408/409/429) or answered what we cannot read: the
+    /// same call will fail again, so the batch is ended with this reason.
+    #[error("{0}")]
+    Permanent(String),
+    /// Unreachable, 5xx, rate-limited, timed out: tried again next round (a few times).
+    #[error("{0}")]
+    Transient(String),
+}
+
+impl BatchError {
+    fn from_status(status: reqwest::StatusCode, message: String) -> BatchError {
+        let retryable = status.is_server_error()
+            || matches!(status.as_u16(), 408 | 409 | 429)
+            || !status.is_client_error();
+        if retryable {
+            BatchError::Transient(message)
+        } else {
+            BatchError::Permanent(message)
+        }
+    }
+}
+
+/// The longest output line read (a line holds one request's vectors; `submit` keeps requests
+/// far below this).
+const MAX_LINE: usize = 64 * 1024 * 1024;
+
+/// An output or error file, line by line as it arrives.
+pub(crate) struct Lines {
+    response: reqwest::Response,
+    buf: Vec<u8>,
+    /// `buf[..scanned]` holds no newline.
+    scanned: usize,
+    done: bool,
+    file: String,
+}
+
+impl Lines {
+    /// The next non-empty line, without its newline; `None` at the end.
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<u8>>, BatchError> {
+        loop {
+            if let Some(at) = self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                let rest = self.buf.split_off(self.scanned + at + 1);
+                self.scanned = 0;
+                let mut line = std::mem::replace(&mut self.buf, rest);
+                line.pop();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(Some(line));
+            }
+            if self.done {
+                let line = std::mem::take(&mut self.buf);
+                return Ok((!line.iter().all(u8::is_ascii_whitespace)).then_some(line));
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => {
+                    self.scanned = self.buf.len();
+                    self.buf.extend_from_slice(&bytes);
+                    if self.buf.len() > MAX_LINE {
+                        return Err(BatchError::Permanent(format!(
+                            "file {}: a line longer than {} MB",
+                            self.file,
+                            MAX_LINE >> 20
+                        )));
+                    }
+                }
+                Ok(None) => self.done = true,
+                Err(e) => {
+                    return Err(BatchError::Transient(format!(
+                        "reading file {}: {e}",
+                        self.file
+                    )));
+                }
+            }
+        }
+    }
 }
 
 impl BatchClient {
@@ -35,20 +121,36 @@ impl BatchClient {
             .timeout(Duration::from_secs(api.timeout_secs.max(300)))
             .build()?;
         Ok(BatchClient {
-            client: async_openai::Client::with_config(config).with_http_client(http),
+            client: async_openai::Client::with_config(config).with_http_client(http.clone()),
+            http,
+            base_url: api.base_url.trim_end_matches('/').to_string(),
             key: api.api_key.clone(),
         })
     }
 
-    fn err(&self, what: &str, e: OpenAIError) -> anyhow::Error {
-        anyhow::anyhow!(
-            "{what}: {}",
-            crate::redact::secrets(&e.to_string(), self.key.as_ref().map(|k| k.expose_secret()))
-        )
+    fn masked(&self, text: &str) -> String {
+        crate::redact::secrets(text, self.key.as_ref().map(|k| k.expose_secret()))
+    }
+
+    fn err(&self, what: &str, e: OpenAIError) -> BatchError {
+        let message = format!("{what}: {}", self.masked(&e.to_string()));
+        match &e {
+            OpenAIError::ApiError(r) => BatchError::from_status(r.status_code, message),
+            // An answer we cannot read (a batch object of another shape): reading it again
+            // gives the same.
+            OpenAIError::JSONDeserialize(..) | OpenAIError::InvalidArgument(_) => {
+                BatchError::Permanent(message)
+            }
+            _ => BatchError::Transient(message),
+        }
     }
 
     /// Uploads a JSONL file with purpose `batch`; returns its id.
-    pub(crate) async fn upload(&self, filename: &str, bytes: Vec<u8>) -> anyhow::Result<String> {
+    pub(crate) async fn upload(
+        &self,
+        filename: &str,
+        bytes: Vec<u8>,
+    ) -> Result<String, BatchError> {
         let req = CreateFileRequest {
             file: FileInput {
                 source: InputSource::VecU8 {
@@ -69,7 +171,7 @@ impl BatchClient {
     }
 
     /// Creates the batch of `/v1/embeddings` requests in `file_id`, tagged with its record id.
-    pub(crate) async fn create(&self, file_id: &str, record: i64) -> anyhow::Result<Batch> {
+    pub(crate) async fn create(&self, file_id: &str, record: i64) -> Result<Batch, BatchError> {
         let req = BatchRequest {
             input_file_id: file_id.to_string(),
             endpoint: BatchEndpoint::V1Embeddings,
@@ -87,26 +189,55 @@ impl BatchClient {
             .map_err(|e| self.err("creating the batch", e))
     }
 
-    /// The provider's batch created for `record`, if there is one (a submitter that died
-    /// between creating it and recording its id).
-    pub(crate) async fn find(&self, record: i64) -> anyhow::Result<Option<Batch>> {
-        let list = self
-            .client
-            .batches()
-            .list()
-            .await
-            .map_err(|e| self.err("listing batches", e))?;
+    /// The provider's batch created for `record`, if there is one that has not failed (a
+    /// submitter that died between creating it and recording its id). Pages through the list,
+    /// newest first, until it passes `since` (the record's creation, less a minute of clock
+    /// skew): another tenant's newer batches do not hide ours.
+    pub(crate) async fn find(
+        &self,
+        record: i64,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<Batch>, BatchError> {
+        use async_openai::traits::RequestOptionsBuilder;
         let want = record.to_string();
-        Ok(list.data.into_iter().find(|b| {
-            serde_json::to_value(&b.metadata)
-                .ok()
-                .and_then(|m| m.get(RECORD_KEY).cloned())
-                .is_some_and(|v| v.as_str() == Some(want.as_str()))
-        }))
+        let oldest = (since - chrono::Duration::seconds(60)).timestamp();
+        let mut after: Option<String> = None;
+        for _ in 0..1000 {
+            let mut query = vec![("limit", "100".to_string())];
+            if let Some(a) = &after {
+                query.push(("after", a.clone()));
+            }
+            let page = self
+                .client
+                .batches()
+                .query(&query)
+                .map_err(|e| self.err("listing batches", e))?
+                .list()
+                .await
+                .map_err(|e| self.err("listing batches", e))?;
+            let past = page
+                .data
+                .last()
+                .is_none_or(|b| (b.created_at as i64) < oldest);
+            after = page.data.last().map(|b| b.id.clone());
+            let found = page.data.into_iter().find(|b| {
+                !matches!(
+                    b.status,
+                    BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled
+                ) && serde_json::to_value(&b.metadata)
+                    .ok()
+                    .and_then(|m| m.get(RECORD_KEY).cloned())
+                    .is_some_and(|v| v.as_str() == Some(want.as_str()))
+            });
+            if found.is_some() || past || !page.has_more {
+                return Ok(found);
+            }
+        }
+        Ok(None)
     }
 
     /// The batch now.
-    pub(crate) async fn retrieve(&self, id: &str) -> anyhow::Result<Batch> {
+    pub(crate) async fn retrieve(&self, id: &str) -> Result<Batch, BatchError> {
         self.client
             .batches()
             .retrieve(id)
@@ -115,7 +246,7 @@ impl BatchClient {
     }
 
     /// Asks the provider to cancel the batch.
-    pub(crate) async fn cancel(&self, id: &str) -> anyhow::Result<Batch> {
+    pub(crate) async fn cancel(&self, id: &str) -> Result<Batch, BatchError> {
         self.client
             .batches()
             .cancel(id)
@@ -123,20 +254,41 @@ impl BatchClient {
             .map_err(|e| self.err(&format!("cancelling batch {id}"), e))
     }
 
-    /// A file's content.
-    pub(crate) async fn content(&self, file_id: &str) -> anyhow::Result<Vec<u8>> {
-        let bytes = self
-            .client
-            .files()
-            .content(file_id)
-            .await
-            .map_err(|e| self.err(&format!("downloading file {file_id}"), e))
-            .context("batch output")?;
-        Ok(bytes.to_vec())
+    /// A file's content, line by line as it arrives. A file the provider no longer has (404:
+    /// OpenAI deletes output files some time after the batch) is a permanent error.
+    pub(crate) async fn lines(&self, file_id: &str) -> Result<Lines, BatchError> {
+        let url = format!("{}/files/{file_id}/content", self.base_url);
+        let mut req = self.http.get(&url);
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        let what = format!("downloading file {file_id}");
+        let response = req.send().await.map_err(|e| {
+            BatchError::Transient(format!("{what}: {}", self.masked(&e.to_string())))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body.chars().take(200).collect());
+            return Err(BatchError::from_status(
+                status,
+                format!("{what}: {status}: {}", self.masked(&message)),
+            ));
+        }
+        Ok(Lines {
+            response,
+            buf: Vec::new(),
+            scanned: 0,
+            done: false,
+            file: file_id.to_string(),
+        })
     }
 
     /// Deletes a file at the provider.
-    pub(crate) async fn delete(&self, file_id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn delete(&self, file_id: &str) -> Result<(), BatchError> {
         self.client
             .files()
             .delete(file_id)

@@ -7,10 +7,20 @@
 //! billed at half price from a separate rate-limit pool), which no apalis worker claims.
 //!
 //! The batch lane, one leader across replicas (advisory lock), every `bulk.poll_secs`:
-//! 1. resume: records left `preparing` by a dead submitter (`submit`);
+//! 1. resume: records left `preparing` by a dead submitter, or by a transient failure at the
+//!    provider (`submit`);
 //! 2. poll: each submitted batch; an ended one is collected (`collect`);
 //! 3. submit: due bulk jobs → one batch (`submit`), while fewer than `bulk.max_open_batches`
-//!    are open.
+//!    are open and the budget allows; in `bulk.mode = sync` nothing is submitted and the
+//!    lane's waiting jobs move to the sync queue instead (open batches are still collected).
+//!
+//! Each batch is on its own: an error in one batch's call is that batch's. A permanent one
+//! (the provider refused the create, its output file is gone, its answer cannot be read) ends
+//! the batch at once; a transient one (unreachable, 5xx) is counted and ends it at the fifth
+//! round in a row. An ended batch's jobs are retried with an attempt used (dead letters after
+//! `queue.max_attempts`) with the reason, its reservation stands as spent once the provider had
+//! it, and the lane goes on with the other batches. `embed-worker batches abandon ID` ends one
+//! by hand whatever the provider says (its jobs released, no attempt used).
 //!
 //! Batch states as recorded (`embed_worker.batches`): `preparing` (recorded with its items,
 //! the file maybe uploaded) → `submitted` (the provider has it; its jobs stay `Running`, owned
@@ -28,12 +38,20 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::config::Settings;
+use crate::config::{BulkMode, Settings};
 use crate::guard::budget::Budget;
+use crate::job::{JobError, JobResult};
 use crate::pipeline::Pipeline;
+
+use client::BatchError;
+use records::{BatchRecord, BatchState};
 
 /// `pg_advisory_lock` key of the batch lane's leader ("embbat").
 const LEADER_LOCK: i64 = 0x656d_6262_6174;
+/// Rounds in a row a batch's call may fail transiently before the batch is ended.
+const MAX_FAILURES: i32 = 5;
+/// Times a batch the provider failed for a transient reason is created again.
+const MAX_RESUBMITS: i32 = 3;
 
 /// What the batch lane works with.
 pub struct Lane {
@@ -52,22 +70,75 @@ impl Lane {
         Ok(Lane {
             pool: pipeline.pool.clone(),
             client: client::BatchClient::new(&settings.api)?,
-            budget: Budget::new(
-                pipeline.pool.clone(),
-                &format!("{} (batch)", settings.model.name),
-                settings.model.batch_usd_per_million_tokens,
-            ),
+            budget: pipeline.batch_budget(),
             settings,
             pipeline,
         })
     }
 
-    /// One round: resume, poll, submit while there is room and work.
+    /// One round: resume, poll, then submit while there is room and work (batch mode) or move
+    /// the lane's waiting jobs to the sync queue (sync mode).
     pub async fn tick(&self) -> anyhow::Result<()> {
         self.resume().await?;
         self.poll().await?;
-        while self.submit().await?.is_some() {}
+        match self.settings.bulk.mode {
+            BulkMode::Batch => while self.submit().await?.is_some() {},
+            BulkMode::Sync => {
+                let s = &self.settings;
+                let moved = crate::queue::move_batch_lane_to_sync(
+                    &self.pool,
+                    &s.queue.name,
+                    s.bulk.priority,
+                )
+                .await?;
+                if moved > 0 {
+                    tracing::info!(
+                        moved,
+                        "bulk.mode = sync: the batch lane's waiting jobs moved to the sync queue"
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// A call of batch `rec` failed: a database error fails the round; a provider error is the
+    /// batch's own — permanent ends it now, transient is counted and ends it at
+    /// [`MAX_FAILURES`] rounds in a row.
+    async fn isolate(&self, rec: &BatchRecord, e: anyhow::Error) -> anyhow::Result<()> {
+        let Some(be) = collect::as_batch_error(&e) else {
+            return Err(e);
+        };
+        let (permanent, why) = match be {
+            BatchError::Permanent(m) => (true, m.clone()),
+            BatchError::Transient(m) => (false, m.clone()),
+        };
+        let failures = if permanent {
+            MAX_FAILURES
+        } else {
+            records::note_failure(&self.pool, rec.id, &why).await?
+        };
+        if failures < MAX_FAILURES {
+            tracing::warn!(batch = rec.id, failures, error = %why, "batch call failed; trying again next round");
+            return Ok(());
+        }
+        tracing::error!(batch = rec.id, permanent, error = %why, "batch ended: its jobs are retried");
+        end_batch(
+            &self.pool,
+            &self.settings,
+            &self.client,
+            &self.budget,
+            rec,
+            BatchState::Failed,
+            &format!("batch {} ended: {why}", rec.id),
+        )
+        .await
+    }
+
+    /// Deletes the batch's files at the provider (best effort: a file left is billed storage,
+    /// not a wrong result).
+    async fn delete_files<'a>(&self, id: i64, files: impl IntoIterator<Item = &'a Option<String>>) {
+        delete_files(&self.client, id, files).await
     }
 
     /// Runs rounds every `bulk.poll_secs` until `stop`, when this process holds the lane's
@@ -156,6 +227,100 @@ impl std::fmt::Display for BatchTable {
     }
 }
 
+/// Deletes files at the provider, best effort.
+async fn delete_files<'a>(
+    client: &client::BatchClient,
+    id: i64,
+    files: impl IntoIterator<Item = &'a Option<String>>,
+) {
+    for f in files.into_iter().flatten() {
+        if let Err(e) = client.delete(f).await {
+            tracing::warn!(batch = id, file = %f, error = %e, "deleting a batch file failed");
+        }
+    }
+}
+
+/// Ends batch `rec` without its results: its jobs retried with an attempt used (`Failed`) or
+/// released untouched (`Abandoned`) with `why`; the reservation refunded if the provider never
+/// had the batch, else standing as spent; the batch cancelled at the provider and its files
+/// deleted (best effort); the record closed with `why`.
+async fn end_batch(
+    pool: &PgPool,
+    settings: &Settings,
+    client: &client::BatchClient,
+    budget: &Budget,
+    rec: &BatchRecord,
+    state: BatchState,
+    why: &str,
+) -> anyhow::Result<()> {
+    let items = records::items(pool, rec.id).await?;
+    let result: JobResult = Err(match state {
+        BatchState::Abandoned => JobError::release(why, Duration::ZERO),
+        _ => JobError::retry(why),
+    });
+    let results: std::collections::HashMap<String, JobResult> = items
+        .iter()
+        .map(|i| (i.job_id.clone(), result.clone()))
+        .collect();
+    crate::job::end_unacked(pool, &settings.retry, &results).await?;
+    let billed = if rec.provider_id.is_none() {
+        Some(0)
+    } else {
+        None
+    };
+    if let Err(e) = budget.settle(rec.reservation(), billed).await {
+        tracing::warn!(batch = rec.id, error = %e, "settling the ended batch's reservation failed");
+    }
+    if let Some(pid) = &rec.provider_id {
+        let _ = client.cancel(pid).await;
+    }
+    delete_files(
+        client,
+        rec.id,
+        [&rec.input_file_id, &rec.output_file_id, &rec.error_file_id],
+    )
+    .await;
+    let usd = if billed.is_some() {
+        0.0
+    } else {
+        rec.usd_reserved
+    };
+    records::close(pool, rec.id, state, 0, usd, Some(why)).await?;
+    Ok(())
+}
+
+/// `embed-worker batches abandon ID`: ends a batch whatever the provider says (stuck, gone,
+/// unreadable): its unanswered jobs go back to the queue with no attempt used, the batch is
+/// cancelled at the provider and its files deleted (best effort).
+pub async fn abandon(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Result<String> {
+    let rec = records::get(pool, id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no batch {id}"))?;
+    if rec.finished_at.is_some() {
+        anyhow::bail!("batch {id} has already ended ({})", rec.state);
+    }
+    let client = client::BatchClient::new(&settings.api)?;
+    let budget = Budget::new(
+        pool.clone(),
+        &format!("{} (batch)", rec.model),
+        settings.model.batch_usd_per_million_tokens,
+    );
+    let jobs = records::items(pool, id).await?.len();
+    end_batch(
+        pool,
+        settings,
+        &client,
+        &budget,
+        &rec,
+        BatchState::Abandoned,
+        &format!("batch {id} abandoned by the operator"),
+    )
+    .await?;
+    Ok(format!(
+        "batch {id} abandoned; {jobs} items' jobs back in the queue"
+    ))
+}
+
 /// `embed-worker batches cancel ID`: asks the provider to cancel; the lane then releases the
 /// batch's unanswered jobs when it sees the batch `cancelled`.
 pub async fn cancel(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Result<String> {
@@ -170,6 +335,11 @@ pub async fn cancel(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Resu
     })?;
     let b = client::BatchClient::new(&settings.api)?
         .cancel(&pid)
-        .await?;
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (`embed-worker batches abandon {id}` ends it here whatever the provider says)"
+            )
+        })?;
     Ok(client::status_str(&b.status))
 }

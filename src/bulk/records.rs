@@ -25,6 +25,8 @@ pub enum BatchState {
     Failed,
     /// Cancelled (by `embed-worker batches cancel` or at the provider).
     Cancelled,
+    /// Ended by the operator (`embed-worker batches abandon`), whatever the provider says.
+    Abandoned,
 }
 
 impl BatchState {
@@ -37,6 +39,7 @@ impl BatchState {
             BatchState::Expired => "expired",
             BatchState::Failed => "failed",
             BatchState::Cancelled => "cancelled",
+            BatchState::Abandoned => "abandoned",
         }
     }
 }
@@ -63,6 +66,7 @@ impl TryFrom<String> for BatchState {
             "expired" => BatchState::Expired,
             "failed" => BatchState::Failed,
             "cancelled" => BatchState::Cancelled,
+            "abandoned" => BatchState::Abandoned,
             other => return Err(format!("unknown batch state {other:?}")),
         })
     }
@@ -104,8 +108,14 @@ pub struct BatchRecord {
     pub usd_billed: Option<f64>,
     /// The provider's `request_counts`.
     pub request_counts: Option<serde_json::Value>,
-    /// Why it failed, or the first error lines.
+    /// Why it failed, or the first error lines; while open, the last operation's error.
     pub last_error: Option<String>,
+    /// Consecutive rounds whose operation on it failed transiently (it is ended at 5).
+    pub failures: i32,
+    /// Times it was created again after the provider failed it for a transient reason.
+    pub resubmits: i32,
+    /// Not created again before this.
+    pub retry_at: Option<DateTime<Utc>>,
     /// When it was recorded (before the provider heard of it).
     pub created_at: DateTime<Utc>,
     /// Created at the provider.
@@ -127,7 +137,7 @@ impl BatchRecord {
 const COLUMNS: &str = "id, provider_id, state, provider_status, model, input_file_id, \
     output_file_id, error_file_id, requests, inputs, tokens_estimate, \
     usd_reserved::float8 AS usd_reserved, spend_month, tokens_billed, usd_billed::float8 AS usd_billed, \
-    request_counts, last_error, created_at, submitted_at, finished_at";
+    request_counts, last_error, failures, resubmits, retry_at, created_at, submitted_at, finished_at";
 
 /// One chunk of one source in a batch.
 #[derive(Debug, Clone)]
@@ -258,7 +268,55 @@ pub async fn set_status(
     Ok(())
 }
 
+/// An operation on an open batch failed transiently: remembered with its reason. Returns the
+/// consecutive failures so far.
+pub async fn note_failure(pool: &PgPool, id: i64, error: &str) -> sqlx::Result<i32> {
+    sqlx::query_scalar(
+        "UPDATE embed_worker.batches SET failures = failures + 1, last_error = $2, updated_at = now()
+          WHERE id = $1 RETURNING failures",
+    )
+    .bind(id)
+    .bind(error)
+    .fetch_one(pool)
+    .await
+}
+
+/// A round whose operations on the batch went through: its failure count starts again.
+pub async fn clear_failures(pool: &PgPool, id: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches SET failures = 0, updated_at = now() WHERE id = $1 AND failures > 0",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The provider failed the batch for a transient reason: back to `preparing` (the file kept),
+/// to be created again after `after`.
+pub async fn resubmit(
+    pool: &PgPool,
+    id: i64,
+    after: std::time::Duration,
+    why: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.batches
+            SET state = 'preparing', provider_id = NULL, provider_status = NULL, request_counts = NULL,
+                output_file_id = NULL, error_file_id = NULL, resubmits = resubmits + 1,
+                retry_at = now() + make_interval(secs => $2), last_error = $3, updated_at = now()
+          WHERE id = $1 AND finished_at IS NULL",
+    )
+    .bind(id)
+    .bind(after.as_secs_f64())
+    .bind(why)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Results written and jobs settled: the end state, what was billed, and why it failed if it did.
+/// Returns false when it was already closed (by another process, or abandoned meanwhile).
 pub async fn close(
     pool: &PgPool,
     id: i64,
@@ -266,13 +324,14 @@ pub async fn close(
     tokens_billed: i64,
     usd_billed: f64,
     last_error: Option<&str>,
-) -> sqlx::Result<()> {
+) -> sqlx::Result<bool> {
     // The items were needed until now (a collect that died is redone from them); the record
     // stays for `embed-worker batches` until retention.
     let mut tx = pool.begin().await?;
-    sqlx::query(
+    let closed = sqlx::query(
         "UPDATE embed_worker.batches SET state = $2, tokens_billed = $3, usd_billed = $4::float8::numeric,
-                last_error = $5, finished_at = now(), updated_at = now() WHERE id = $1",
+                last_error = $5, finished_at = now(), updated_at = now()
+          WHERE id = $1 AND finished_at IS NULL",
     )
     .bind(id)
     .bind(state.as_str())
@@ -280,13 +339,15 @@ pub async fn close(
     .bind(usd_billed)
     .bind(last_error)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected()
+        == 1;
     sqlx::query("DELETE FROM embed_worker.batch_items WHERE batch_id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(())
+    Ok(closed)
 }
 
 /// Retention: finished records older than `age`. Returns how many were deleted.

@@ -27,6 +27,9 @@ struct Built {
 /// A source taken into the batch, with the chunks it sends.
 type Taken<'a> = (&'a ChunkedSource, Vec<&'a Chunk>);
 
+/// The output a request line may produce, at most.
+const OUTPUT_LINE_BYTES: usize = 4 << 20;
+
 impl Lane {
     /// Claims due bulk jobs and submits them as one batch. Returns the record id, or `None`
     /// when there was nothing to submit (or the budget or the open-batch limit says wait).
@@ -102,16 +105,24 @@ impl Lane {
             self.pipeline.write(part, &mut batch.results).await?;
         }
         let job_of: HashMap<EmbedSource, &str> = ids().map(|(id, src)| (src, id)).collect();
-        let (built, left_out) = self.build(&batch, &job_of);
+        // Cut to what the month's budget has left (at the billing ratio seen so far).
+        let affordable = self.budget.affordable().await?;
+        let (built, left_out) = self.build(&batch, &job_of, affordable);
         let mut by_source = batch.results;
+        let over_budget = built.is_none() && affordable.is_some();
         for src in left_out {
-            by_source.insert(
-                src,
-                Err(JobError::release(
-                    "over one batch's limits: the next batch takes it",
+            let e = if over_budget {
+                JobError::release(
+                    "monthly budget reached: the batch waits",
+                    std::time::Duration::from_secs(self.settings.budget.recheck_secs),
+                )
+            } else {
+                JobError::release(
+                    "over one batch's limits (or the budget left): the next batch takes it",
                     std::time::Duration::ZERO,
-                )),
-            );
+                )
+            };
+            by_source.insert(src, Err(e));
         }
         let record = match built {
             None => None,
@@ -127,8 +138,9 @@ impl Lane {
         &self,
         batch: &Prepared,
         job_of: &HashMap<EmbedSource, &str>,
+        affordable: Option<u64>,
     ) -> (Option<Built>, Vec<EmbedSource>) {
-        let (taken, mut left_out) = self.select(batch.to_embed());
+        let (taken, mut left_out) = self.select(batch.to_embed(), affordable);
         if taken.is_empty() {
             return (None, left_out);
         }
@@ -146,23 +158,32 @@ impl Lane {
         )
     }
 
-    /// Whole sources, in order, while the inputs and (roughly) the file size fit.
-    fn select<'a>(&self, candidates: Vec<Taken<'a>>) -> (Vec<Taken<'a>>, Vec<EmbedSource>) {
+    /// Whole sources, in order, while the inputs, (roughly) the file size and the tokens the
+    /// budget can still pay for (`affordable`) fit.
+    fn select<'a>(
+        &self,
+        candidates: Vec<Taken<'a>>,
+        affordable: Option<u64>,
+    ) -> (Vec<Taken<'a>>, Vec<EmbedSource>) {
         let s = &self.settings;
         let max_bytes = s.bulk.max_file_mb * 1024 * 1024;
         let (mut taken, mut left_out) = (Vec::new(), Vec::new());
-        let (mut inputs, mut bytes) = (0usize, 0usize);
+        let (mut inputs, mut bytes, mut tokens) = (0usize, 0usize, 0u64);
         for (src, mine) in candidates {
             let size: usize = mine.iter().map(|c| c.text.len() * 2 + 16).sum();
-            if !taken.is_empty()
-                && (inputs + mine.len() > s.bulk.max_inputs_per_batch
-                    || bytes + size > max_bytes * 9 / 10)
+            let cost: u64 = mine.iter().map(|c| c.tokens as u64).sum();
+            let over_budget = affordable.is_some_and(|a| tokens + cost > a);
+            if over_budget
+                || (!taken.is_empty()
+                    && (inputs + mine.len() > s.bulk.max_inputs_per_batch
+                        || bytes + size > max_bytes * 9 / 10))
             {
                 left_out.push(src.source);
                 continue;
             }
             inputs += mine.len();
             bytes += size;
+            tokens += cost;
             taken.push((src, mine));
         }
         (taken, left_out)
@@ -176,10 +197,17 @@ impl Lane {
             .iter()
             .flat_map(|(src, mine)| mine.iter().map(move |c| (src.source, *c)))
             .collect();
+        // An output line carries its inputs' vectors (base64, 4/3 × 4 bytes a dimension):
+        // requests are kept to ~4 MB of output each, so collecting holds one small line.
+        let per_input = s.model.dimensions * 4 * 4 / 3 + 64;
+        let max_inputs = s
+            .api
+            .max_inputs_per_request
+            .min((OUTPUT_LINE_BYTES / per_input).max(1));
         let plan = plan_requests(
             flat.iter()
                 .map(|(_, c)| request_cap_tokens(&c.text, c.tokens)),
-            s.api.max_inputs_per_request,
+            max_inputs,
             s.api.max_tokens_per_request,
         );
         let bytes: usize = flat.iter().map(|(_, c)| c.text.len() * 2 + 16).sum();
@@ -276,7 +304,13 @@ impl Lane {
         match file {
             Ok(file_id) => {
                 records::set_file(&self.pool, id, &file_id).await?;
-                self.create_or_adopt(id, &file_id).await?;
+                if let Err(e) = self.create_or_adopt(id, &file_id, chrono::Utc::now()).await {
+                    // The batch's own problem: its record (and the jobs it owns) ends by the
+                    // lane's rule for a failed call; the next round resumes a transient one.
+                    if let Some(rec) = records::get(&self.pool, id).await? {
+                        self.isolate(&rec, e).await?;
+                    }
+                }
             }
             Err(e) => {
                 // An attempt each: a file the provider keeps refusing ends as dead letters
@@ -295,8 +329,13 @@ impl Lane {
 
     /// Creates the batch for record `id` unless the provider already has it (a submitter that
     /// died after creating it): a batch is never created twice.
-    async fn create_or_adopt(&self, id: i64, file_id: &str) -> anyhow::Result<()> {
-        if let Some(found) = self.client.find(id).await? {
+    async fn create_or_adopt(
+        &self,
+        id: i64,
+        file_id: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> anyhow::Result<()> {
+        if let Some(found) = self.client.find(id, since).await? {
             tracing::info!(batch = id, provider = %found.id, "batch found at the provider; resuming it");
             records::set_submitted(&self.pool, id, &found.id, &status_str(&found.status)).await?;
             return Ok(());
@@ -309,15 +348,22 @@ impl Lane {
 
     /// Records that never reached the provider (the submitter died before or during the
     /// upload): their jobs go back to the queue and the reservation is refunded. Records whose
-    /// file was uploaded but whose batch id was not recorded: created now, or adopted if the
-    /// provider has it.
+    /// file was uploaded but whose batch id was not recorded, or that the provider failed for a
+    /// transient reason (once `retry_at` has passed): created now, or adopted if the provider
+    /// has it. A create that fails is that batch's problem ([`Lane::isolate`]).
     pub(super) async fn resume(&self) -> anyhow::Result<()> {
         for rec in records::open(&self.pool).await? {
-            if rec.state != BatchState::Preparing {
+            if rec.state != BatchState::Preparing
+                || rec.retry_at.is_some_and(|at| at > chrono::Utc::now())
+            {
                 continue;
             }
             match &rec.input_file_id {
-                Some(file) => self.create_or_adopt(rec.id, file).await?,
+                Some(file) => {
+                    if let Err(e) = self.create_or_adopt(rec.id, file, rec.created_at).await {
+                        self.isolate(&rec, e).await?;
+                    }
+                }
                 None => {
                     let jobs: Vec<String> = records::items(&self.pool, rec.id)
                         .await?

@@ -168,6 +168,10 @@ pub(crate) enum BatchesAction {
     /// Ask the provider to cancel a batch (by the id `batches` lists); its unanswered jobs go
     /// back to the queue when the lane sees it cancelled.
     Cancel { id: i64 },
+    /// End a batch here whatever the provider says (stuck, gone, unreadable): its unanswered
+    /// jobs go back to the queue with no attempt used; the batch is cancelled at the provider
+    /// and its files deleted where the provider still answers.
+    Abandon { id: i64 },
 }
 
 /// Runs one subcommand.

@@ -142,8 +142,12 @@ pub(crate) async fn retry_failed(
     since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(&settings.database).await?;
-    let n =
-        embed_worker::queue::retry_failed(&pool, &settings.queue.name, source_type, since).await?;
+    let q = &settings.queue.name;
+    let n = embed_worker::queue::retry_failed(&pool, q, source_type, since).await?;
+    // Into the lane the current bulk.mode reads: in sync mode nothing reads `<queue>.batch`.
+    if settings.bulk.mode == embed_worker::config::BulkMode::Sync {
+        embed_worker::queue::move_batch_lane_to_sync(&pool, q, settings.bulk.priority).await?;
+    }
     println!("{n} dead letters re-queued");
     Ok(ExitCode::SUCCESS)
 }
@@ -178,6 +182,12 @@ pub(crate) async fn batches(
         Some(super::BatchesAction::Cancel { id }) => {
             let status = embed_worker::bulk::cancel(&pool, settings, id).await?;
             println!("batch {id}: {status}");
+        }
+        Some(super::BatchesAction::Abandon { id }) => {
+            println!(
+                "{}",
+                embed_worker::bulk::abandon(&pool, settings, id).await?
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

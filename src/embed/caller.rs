@@ -77,6 +77,11 @@ impl Caller {
         }
     }
 
+    /// The monthly budget guard of the sync lane (the batch lane prices its own from it).
+    pub(crate) fn budget(&self) -> &crate::guard::budget::Budget {
+        &self.budget
+    }
+
     /// The largest request (in budgeted tokens) the rate limiter can ever admit.
     pub(crate) fn max_request_tokens(&self) -> Option<u32> {
         self.limiter.max_request_tokens()

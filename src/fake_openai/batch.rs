@@ -8,7 +8,9 @@
 //! the first `batch_fail_first` batches end `failed`, the next `batch_expire_first` end `expired`
 //! with only the first half of their lines answered (the rest in the error file as
 //! `batch_expired`). A line that breaks a per-request limit, or whose input carries
-//! [`BATCH_ERROR_MARKER`], is answered in the error file with the error body.
+//! [`BATCH_ERROR_MARKER`], is answered in the error file with the error body. The list pages as
+//! OpenAI's does (newest first, `limit` 20 by default, `after`, `has_more`). [`Hostile`] modes
+//! make the first batches misbehave as providers have.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,7 +24,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use super::{FakeConfig, Inner, Refusal, authorize, check_limits, embedding_body, parse_inputs};
+use super::{
+    FakeConfig, Hostile, Inner, Refusal, authorize, check_limits, embedding_body, parse_inputs,
+};
 
 /// A batch line whose input contains this is answered in the error file (HTTP 400).
 pub const BATCH_ERROR_MARKER: &str = "<<fake:batch-error>>";
@@ -37,6 +41,7 @@ pub(super) struct Store {
     batches: Mutex<Vec<FakeBatch>>,
     next: AtomicUsize,
     tokens: AtomicU64,
+    create_calls: AtomicUsize,
 }
 
 struct StoredFile {
@@ -60,11 +65,41 @@ struct FakeBatch {
     errors: Vec<Value>,
     counts: (usize, usize, usize),
     metadata: Value,
+    /// Another tenant's (not counted as created by us).
+    foreign: bool,
 }
 
 impl Store {
     pub(super) fn created(&self) -> usize {
-        self.batches.lock().unwrap().len()
+        self.batches
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| !b.foreign)
+            .count()
+    }
+
+    pub(super) fn add_foreign(&self, n: usize) {
+        let mut batches = self.batches.lock().unwrap();
+        for _ in 0..n {
+            let id = self.id("batch");
+            batches.push(FakeBatch {
+                id,
+                input_file_id: "file_foreign".into(),
+                endpoint: "/v1/embeddings".into(),
+                status: "completed",
+                created: Instant::now(),
+                created_at: now(),
+                ordinal: usize::MAX,
+                ended_at: Some(now()),
+                output_file_id: None,
+                error_file_id: None,
+                errors: Vec::new(),
+                counts: (1, 1, 0),
+                metadata: json!({"tenant": "another-app"}),
+                foreign: true,
+            });
+        }
     }
 
     pub(super) fn files_stored(&self) -> usize {
@@ -339,8 +374,13 @@ async fn create(
     headers: HeaderMap,
     Json(req): Json<Value>,
 ) -> Response {
-    if let Err(r) = auth(&inner, &headers) {
-        return *r;
+    let cfg = match auth(&inner, &headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let call = inner.batch.create_calls.fetch_add(1, Ordering::Relaxed);
+    if cfg.hostile == Some(Hostile::RefuseCreate) && call < cfg.hostile_batches {
+        return bad("Your organization is not allowed to create batches for this model.");
     }
     let input_file_id = req["input_file_id"]
         .as_str()
@@ -380,13 +420,14 @@ async fn create(
         },
         created: Instant::now(),
         created_at: now(),
-        ordinal: batches.len(),
+        ordinal: batches.iter().filter(|b| !b.foreign).count(),
         ended_at: (!errors.is_empty()).then(now),
         output_file_id: None,
         error_file_id: None,
         errors,
         counts: (0, 0, 0),
         metadata: req["metadata"].clone(),
+        foreign: false,
     };
     let json = batch_json(&b);
     batches.push(b);
@@ -432,6 +473,15 @@ fn advance(store: &Store, cfg: &FakeConfig, b: &mut FakeBatch) {
         return;
     }
     b.ended_at = Some(now());
+    let hostile = cfg.hostile.filter(|_| b.ordinal < cfg.hostile_batches);
+    if hostile == Some(Hostile::TransientFailure) {
+        b.status = "failed";
+        b.errors = vec![
+            json!({"code": "token_limit_exceeded", "message": "Enqueued token limit reached for text-embedding-3-small in organization org-x. Limit: 3,000,000 enqueued tokens. Please try again once some in_progress batches have been completed.", "param": null, "line": null}),
+        ];
+        b.counts = (lines.len(), 0, 0);
+        return;
+    }
     if b.ordinal < cfg.batch_fail_first {
         b.status = "failed";
         b.errors = vec![
@@ -458,12 +508,36 @@ fn advance(store: &Store, cfg: &FakeConfig, b: &mut FakeBatch) {
             continue;
         }
         match answer(cfg, &v["body"]) {
-            Ok((body, billed)) => {
+            Ok((mut body, billed)) => {
                 ok += 1;
                 store.tokens.fetch_add(billed, Ordering::Relaxed);
-                out.push_str(&json!({"id": rid, "custom_id": custom_id,
-                    "response": {"status_code": 200, "request_id": rid, "body": body}, "error": null}).to_string());
+                if hostile == Some(Hostile::ShiftedIndexes) {
+                    for d in body["data"].as_array_mut().into_iter().flatten() {
+                        d["index"] = json!(d["index"].as_u64().unwrap_or(0) + 1);
+                    }
+                }
+                let line = json!({"id": rid, "custom_id": custom_id,
+                    "response": {"status_code": 200, "request_id": rid, "body": body}, "error": null}).to_string();
+                if hostile == Some(Hostile::GarbageLine) && out.is_empty() {
+                    out.push_str("<html>502 Bad Gateway</html>\n");
+                    continue;
+                }
+                out.push_str(&line);
                 out.push('\n');
+                if hostile == Some(Hostile::RepeatedAndForeignLines) {
+                    store.tokens.fetch_add(billed, Ordering::Relaxed);
+                    out.push_str(&line);
+                    out.push('\n');
+                    if i == 0 {
+                        let foreign = line.replace(
+                            &format!("\"custom_id\":{custom_id}"),
+                            "\"custom_id\":\"not-ours-7\"",
+                        );
+                        store.tokens.fetch_add(billed, Ordering::Relaxed);
+                        out.push_str(&foreign);
+                        out.push('\n');
+                    }
+                }
             }
             Err((status, body)) => {
                 errs.push_str(&json!({"id": rid, "custom_id": custom_id,
@@ -474,12 +548,14 @@ fn advance(store: &Store, cfg: &FakeConfig, b: &mut FakeBatch) {
     }
     b.counts = (lines.len(), ok, lines.len() - ok);
     if !out.is_empty() {
-        b.output_file_id = Some(
-            store.put_file(out.into_bytes(), "batch_output", "batch_output.jsonl")["id"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-        );
+        let id = store.put_file(out.into_bytes(), "batch_output", "batch_output.jsonl")["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if hostile == Some(Hostile::OutputGone) {
+            store.files.lock().unwrap().remove(&id);
+        }
+        b.output_file_id = Some(id);
     }
     if !errs.is_empty() {
         b.error_file_id = Some(
@@ -526,7 +602,11 @@ async fn retrieve(
     match batches.iter_mut().find(|b| b.id == id) {
         Some(b) => {
             advance(&inner.batch, &cfg, b);
-            Json(batch_json(b)).into_response()
+            let mut json = batch_json(b);
+            if cfg.hostile == Some(Hostile::UnreadableBatch) && b.ordinal < cfg.hostile_batches {
+                json["status"] = json!(42);
+            }
+            Json(json).into_response()
         }
         None => not_found("batch", &id),
     }
@@ -552,15 +632,34 @@ async fn cancel(
     }
 }
 
-async fn list(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+async fn list(
+    State(inner): State<Arc<Inner>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
     let cfg = match auth(&inner, &headers) {
         Ok(c) => c,
         Err(r) => return *r,
     };
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(20)
+        .clamp(1, 100);
     let mut batches = inner.batch.batches.lock().unwrap();
-    let data: Vec<Value> = batches
-        .iter_mut()
-        .rev()
+    let newest_first: Vec<&mut FakeBatch> = batches.iter_mut().rev().collect();
+    let start = match q.get("after") {
+        Some(after) => match newest_first.iter().position(|b| &b.id == after) {
+            Some(i) => i + 1,
+            None => return not_found("batch", after),
+        },
+        None => 0,
+    };
+    let total = newest_first.len();
+    let data: Vec<Value> = newest_first
+        .into_iter()
+        .skip(start)
+        .take(limit)
         .map(|b| {
             advance(&inner.batch, &cfg, b);
             batch_json(b)
@@ -568,7 +667,8 @@ async fn list(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
         .collect();
     Json(json!({
         "object": "list", "first_id": data.first().map(|b| b["id"].clone()),
-        "last_id": data.last().map(|b| b["id"].clone()), "has_more": false, "data": data
+        "last_id": data.last().map(|b| b["id"].clone()), "has_more": start + limit < total,
+        "data": data
     }))
     .into_response()
 }

@@ -72,6 +72,30 @@ pub struct FakeConfig {
     pub batch_expire_first: usize,
     /// Batch API: this many of the first batches fail as a whole (no output).
     pub batch_fail_first: usize,
+    /// Batch API: how the first [`FakeConfig::hostile_batches`] batches misbehave.
+    pub hostile: Option<Hostile>,
+    /// Batch API: how many batches (by creation order; create calls for [`Hostile::RefuseCreate`])
+    /// [`FakeConfig::hostile`] applies to.
+    pub hostile_batches: usize,
+}
+
+/// A Batch API provider misbehaving, one way at a time (each seen for real or documented).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// The output file is gone when the batch has ended (OpenAI deletes files): content 404.
+    OutputGone,
+    /// One output line (the first) is not JSON.
+    GarbageLine,
+    /// `POST /v1/batches` refused with 400.
+    RefuseCreate,
+    /// The batch object cannot be read: `status` is a number.
+    UnreadableBatch,
+    /// `data[].index` shifted by one in every output line.
+    ShiftedIndexes,
+    /// Every output line twice, plus a line with a `custom_id` the batch never sent.
+    RepeatedAndForeignLines,
+    /// The batch fails as a whole for a transient reason (`token_limit_exceeded`).
+    TransientFailure,
 }
 
 impl Default for FakeConfig {
@@ -96,6 +120,8 @@ impl Default for FakeConfig {
             batch_delay: Duration::ZERO,
             batch_expire_first: 0,
             batch_fail_first: 0,
+            hostile: None,
+            hostile_batches: 1,
         }
     }
 }
@@ -230,6 +256,12 @@ impl FakeServer {
     /// Tokens billed through batches (`usage.prompt_tokens` of their output lines).
     pub fn batch_tokens_billed(&self) -> u64 {
         self.inner.batch.tokens_billed()
+    }
+
+    /// Adds `n` finished batches of another tenant, newer than every batch so far (they page
+    /// ours out of the first page of `GET /v1/batches`).
+    pub fn add_foreign_batches(&self, n: usize) {
+        self.inner.batch.add_foreign(n);
     }
 
     /// Files stored now (uploaded and produced, not yet deleted).

@@ -44,8 +44,9 @@ pub struct Budget {
     pool: PgPool,
     model: String,
     usd_per_million: f64,
-    /// Billed tokens per counted token, as last seen (≥ 1), × 1,000,000.
-    billing_ratio_ppm: std::sync::atomic::AtomicU64,
+    /// Billed tokens per counted token, as last seen (≥ 1), × 1,000,000; shared by the guards
+    /// of one provider and model (the sync lane's and the batch lane's).
+    billing_ratio_ppm: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Budget {
@@ -55,8 +56,34 @@ impl Budget {
             pool,
             model: model.to_string(),
             usd_per_million,
-            billing_ratio_ppm: std::sync::atomic::AtomicU64::new(1_000_000),
+            billing_ratio_ppm: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000_000)),
         }
+    }
+
+    /// A guard for the same provider and model at another price (the Batch API's), spending as
+    /// `model`: what either sees billed scales both's reservations.
+    pub fn at_price(&self, model: &str, usd_per_million: f64) -> Budget {
+        Budget {
+            pool: self.pool.clone(),
+            model: model.to_string(),
+            usd_per_million,
+            billing_ratio_ppm: self.billing_ratio_ppm.clone(),
+        }
+    }
+
+    /// Tokens of ours whose expected bill fits what is left of the month's budget; `None` when
+    /// there is no budget.
+    pub async fn affordable(&self) -> sqlx::Result<Option<u64>> {
+        let (spent, budget) = month(&self.pool).await?;
+        if budget <= 0.0 {
+            return Ok(None);
+        }
+        let usd_left = (budget - spent).max(0.0);
+        let billed = usd_left / self.usd_per_million.max(f64::MIN_POSITIVE) * 1e6;
+        let ppm = self
+            .billing_ratio_ppm
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok(Some((billed * 1e6 / ppm as f64).floor() as u64))
     }
 
     /// Records what the provider billed for `counted` tokens of ours.

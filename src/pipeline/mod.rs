@@ -158,6 +158,16 @@ impl Pipeline {
         })
     }
 
+    /// The monthly budget at the Batch API's price, spending as `<model> (batch)`: the sync
+    /// lane's guard with its observed billing ratio.
+    pub fn batch_budget(&self) -> crate::guard::budget::Budget {
+        let m = &self.settings.model;
+        self.caller.budget().at_price(
+            &format!("{} (batch)", m.name),
+            m.batch_usd_per_million_tokens,
+        )
+    }
+
     /// Processes one batch of jobs (the sync lane); returns every job's result by job id.
     pub async fn process(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
         let by_source = match self.process_batch(jobs).await {
