@@ -126,9 +126,10 @@ pub fn lanes(queue: &str) -> Vec<String> {
     vec![queue.to_string(), batch_lane_job_type(queue)]
 }
 
-/// Sources that have an active job (pending, claimed or running) in `job_types`: such a source
-/// will be embedded by that job. With `among`, only those sources are asked about, by their
-/// dedup key (so only jobs that still hold it: pending or claimed, not started).
+/// Sources that have an open job in `job_types` (pending, claimed, running, or failed with
+/// attempts left: it will be retried): such a source will be embedded by that job. With
+/// `among`, only those sources are asked about, by their dedup key (so only jobs that still
+/// hold it: pending or claimed, not started).
 pub async fn open_sources(
     pool: &PgPool,
     job_types: &[String],
@@ -148,7 +149,7 @@ pub async fn open_sources(
             "SELECT p ->> 'source_type', (p ->> 'source_id')::uuid
                FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
                       WHERE job_type = ANY($1) AND ",
-            active_job!(),
+            open_job!(),
             ") j WHERE p ->> 'source_id' ~ '^[0-9a-fA-F-]{36}$'"
         ),
     };

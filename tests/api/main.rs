@@ -9,6 +9,7 @@ mod config;
 mod demo;
 mod deploy;
 mod freshness;
+mod hostile;
 mod index;
 mod local_model;
 mod operate;
