@@ -535,7 +535,8 @@ pub struct ModelSettings {
     pub chunk_overlap_tokens: usize,
     /// Price, for cost metrics and the budget.
     pub usd_per_million_tokens: f64,
-    /// Price through the Batch API (OpenAI: half the synchronous price).
+    /// Price through the Batch API; unset, half of `usd_per_million_tokens` (OpenAI's discount).
+    #[serde(default)]
     pub batch_usd_per_million_tokens: f64,
     /// A source longer than this (in tokens, all chunks) is a dead letter with its size, never
     /// embedded: one 50 MB paste would otherwise take the whole token quota.
@@ -671,11 +672,14 @@ impl Settings {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder.set_override("database.url", url)?;
         }
-        let mut settings: Settings = builder
-            .build()
-            .context("reading configuration")?
-            .try_deserialize()
-            .context("invalid configuration")?;
+        let raw = builder.build().context("reading configuration")?;
+        refuse_non_integers(&raw)?;
+        let batch_price_set = raw.get::<f64>("model.batch_usd_per_million_tokens").is_ok();
+        let mut settings: Settings = raw.try_deserialize().context("invalid configuration")?;
+        if !batch_price_set {
+            settings.model.batch_usd_per_million_tokens =
+                settings.model.usd_per_million_tokens / 2.0;
+        }
         settings.api.api_key = api_key_from_env()?;
         settings.validate()?;
         Ok(settings)
@@ -782,6 +786,55 @@ impl Checks {
         } else {
             anyhow::bail!("invalid configuration:\n  {}", self.0.join("\n  "))
         }
+    }
+}
+
+/// Keys whose default is an integer must be given an integer: the config crate turns a float
+/// into an integer by casting, so `NaN` became 0 (`rate_limit.requests_per_minute = NaN` meant
+/// unlimited), `2.5` became 3 and `1e30` the type's maximum. One line per such key.
+fn refuse_non_integers(raw: &config::Config) -> anyhow::Result<()> {
+    use config::{Value, ValueKind};
+    fn walk(defaults: &Value, actual: &Value, key: &str, bad: &mut Vec<String>) {
+        match (&defaults.kind, &actual.kind) {
+            (ValueKind::Table(d), ValueKind::Table(a)) => {
+                for (k, dv) in d {
+                    if let Some(av) = a.get(k) {
+                        let key = if key.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{key}.{k}")
+                        };
+                        walk(dv, av, &key, bad);
+                    }
+                }
+            }
+            (
+                ValueKind::I64(_) | ValueKind::U64(_) | ValueKind::I128(_) | ValueKind::U128(_),
+                ValueKind::Float(f),
+            ) => {
+                bad.push(format!(
+                    "{key} = {f} is not an integer (NaN, fractions and values past the key's range are refused)"
+                ));
+            }
+            _ => {}
+        }
+    }
+    let defaults = config::Config::builder()
+        .add_source(config::File::from(config_dir().join("default.toml")).required(true))
+        .build()
+        .context("reading config/default.toml")?;
+    let as_table = |c: &config::Config| -> anyhow::Result<Value> {
+        Ok(Value::new(
+            None,
+            ValueKind::Table(c.clone().try_deserialize::<config::Map<String, Value>>()?),
+        ))
+    };
+    let mut bad = Vec::new();
+    walk(&as_table(&defaults)?, &as_table(raw)?, "", &mut bad);
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("invalid configuration:\n  {}", bad.join("\n  "))
     }
 }
 

@@ -25,7 +25,10 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
             crate::redact::secrets(&e.to_string(), None)
         )
     })?;
-    let opts = opts.application_name("embed-worker");
+    // sqlx's own statement log prints a slow statement whole (a write is kilobytes of SQL)
+    // inside the batch span; the write step logs one short line of its own instead.
+    let opts =
+        sqlx::ConnectOptions::disable_statement_logging(opts.application_name("embed-worker"));
     // One direct connection first: a pool that cannot connect retries until its acquire
     // timeout and then says only "pool timed out"; this names the cause (refused, unknown
     // host, auth, TLS) within seconds.
@@ -36,7 +39,26 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     .await;
     let target = crate::redact::url(&settings.url);
     match probe {
-        Ok(Ok(conn)) => {
+        Ok(Ok(mut conn)) => {
+            // The role too: a pool whose every connection fails its `SET ROLE` says only
+            // "pool timed out" after 10 s.
+            if !settings.role.is_empty() {
+                let set = conn
+                    .execute(sqlx::AssertSqlSafe(format!(
+                        "SET ROLE {}",
+                        quote_ident(&settings.role)
+                    )))
+                    .await;
+                if let Err(e) = set {
+                    let _ = sqlx::Connection::close(conn).await;
+                    anyhow::bail!(
+                        "connected to {target}, but cannot act as database.role = {:?} \
+                         (EMBED_WORKER__DATABASE__ROLE): {}",
+                        settings.role,
+                        crate::redact::secrets(&describe_db_error(&e), None)
+                    );
+                }
+            }
             let _ = sqlx::Connection::close(conn).await;
         }
         Ok(Err(e)) => anyhow::bail!(

@@ -12,15 +12,13 @@ use embed_worker::telemetry::{self, LogFormat};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    quiet_on_closed_pipe();
     let cli = cli::Cli::parse();
     embed_worker::init_tls();
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!(
-                "embed-worker: {}",
-                embed_worker::redact::secrets(&format!("{e:#}"), None)
-            );
+            eprintln!("embed-worker: {}", embed_worker::redact::error(&e));
             return ExitCode::from(2);
         }
     };
@@ -30,7 +28,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // Once: as a JSON log event where logs are JSON, else as a plain line.
-            let message = embed_worker::redact::secrets(&format!("{e:#}"), None);
+            let message = embed_worker::redact::error(&e);
             if json_logs {
                 tracing::error!(error = %message, "command failed");
             } else {
@@ -39,4 +37,22 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `embed-worker config | head -1`: once the reader has gone, stop quietly with 0, as `ls` and
+/// `cat` do, instead of panicking on the next line printed (exit 101, a backtrace hint).
+fn quiet_on_closed_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("Broken pipe") || message.contains("os error 32") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
 }

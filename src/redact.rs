@@ -10,7 +10,7 @@ const MASK: &str = "[REDACTED]";
 
 /// `postgres://user:secret@host/db?password=x` → `postgres://user:***@host/db?password=***`.
 pub fn url(url: &str) -> String {
-    let mut out = match url.split_once("://") {
+    let out = match url.split_once("://") {
         Some((scheme, rest)) => {
             // The userinfo ends at the last '@' before the path.
             let authority_end = rest.find('/').unwrap_or(rest.len());
@@ -24,10 +24,7 @@ pub fn url(url: &str) -> String {
         }
         None => url.to_string(),
     };
-    for key in ["password=", "sslpassword="] {
-        out = mask_values(&out, key, "***");
-    }
-    out
+    mask_values(&out, "***")
 }
 
 /// `text` with `key` (the configured API key, when given), anything that looks like an API key
@@ -40,9 +37,7 @@ pub fn secrets(text: &str, key: Option<&str>) -> String {
     out = mask_prefixed(&out, "sk-", 16);
     out = mask_after(&out, "Bearer ");
     out = mask_after(&out, "bearer ");
-    for key in ["password=", "sslpassword="] {
-        out = mask_values(&out, key, MASK);
-    }
+    out = mask_values(&out, MASK);
     mask_url_passwords(&out)
 }
 
@@ -90,21 +85,72 @@ fn mask_after(text: &str, marker: &str) -> String {
     out
 }
 
-/// Replaces the value after each `key` (up to `&`, whitespace or a quote) with `mask`.
-fn mask_values(text: &str, key: &str, mask: &str) -> String {
+/// Parameter names whose values are secrets, compared lower-cased and percent-decoded
+/// (`?PASSWORD=` and `?pass%77ord=` are the same parameter to libpq and to us).
+const SECRET_PARAMS: [&str; 2] = ["password", "sslpassword"];
+
+/// Replaces the value of each `name=value` whose name is a [`SECRET_PARAMS`] (up to `&`,
+/// whitespace or a quote) with `mask`.
+fn mask_values(text: &str, mask: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find(key) {
-        let tail = &rest[i + key.len()..];
+    let mut last = 0;
+    for (eq, _) in text.match_indices('=') {
+        if eq < last {
+            continue;
+        }
+        let start = text[..eq]
+            .rfind(|c: char| matches!(c, '?' | '&' | ';' | '"' | '\'' | '(') || c.is_whitespace())
+            .map_or(0, |p| p + 1);
+        if !SECRET_PARAMS.contains(&percent_decoded_lower(&text[start..eq]).as_str()) {
+            continue;
+        }
+        let tail = &text[eq + 1..];
         let len = tail
             .find(|c: char| c == '&' || c.is_whitespace() || c == '"' || c == '\'')
             .unwrap_or(tail.len());
-        out.push_str(&rest[..i + key.len()]);
+        out.push_str(&text[last..eq + 1]);
         out.push_str(mask);
-        rest = &tail[len..];
+        last = eq + 1 + len;
     }
-    out.push_str(rest);
+    out.push_str(&text[last..]);
     out
+}
+
+/// `s` with `%XX` decoded, lower-cased.
+fn percent_decoded_lower(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).to_lowercase()
+}
+
+/// An error as one line for stderr or a log: its chain joined with ": ", each message once
+/// (sqlx and our context often repeat the database's words), secrets masked.
+pub fn error(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for part in e.chain().map(|c| c.to_string()) {
+        if part.is_empty() || line.contains(&part) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&part);
+    }
+    secrets(&line, None)
 }
 
 /// `scheme://user:pass@host` anywhere in `text` → `scheme://user:***@host`.
@@ -138,6 +184,33 @@ fn mask_url_passwords(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_string_passwords_are_masked_whatever_their_case_or_encoding() {
+        for u in [
+            "postgres://u@h/db?PASSWORD=hunter2",
+            "postgres://u@h/db?pass%77ord=hunter2&x=1",
+            "postgres://u@h/db?x=1&SslPass%57ord=hunter2",
+        ] {
+            assert!(!url(u).contains("hunter2"), "{u}: {}", url(u));
+            assert!(!secrets(u, None).contains("hunter2"), "{u}");
+        }
+        assert_eq!(
+            url("postgres://u@h/db?passwords=1"),
+            "postgres://u@h/db?passwords=1"
+        );
+    }
+
+    #[test]
+    fn an_errors_chain_says_each_message_once() {
+        let e = anyhow::anyhow!("password authentication failed for user \"x\"")
+            .context("password authentication failed for user \"x\"")
+            .context("cannot connect");
+        assert_eq!(
+            error(&e),
+            "cannot connect: password authentication failed for user \"x\""
+        );
+    }
 
     #[test]
     fn redacts_password_in_url() {

@@ -64,8 +64,9 @@ struct Collection {
     id: i64,
     dimensions: usize,
     sources: Vec<BatchSource>,
-    /// custom_id → (source, item) of each position of that request.
-    lines: HashMap<String, Vec<(usize, usize)>>,
+    /// custom_id → the (source, item)s of each position of that request (several where a
+    /// chunk's identical copies were sent once).
+    lines: HashMap<String, Vec<Vec<(usize, usize)>>>,
     seen: HashSet<String>,
     /// Sources complete and not yet written.
     ready: Vec<usize>,
@@ -98,7 +99,7 @@ impl Collection {
                 }),
             }
         }
-        let mut lines: HashMap<String, Vec<(usize, usize)>> = HashMap::new();
+        let mut lines: HashMap<String, Vec<Vec<(usize, usize)>>> = HashMap::new();
         for (si, s) in sources.iter_mut().enumerate() {
             s.vectors = vec![None; s.items.len()];
             for (ii, it) in s.items.iter().enumerate() {
@@ -107,9 +108,9 @@ impl Collection {
                     let at = lines.entry(cid.clone()).or_default();
                     let pos = pos.max(0) as usize;
                     if at.len() <= pos {
-                        at.resize(pos + 1, (usize::MAX, usize::MAX));
+                        at.resize(pos + 1, Vec::new());
                     }
-                    at[pos] = (si, ii);
+                    at[pos].push((si, ii));
                 }
             }
         }
@@ -131,7 +132,7 @@ impl Collection {
 
     /// Fails every source with an input on line `cid` (the first failure of a source stands).
     fn fail_line(&mut self, cid: &str, e: &JobError) {
-        for &(si, _) in self.lines.get(cid).into_iter().flatten() {
+        for &(si, _) in self.lines.get(cid).into_iter().flatten().flatten() {
             if let Some(s) = self.sources.get_mut(si) {
                 s.failure.get_or_insert_with(|| e.clone());
             }
@@ -182,29 +183,33 @@ impl Collection {
         }
         self.billed += body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         for d in data {
-            let (si, ii) = sent[d["index"].as_i64().unwrap_or(0) as usize];
-            let Some(s) = self.sources.get_mut(si) else {
-                continue;
-            };
-            self.counted += s.items[ii].tokens.max(0) as u64;
-            let vector = decode(&d["embedding"]).ok_or_else(|| "not a vector".to_string());
-            match vector.and_then(|v| crate::embed::check_vector(&v, self.dimensions).map(|_| v)) {
-                Ok(v) => {
-                    if s.vectors[ii].is_none() {
-                        s.missing -= 1;
-                    }
-                    self.ready_bytes += v.len() * 4;
-                    s.vectors[ii] = Some(pgvector::Vector::from(v));
-                }
-                Err(why) => {
-                    let chunk = s.items[ii].chunk_index;
-                    s.failure
-                        .get_or_insert_with(|| JobError::dead(format!("chunk {chunk}: {why}")));
-                }
+            let at = &sent[d["index"].as_i64().unwrap_or(0) as usize];
+            let vector = decode(&d["embedding"])
+                .ok_or_else(|| "not a vector".to_string())
+                .and_then(|v| crate::embed::check_vector(&v, self.dimensions).map(|_| v));
+            if let Some(&(si, ii)) = at.first() {
+                self.counted += self.sources[si].items[ii].tokens.max(0) as u64;
             }
-            if s.missing == 0 && s.failure.is_none() && !s.written {
-                s.written = true;
-                self.ready.push(si);
+            for &(si, ii) in at {
+                let s = &mut self.sources[si];
+                match &vector {
+                    Ok(v) => {
+                        if s.vectors[ii].is_none() {
+                            s.missing -= 1;
+                        }
+                        self.ready_bytes += v.len() * 4;
+                        s.vectors[ii] = Some(pgvector::Vector::from(v.clone()));
+                    }
+                    Err(why) => {
+                        let chunk = s.items[ii].chunk_index;
+                        s.failure
+                            .get_or_insert_with(|| JobError::dead(format!("chunk {chunk}: {why}")));
+                    }
+                }
+                if s.missing == 0 && s.failure.is_none() && !s.written {
+                    s.written = true;
+                    self.ready.push(si);
+                }
             }
         }
     }

@@ -193,9 +193,21 @@ impl Lane {
     /// `bulk.max_requests_per_batch`); each chunk's (custom_id, position); the request count.
     fn jsonl(&self, taken: &[Taken<'_>]) -> (Vec<u8>, LineOf, usize) {
         let s = &self.settings;
+        // Identical chunks are sent once; their copies share the first one's line and position.
+        let mut first_of: HashMap<&str, (EmbedSource, usize)> = HashMap::new();
+        let mut copies: Vec<(EmbedSource, usize, &str)> = Vec::new();
         let flat: Vec<(EmbedSource, &Chunk)> = taken
             .iter()
             .flat_map(|(src, mine)| mine.iter().map(move |c| (src.source, *c)))
+            .filter(|(src, c)| {
+                if first_of.contains_key(c.content_hash.as_str()) {
+                    copies.push((*src, c.index, c.content_hash.as_str()));
+                    false
+                } else {
+                    first_of.insert(&c.content_hash, (*src, c.index));
+                    true
+                }
+            })
             .collect();
         // An output line carries its inputs' vectors (base64, 4/3 × 4 bytes a dimension):
         // requests are kept to ~4 MB of output each, so collecting holds one small line.
@@ -232,6 +244,11 @@ impl Lane {
             jsonl.push(b'\n');
             for (pos, (src, c)) in flat[range.clone()].iter().enumerate() {
                 line_of.insert((*src, c.index), (custom_id.clone(), pos as i32));
+            }
+        }
+        for (src, index, hash) in copies {
+            if let Some(line) = line_of.get(&first_of[hash]).cloned() {
+                line_of.insert((src, index), line);
             }
         }
         let requests = plan.len().min(s.bulk.max_requests_per_batch);
@@ -405,6 +422,7 @@ fn items(
 ) -> (Vec<Item>, usize, u64) {
     let mut items = Vec::new();
     let (mut inputs, mut tokens) = (0usize, 0u64);
+    let mut sent: std::collections::HashSet<&(String, i32)> = std::collections::HashSet::new();
     for (src, mine) in taken {
         if !mine
             .iter()
@@ -415,7 +433,9 @@ fn items(
         }
         for c in &src.chunks {
             let line = line_of.get(&(src.source, c.index));
-            if line.is_some() {
+            if let Some(l) = line
+                && sent.insert(l)
+            {
                 tokens += c.tokens as u64;
                 inputs += 1;
             }

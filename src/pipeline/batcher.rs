@@ -133,8 +133,13 @@ async fn gather(
         tokio::spawn(async move {
             let _permit = permit;
             let jobs: Vec<Job> = ready.iter().map(|s| s.job.clone()).collect();
-            let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
-            let span = tracing::info_span!("batch", jobs = jobs.len(), job_ids = %ids.join(","));
+            // The span's fields ride on every line logged inside it: the job ids (128 by
+            // default, ~4 KB) only at debug, where they are asked for.
+            let span = tracing::info_span!("batch", jobs = jobs.len(), first_job = %jobs.first().map_or("", |j| j.id.as_str()));
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let ids: Vec<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
+                span.in_scope(|| tracing::debug!(job_ids = %ids.join(","), "batch started"));
+            }
             let mut results = tracing::Instrument::instrument(pipeline.process(&jobs), span).await;
             crate::job::settle(&pipeline.pool, &pipeline.settings.retry, &results).await;
             for s in &ready {

@@ -46,8 +46,22 @@ pub(super) async fn embed_all(
     inputs: &[Input<'_>],
 ) -> (Embedded, HashMap<EmbedSource, EmbedError>) {
     let s = p.settings;
+    // Identical chunks (a paragraph pasted twice, the same template text) are sent once: the
+    // content hash covers model, dimensions and text, so their vectors are the same.
+    let mut first_of: HashMap<&str, usize> = HashMap::new();
+    let mut unique: Vec<&Input> = Vec::new();
+    let mut copies: HashMap<usize, Vec<&Input>> = HashMap::new();
+    for i in inputs {
+        match first_of.get(i.chunk.content_hash.as_str()) {
+            Some(&u) => copies.entry(u).or_default().push(i),
+            None => {
+                first_of.insert(&i.chunk.content_hash, unique.len());
+                unique.push(i);
+            }
+        }
+    }
     let plan = plan_requests(
-        inputs
+        unique
             .iter()
             .map(|i| request_cap_tokens(&i.chunk.text, i.chunk.tokens)),
         s.api.max_inputs_per_request,
@@ -59,26 +73,42 @@ pub(super) async fn embed_all(
     );
     let request_results = futures::future::join_all(
         plan.iter()
-            .map(|range| isolating(p, inputs[range.clone()].iter().collect())),
+            .map(|range| isolating(p, unique[range.clone()].to_vec())),
     )
     .await;
     let mut vectors = Vec::new();
     let mut failures: HashMap<EmbedSource, EmbedError> = HashMap::new();
     for (range, res) in plan.iter().zip(request_results) {
-        for (i, r) in inputs[range.clone()].iter().zip(res) {
-            match r {
-                Ok(v) => match crate::embed::check_vector(&v, s.model.dimensions) {
-                    // Moved, not copied: this Vec is what the write encodes.
-                    Ok(()) => vectors.push(((i.source, i.chunk.index), pgvector::Vector::from(v))),
-                    // Only this source fails (permanently); its batch-mates are written.
-                    Err(why) => {
-                        failures.entry(i.source).or_insert(EmbedError::BadVector {
-                            message: format!("chunk {}: {why}", i.chunk.index),
-                        });
+        for (u, r) in range.clone().zip(res) {
+            let same: Vec<&Input> = std::iter::once(unique[u])
+                .chain(copies.remove(&u).into_iter().flatten())
+                .collect();
+            let checked =
+                r.and_then(
+                    |v| match crate::embed::check_vector(&v, s.model.dimensions) {
+                        Ok(()) => Ok(v),
+                        Err(why) => Err(EmbedError::BadVector {
+                            message: format!("chunk {}: {why}", unique[u].chunk.index),
+                        }),
+                    },
+                );
+            match checked {
+                Ok(v) => {
+                    for i in &same[1..] {
+                        vectors
+                            .push(((i.source, i.chunk.index), pgvector::Vector::from(v.clone())));
                     }
-                },
+                    // Moved, not copied: this Vec is what the write encodes.
+                    vectors.push((
+                        (same[0].source, same[0].chunk.index),
+                        pgvector::Vector::from(v),
+                    ));
+                }
+                // Only these sources fail; their batch-mates are written.
                 Err(e) => {
-                    failures.entry(i.source).or_insert(e);
+                    for i in same {
+                        failures.entry(i.source).or_insert_with(|| e.clone());
+                    }
                 }
             }
         }

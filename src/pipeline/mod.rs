@@ -128,6 +128,9 @@ impl Prepared {
     }
 }
 
+/// A write slower than this is logged (one short line; its jobs are in the batch span at debug).
+const SLOW_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// When each job became due, by job id (for the job-latency metric).
 type DueAt = HashMap<String, chrono::DateTime<chrono::Utc>>;
 
@@ -408,7 +411,16 @@ impl Pipeline {
             writes,
         )
         .await?;
-        crate::meter::db_write(started.elapsed());
+        let took = started.elapsed();
+        crate::meter::db_write(took);
+        if took >= SLOW_WRITE {
+            tracing::warn!(
+                statement = "write_batch",
+                ms = took.as_millis() as u64,
+                sources = writes.len(),
+                "slow write"
+            );
+        }
         let written_kept: Vec<String> = writes
             .iter()
             .filter(|w| {

@@ -299,15 +299,16 @@ async fn the_next_batch_is_cut_to_the_budget_left_while_one_is_in_flight() {
         ..FakeConfig::default()
     })
     .await;
-    let user = Uuid::new_v4();
-    let mut ids = Vec::new();
-    for _ in 0..300 {
-        ids.push(insert_session(&t.admin, user, "same", "the same notes for every session").await);
-    }
+    // Texts of one length (identical ones would be sent once).
+    let ids: Vec<Uuid> = insert_sessions(&t.admin, Uuid::new_v4(), 300, |_| 10)
+        .await
+        .into_iter()
+        .map(|s| s.source_id)
+        .collect();
     let mut s = batch_settings(&t, &fake);
     s.bulk.max_sources_per_batch = 100;
     s.bulk.max_open_batches = 3;
-    // One batch of 100 identical sources fits the budget; a second only half.
+    // One batch of 100 sources fits the budget; a second only about half.
     let hundred: Vec<EmbedSource> = ids[..100]
         .iter()
         .map(|id| EmbedSource {

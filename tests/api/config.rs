@@ -119,3 +119,101 @@ async fn a_busy_http_address_is_named() {
     };
     assert!(err.contains(&addr) && err.contains("http.addr"), "{err}");
 }
+
+/// Every key of `config/default.toml` whose value is an integer, as `section.key`.
+fn integer_keys() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+        .unwrap();
+    let mut section = String::new();
+    let mut keys = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.to_string();
+        } else if let Some((k, v)) = line.split_once('=')
+            && !line.starts_with('#')
+            && v.trim().parse::<i64>().is_ok()
+        {
+            keys.push(format!("{section}.{}", k.trim()));
+        }
+    }
+    keys
+}
+
+#[test]
+fn nan_huge_and_fractional_values_of_every_integer_key_exit_2_naming_the_key() {
+    let keys = integer_keys();
+    assert!(keys.len() > 30, "found {} integer keys", keys.len());
+    for key in &keys {
+        let var = format!("EMBED_WORKER__{}", key.replace('.', "__").to_uppercase());
+        for value in ["NaN", "1e30", "2.5"] {
+            let (code, out) = cli(&["config"], &[(var.as_str(), value)]);
+            assert_eq!(code, 2, "{var}={value} accepted: {out}");
+            assert!(out.contains(&format!("{key} = ")), "{var}={value}: {out}");
+        }
+    }
+}
+
+#[test]
+fn the_batch_price_defaults_to_half_the_sync_price() {
+    let (code, out) = cli(
+        &["config"],
+        &[("EMBED_WORKER__MODEL__USD_PER_MILLION_TOKENS", "0.02")],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("batch_usd_per_million_tokens: 0.01,"), "{out}");
+    let (_, out) = cli(
+        &["config"],
+        &[
+            ("EMBED_WORKER__MODEL__USD_PER_MILLION_TOKENS", "0.02"),
+            ("EMBED_WORKER__MODEL__BATCH_USD_PER_MILLION_TOKENS", "0.015"),
+        ],
+    );
+    assert!(
+        out.contains("batch_usd_per_million_tokens: 0.015,"),
+        "set explicitly: {out}"
+    );
+}
+
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+        .arg("config")
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one line, then close the pipe, as `| head -1` does.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read(&mut stdout, &mut first).unwrap();
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[tokio::test]
+async fn a_role_that_cannot_be_used_is_named_with_its_key_at_once() {
+    let t = TestDb::migrated().await;
+    let started = Instant::now();
+    let (code, out) = cli(
+        &["status"],
+        &[
+            ("DATABASE_URL", t.url.as_str()),
+            ("EMBED_WORKER__DATABASE__ROLE", "no_such_role"),
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not a pool time-out"
+    );
+    assert!(
+        out.contains("database.role = \"no_such_role\"")
+            && out.contains("EMBED_WORKER__DATABASE__ROLE"),
+        "{out}"
+    );
+    assert_eq!(out.matches("does not exist").count(), 1, "said once: {out}");
+}

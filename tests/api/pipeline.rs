@@ -313,3 +313,43 @@ async fn a_source_deleted_before_its_job_runs_completes_as_gone() {
         .unwrap();
     assert_eq!(rows, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_chunks_are_sent_and_billed_once() {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    let fake = fake(FakeConfig::default()).await;
+    let user = Uuid::new_v4();
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(insert_session(&t.admin, user, "Scales", "the same notes, pasted again").await);
+    }
+    ids.push(insert_session(&t.admin, user, "Arpeggios", "something else entirely").await);
+    let sources: Vec<EmbedSource> = ids
+        .iter()
+        .map(|id| EmbedSource {
+            source_type: SourceType::Session,
+            source_id: *id,
+        })
+        .collect();
+    enqueue(&t.admin, &sources).await;
+    let mut s = worker_settings(&t, &fake);
+    s.batch.linger_ms = 2000; // all eleven in one batch
+    let w = RunningWorker::start(s).await;
+    wait_drained(&t.admin, Duration::from_secs(30)).await;
+    w.stop().await;
+    let inputs: usize = fake.requests().iter().map(|r| r.inputs).sum();
+    assert_eq!(inputs, 2, "ten identical texts sent once, plus the other");
+    let (rows, vectors): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(DISTINCT embedding::text) FROM rag_embeddings")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(
+        (rows, vectors),
+        (11, 2),
+        "every source written, the ten with one vector"
+    );
+}
