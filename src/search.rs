@@ -231,9 +231,12 @@ pub async fn search(
     } else {
         match crate::model_index::state(pool, spec).await? {
             crate::model_index::IndexState::Ready(name) => SearchPath::Index(name),
-            crate::model_index::IndexState::Invalid(name) => {
+            crate::model_index::IndexState::Building(name) => {
                 SearchPath::ExactNoIndex(format!("{name} is being built"))
             }
+            crate::model_index::IndexState::Invalid(name) => SearchPath::ExactNoIndex(format!(
+                "{name} is invalid (a build that died; `embed-worker models build-index` rebuilds it)"
+            )),
             crate::model_index::IndexState::Missing => SearchPath::ExactNoIndex(format!(
                 "{} not built yet (deferred until the backlog drains)",
                 spec.name()

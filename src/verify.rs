@@ -68,7 +68,12 @@ pub async fn verify(
                 ix.name
             ));
         }
-        if !ix.valid {
+        if ix.building {
+            notes.push(format!(
+                "index {} is being built now (not yet valid)",
+                ix.name
+            ));
+        } else if !ix.valid {
             problems.push(format!(
                 "index {} is INVALID (a failed CONCURRENTLY build? `embed-worker migrate` or \
                  `models build-index` drops and rebuilds it)",
@@ -92,7 +97,7 @@ pub async fn verify(
                 }
             }
         }
-        model_index::IndexState::Invalid(_) => {}
+        model_index::IndexState::Invalid(_) | model_index::IndexState::Building(_) => {}
         model_index::IndexState::Missing => {
             match model_index::build::not_due(pool, settings, &spec).await? {
                 Some(why) => notes.push(format!("{want} not built yet: {why}")),

@@ -174,7 +174,7 @@ async fn wait_for_index(pool: &PgPool, settings: &Settings) -> anyhow::Result<()
                 eprintln!("index {name} ({}) ready", spec.index_type());
                 return Ok(());
             }
-            IndexState::Invalid(name) => {
+            IndexState::Building(name) | IndexState::Invalid(name) => {
                 seen_build = true;
                 let p = model_index::progress(pool).await.unwrap_or_default();
                 match p.iter().find(|p| p.index == name) {

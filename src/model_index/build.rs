@@ -77,6 +77,32 @@ async fn defer_empty(pool: &PgPool, s: &Settings, model: &str) -> anyhow::Result
     }))
 }
 
+/// A backfill of `model` still running: at least `index.defer_min_sources` jobs open while the
+/// model covers fewer sources than have text. Its index waits for the drained queue.
+async fn backfill_under_way(
+    pool: &PgPool,
+    s: &Settings,
+    model: &str,
+) -> anyhow::Result<Option<String>> {
+    let min = s.index.defer_min_sources as i64;
+    let open = crate::queue::open_jobs(pool, &s.queue.name).await?;
+    if min == 0 || open < min {
+        return Ok(None);
+    }
+    let covered: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT (source_type, source_id)) FROM rag_embeddings WHERE embedding_model = $1",
+    )
+    .bind(model)
+    .fetch_one(pool)
+    .await?;
+    let sources = crate::source::count_with_text(pool).await?;
+    Ok((covered < sources).then(|| {
+        format!(
+            "a backfill is under way ({open} jobs open, {covered} of {sources} sources embedded): built once the queue drains"
+        )
+    }))
+}
+
 /// Why the missing index should not be built yet, if it should not.
 pub(crate) async fn not_due(
     pool: &PgPool,
@@ -116,7 +142,9 @@ pub async fn build_if_due(
 
 /// `migrate`: repairs, defers or builds the active model's index, and says which.
 /// A model with no rows and a large backlog ahead gets no index now (an empty one is dropped:
-/// it costs nothing and would make the backfill pay for live insertion).
+/// it costs nothing and would make the backfill pay for live insertion); a missing index is
+/// not built while jobs are open either (a deploy's migrate Job during a deferred backfill
+/// would make the rest of it pay for HNSW upkeep): the worker builds it once the queue drains.
 pub async fn on_migrate(pool: &PgPool, s: &Settings) -> anyhow::Result<BuildOutcome> {
     let spec = IndexSpec::from_settings(s)?;
     if let Some(why) = defer_empty(pool, s, &spec.model).await? {
@@ -130,7 +158,10 @@ pub async fn on_migrate(pool: &PgPool, s: &Settings) -> anyhow::Result<BuildOutc
             drop_superseded(&mut *pool.acquire().await?, &spec).await?;
             Ok(BuildOutcome::Ready(name))
         }
-        _ => build(&s.database.url, &spec, &s.index, None).await,
+        _ => match backfill_under_way(pool, s, &spec.model).await? {
+            Some(why) => Ok(BuildOutcome::Deferred(why)),
+            None => build(&s.database.url, &spec, &s.index, None).await,
+        },
     }
 }
 
@@ -180,8 +211,8 @@ async fn build_locked(
     let all = super::vector_indexes(&mut *conn).await?;
     match super::find(&all, spec) {
         IndexState::Ready(name) => return Ok(BuildOutcome::Ready(name)),
-        // Every build holds the lock we hold: this one died.
-        IndexState::Invalid(name) => {
+        // Every build holds the lock we hold: this one died (a lock seen on it is a reader's).
+        IndexState::Invalid(name) | IndexState::Building(name) => {
             tracing::warn!(index = %name, "dropping the invalid leftover of an index build that died");
             drop_on(conn, &name).await?;
         }

@@ -37,8 +37,11 @@ pub struct VectorIndex {
     pub options: Vec<String>,
     /// `CREATE INDEX` statement.
     pub definition: String,
-    /// False after a failed concurrent build.
+    /// False while a concurrent build runs, and after one died.
     pub valid: bool,
+    /// A build of it is running now: PostgreSQL reports its progress, or another backend
+    /// holds a lock on it (the progress view is visible only to the building login).
+    pub building: bool,
 }
 
 /// Every index on a `vector` column or expression of any table.
@@ -49,7 +52,12 @@ pub async fn vector_indexes<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result
                am.amname::text AS access_method,
                coalesce(i.reloptions, '{}')::text[] AS options,
                pg_get_indexdef(i.oid) AS definition,
-               x.indisvalid AS valid
+               x.indisvalid AS valid,
+               (NOT x.indisvalid
+                AND (EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = i.oid)
+                     OR EXISTS (SELECT 1 FROM pg_locks l
+                                 WHERE l.relation = i.oid AND l.pid <> pg_backend_pid())))
+                 AS building
           FROM pg_index x
           JOIN pg_class i ON i.oid = x.indexrelid
           JOIN pg_am am ON am.oid = i.relam
@@ -224,7 +232,9 @@ pub fn quote_literal(s: &str) -> String {
 pub enum IndexState {
     /// Valid and usable.
     Ready(String),
-    /// Present but not valid: a build in progress, or the leftover of one that died.
+    /// Present, not yet valid, and a build of it is running.
+    Building(String),
+    /// Present but not valid and no build running: the leftover of a build that died.
     Invalid(String),
     /// None of this spec (another precision may still exist).
     Missing,
@@ -235,6 +245,8 @@ pub fn find(all: &[VectorIndex], spec: &IndexSpec) -> IndexState {
     let mine: Vec<&VectorIndex> = all.iter().filter(|ix| spec.matches(ix)).collect();
     if let Some(ix) = mine.iter().find(|ix| ix.valid) {
         IndexState::Ready(ix.name.clone())
+    } else if let Some(ix) = mine.iter().find(|ix| ix.building) {
+        IndexState::Building(ix.name.clone())
     } else if let Some(ix) = mine.first() {
         IndexState::Invalid(ix.name.clone())
     } else {
@@ -399,6 +411,7 @@ mod tests {
             options: vec![],
             definition: def.into(),
             valid: true,
+            building: false,
         };
         assert_eq!(stored_type(&ix).as_deref(), Some("halfvec(3072)"));
         assert!(

@@ -49,7 +49,7 @@ pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<Mod
             let is_active = model == active.model;
             let state = is_active.then(|| super::find(&all, active));
             let building = match &state {
-                Some(IndexState::Invalid(name)) => {
+                Some(IndexState::Building(name)) | Some(IndexState::Invalid(name)) => {
                     building.iter().find(|p| &p.index == name).cloned()
                 }
                 _ => None,

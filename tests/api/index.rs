@@ -257,6 +257,24 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
         assert!(started.elapsed() < Duration::from_secs(60));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // While it runs, the build is a build, not a failure (a CronJob's `verify` must pass), as
+    // the worker's login sees it too (it cannot read the building login's progress).
+    assert_eq!(
+        model_index::state(&t.admin, &spec).await.unwrap(),
+        IndexState::Building(spec.name())
+    );
+    let worker = t.worker_pool().await;
+    assert_eq!(
+        model_index::state(&worker, &spec).await.unwrap(),
+        IndexState::Building(spec.name())
+    );
+    let report = embed_worker::verify::verify(&t.admin, &s).await.unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(
+        report.notes.iter().any(|n| n.contains("being built now")),
+        "{:?}",
+        report.notes
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     // The backend notices its client is gone (client_connection_check_interval) and stops.
@@ -283,6 +301,17 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
         report.problems.iter().any(|p| p.contains("INVALID")),
         "{:?}",
         report.problems
+    );
+    let found = search::search(&t.admin, &spec, vec![0.1; 3072], &SearchOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        found
+            .path
+            .to_string()
+            .contains("is invalid (a build that died"),
+        "{}",
+        found.path
     );
 
     // The next build (here `migrate`'s) drops the leftover and builds it whole.
@@ -332,4 +361,46 @@ async fn two_models_sharing_a_60_character_prefix_get_two_indexes() {
         line.contains(&east.name()) && line.contains("vector(8) (valid)"),
         "{line}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn migrate_during_a_deferred_backfill_leaves_the_index_to_the_drained_queue() {
+    let t = TestDb::migrated().await;
+    let mut s = t.settings();
+    s.model.name = "text-embedding-3-small".into();
+    s.model.dimensions = 8;
+    s.index.defer_min_sources = 10;
+    let spec = model_index::IndexSpec::from_settings(&s).unwrap();
+    // Half a backfill: rows of the new model written, jobs still open.
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 40, |_| 5).await;
+    sqlx::query(
+        "INSERT INTO rag_embeddings (source_type, source_id, chunk_index, content_hash, embedding,
+                                     embedding_model, dimensions, token_count)
+         SELECT 'session', id, 0, 'h', '[1,0,0,0,0,0,0,1]', 'text-embedding-3-small', 8, 5
+           FROM sessions LIMIT 20",
+    )
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM apalis.jobs")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    enqueue(&t.admin, &sources[20..]).await;
+    let outcome = model_index::build::on_migrate(&t.admin, &s).await.unwrap();
+    assert!(
+        matches!(&outcome, BuildOutcome::Deferred(why) if why.contains("20 jobs open, 20 of 40 sources")),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        model_index::state(&t.admin, &spec).await.unwrap(),
+        IndexState::Missing
+    );
+    // Drained: the next migrate (or the worker's builder) builds it.
+    sqlx::query("DELETE FROM apalis.jobs")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let outcome = model_index::build::on_migrate(&t.admin, &s).await.unwrap();
+    assert!(matches!(outcome, BuildOutcome::Built(..)), "{outcome:?}");
 }
