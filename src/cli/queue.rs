@@ -117,6 +117,24 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
     } else {
         println!("spend this month: ${spent:.4} (no budget set)");
     }
+    let open = embed_worker::bulk::records::open(&pool).await?;
+    if !open.is_empty() {
+        println!("open batches ({}; `embed-worker batches` for all):", open.len());
+        for b in &open {
+            println!(
+                "  batch {} {} provider={} items={} failures={}{}",
+                b.id,
+                b.state,
+                b.provider_status.as_deref().unwrap_or("-"),
+                b.inputs,
+                b.failures,
+                b.last_error
+                    .as_deref()
+                    .map(|e| format!(" last_error={e}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let dead = embed_worker::queue::failed_jobs(&pool, queue, failures).await?;
     println!("dead letters (latest {}):", dead.len());
     for f in dead {
