@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,...]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,...]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -31,6 +31,7 @@ use uuid::Uuid;
 #[path = "../../tests/api/helpers.rs"]
 mod helpers;
 
+mod collect;
 mod corpus;
 mod e2e;
 mod harness;
@@ -40,6 +41,7 @@ mod report;
 mod search;
 mod tokenizer;
 
+use collect::*;
 use corpus::*;
 use e2e::*;
 use harness::*;
@@ -57,6 +59,7 @@ struct Args {
     e2e_sources: usize,
     search_rows: usize,
     quota_secs: u64,
+    collect_inputs: usize,
 }
 
 fn args() -> Args {
@@ -79,6 +82,9 @@ fn args() -> Args {
         quota_secs: get("--quota-secs")
             .and_then(|v| v.parse().ok())
             .unwrap_or(90),
+        collect_inputs: get("--collect-inputs")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50_000),
     }
 }
 
@@ -160,6 +166,14 @@ async fn main() {
         eprintln!("queue …");
         let (url, pool) = fresh_db("queue").await;
         bench_queue(&mut report, &pool, 20_000).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("collect") {
+        let inputs = a.collect_inputs;
+        eprintln!("collect {inputs} inputs …");
+        let (url, pool) = fresh_db("collect").await;
+        bench_collect(&mut report, &url, &pool, inputs).await;
         pool.close().await;
         drop_db(&url).await;
     }

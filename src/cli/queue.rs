@@ -119,7 +119,10 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
     }
     let open = embed_worker::bulk::records::open(&pool).await?;
     if !open.is_empty() {
-        println!("open batches ({}; `embed-worker batches` for all):", open.len());
+        println!(
+            "open batches ({}; `embed-worker batches` for all):",
+            open.len()
+        );
         for b in &open {
             println!(
                 "  batch {} {} provider={} items={} failures={}{}",
