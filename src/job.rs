@@ -31,6 +31,20 @@ impl Job {
             Err(e) => Err(JobError::dead(format!("bad job payload {payload}: {e}"))),
         }
     }
+
+    /// [`Job::from_payload`] from the payload's stored bytes (the batch lane claims them raw:
+    /// a `serde_json::Value` per job was 50 MB for a 50,000-job batch).
+    pub fn from_bytes(id: String, payload: &[u8]) -> Result<Job, JobError> {
+        match serde_json::from_slice::<EmbedSource>(payload) {
+            Ok(source) => Ok(Job { id, source }),
+            Err(_) => {
+                let value = serde_json::from_slice(payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(payload).into())
+                });
+                Job::from_payload(id, &value)
+            }
+        }
+    }
 }
 
 /// Each job's result from its source's (the pipeline answers per source; apalis and the batch
@@ -253,17 +267,14 @@ pub async fn end_unacked(
 ) -> sqlx::Result<()> {
     use crate::queue::JobState;
     settle(pool, retry, results).await;
-    let ends: Vec<(String, JobState, serde_json::Value)> = results
+    let ends: Vec<(String, JobState, String)> = results
         .iter()
         .filter_map(|(id, r)| {
             let (state, result) = match r {
-                Ok(outcome) => (
-                    JobState::Done,
-                    serde_json::json!({"Ok": outcome.to_string()}),
-                ),
+                Ok(outcome) => (JobState::Done, outcome.to_string()),
                 Err(e) => match e.disposition {
-                    Disposition::Dead => (JobState::Killed, serde_json::json!({"Err": e.reason})),
-                    Disposition::Retry => (JobState::Failed, serde_json::json!({"Err": e.reason})),
+                    Disposition::Dead => (JobState::Killed, e.reason.clone()),
+                    Disposition::Retry => (JobState::Failed, e.reason.clone()),
                     Disposition::Release { .. } => return None,
                 },
             };

@@ -163,13 +163,13 @@ pub async fn open_sources(
 
 /// Claims up to `limit` due bulk jobs of `queue` for the batch lane (highest priority, oldest
 /// first; `Running`, not locked by an apalis worker: the batch record owns them from here) and
-/// clears their dedup keys, as a started sync job's are. Returns (id, payload).
+/// clears their dedup keys, as a started sync job's are. Returns (id, payload bytes).
 pub async fn claim_batch_jobs(
     pool: &PgPool,
     queue: &str,
     limit: i64,
-) -> sqlx::Result<Vec<(String, serde_json::Value)>> {
-    let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(
+) -> sqlx::Result<Vec<(String, Vec<u8>)>> {
+    sqlx::query_as(
         "WITH due AS (SELECT id FROM apalis.jobs
                        WHERE job_type = $1 AND run_at <= now()
                          AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
@@ -182,62 +182,45 @@ pub async fn claim_batch_jobs(
     .bind(batch_lane_job_type(queue))
     .bind(limit)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, job)| {
-            let v = serde_json::from_slice(&job).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&job).into())
-            });
-            (id, v)
-        })
-        .collect())
+    .await
 }
 
 /// Ends jobs no apalis worker acknowledges (the batch lane's) as apalis would: each row gets
 /// `status` (`Done`, `Failed` with an attempt used, or `Killed`) and `last_result`, unlocked.
 /// The mapping from a job's result to its end is [`crate::job::end_unacked`]'s.
-pub async fn end_jobs(
-    pool: &PgPool,
-    ends: &[(String, JobState, serde_json::Value)],
-) -> sqlx::Result<()> {
-    if ends.is_empty() {
-        return Ok(());
-    }
-    let by_id: std::collections::HashMap<&str, (&str, &serde_json::Value)> = ends
-        .iter()
-        .map(|(id, st, r)| (id.as_str(), (st.as_str(), r)))
-        .collect();
-    let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
-    update_unlocked(pool, &ids, |chunk| {
-        let (st, rs): (Vec<&str>, Vec<serde_json::Value>) = chunk
+pub async fn end_jobs(pool: &PgPool, ends: &[(String, JobState, String)]) -> sqlx::Result<()> {
+    // In parts: one statement of 50,000 rows (a whole batch) held ~80 MB of binds and rows.
+    for part in ends.chunks(5000) {
+        let by_id: std::collections::HashMap<&str, (&str, &str)> = part
             .iter()
-            .map(|id| {
-                let (st, r) = by_id[id.as_str()];
-                (st, r.clone())
-            })
-            .unzip();
-        async move {
-            sqlx::query_as::<_, (String, bool)>(
-                "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::jsonb[]) AS r(id, status, result)),
-                      locked AS (SELECT j.id FROM apalis.jobs j JOIN r USING (id)
-                                  ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
-                 UPDATE apalis.jobs j
-                    SET status = r.status, last_result = r.result, done_at = now(),
-                        lock_by = NULL, lock_at = NULL,
-                        attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END
-                   FROM locked, r
-                  WHERE j.id = locked.id AND r.id = j.id AND j.status IN ('Queued', 'Running')
-                 RETURNING j.id, true",
-            )
-            .bind(&chunk)
-            .bind(&st)
-            .bind(&rs)
-            .fetch_all(pool)
-            .await
-        }
-    })
-    .await?;
+            .map(|(id, st, r)| (id.as_str(), (st.as_str(), r.as_str())))
+            .collect();
+        let ids: Vec<String> = by_id.keys().map(|id| id.to_string()).collect();
+        update_unlocked(pool, &ids, |chunk| {
+            let (st, rs): (Vec<&str>, Vec<&str>) =
+                chunk.iter().map(|id| by_id[id.as_str()]).unzip();
+            async move {
+                sqlx::query_as::<_, (String, bool)>(
+                    "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS r(id, status, result)),
+                          locked AS (SELECT j.id FROM apalis.jobs j JOIN r USING (id)
+                                      ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
+                     UPDATE apalis.jobs j
+                        SET status = r.status, done_at = now(), lock_by = NULL, lock_at = NULL,
+                            last_result = jsonb_build_object(CASE WHEN r.status = 'Done' THEN 'Ok' ELSE 'Err' END, r.result),
+                            attempts = CASE WHEN r.status = 'Done' THEN j.attempts ELSE j.attempts + 1 END
+                       FROM locked, r
+                      WHERE j.id = locked.id AND r.id = j.id AND j.status IN ('Queued', 'Running')
+                     RETURNING j.id, true",
+                )
+                .bind(&chunk)
+                .bind(&st)
+                .bind(&rs)
+                .fetch_all(pool)
+                .await
+            }
+        })
+        .await?;
+    }
     Ok(())
 }
 

@@ -32,6 +32,9 @@ struct Args {
     /// Answer 429 insufficient_quota to everything.
     #[arg(long)]
     insufficient_quota: bool,
+    /// Batch API: how long a batch stays in progress, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    batch_delay_ms: u64,
 }
 
 #[tokio::main]
@@ -44,6 +47,7 @@ async fn main() -> std::io::Result<()> {
         latency_per_1k_tokens: Duration::from_millis(a.latency_per_1k_ms),
         error_rate: a.error_rate,
         insufficient_quota: a.insufficient_quota,
+        batch_delay: Duration::from_millis(a.batch_delay_ms),
         ..FakeConfig::default()
     };
     let server = FakeServer::start(config, a.port).await?;

@@ -52,7 +52,7 @@ impl Lane {
         let mut results: HashMap<String, JobResult> = HashMap::new();
         let mut jobs = Vec::new();
         for (id, payload) in claimed {
-            match Job::from_payload(id.clone(), &payload) {
+            match Job::from_bytes(id.clone(), &payload) {
                 Ok(job) => jobs.push(job),
                 Err(e) => {
                     results.insert(id, Err(e));
