@@ -56,13 +56,7 @@ pub(crate) async fn bench_collect(report: &mut Report, url: &str, pool: &PgPool,
             .fetch_all(pool)
             .await
             .unwrap();
-        let sources: Vec<EmbedSource> = ids
-            .iter()
-            .map(|id| EmbedSource {
-                source_type: SourceType::Session,
-                source_id: *id,
-            })
-            .collect();
+        let sources = helpers::session_sources(&ids);
         embed_worker::queue::enqueue_lane(pool, "embed.batch", 10, -10, &sources)
             .await
             .unwrap();

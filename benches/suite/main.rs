@@ -113,13 +113,7 @@ async fn main() {
         let (url, pool) = fresh_db("e2e").await;
         let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
         let ids = insert_sessions(&pool, &users, &corpus).await;
-        let sources: Vec<EmbedSource> = ids
-            .iter()
-            .map(|id| EmbedSource {
-                source_type: SourceType::Session,
-                source_id: *id,
-            })
-            .collect();
+        let sources = helpers::session_sources(&ids);
         if want("e2e") {
             for latency in [0u64, 200] {
                 eprintln!("e2e at {latency} ms …");

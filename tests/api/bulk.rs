@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use crate::helpers::*;
 use embed_worker::config::{BulkMode, Settings};
 use embed_worker::fake_openai::{BATCH_ERROR_MARKER, FakeConfig};
-use embed_worker::freshness::{self, Scope};
 use embed_worker::source::EmbedSource;
 use uuid::Uuid;
 
@@ -21,25 +20,6 @@ fn batch_settings(t: &TestDb, fake: &embed_worker::fake_openai::FakeServer) -> S
     s.retry.job_backoff_base_secs = 1;
     s.retry.job_backoff_cap_secs = 1;
     s
-}
-
-/// A database whose inserts queue nothing by themselves (the tests choose the lane).
-async fn quiet_db() -> TestDb {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
-    t
-}
-
-/// Queues what the active model lacks, as `backfill` does (in the configured bulk lane).
-async fn backfill(t: &TestDb, s: &Settings) -> i64 {
-    let stale = freshness::find_stale(&t.admin, &s.model.name, &Scope::default())
-        .await
-        .unwrap();
-    freshness::enqueue_stale(&t.admin, s, &stale, |_, _| {})
-        .await
-        .unwrap()
 }
 
 async fn spend(t: &TestDb, model: &str) -> f64 {
@@ -63,7 +43,7 @@ async fn a_20000_source_backfill_through_the_batch_api_costs_half_and_writes_the
     sync.bulk.mode = BulkMode::Sync;
 
     // The sync path first: its vectors, tokens and cost are the reference.
-    assert_eq!(backfill(&t, &sync).await, n as i64);
+    assert_eq!(backfill_stale(&t, &sync).await, n as i64);
     let w = RunningWorker::start(sync.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(120)).await;
     w.stop().await;
@@ -79,7 +59,7 @@ async fn a_20000_source_backfill_through_the_batch_api_costs_half_and_writes_the
     .unwrap();
 
     // The same backfill through the batch lane.
-    assert_eq!(backfill(&t, &batch).await, n as i64);
+    assert_eq!(backfill_stale(&t, &batch).await, n as i64);
     let queued: i64 = count(
         &t.admin,
         "SELECT count(*) FROM apalis.jobs WHERE job_type = 'embed.batch' AND status = 'Pending'",
@@ -158,7 +138,7 @@ async fn a_worker_killed_after_submitting_is_resumed_by_the_next_and_nothing_is_
     .await;
     insert_sessions(&t.admin, Uuid::new_v4(), 500, |i| 3 + i % 20).await;
     let s = batch_settings(&t, &fake);
-    assert_eq!(backfill(&t, &s).await, 500);
+    assert_eq!(backfill_stale(&t, &s).await, 500);
     let lane_env = |c: &mut std::process::Command| {
         c.env("EMBED_WORKER__BULK__MODE", "batch")
             .env("EMBED_WORKER__BULK__POLL_SECS", "1")
@@ -210,7 +190,7 @@ async fn an_expired_batch_writes_its_answered_half_and_resubmits_the_rest() {
     insert_sessions(&t.admin, Uuid::new_v4(), 200, |i| 3 + i % 20).await;
     let mut s = batch_settings(&t, &fake);
     s.api.max_inputs_per_request = 10;
-    assert_eq!(backfill(&t, &s).await, 200);
+    assert_eq!(backfill_stale(&t, &s).await, 200);
     let w = RunningWorker::start(s).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
@@ -263,7 +243,7 @@ async fn three_error_lines_among_1000_are_three_dead_letters_and_997_rows() {
     }
     let mut s = batch_settings(&t, &fake);
     s.api.max_inputs_per_request = 1;
-    assert_eq!(backfill(&t, &s).await, 1000);
+    assert_eq!(backfill_stale(&t, &s).await, 1000);
     let w = RunningWorker::start(s).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
@@ -322,7 +302,7 @@ async fn the_next_batch_is_cut_to_the_budget_left_while_one_is_in_flight() {
     embed_worker::guard::budget::set(&t.admin, one.batch_usd * 1.5)
         .await
         .unwrap();
-    assert_eq!(backfill(&t, &s).await, 300);
+    assert_eq!(backfill_stale(&t, &s).await, 300);
     let w = RunningWorker::start(s).await;
     // While the first is in flight, the second is cut to what its reservation leaves.
     let started = Instant::now();
@@ -379,7 +359,7 @@ async fn interactive_jobs_are_embedded_while_a_bulk_backlog_waits() {
     let user = Uuid::new_v4();
     insert_sessions(&t.admin, user, 3000, |i| 3 + i % 20).await;
     let s = batch_settings(&t, &fake);
-    assert_eq!(backfill(&t, &s).await, 3000);
+    assert_eq!(backfill_stale(&t, &s).await, 3000);
     let w = RunningWorker::start(s.clone()).await;
     let started = Instant::now();
     while fake.batches_created() == 0 {
@@ -438,7 +418,7 @@ async fn in_sync_mode_interactive_jobs_go_first_and_a_change_raises_a_pending_bu
     let sources = insert_sessions(&t.admin, user, 4000, |i| 3 + i % 20).await;
     let mut s = batch_settings(&t, &fake);
     s.bulk.mode = BulkMode::Sync;
-    assert_eq!(backfill(&t, &s).await, 4000);
+    assert_eq!(backfill_stale(&t, &s).await, 4000);
     // A change to a source waiting in the backlog: its job is raised, not duplicated.
     let changed = sources[3999];
     assert_eq!(enqueue(&t.admin, &[changed]).await, 0);
@@ -487,7 +467,7 @@ async fn a_failed_batch_retries_its_jobs_and_a_cancelled_one_releases_them() {
     .await;
     insert_sessions(&t.admin, Uuid::new_v4(), 100, |i| 3 + i % 20).await;
     let s = batch_settings(&t, &fake);
-    assert_eq!(backfill(&t, &s).await, 100);
+    assert_eq!(backfill_stale(&t, &s).await, 100);
     let w = RunningWorker::start(s.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
@@ -523,7 +503,7 @@ async fn a_failed_batch_retries_its_jobs_and_a_cancelled_one_releases_them() {
         .execute(&t.admin)
         .await
         .unwrap();
-    assert_eq!(backfill(&t, &s).await, 100);
+    assert_eq!(backfill_stale(&t, &s).await, 100);
     let w = RunningWorker::start(s.clone()).await;
     let started = Instant::now();
     let id: i64 = loop {

@@ -362,3 +362,33 @@ pub async fn session_embeddings(
     .fetch_all(pool)
     .await
 }
+
+/// A database whose inserts queue nothing by themselves (the tests choose the lane).
+pub async fn quiet_db() -> TestDb {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    t
+}
+
+/// Queues what the active model lacks, as `backfill` does (in the configured bulk lane).
+pub async fn backfill_stale(t: &TestDb, s: &Settings) -> i64 {
+    let scope = embed_worker::freshness::Scope::default();
+    let stale = embed_worker::freshness::find_stale(&t.admin, &s.model.name, &scope)
+        .await
+        .unwrap();
+    embed_worker::freshness::enqueue_stale(&t.admin, s, &stale, |_, _| {})
+        .await
+        .unwrap()
+}
+
+/// Sessions `ids` as embed sources.
+pub fn session_sources(ids: &[uuid::Uuid]) -> Vec<EmbedSource> {
+    ids.iter()
+        .map(|id| EmbedSource {
+            source_type: embed_worker::source::SourceType::Session,
+            source_id: *id,
+        })
+        .collect()
+}

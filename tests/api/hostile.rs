@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::helpers::*;
 use embed_worker::config::{BulkMode, Settings};
 use embed_worker::fake_openai::{FakeConfig, FakeServer, Hostile, fake_vector};
-use embed_worker::freshness::{self, Scope};
+use embed_worker::freshness;
 use uuid::Uuid;
 
 /// The batch lane with batches of 100 sources, polled every second.
@@ -28,15 +28,6 @@ fn lane_settings(t: &TestDb, fake: &FakeServer) -> Settings {
     s
 }
 
-async fn backfill(t: &TestDb, s: &Settings) -> i64 {
-    let stale = freshness::find_stale(&t.admin, &s.model.name, &Scope::default())
-        .await
-        .unwrap();
-    freshness::enqueue_stale(&t.admin, s, &stale, |_, _| {})
-        .await
-        .unwrap()
-}
-
 /// Rows whose vector is not the one the provider gives for their own source's text.
 async fn wrong_vectors(t: &TestDb, s: &Settings) -> usize {
     let rows: Vec<(Uuid, pgvector::Vector)> =
@@ -44,13 +35,8 @@ async fn wrong_vectors(t: &TestDb, s: &Settings) -> usize {
             .fetch_all(&t.admin)
             .await
             .unwrap();
-    let sources: Vec<embed_worker::source::EmbedSource> = rows
-        .iter()
-        .map(|(id, _)| embed_worker::source::EmbedSource {
-            source_type: embed_worker::source::SourceType::Session,
-            source_id: *id,
-        })
-        .collect();
+    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    let sources = session_sources(&ids);
     let texts = embed_worker::pipeline::load::load(&t.admin, &s.render, &sources)
         .await
         .unwrap();
@@ -113,10 +99,7 @@ async fn batches_recorded(t: &TestDb) -> usize {
 /// first batch; 20 more queued once the first batch has ended. Returns when everything
 /// settled, with the fake and the settings.
 async fn run_hostile(how: Hostile) -> (TestDb, FakeServer, Settings) {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
+    let t = quiet_db().await;
     let fake = fake(FakeConfig {
         hostile: Some(how),
         hostile_batches: 1,
@@ -126,7 +109,7 @@ async fn run_hostile(how: Hostile) -> (TestDb, FakeServer, Settings) {
     let user = Uuid::new_v4();
     insert_sessions(&t.admin, user, 300, |i| 3 + i % 20).await;
     let s = lane_settings(&t, &fake);
-    assert_eq!(backfill(&t, &s).await, 300);
+    assert_eq!(backfill_stale(&t, &s).await, 300);
     let w = RunningWorker::start(s.clone()).await;
     let started = Instant::now();
     while count(
@@ -145,9 +128,22 @@ async fn run_hostile(how: Hostile) -> (TestDb, FakeServer, Settings) {
     // New bulk work after the bad batch: the lane still takes it.
     let mut more = insert_sessions(&t.admin, Uuid::new_v4(), 20, |i| 40 + i).await;
     more.truncate(20);
-    assert_eq!(backfill(&t, &s).await, 20);
+    assert_eq!(backfill_stale(&t, &s).await, 20);
     settled(&t, Duration::from_secs(90)).await;
     w.stop().await;
+    (t, fake, s)
+}
+
+/// A hostile run whose first batch ends in `state` with a last error saying `says`, and then
+/// [`assert_recovered`].
+async fn hostile_ends(how: Hostile, state: &str, says: &[&str]) -> (TestDb, FakeServer, Settings) {
+    let (t, fake, s) = run_hostile(how).await;
+    let (ended, why) = first_batch(&t).await;
+    assert_eq!(ended, state, "{how:?}: {why}");
+    for words in says {
+        assert!(why.contains(words), "{how:?}: {why}");
+    }
+    assert_recovered(&t, &fake, &s, how).await;
     (t, fake, s)
 }
 
@@ -172,14 +168,7 @@ async fn assert_recovered(t: &TestDb, fake: &FakeServer, s: &Settings, how: Host
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_output_file_that_is_gone_ends_its_batch_and_the_lane_goes_on() {
-    let (t, fake, s) = run_hostile(Hostile::OutputGone).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "failed");
-    assert!(
-        why.contains("404") && why.contains("downloading file"),
-        "{why}"
-    );
-    assert_recovered(&t, &fake, &s, Hostile::OutputGone).await;
+    let (t, _, _) = hostile_ends(Hostile::OutputGone, "failed", &["404", "downloading file"]).await;
     // Its jobs were retried with an attempt, not lost.
     let retried = count(
         &t.admin,
@@ -191,20 +180,22 @@ async fn an_output_file_that_is_gone_ends_its_batch_and_the_lane_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_output_line_that_is_not_json_costs_only_its_own_inputs() {
-    let (t, fake, s) = run_hostile(Hostile::GarbageLine).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "completed");
-    assert!(why.contains("1 output lines not JSON"), "{why}");
-    assert_recovered(&t, &fake, &s, Hostile::GarbageLine).await;
+    let _ = hostile_ends(
+        Hostile::GarbageLine,
+        "completed",
+        &["1 output lines not JSON"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_create_ends_its_batch_with_the_providers_reason() {
-    let (t, fake, s) = run_hostile(Hostile::RefuseCreate).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "failed");
-    assert!(why.contains("not allowed to create batches"), "{why}");
-    assert_recovered(&t, &fake, &s, Hostile::RefuseCreate).await;
+    let (_, fake, _) = hostile_ends(
+        Hostile::RefuseCreate,
+        "failed",
+        &["not allowed to create batches"],
+    )
+    .await;
     assert_eq!(
         fake.files_stored(),
         0,
@@ -214,32 +205,27 @@ async fn a_refused_create_ends_its_batch_with_the_providers_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_object_that_cannot_be_read_ends_its_batch() {
-    let (t, fake, s) = run_hostile(Hostile::UnreadableBatch).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "failed");
-    assert!(why.contains("deserialize"), "{why}");
-    assert_recovered(&t, &fake, &s, Hostile::UnreadableBatch).await;
+    let _ = hostile_ends(Hostile::UnreadableBatch, "failed", &["deserialize"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shifted_indexes_are_refused_as_on_the_sync_path() {
-    let (t, fake, s) = run_hostile(Hostile::ShiftedIndexes).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "completed");
-    assert!(why.contains("indexes are not 0.."), "{why}");
-    assert_recovered(&t, &fake, &s, Hostile::ShiftedIndexes).await;
+    let _ = hostile_ends(
+        Hostile::ShiftedIndexes,
+        "completed",
+        &["indexes are not 0.."],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repeated_and_foreign_lines_are_counted_once_and_not_at_all() {
-    let (t, fake, s) = run_hostile(Hostile::RepeatedAndForeignLines).await;
-    let (state, why) = first_batch(&t).await;
-    assert_eq!(state, "completed");
-    assert!(
-        why.contains("repeated lines") && why.contains("never sent"),
-        "{why}"
-    );
-    assert_recovered(&t, &fake, &s, Hostile::RepeatedAndForeignLines).await;
+    let (t, fake, s) = hostile_ends(
+        Hostile::RepeatedAndForeignLines,
+        "completed",
+        &["repeated lines", "never sent"],
+    )
+    .await;
     // The spend counts each of our lines once: our tokens at the batch price.
     let ours: i64 = count(
         &t.admin,
@@ -265,16 +251,7 @@ async fn repeated_and_foreign_lines_are_counted_once_and_not_at_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_transient_failure_creates_the_batch_again_without_using_an_attempt() {
-    let (t, fake, s) = run_hostile(Hostile::TransientFailure).await;
-    let (state, _) = first_batch(&t).await;
-    assert_eq!(state, "completed");
-    let resubmits = count(
-        &t.admin,
-        "SELECT resubmits::bigint FROM embed_worker.batches ORDER BY id LIMIT 1",
-    )
-    .await;
-    assert_eq!(resubmits, 1);
-    assert_recovered(&t, &fake, &s, Hostile::TransientFailure).await;
+    let (t, _, _) = hostile_ends(Hostile::TransientFailure, "completed", &[]).await;
     let attempts = count(
         &t.admin,
         "SELECT coalesce(max(attempts), 0)::bigint FROM apalis.jobs",
@@ -285,10 +262,7 @@ async fn a_transient_failure_creates_the_batch_again_without_using_an_attempt() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn our_batch_is_found_past_another_tenants_150_newer_ones_and_never_created_twice() {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
+    let t = quiet_db().await;
     let fake = fake(FakeConfig {
         batch_delay: Duration::from_secs(4),
         ..FakeConfig::default()
@@ -296,7 +270,7 @@ async fn our_batch_is_found_past_another_tenants_150_newer_ones_and_never_create
     .await;
     insert_sessions(&t.admin, Uuid::new_v4(), 50, |i| 3 + i % 20).await;
     let s = lane_settings(&t, &fake);
-    backfill(&t, &s).await;
+    backfill_stale(&t, &s).await;
     let w = RunningWorker::start(s.clone()).await;
     let started = Instant::now();
     while count(
@@ -331,10 +305,7 @@ async fn our_batch_is_found_past_another_tenants_150_newer_ones_and_never_create
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_provider_billing_100_times_our_count_stays_within_the_budget_after_its_first_batch() {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
+    let t = quiet_db().await;
     let fake = fake(FakeConfig {
         billing_multiplier: 100.0,
         ..FakeConfig::default()
@@ -351,7 +322,7 @@ async fn a_provider_billing_100_times_our_count_stays_within_the_budget_after_it
     embed_worker::guard::budget::set(&t.admin, budget)
         .await
         .unwrap();
-    backfill(&t, &s).await;
+    backfill_stale(&t, &s).await;
     let w = RunningWorker::start(s.clone()).await;
     let started = Instant::now();
     // Two full batches fit (80%); the third is cut to the 20% left; then nothing.
@@ -392,14 +363,11 @@ async fn a_provider_billing_100_times_our_count_stays_within_the_budget_after_it
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn switching_bulk_mode_to_sync_drains_every_bulk_job_of_the_batch_lane() {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
+    let t = quiet_db().await;
     let fake = fake(FakeConfig::default()).await;
     insert_sessions(&t.admin, Uuid::new_v4(), 200, |i| 3 + i % 20).await;
     let batch = lane_settings(&t, &fake);
-    assert_eq!(backfill(&t, &batch).await, 200);
+    assert_eq!(backfill_stale(&t, &batch).await, 200);
     // A dead letter of the batch lane, too: retry-failed must put it where sync mode reads.
     sqlx::query(
         "UPDATE apalis.jobs SET status = 'Killed', attempts = 10, idempotency_key = NULL

@@ -316,10 +316,7 @@ async fn a_source_deleted_before_its_job_runs_completes_as_gone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn identical_chunks_are_sent_and_billed_once() {
-    let t = TestDb::migrated().await;
-    embed_worker::db::apply_capture(&t.admin, false, false)
-        .await
-        .unwrap();
+    let t = quiet_db().await;
     let fake = fake(FakeConfig::default()).await;
     let user = Uuid::new_v4();
     let mut ids = Vec::new();
@@ -327,14 +324,7 @@ async fn identical_chunks_are_sent_and_billed_once() {
         ids.push(insert_session(&t.admin, user, "Scales", "the same notes, pasted again").await);
     }
     ids.push(insert_session(&t.admin, user, "Arpeggios", "something else entirely").await);
-    let sources: Vec<EmbedSource> = ids
-        .iter()
-        .map(|id| EmbedSource {
-            source_type: SourceType::Session,
-            source_id: *id,
-        })
-        .collect();
-    enqueue(&t.admin, &sources).await;
+    enqueue(&t.admin, &session_sources(&ids)).await;
     let mut s = worker_settings(&t, &fake);
     s.batch.linger_ms = 2000; // all eleven in one batch
     let w = RunningWorker::start(s).await;
