@@ -658,8 +658,11 @@ fn config_dir() -> PathBuf {
 impl Settings {
     /// Defaults file, optional extra file, environment. Reads the API key from the environment.
     pub fn load(extra_file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from(config_dir().join("default.toml")).required(true));
+        let defaults = config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")).required(true))
+            .build()
+            .context("reading config/default.toml")?;
+        let mut builder = config::Config::builder().add_source(defaults.clone());
         if let Some(path) = extra_file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
@@ -673,7 +676,7 @@ impl Settings {
             builder = builder.set_override("database.url", url)?;
         }
         let raw = builder.build().context("reading configuration")?;
-        refuse_non_integers(&raw)?;
+        refuse_non_integers(&defaults, &raw)?;
         let batch_price_set = raw.get::<f64>("model.batch_usd_per_million_tokens").is_ok();
         let mut settings: Settings = raw.try_deserialize().context("invalid configuration")?;
         if !batch_price_set {
@@ -792,7 +795,7 @@ impl Checks {
 /// Keys whose default is an integer must be given an integer: the config crate turns a float
 /// into an integer by casting, so `NaN` became 0 (`rate_limit.requests_per_minute = NaN` meant
 /// unlimited), `2.5` became 3 and `1e30` the type's maximum. One line per such key.
-fn refuse_non_integers(raw: &config::Config) -> anyhow::Result<()> {
+fn refuse_non_integers(defaults: &config::Config, raw: &config::Config) -> anyhow::Result<()> {
     use config::{Value, ValueKind};
     fn walk(defaults: &Value, actual: &Value, key: &str, bad: &mut Vec<String>) {
         match (&defaults.kind, &actual.kind) {
@@ -819,10 +822,6 @@ fn refuse_non_integers(raw: &config::Config) -> anyhow::Result<()> {
             _ => {}
         }
     }
-    let defaults = config::Config::builder()
-        .add_source(config::File::from(config_dir().join("default.toml")).required(true))
-        .build()
-        .context("reading config/default.toml")?;
     let as_table = |c: &config::Config| -> anyhow::Result<Value> {
         Ok(Value::new(
             None,
@@ -830,7 +829,7 @@ fn refuse_non_integers(raw: &config::Config) -> anyhow::Result<()> {
         ))
     };
     let mut bad = Vec::new();
-    walk(&as_table(&defaults)?, &as_table(raw)?, "", &mut bad);
+    walk(&as_table(defaults)?, &as_table(raw)?, "", &mut bad);
     if bad.is_empty() {
         Ok(())
     } else {

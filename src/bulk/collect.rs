@@ -28,7 +28,7 @@ use crate::pipeline::{ChunkWrite, SourceWrite};
 use crate::source::EmbedSource;
 
 use super::Lane;
-use super::client::{BatchError, status_str};
+use super::client::status_str;
 use super::records::{self, BatchRecord, BatchState, Item};
 
 /// Bytes of vectors held before they are written.
@@ -184,21 +184,28 @@ impl Collection {
         self.billed += body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
         for d in data {
             let at = &sent[d["index"].as_i64().unwrap_or(0) as usize];
-            let vector = decode(&d["embedding"])
+            let mut vector = decode(&d["embedding"])
                 .ok_or_else(|| "not a vector".to_string())
-                .and_then(|v| crate::embed::check_vector(&v, self.dimensions).map(|_| v));
+                .and_then(|v| crate::embed::check_vector(&v, self.dimensions).map(|_| v))
+                .map(pgvector::Vector::from);
             if let Some(&(si, ii)) = at.first() {
                 self.counted += self.sources[si].items[ii].tokens.max(0) as u64;
             }
-            for &(si, ii) in at {
+            for (k, &(si, ii)) in at.iter().enumerate() {
                 let s = &mut self.sources[si];
-                match &vector {
+                match &mut vector {
                     Ok(v) => {
                         if s.vectors[ii].is_none() {
                             s.missing -= 1;
                         }
-                        self.ready_bytes += v.len() * 4;
-                        s.vectors[ii] = Some(pgvector::Vector::from(v.clone()));
+                        self.ready_bytes += self.dimensions * 4;
+                        // Moved into the last (usually the only) item; copied for identical
+                        // chunks that shared the input.
+                        s.vectors[ii] = Some(if k + 1 == at.len() {
+                            std::mem::replace(v, pgvector::Vector::from(Vec::new()))
+                        } else {
+                            v.clone()
+                        });
                     }
                     Err(why) => {
                         let chunk = s.items[ii].chunk_index;
@@ -387,7 +394,8 @@ impl Lane {
             .stats
             .tokens_embedded
             .fetch_add(c.billed, std::sync::atomic::Ordering::Relaxed);
-        self.delete_files(
+        super::delete_files(
+            &self.client,
             rec.id,
             [&rec.input_file_id, &b.output_file_id, &b.error_file_id],
         )
@@ -529,9 +537,4 @@ fn decode(v: &serde_json::Value) -> Option<Vec<f32>> {
         serde_json::Value::Array(a) => a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect(),
         _ => None,
     }
-}
-
-/// A failed call of one batch, as the lane's isolation reads it.
-pub(super) fn as_batch_error(e: &anyhow::Error) -> Option<&BatchError> {
-    e.downcast_ref::<BatchError>()
 }

@@ -106,7 +106,7 @@ impl Lane {
     /// batch's own — permanent ends it now, transient is counted and ends it at
     /// [`MAX_FAILURES`] rounds in a row.
     async fn isolate(&self, rec: &BatchRecord, e: anyhow::Error) -> anyhow::Result<()> {
-        let Some(be) = collect::as_batch_error(&e) else {
+        let Some(be) = e.downcast_ref::<BatchError>() else {
             return Err(e);
         };
         let (permanent, why) = match be {
@@ -132,13 +132,8 @@ impl Lane {
             BatchState::Failed,
             &format!("batch {} ended: {why}", rec.id),
         )
-        .await
-    }
-
-    /// Deletes the batch's files at the provider (best effort: a file left is billed storage,
-    /// not a wrong result).
-    async fn delete_files<'a>(&self, id: i64, files: impl IntoIterator<Item = &'a Option<String>>) {
-        delete_files(&self.client, id, files).await
+        .await?;
+        Ok(())
     }
 
     /// Runs rounds every `bulk.poll_secs` until `stop`, when this process holds the lane's
@@ -227,7 +222,8 @@ impl std::fmt::Display for BatchTable {
     }
 }
 
-/// Deletes files at the provider, best effort.
+/// Deletes a batch's files at the provider (best effort: a file left is billed storage, not a
+/// wrong result).
 async fn delete_files<'a>(
     client: &client::BatchClient,
     id: i64,
@@ -252,7 +248,7 @@ async fn end_batch(
     rec: &BatchRecord,
     state: BatchState,
     why: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let items = records::items(pool, rec.id).await?;
     let result: JobResult = Err(match state {
         BatchState::Abandoned => JobError::release(why, Duration::ZERO),
@@ -286,7 +282,7 @@ async fn end_batch(
         rec.usd_reserved
     };
     records::close(pool, rec.id, state, 0, usd, Some(why)).await?;
-    Ok(())
+    Ok(results.len())
 }
 
 /// `embed-worker batches abandon ID`: ends a batch whatever the provider says (stuck, gone,
@@ -305,8 +301,7 @@ pub async fn abandon(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Res
         &format!("{} (batch)", rec.model),
         settings.model.batch_usd_per_million_tokens,
     );
-    let jobs = records::items(pool, id).await?.len();
-    end_batch(
+    let jobs = end_batch(
         pool,
         settings,
         &client,
