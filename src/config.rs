@@ -50,6 +50,17 @@ pub struct Settings {
     pub index: IndexSettings,
     /// `[bulk]`: the lane of backfills and stale re-embeds (sync, or the Batch API).
     pub bulk: BulkSettings,
+    /// `[models]`: the serving model's cutover.
+    pub models: ModelsSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[models]`: how the serving model follows the writing one (`embed_worker.models`).
+pub struct ModelsSettings {
+    /// Promote the writing model to serving by itself once it covers every source and its index
+    /// is valid; false: only `embed-worker models promote`.
+    pub auto_promote: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -544,6 +555,20 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
+    /// These settings for another model of the same provider (the serving model during a
+    /// switch): its name and dimensions; `dimensions` is sent to text-embedding-3-* only.
+    pub fn for_model(&self, name: &str, dimensions: usize) -> ModelSettings {
+        if name == self.name && dimensions == self.dimensions {
+            return self.clone();
+        }
+        ModelSettings {
+            name: name.to_string(),
+            dimensions,
+            send_dimensions: name.starts_with("text-embedding-3"),
+            ..self.clone()
+        }
+    }
+
     /// `[model]`'s ranges.
     fn check(&self, c: &mut Checks) {
         c.check(

@@ -64,11 +64,16 @@ pub fn router(health: Arc<Health>) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    let detail = s
+        .health
+        .detail()
+        .map(|d| format!("{d}\n"))
+        .unwrap_or_default();
     match s.health.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Ok(()) => (StatusCode::OK, format!("ready\n{detail}")),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {}\n", why.join("; ")),
+            format!("not ready: {}\n{detail}", why.join("; ")),
         ),
     }
 }

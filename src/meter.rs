@@ -63,6 +63,10 @@ pub const BUDGET_SPENT: &str = "embed_worker_budget_spent_usd";
 pub const BUDGET_LIMIT: &str = "embed_worker_budget_monthly_usd";
 /// 1, labelled with the version.
 pub const BUILD_INFO: &str = "embed_worker_build_info";
+/// Share of the sources each registered model covers, by model and role.
+pub const MODEL_COVERAGE: &str = "embed_worker_model_coverage_ratio";
+/// Changes of the serving model, by model and how (auto, manual, forced).
+pub const MODEL_PROMOTIONS: &str = "embed_worker_model_promotions_total";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
 pub const ALL: &[&str] = &[
@@ -90,6 +94,8 @@ pub const ALL: &[&str] = &[
     INDEX_READY,
     BATCHES,
     BATCH_OLDEST_AGE,
+    MODEL_COVERAGE,
+    MODEL_PROMOTIONS,
 ];
 
 static COST: Mutex<BTreeMap<(String, &'static str), f64>> = Mutex::new(BTreeMap::new());
@@ -199,6 +205,43 @@ pub fn describe() {
         Unit::Count,
         "1 when the active model's configured HNSW index is valid (0: deferred or building)"
     );
+    describe_gauge!(
+        MODEL_COVERAGE,
+        Unit::Count,
+        "Share of the sources with text that each registered model covers (role: writing, serving, retired; a model both writing and serving has both series)"
+    );
+    describe_counter!(
+        MODEL_PROMOTIONS,
+        Unit::Count,
+        "Changes of the serving model, by the model promoted and how"
+    );
+}
+
+/// A model became the serving one.
+pub fn model_promoted(model: &str, how: &'static str) {
+    counter!(MODEL_PROMOTIONS, "model" => model.to_string(), "how" => how).increment(1);
+}
+
+/// Each registered model's coverage, by role. A (model, role) that no longer holds is set to NaN
+/// (the exporter cannot drop a series; PromQL's `max` and comparisons skip NaN).
+pub fn model_coverage(models: &[(String, Vec<&'static str>, f64)]) {
+    static SEEN: Mutex<Vec<(String, &'static str)>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    let now: Vec<(String, &'static str)> = models
+        .iter()
+        .flat_map(|(m, roles, _)| roles.iter().map(move |r| (m.clone(), *r)))
+        .collect();
+    for (m, r) in seen.iter() {
+        if !now.contains(&(m.clone(), *r)) {
+            gauge!(MODEL_COVERAGE, "model" => m.clone(), "role" => *r).set(f64::NAN);
+        }
+    }
+    for (m, roles, ratio) in models {
+        for r in roles {
+            gauge!(MODEL_COVERAGE, "model" => m.clone(), "role" => *r).set(*ratio);
+        }
+    }
+    *seen = now;
 }
 
 /// An index build ended.

@@ -205,6 +205,25 @@ pub fn search_sql(
     )
 }
 
+/// Top-k nearest chunks to `query` (a vector of the serving model) among the serving model's
+/// vectors: what an app should call. The serving model is read from `embed_worker.models` on
+/// each call, so a promotion takes effect at once.
+pub async fn search_serving(
+    pool: &PgPool,
+    query: Vec<f32>,
+    opts: &SearchOptions,
+) -> anyhow::Result<Found> {
+    let spec = crate::model_index::lifecycle::serving_spec(pool).await?;
+    anyhow::ensure!(
+        query.len() == spec.dimensions,
+        "the query has {} dimensions; the serving model {} has {}",
+        query.len(),
+        spec.model,
+        spec.dimensions
+    );
+    search(pool, &spec, query, opts).await
+}
+
 /// Top-k nearest chunks to `query` among the vectors of `spec`'s model.
 pub async fn search(
     pool: &PgPool,

@@ -103,7 +103,7 @@ impl EmbedSource {
 }
 
 /// Sources with text to embed, counted as the stale scan counts them.
-pub async fn count_with_text(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
+pub async fn count_with_text<'e>(db: impl sqlx::PgExecutor<'e>) -> sqlx::Result<i64> {
     let counts: Vec<String> = SourceType::ALL
         .iter()
         .map(|t| {
@@ -118,6 +118,6 @@ pub async fn count_with_text(pool: &sqlx::PgPool) -> sqlx::Result<i64> {
         "SELECT {}",
         counts.join(" + ")
     )))
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
 }

@@ -52,6 +52,60 @@ impl std::fmt::Display for VerifyReport {
     }
 }
 
+/// The model registry against the table: one serving and one writing model (the configured
+/// one), each registered model's partition present, attached and closed to direct reads (RLS
+/// on, so only the parent's policies let anyone in), and the serving model's index valid unless
+/// it is the writing model whose index is deferred (checked above).
+async fn models(pool: &PgPool, spec: &model_index::IndexSpec) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let all = model_index::lifecycle::models(pool).await?;
+    match all.iter().find(|m| m.serving) {
+        None => problems.push("no serving model is registered (run `embed-worker migrate`)".into()),
+        Some(m) if m.name != spec.model => {
+            let ix = model_index::find(
+                &model_index::vector_indexes(pool).await?,
+                &model_index::IndexSpec::of(m),
+            );
+            if !matches!(ix, model_index::IndexState::Ready(_)) {
+                problems.push(format!(
+                    "the serving model {}'s index is not valid ({ix:?}): searches scan it",
+                    m.name
+                ));
+            }
+        }
+        Some(_) => {}
+    }
+    match all.iter().find(|m| m.writing) {
+        Some(m) if m.name == spec.model => {}
+        other => problems.push(format!(
+            "the writing model is {} but model.name is {} (run `embed-worker migrate`)",
+            other.map_or("none", |m| m.name.as_str()),
+            spec.model
+        )),
+    }
+    let parts: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relrowsecurity FROM pg_inherits h
+           JOIN pg_class c ON c.oid = h.inhrelid
+          WHERE h.inhparent = to_regclass('public.rag_embeddings')",
+    )
+    .fetch_all(pool)
+    .await?;
+    for m in &all {
+        match parts.iter().find(|(p, _)| *p == m.partition) {
+            Some((_, true)) => {}
+            Some((p, false)) => problems.push(format!(
+                "row-level security is off on partition {p}: a role granted it reads every \
+                 user's rows past rag_embeddings' policies"
+            )),
+            None => problems.push(format!(
+                "model {} is registered but its partition {} is not attached",
+                m.name, m.partition
+            )),
+        }
+    }
+    Ok(problems)
+}
+
 /// The design's post-migration check, against the active model's index as configured
 /// (`settings`): HNSW, m = 16, ef_construction = 64, cosine; missing only while deferred.
 pub async fn verify(
@@ -109,7 +163,7 @@ pub async fn verify(
     }
     let rls: Vec<(String, bool)> = sqlx::query_as(
         "SELECT relname::text, relrowsecurity FROM pg_class
-          WHERE relname IN ('rag_embeddings', 'question_templates') AND relkind = 'r'
+          WHERE relname IN ('rag_embeddings', 'question_templates') AND relkind IN ('r', 'p')
             AND relnamespace = 'public'::regnamespace",
     )
     .fetch_all(pool)
@@ -121,6 +175,7 @@ pub async fn verify(
             None => problems.push(format!("table {table} is missing")),
         }
     }
+    problems.extend(models(pool, &spec).await?);
     // `sessions` usually belongs to the app (we leave its table alone), but a user's practice
     // notes readable by every user is the leak the design's RLS exists to prevent.
     let sessions_open: bool = sqlx::query_scalar(

@@ -71,6 +71,7 @@ impl Worker {
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
         let pool = crate::db::connect(&settings.database).await?;
+        crate::model_index::lifecycle::ensure_for_run(&pool, &settings).await?;
         let embedder = crate::embed::Embedder::from_settings(&settings.api, &settings.model)?;
         let health = Arc::new(crate::guard::health::Health::default());
         let pipeline = Arc::new(Pipeline::new(
@@ -219,6 +220,7 @@ async fn maintain(
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_prune: Option<std::time::Instant> = None;
     let mut last_scan: Option<std::time::Instant> = None;
+    let mut last_models: Option<std::time::Instant> = None;
     let r = &settings.retention;
     loop {
         tokio::select! {
@@ -241,6 +243,14 @@ async fn maintain(
         }
         if let Ok((spent, limit)) = crate::guard::budget::month(&pool).await {
             crate::meter::budget(spent, limit);
+        }
+        // Coverage counts every model's sources: every 30 s, not every 2.
+        if last_models.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            last_models = Some(std::time::Instant::now());
+            match crate::model_index::lifecycle::sample(&pool).await {
+                Ok(line) => health.set_models(Some(line)),
+                Err(e) => tracing::debug!(error = %format!("{e:#}"), "model sample failed"),
+            }
         }
         let f = &settings.freshness;
         if f.scan_interval_secs > 0
@@ -280,8 +290,10 @@ async fn maintain(
 }
 
 /// The active model's index, when it is missing: built once the queue has drained (see
-/// [`crate::model_index::build`]); one builder across replicas. Its own task: a build takes
-/// minutes and must not hold up the readiness pings.
+/// [`crate::model_index::build`]); one builder across replicas. Then the switch's end: the
+/// writing model promoted to serving once it covers every source with a valid index
+/// ([`crate::model_index::lifecycle::promote_if_due`]). Its own task: a build takes minutes and
+/// must not hold up the readiness pings.
 async fn build_indexes(
     pool: PgPool,
     settings: Arc<Settings>,
@@ -304,6 +316,11 @@ async fn build_indexes(
                     }
                     crate::model_index::BuildOutcome::Cancelled => return,
                     _ => tracing::debug!(%outcome, "index check"),
+                }
+                if let Err(e) =
+                    crate::model_index::lifecycle::promote_if_due(&pool, &settings).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "promotion check failed");
                 }
             }
             Err(e) => {

@@ -20,9 +20,11 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     db::register_queue(&pool, &settings.queue.name).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
+    let spec = model_index::IndexSpec::from_settings(settings)?;
+    let roles = model_index::lifecycle::on_migrate(&pool, &spec).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(
-        "migrations applied; change capture sessions={} templates={}; {index}",
+        "migrations applied; change capture sessions={} templates={}; {roles}; {index}",
         settings.capture.sessions, settings.capture.templates,
     );
     Ok(ExitCode::SUCCESS)
@@ -53,8 +55,18 @@ pub(crate) async fn models(
             model_index::StatusTable(model_index::status(&pool, &spec).await?)
         ),
         Some(ModelsAction::Prune { model }) => {
-            let n = model_index::prune(&pool, &model, &spec).await?;
-            println!("pruned {model}: {n} rows deleted, its indexes dropped");
+            let started = std::time::Instant::now();
+            let n = model_index::prune(&pool, &model).await?;
+            println!(
+                "pruned {model}: its partition ({n} rows) detached and dropped in {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Some(ModelsAction::Promote { model, force }) => {
+            match model_index::lifecycle::promote(&pool, &model, force, false).await? {
+                Some(p) => println!("{p}"),
+                None => println!("{model} is already the serving model"),
+            }
         }
         Some(ModelsAction::BuildIndex { when_due }) => {
             let outcome = model_index::build_if_due(&pool, settings, !when_due, None).await?;

@@ -124,12 +124,13 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         limit: i64,
     },
-    /// Per model: rows, sources covered, % complete, index present and valid; or prune one.
+    /// Per model: role (writing, serving, retired), rows, sources covered, % complete, index
+    /// present and valid; promote one to serving, or prune one.
     Models {
         #[command(subcommand)]
         action: Option<ModelsAction>,
     },
-    /// Semantic search with the active model (as an app user under RLS with --as-user).
+    /// Semantic search with the serving model (as an app user under RLS with --as-user).
     Search {
         text: String,
         #[arg(long, default_value_t = 5)]
@@ -151,8 +152,18 @@ pub(crate) enum BudgetAction {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ModelsAction {
-    /// Drop an old model's rows and index (refused while the active model is below 100%).
+    /// Drop a retired model: its partition detached (CONCURRENTLY) and dropped, rows and index
+    /// with it; refused for the serving and the writing model.
     Prune { model: String },
+    /// Make MODEL the serving model (what searches read), in one transaction: refused with the
+    /// reason while it covers less than 100% of the sources or its index is not valid. Rolling
+    /// back is promoting the old model while its partition exists.
+    Promote {
+        model: String,
+        /// Promote even below 100% coverage or without a valid index.
+        #[arg(long)]
+        force: bool,
+    },
     /// Build the active model's HNSW index now (CONCURRENTLY), as the table's owner; also drops
     /// a dead build's invalid leftover and the model's superseded indexes.
     BuildIndex {

@@ -46,6 +46,14 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
                 )
                 .await?,
             );
+            if let Some(p) = embed_worker::model_index::lifecycle::promote_if_due(
+                &worker.pool,
+                &worker.settings,
+            )
+            .await?
+            {
+                println!("{p}");
+            }
         }
         signalled.abort();
     } else {

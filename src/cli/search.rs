@@ -1,4 +1,5 @@
-//! Search: embed a query with the active model and rank through its index.
+//! Search: embed a query with the serving model (`embed_worker.models`, not the config's) and
+//! rank through its index.
 
 use std::process::ExitCode;
 
@@ -18,7 +19,9 @@ pub(crate) async fn search(
     ef_search: u32,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
-    let embedder = embed_worker::embed::Embedder::from_settings(&settings.api, &settings.model)?;
+    let spec = embed_worker::model_index::lifecycle::serving_spec(&pool).await?;
+    let model = settings.model.for_model(&spec.model, spec.dimensions);
+    let embedder = embed_worker::embed::Embedder::from_settings(&settings.api, &model)?;
     let query = embedder
         .embed(vec![text.clone()])
         .await?
@@ -33,7 +36,6 @@ pub(crate) async fn search(
         ..Default::default()
     };
     let started = std::time::Instant::now();
-    let spec = embed_worker::model_index::IndexSpec::from_settings(settings)?;
     let found = embed_worker::search::search(&pool, &spec, query, &opts).await?;
     let hits = found.hits;
     let took = started.elapsed();

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     shutting_down: AtomicBool,
     db_down: Mutex<Option<String>>,
+    models: Mutex<Option<String>>,
     /// Whether API calls may go out (quota, a refused key, the budget).
     pub api: super::gate::ApiGate,
 }
@@ -30,6 +31,16 @@ impl Health {
     /// The database is unreachable (`Some(error)`) or back (`None`).
     pub fn set_db(&self, error: Option<String>) {
         *self.db_down.lock().unwrap() = error;
+    }
+
+    /// The serving and writing models, in words (sampled by `run`).
+    pub fn set_models(&self, line: Option<String>) {
+        *self.models.lock().unwrap() = line;
+    }
+
+    /// What `/readyz` adds below its verdict: the serving and writing models.
+    pub fn detail(&self) -> Option<String> {
+        self.models.lock().unwrap().clone()
     }
 
     /// `Ok` when ready; otherwise every reason it is not.

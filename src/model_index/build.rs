@@ -208,6 +208,9 @@ async fn build_locked(
     cfg: &IndexSettings,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> anyhow::Result<BuildOutcome> {
+    // The index goes on the model's partition: a model built before any row (a test, a
+    // `models build-index` right after a config change) is registered here.
+    super::lifecycle::ensure(&mut *conn, spec).await?;
     let all = super::vector_indexes(&mut *conn).await?;
     match super::find(&all, spec) {
         IndexState::Ready(name) => return Ok(BuildOutcome::Ready(name)),

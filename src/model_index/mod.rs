@@ -1,10 +1,11 @@
-//! Embedding models as the database sees them: one HNSW partial expression index per model.
+//! Embedding models as the database sees them: one partition of `rag_embeddings` per model, one
+//! HNSW expression index on it, and the model's role (writing, serving) in `lifecycle`.
 //!
-//! Why one place: the index's expression (a cast to `vector(d)` or `halfvec(d)`), its operator
-//! class and its predicate (`embedding_model = '…'`) must agree between `migrate`, the builder,
-//! `verify`, `models`, `prune` and the search query, or the planner silently falls back to a
-//! sequential scan. An [`IndexSpec`] says what a model's index must be; [`find`] finds a model's
-//! indexes by their definition (not by name), so indexes named by earlier versions still count.
+//! Why one place: the partition's name, the index's expression (a cast to `vector(d)` or
+//! `halfvec(d)`) and its operator class must agree between `migrate`, the builder, `verify`,
+//! `models`, `prune` and the search query, or the planner silently falls back to a sequential
+//! scan. An [`IndexSpec`] says what a model's index must be; [`find`] finds a model's indexes by
+//! their table and definition (not by name), so indexes named by earlier versions still count.
 //!
 //! Why two precisions: pgvector's HNSW indexes `vector` up to 2,000 dimensions and `halfvec` up
 //! to 4,000; `text-embedding-3-large` (3,072) fits only as `halfvec`. The column keeps full
@@ -14,10 +15,12 @@
 //! (Azure deployment names) sharing a prefix got one index name and the second model no index.
 
 pub mod build;
+pub mod lifecycle;
 pub mod status;
 
 pub use build::{BuildOutcome, build_if_due};
-pub use status::{ModelStatus, StatusTable, prune, status};
+pub use lifecycle::{Model, Promotion, prune};
+pub use status::{ModelStatus, StatusTable, status};
 
 use sqlx::PgPool;
 
@@ -31,6 +34,8 @@ const MAX_HALF_DIMS: usize = IndexPrecision::MAX_HALF_DIMS;
 pub struct VectorIndex {
     /// Index name.
     pub name: String,
+    /// The table it is on (a model's partition).
+    pub table: String,
     /// `hnsw` or `ivfflat` (or another).
     pub access_method: String,
     /// Storage options, e.g. `m=16`.
@@ -49,6 +54,7 @@ pub async fn vector_indexes<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result
     Ok(sqlx::query_as::<_, VectorIndex>(
         r#"
         SELECT i.relname::text AS name,
+               t.relname::text AS table,
                am.amname::text AS access_method,
                coalesce(i.reloptions, '{}')::text[] AS options,
                pg_get_indexdef(i.oid) AS definition,
@@ -60,6 +66,7 @@ pub async fn vector_indexes<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result
                  AS building
           FROM pg_index x
           JOIN pg_class i ON i.oid = x.indexrelid
+          JOIN pg_class t ON t.oid = x.indrelid
           JOIN pg_am am ON am.oid = i.relam
          WHERE am.amname IN ('hnsw', 'ivfflat')
             OR EXISTS (SELECT 1 FROM pg_opclass oc
@@ -116,10 +123,28 @@ impl IndexSpec {
         Self::new(&s.model.name, s.model.dimensions, s.index.precision)
     }
 
+    /// A registered model's spec (its dimensions and index type as `embed_worker.models` has them).
+    pub fn of(model: &lifecycle::Model) -> Self {
+        IndexSpec {
+            model: model.name.clone(),
+            dimensions: model.dimensions as usize,
+            half: model.index_type == "halfvec",
+        }
+    }
+
+    /// `vector` or `halfvec`.
+    pub fn type_name(&self) -> &'static str {
+        if self.half { "halfvec" } else { "vector" }
+    }
+
     /// `vector(1536)` or `halfvec(3072)`: the type the index stores.
     pub fn index_type(&self) -> String {
-        let t = if self.half { "halfvec" } else { "vector" };
-        format!("{t}({})", self.dimensions)
+        format!("{}({})", self.type_name(), self.dimensions)
+    }
+
+    /// The model's partition of `rag_embeddings`.
+    pub fn partition(&self) -> String {
+        partition_name(&self.model)
     }
 
     /// The indexed expression, as search must write it for the planner to use the index.
@@ -181,21 +206,21 @@ impl IndexSpec {
         })
     }
 
-    /// `CREATE INDEX [CONCURRENTLY]` with the design's parameters (m = 16, ef_construction = 64).
+    /// `CREATE INDEX [CONCURRENTLY]` on the model's partition with the design's parameters
+    /// (m = 16, ef_construction = 64). No predicate: the partition holds only this model.
     pub fn create_sql(&self, concurrently: bool) -> String {
         format!(
-            "CREATE INDEX {}{} ON rag_embeddings USING hnsw (({}) {}) \
-             WITH (m = 16, ef_construction = 64) WHERE embedding_model = {}",
+            "CREATE INDEX {}{} ON {} USING hnsw (({}) {}) WITH (m = 16, ef_construction = 64)",
             if concurrently { "CONCURRENTLY " } else { "" },
             self.name(),
+            crate::db::quote_ident(&self.partition()),
             self.key(),
             self.opclass(),
-            quote_literal(&self.model)
         )
     }
 
-    /// Whether `ix` is this spec's index (whatever its name): HNSW, the same cast and operator
-    /// class, the same model predicate.
+    /// Whether `ix` is this spec's index (whatever its name): HNSW on the model's partition, the
+    /// same cast and operator class.
     pub fn matches(&self, ix: &VectorIndex) -> bool {
         ix.access_method == "hnsw"
             && of_model(ix, &self.model)
@@ -207,12 +232,29 @@ impl IndexSpec {
     }
 }
 
-/// Whether `ix` indexes `model`'s rows (its predicate, as PostgreSQL prints it, names the model).
+/// Whether `ix` indexes `model`'s rows (it is on the model's partition).
 pub fn of_model(ix: &VectorIndex, model: &str) -> bool {
-    ix.definition.ends_with(&format!(
-        "WHERE ((embedding_model)::text = {}::text)",
-        quote_literal(model)
-    ))
+    ix.table == partition_name(model)
+}
+
+/// `rag_embeddings_<model folded to [a-z0-9_], cut to 38>_<8 hex of its SHA-256>`: the model's
+/// partition, as `embed_worker.partition_name` (migration 13) computes it.
+pub fn partition_name(model: &str) -> String {
+    use sha2::Digest;
+    let folded: String = model
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(38)
+        .collect();
+    let hash = sha2::Sha256::digest(model.as_bytes());
+    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("rag_embeddings_{folded}_{hex}")
 }
 
 /// The stored type of an index, `vector(1536)` or `halfvec(3072)`, read from its definition.
@@ -293,7 +335,7 @@ impl std::fmt::Display for Progress {
     }
 }
 
-/// (index, phase, tuples done, tuples total, seconds, definition) as the catalog gives them.
+/// (index, phase, tuples done, tuples total, seconds, model) as the catalog gives them.
 type ProgressRow = (
     Option<String>,
     Option<String>,
@@ -308,21 +350,24 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
     let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT c.relname::text, p.phase, p.tuples_done, p.tuples_total,
                     extract(epoch FROM now() - a.query_start)::float8,
-                    pg_get_indexdef(p.index_relid)
+                    m.name::text
                FROM pg_stat_progress_create_index p
+               JOIN pg_inherits h ON h.inhrelid = p.relid
+                                 AND h.inhparent = to_regclass('public.rag_embeddings')
                LEFT JOIN pg_class c ON c.oid = p.index_relid
-               LEFT JOIN pg_stat_activity a ON a.pid = p.pid
-              WHERE p.relid = to_regclass('public.rag_embeddings')",
+               LEFT JOIN pg_class t ON t.oid = p.relid
+               LEFT JOIN embed_worker.models m ON m.partition = t.relname
+               LEFT JOIN pg_stat_activity a ON a.pid = p.pid",
     )
     .fetch_all(pool)
     .await?;
     let mut out = Vec::new();
-    for (name, phase, done, total, secs, def) in rows {
+    for (name, phase, done, total, secs, model) in rows {
         let Some(name) = name else { continue };
         let mut total = total.unwrap_or(0);
         // pgvector reports tuples loaded but not the total: the model's rows are what it loads.
         if total == 0
-            && let Some(model) = def.as_deref().and_then(predicate_model)
+            && let Some(model) = model
         {
             total = sqlx::query_scalar(
                 "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1",
@@ -340,15 +385,6 @@ pub async fn progress(pool: &PgPool) -> sqlx::Result<Vec<Progress>> {
         });
     }
     Ok(out)
-}
-
-/// The model named in an index definition's predicate.
-fn predicate_model(definition: &str) -> Option<String> {
-    let at = definition.find("WHERE ((embedding_model)::text = '")?
-        + "WHERE ((embedding_model)::text = '".len();
-    let rest = &definition[at..];
-    let end = rest.rfind("'::text)")?;
-    Some(rest[..end].replace("''", "'"))
 }
 
 #[cfg(test)]
@@ -402,10 +438,20 @@ mod tests {
     }
 
     #[test]
-    fn the_model_is_read_back_from_a_definition() {
-        let def = "CREATE INDEX a ON public.r USING hnsw (((embedding)::halfvec(3072)) halfvec_cosine_ops) WITH (m='16', ef_construction='64') WHERE ((embedding_model)::text = 'it''s'::text)";
-        assert_eq!(predicate_model(def).as_deref(), Some("it's"));
+    fn partition_names_are_bounded_and_distinct() {
+        let p = partition_name("text-embedding-ada-002");
+        assert!(p.starts_with("rag_embeddings_text_embedding_ada_002_"), "{p}");
+        let long = partition_name(&format!("{}-east", "x".repeat(90)));
+        assert!(long.len() <= 63, "{long}");
+        assert_ne!(long, partition_name(&format!("{}-west", "x".repeat(90))));
+        assert_eq!(partition_name("it's"), partition_name("it's"));
+    }
+
+    #[test]
+    fn an_index_is_matched_by_its_partition_and_expression() {
+        let def = "CREATE INDEX a ON public.r USING hnsw (((embedding)::halfvec(3072)) halfvec_cosine_ops) WITH (m='16', ef_construction='64')";
         let ix = VectorIndex {
+            table: partition_name("it's"),
             name: "a".into(),
             access_method: "hnsw".into(),
             options: vec![],

@@ -1,5 +1,4 @@
-//! `embed-worker models` and `models prune`: each model's rows, coverage and index, and
-//! dropping an old model once the active one covers everything.
+//! `embed-worker models`: each model's role, rows, coverage and index.
 
 use sqlx::PgPool;
 
@@ -10,8 +9,10 @@ use super::{IndexSpec, IndexState, Progress};
 pub struct ModelStatus {
     /// The model.
     pub model: String,
-    /// Whether it is the configured model.
+    /// Whether it is the configured model (`model.name`).
     pub active: bool,
+    /// Its role in `embed_worker.models` (`writing`, `serving`, both, `retired`).
+    pub role: String,
     /// Rows of this model.
     pub rows: i64,
     /// Sources it covers.
@@ -22,32 +23,47 @@ pub struct ModelStatus {
     pub percent: f64,
     /// Its HNSW indexes: (name, stored type, valid).
     pub indexes: Vec<(String, String, bool)>,
-    /// The active model only: its index as configured (`Missing` while deferred).
+    /// A registered model's index as registered (the configured one for `model.name`;
+    /// `Missing` while deferred).
     pub state: Option<IndexState>,
-    /// The active model only: a build in progress.
+    /// A build in progress of that index.
     pub building: Option<Progress>,
 }
 
-/// Per model: rows, sources covered, completeness, its indexes; for the active model (`active`),
-/// whether its configured index is ready, building or deferred. Listed even before it has rows.
+/// Per model: role, rows, sources covered, completeness, its indexes; for each registered model
+/// (the active one as configured), whether its index is ready, building or deferred. Listed even
+/// before it has rows; serving first.
 pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<ModelStatus>> {
     let total = crate::source::count_with_text(pool).await?;
+    let registry = super::lifecycle::models(pool).await.unwrap_or_default();
     let mut rows: Vec<(String, i64, i64)> = sqlx::query_as(
         "SELECT embedding_model::text, count(*), count(DISTINCT (source_type, source_id))
            FROM rag_embeddings GROUP BY 1 ORDER BY 1",
     )
     .fetch_all(pool)
     .await?;
-    if !rows.iter().any(|(m, _, _)| *m == active.model) {
-        rows.push((active.model.clone(), 0, 0));
+    for m in registry.iter().map(|m| &m.name).chain([&active.model]) {
+        if !rows.iter().any(|(r, _, _)| r == m) {
+            rows.push((m.clone(), 0, 0));
+        }
     }
+    let rank = |m: &str| match registry.iter().position(|r| r.name == m) {
+        Some(i) => i,
+        None => registry.len(),
+    };
+    rows.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then(a.0.cmp(&b.0)));
     let all = super::vector_indexes(pool).await?;
     let building = super::progress(pool).await.unwrap_or_default();
     Ok(rows
         .into_iter()
         .map(|(model, n, sources)| {
             let is_active = model == active.model;
-            let state = is_active.then(|| super::find(&all, active));
+            let registered = registry.iter().find(|r| r.name == model);
+            let state = if is_active {
+                Some(super::find(&all, active))
+            } else {
+                registered.map(|r| super::find(&all, &IndexSpec::of(r)))
+            };
             let building = match &state {
                 Some(IndexState::Building(name)) | Some(IndexState::Invalid(name)) => {
                     building.iter().find(|p| &p.index == name).cloned()
@@ -56,6 +72,7 @@ pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<Mod
             };
             ModelStatus {
                 active: is_active,
+                role: registered.map_or("unregistered", |r| r.role()).to_string(),
                 percent: if total == 0 {
                     100.0
                 } else {
@@ -83,37 +100,6 @@ pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<Mod
         .collect())
 }
 
-/// Drops `old`'s rows and indexes. Refuses to prune the active model, or while the active model
-/// covers less than 100% of the sources (the old vectors are still serving).
-pub async fn prune(pool: &PgPool, old: &str, active: &IndexSpec) -> anyhow::Result<u64> {
-    anyhow::ensure!(
-        old != active.model,
-        "refusing to prune the active model {}",
-        active.model
-    );
-    let st = status(pool, active).await?;
-    let a = st.iter().find(|m| m.active).expect("active model listed");
-    anyhow::ensure!(
-        a.sources >= a.total_sources,
-        "refusing to prune {old}: the active model {} covers {}/{} sources ({:.1}%); wait for 100%",
-        active.model,
-        a.sources,
-        a.total_sources,
-        a.percent
-    );
-    let deleted = sqlx::query("DELETE FROM rag_embeddings WHERE embedding_model = $1")
-        .bind(old)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    for ix in super::vector_indexes(pool).await? {
-        if super::of_model(&ix, old) {
-            super::build::drop_index(pool, &ix.name).await?;
-        }
-    }
-    Ok(deleted)
-}
-
 /// `embed-worker models`: one line per model.
 pub struct StatusTable(pub Vec<ModelStatus>);
 
@@ -121,8 +107,8 @@ impl std::fmt::Display for StatusTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "{:<32} {:>6} {:>9} {:>9} {:>7}  index",
-            "model", "active", "rows", "sources", "done"
+            "{:<32} {:<17} {:>9} {:>9} {:>7}  index",
+            "model", "role", "rows", "sources", "done"
         )?;
         for m in &self.0 {
             let mut index: Vec<String> = m
@@ -138,20 +124,22 @@ impl std::fmt::Display for StatusTable {
                 })
                 .collect();
             if m.state == Some(IndexState::Missing) {
-                index.push(
+                index.push(if m.active {
                     "configured index not built yet (deferred: built by `run` once the queue drains; \
                      `models build-index` builds it now)"
-                        .into(),
-                );
+                        .into()
+                } else {
+                    "its registered index is missing".into()
+                });
             }
             if index.is_empty() {
                 index.push("MISSING".into());
             }
             writeln!(
                 f,
-                "{:<32} {:>6} {:>9} {:>9} {:>6.1}%  {}",
+                "{:<32} {:<17} {:>9} {:>9} {:>6.1}%  {}",
                 m.model,
-                if m.active { "yes" } else { "" },
+                m.role,
                 m.rows,
                 m.sources,
                 m.percent,

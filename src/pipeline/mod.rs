@@ -48,6 +48,8 @@ pub struct Pipeline {
     pub health: Arc<Health>,
     /// This process's counters (tokens embedded and saved, chunks written).
     pub stats: Arc<Stats>,
+    /// The serving model's pipeline while it is not the writing one (dual-write).
+    serving: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
 }
 
 /// One source read and split.
@@ -158,6 +160,7 @@ impl Pipeline {
             caller,
             health,
             stats,
+            serving: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -192,12 +195,14 @@ impl Pipeline {
         results
     }
 
-    /// The sync lane's sequence: start → prepare → embed → finish.
+    /// The sync lane's sequence: start → prepare → embed → finish, then the same for the serving
+    /// model while it is not the writing one.
     async fn process_batch(&self, jobs: &[Job]) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
         let due_at = self.start(jobs).await?;
         let mut batch = self.prepare(jobs.iter().map(|j| j.source)).await?;
         self.embed(&mut batch).await;
         let results = self.finish(batch).await?;
+        let results = self.dual_write(results).await?;
         let now = chrono::Utc::now();
         for j in jobs {
             if let (Some(Ok(_)), Some(due)) = (results.get(&j.source), due_at.get(&j.id)) {
@@ -205,6 +210,85 @@ impl Pipeline {
             }
         }
         Ok(results)
+    }
+
+    /// Dual-write: while a switch is under way (the serving model is not this one), each source
+    /// this batch wrote is brought up to date in the serving model too, so searches never read
+    /// stale text. Unchanged chunks cost nothing (the serving model's hashes match); a backfill
+    /// job therefore costs only the writing model. A source the serving model fails is this
+    /// job's failure: its retry finds the writing model's part paid for.
+    async fn dual_write(
+        &self,
+        mut results: HashMap<EmbedSource, JobResult>,
+    ) -> anyhow::Result<HashMap<EmbedSource, JobResult>> {
+        let Some(serving) = self.serving_pipeline().await? else {
+            return Ok(results);
+        };
+        let written: Vec<EmbedSource> = results
+            .iter()
+            .filter(|(_, r)| {
+                matches!(
+                    r,
+                    Ok(JobOutcome::Embedded { .. }
+                        | JobOutcome::Unchanged { .. }
+                        | JobOutcome::SkippedEmpty)
+                )
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        if written.is_empty() {
+            return Ok(results);
+        }
+        let mut batch = serving.prepare(written).await?;
+        serving.embed(&mut batch).await;
+        for (src, r) in serving.finish(batch).await? {
+            if let Err(e) = r {
+                results.insert(src, Err(e));
+            }
+        }
+        Ok(results)
+    }
+
+    /// The serving model's pipeline when it is not this one (read from `embed_worker.models`
+    /// each batch: a promotion or a rollback takes effect at the next batch).
+    async fn serving_pipeline(&self) -> anyhow::Result<Option<Arc<Pipeline>>> {
+        let serving: Option<(String, i32)> =
+            sqlx::query_as("SELECT name::text, dimensions FROM embed_worker.models WHERE serving")
+                .fetch_optional(&self.pool)
+                .await?;
+        let m = &self.settings.model;
+        let Some((name, dims)) = serving.filter(|(name, _)| *name != m.name) else {
+            return Ok(None);
+        };
+        let mut slot = self.serving.lock().await;
+        if let Some(p) = slot.as_ref()
+            && p.settings.model.name == name
+            && p.settings.model.dimensions == dims as usize
+        {
+            return Ok(Some(p.clone()));
+        }
+        if m.provider == crate::config::Provider::Local {
+            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(writing = %m.name, serving = %name,
+                    "no dual-write: the local provider embeds with one model only, so the serving \
+                     model misses changes until `embed-worker models promote` switches it");
+            }
+            return Ok(None);
+        }
+        let mut settings = (*self.settings).clone();
+        settings.model = m.for_model(&name, dims as usize);
+        let embedder = Embedder::from_settings(&settings.api, &settings.model)?;
+        let p = Arc::new(Pipeline::new(
+            self.pool.clone(),
+            Arc::new(settings),
+            embedder,
+            self.health.clone(),
+        )?);
+        tracing::info!(writing = %m.name, serving = %name,
+            "dual-write: changed text is embedded with the serving model too until the switch ends");
+        *slot = Some(p.clone());
+        Ok(Some(p))
     }
 
     /// Start: clear the jobs' dedup keys (a change from now on queues a new job); when each job

@@ -78,6 +78,7 @@ async fn text_changes_queue_one_job_and_usage_updates_queue_none() {
 }
 
 async fn put_rows(t: &TestDb, id: Uuid, model: &str, dims: usize, age_days: i32) {
+    register(t, model, dims).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, embedding_model, dimensions, token_count, updated_at)
          VALUES ('session', $1, 'h', '{}', $2, {dims}, 3, now() - make_interval(days => $3))",
@@ -174,7 +175,8 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
+async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and_prunes() {
+    use embed_worker::model_index::lifecycle;
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), 30, |i| 5 + i).await;
@@ -183,25 +185,52 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     a.model.dimensions = 256;
     a.model.send_dimensions = true;
     build_index(&t, &a.model.name, 256).await;
+    // The first worker on a database where nothing serves yet: its model writes and serves.
     let w = RunningWorker::start(a.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
+    let serving = lifecycle::serving(&t.admin).await.unwrap().unwrap();
+    assert_eq!((serving.name.as_str(), serving.role()), (a.model.name.as_str(), "writing, serving"));
 
+    // The switch starts as `migrate` with the new model: it writes, the old one still serves.
     let mut b = a.clone();
     b.model.name = "text-embedding-3-large".into();
     b.model.dimensions = 512;
+    b.models.auto_promote = false;
+    let said = lifecycle::on_migrate(&t.admin, &spec(&b.model.name, 512)).await.unwrap();
+    assert!(said.contains("was text-embedding-3-small"), "{said}");
     build_index(&t, &b.model.name, 512).await;
     let st = model_index::status(&t.admin, &spec(&b.model.name, 512))
         .await
         .unwrap();
     let old = st.iter().find(|m| m.model == a.model.name).unwrap();
-    assert_eq!((old.sources, old.percent as i64), (30, 100));
+    assert_eq!((old.sources, old.percent as i64, old.role.as_str()), (30, 100, "serving"));
     let new = st.iter().find(|m| m.model == b.model.name).unwrap();
     assert!(new.active && new.rows == 0 && new.indexes.iter().any(|i| i.2));
-    let err = model_index::prune(&t.admin, &a.model.name, &spec(&b.model.name, 512))
+    assert_eq!(new.role, "writing");
+
+    // Promotion below 100% is refused and says the coverage; forced, it works; rollback works.
+    let err = lifecycle::promote(&t.admin, &b.model.name, false, false)
         .await
-        .unwrap_err();
-    assert!(err.to_string().contains("refusing to prune"), "{err}");
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0 of 30 sources (0.0% coverage)"), "{err}");
+    let forced = lifecycle::promote(&t.admin, &b.model.name, true, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((forced.how, forced.previous.as_deref()), ("forced", Some(a.model.name.as_str())));
+    let back = lifecycle::promote(&t.admin, &a.model.name, false, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back.how, "manual");
+    assert_eq!(lifecycle::serving(&t.admin).await.unwrap().unwrap().name, a.model.name);
+    // The serving and the writing model cannot be pruned.
+    for m in [&a.model.name, &b.model.name] {
+        let err = model_index::prune(&t.admin, m).await.unwrap_err().to_string();
+        assert!(err.contains("refusing to prune"), "{err}");
+    }
 
     let stale = freshness::find_stale(&t.admin, &b.model.name, &Scope::default())
         .await
@@ -215,32 +244,24 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     freshness::enqueue_stale(&t.admin, &b, &stale, |_, _| {})
         .await
         .unwrap();
-    // The old model keeps serving while the new one fills.
+    // Searches read the serving model, whatever the config says.
     let q = embed_worker::fake_openai::fake_vector("Practice 3", 256);
-    let hits = search::search(
-        &t.admin,
-        &spec(&a.model.name, 256),
-        q,
-        &search::SearchOptions::default(),
-    )
-    .await
-    .unwrap()
-    .hits;
-    assert_eq!(hits.len(), 5);
+    let found = search::search_serving(&t.admin, q, &search::SearchOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(found.hits.len(), 5);
+    assert!(matches!(found.path, search::SearchPath::Index(_)), "{:?}", found.path);
 
     let w = RunningWorker::start(b.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
-    let names: Vec<String> = embed_worker::model_index::vector_indexes(&t.admin)
+    // Not promoted by itself (auto_promote = false); by hand at 100% with a valid index it is.
+    assert_eq!(lifecycle::serving(&t.admin).await.unwrap().unwrap().name, a.model.name);
+    let p = lifecycle::promote(&t.admin, &b.model.name, false, false)
         .await
         .unwrap()
-        .into_iter()
-        .map(|i| i.name)
-        .collect();
-    assert!(
-        names.contains(&spec(&a.model.name, 256).name())
-            && names.contains(&spec(&b.model.name, 512).name())
-    );
+        .unwrap();
+    assert_eq!((p.how, p.coverage), ("manual", 1.0));
     let plan = explain(
         &t.admin,
         &spec(&b.model.name, 512),
@@ -250,20 +271,33 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
     .await
     .unwrap();
     assert!(plan.contains(&spec(&b.model.name, 512).name()), "{plan}");
-    let hits = search::search(
+    let found = search::search_serving(
         &t.admin,
-        &spec(&b.model.name, 512),
         embed_worker::fake_openai::fake_vector("y", 512),
         &search::SearchOptions::default(),
     )
     .await
-    .unwrap()
-    .hits;
-    assert_eq!(hits.len(), 5);
+    .unwrap();
+    assert_eq!(found.hits.len(), 5);
+    let history: Vec<(String, String)> = sqlx::query_as(
+        "SELECT model::text, how FROM embed_worker.model_promotions ORDER BY id",
+    )
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
+    let want: Vec<(String, String)> = [
+        (&a.model.name, "install"),
+        (&b.model.name, "forced"),
+        (&a.model.name, "manual"),
+        (&b.model.name, "manual"),
+    ]
+    .iter()
+    .map(|(m, h)| (m.to_string(), h.to_string()))
+    .collect();
+    assert_eq!(history, want);
 
-    let deleted = model_index::prune(&t.admin, &a.model.name, &spec(&b.model.name, 512))
-        .await
-        .unwrap();
+    // a is retired now: pruning detaches and drops its partition, rows and index with it.
+    let deleted = model_index::prune(&t.admin, &a.model.name).await.unwrap();
     assert_eq!(deleted, 30);
     let names: Vec<String> = embed_worker::model_index::vector_indexes(&t.admin)
         .await
@@ -281,6 +315,18 @@ async fn a_model_switch_keeps_serving_and_prunes_only_at_100_percent() {
             .await
             .unwrap();
     assert_eq!(left, vec![b.model.name.clone()]);
+    let part: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(model_index::partition_name(&a.model.name))
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(part, None, "partition dropped");
+    // No way back to a pruned model.
+    let err = lifecycle::promote(&t.admin, &a.model.name, true, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a registered model"), "{err}");
     assert_eq!(sources.len(), 30);
 }
 
@@ -324,6 +370,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     let vectors: Vec<pgvector::Vector> = (0..n)
         .map(|i| pgvector::Vector::from(clustered(i, dims)))
         .collect();
+    register(&t, "test-mini", 32).await;
     sqlx::query(
         "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, embedding_model, dimensions, token_count)
          SELECT 'session', id, 'h', v, 'test-mini', 32, 1 FROM unnest($1::uuid[], $2::vector[]) AS x(id, v)",

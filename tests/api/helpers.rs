@@ -45,6 +45,17 @@ impl TestDb {
     pub async fn migrated() -> TestDb {
         let t = Self::empty().await;
         db::migrate(&t.admin).await.expect("migrate");
+        // The default model's partition and index, as the single table's migration 1 had its
+        // index; no role yet: the first worker's model becomes writing and serving (tests run
+        // other models), as on a fresh install.
+        let s = t.settings();
+        let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
+        embed_worker::model_index::lifecycle::ensure(&t.admin, &spec)
+            .await
+            .expect("registering the model");
+        embed_worker::model_index::build::on_migrate(&t.admin, &s)
+            .await
+            .expect("the model's index");
         t
     }
 
@@ -65,6 +76,28 @@ impl TestDb {
         s.database.url = self.url.clone();
         s
     }
+}
+
+/// Gives `model` its partition (as `migrate` or a worker's start would), so rows of it can be
+/// inserted by hand.
+pub async fn register(t: &TestDb, model: &str, dims: usize) {
+    embed_worker::model_index::lifecycle::ensure(&t.admin, &spec(model, dims))
+        .await
+        .expect("registering the model");
+}
+
+/// What `embed-worker migrate` does with the default configuration: both migrations, the model
+/// registered (writing and serving), its index.
+pub async fn migrate_as_the_cli(t: &TestDb) {
+    db::migrate(&t.admin).await.expect("migrate");
+    let s = t.settings();
+    let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
+    embed_worker::model_index::lifecycle::on_migrate(&t.admin, &spec)
+        .await
+        .expect("registering the model");
+    embed_worker::model_index::build::on_migrate(&t.admin, &s)
+        .await
+        .expect("the model's index");
 }
 
 /// Inserts a session and returns its id.
@@ -322,7 +355,11 @@ pub async fn explain(
         .execute(&mut *tx)
         .await?;
     if without_seqscan {
-        sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off")
+        // And no sort: on a partition of a few rows, its unique btree (which holds the
+        // model column the search filters on) and a sort cost less than the HNSW scan.
+        sqlx::raw_sql(
+            "SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off",
+        )
             .execute(&mut *tx)
             .await?;
     }

@@ -119,6 +119,7 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
     let spec = model_index::IndexSpec::from_settings(&b).unwrap();
 
     // migrate: the new model has no rows and 300 sources ahead: no index yet.
+    model_index::lifecycle::on_migrate(&t.admin, &spec).await.unwrap();
     let outcome = model_index::build::on_migrate(&t.admin, &b).await.unwrap();
     assert!(matches!(outcome, BuildOutcome::Deferred(_)), "{outcome:?}");
     assert_eq!(
@@ -217,6 +218,7 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
     s.model.dimensions = 3072;
     let spec = model_index::IndexSpec::from_settings(&s).unwrap();
     // 6,000 rows of random 3,072-d vectors: a build of several seconds.
+    model_index::lifecycle::on_migrate(&t.admin, &spec).await.unwrap();
     sqlx::raw_sql(
         "INSERT INTO sessions (id, user_id, title, notes)
            SELECT gen_random_uuid(), gen_random_uuid(), 's', 'n' FROM generate_series(1, 6000);
@@ -242,8 +244,9 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
     loop {
         let phase: Option<String> = sqlx::query_scalar(
             "SELECT phase FROM pg_stat_progress_create_index
-              WHERE relid = 'rag_embeddings'::regclass AND tuples_done > 0",
+              WHERE relid = to_regclass($1) AND tuples_done > 0",
         )
+        .bind(model_index::partition_name("text-embedding-3-large"))
         .fetch_optional(&t.admin)
         .await
         .unwrap();
@@ -373,6 +376,7 @@ async fn migrate_during_a_deferred_backfill_leaves_the_index_to_the_drained_queu
     let spec = model_index::IndexSpec::from_settings(&s).unwrap();
     // Half a backfill: rows of the new model written, jobs still open.
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), 40, |_| 5).await;
+    register(&t, &s.model.name, 8).await;
     sqlx::query(
         "INSERT INTO rag_embeddings (source_type, source_id, chunk_index, content_hash, embedding,
                                      embedding_model, dimensions, token_count)

@@ -23,7 +23,10 @@ async fn four_worker_processes_on_one_queue_never_deadlock() {
     let fake = fake(FakeConfig::default()).await;
     let n = 20_000;
     // As reported: no HNSW index (writes are cheap, so claims and updates interleave most).
-    sqlx::query("DROP INDEX idx_rag_embeddings_vector_text_embedding_ada_002")
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP INDEX {}",
+        spec("text-embedding-ada-002", 1536).name()
+    )))
         .execute(&t.admin)
         .await
         .unwrap();
@@ -126,7 +129,10 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     // instead of 5-6 s in 2 of 4 runs).
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
-    sqlx::query("DROP INDEX idx_rag_embeddings_vector_text_embedding_ada_002")
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP INDEX {}",
+        spec("text-embedding-ada-002", 1536).name()
+    )))
         .execute(&t.admin)
         .await
         .unwrap();

@@ -5,6 +5,15 @@ use crate::helpers::*;
 use embed_worker::db;
 use uuid::Uuid;
 
+/// A migrated database where the tests' 3-dimensional `test-model` has its partition.
+async fn migrated_with_test_model() -> TestDb {
+    let t = TestDb::migrated().await;
+    embed_worker::model_index::lifecycle::ensure(&t.admin, &spec("test-model", 3))
+        .await
+        .unwrap();
+    t
+}
+
 async fn insert_embedding(
     pool: &sqlx::PgPool,
     source_type: &str,
@@ -42,7 +51,7 @@ async fn insert_template(
 
 #[tokio::test]
 async fn orphan_embeddings_are_rejected_and_valid_ones_accepted() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let worker = t.worker_pool().await;
     let ghost = Uuid::new_v4();
     let err = insert_embedding(&worker, "session", ghost)
@@ -86,7 +95,7 @@ async fn orphan_embeddings_are_rejected_and_valid_ones_accepted() {
 
 #[tokio::test]
 async fn deleting_a_source_deletes_its_embeddings() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let worker = t.worker_pool().await;
     let s1 = insert_session(&t.admin, Uuid::new_v4(), "a", "n").await;
     let s2 = insert_session(&t.admin, Uuid::new_v4(), "b", "n").await;
@@ -120,7 +129,7 @@ async fn deleting_a_source_deletes_its_embeddings() {
 
 #[tokio::test]
 async fn enums_reject_capitalised_values() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let err = sqlx::query("INSERT INTO sessions (user_id, focus) VALUES ($1, 'Harmony')")
         .bind(Uuid::new_v4())
         .execute(&t.admin)
@@ -140,7 +149,7 @@ async fn enums_reject_capitalised_values() {
 
 #[tokio::test]
 async fn placeholders_are_validated_in_the_database() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let ok = serde_json::json!({"placeholders": [
         {"key": "chord", "description": "A chord", "type": "chord", "required": true, "example": "G7"}]});
     insert_template(&t.admin, "Voice {chord} three ways", ok, true)
@@ -196,7 +205,7 @@ async fn as_app_user(t: &TestDb, user: Option<Uuid>, sql: &'static str) -> Vec<U
 
 #[tokio::test]
 async fn rls_users_see_only_their_own_session_embeddings() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let worker = t.worker_pool().await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let sa = insert_session(&t.admin, a, "a", "n").await;
@@ -264,7 +273,7 @@ async fn rls_users_see_only_their_own_session_embeddings() {
 
 #[tokio::test]
 async fn migrate_twice_is_a_no_op() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let before: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
         .fetch_one(&t.admin)
         .await
@@ -294,7 +303,7 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
     .execute(&t.admin)
     .await
     .unwrap();
-    db::migrate(&t.admin).await.unwrap();
+    migrate_as_the_cli(&t).await;
     let (title, mood): (String, String) = sqlx::query_as("SELECT title, mood FROM sessions")
         .fetch_one(&t.admin)
         .await
@@ -350,7 +359,7 @@ async fn migrate_works_where_the_app_already_has_sessions_and_enums() {
 
 #[tokio::test]
 async fn a_user_reads_only_their_own_sessions_and_the_app_role_cannot_write_or_see_the_queue() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let sa = insert_session(&t.admin, a, "a", "a's private notes").await;
     let sb1 = insert_session(&t.admin, b, "b1", "b's private notes").await;
@@ -434,7 +443,8 @@ async fn app_user_statement(t: &TestDb, user: Uuid, sql: &'static str) -> Result
 
 #[tokio::test]
 async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
+    migrate_as_the_cli(&t).await;
     let settings = embed_worker::config::Settings::load(None).unwrap();
     let default_index = spec("text-embedding-ada-002", 1536);
     let report = embed_worker::verify::verify(&t.admin, &settings)
@@ -490,7 +500,7 @@ async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
 
 #[tokio::test]
 async fn seeding_templates_twice_changes_nothing() {
-    let t = TestDb::migrated().await;
+    let t = migrated_with_test_model().await;
     let seeds = embed_worker::seed::read_templates(std::path::Path::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/config/templates.toml"

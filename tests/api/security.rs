@@ -51,6 +51,7 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
             "embed_worker.check_placeholders(text,jsonb)",
             "embed_worker.enqueue(embedding_source,uuid,text)",
             "embed_worker.enqueue_many(embedding_source[],uuid[],text,integer,integer)",
+            "embed_worker.serving_model()",
         ],
         "app_user can call exactly these"
     );

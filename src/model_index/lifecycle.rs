@@ -1,0 +1,508 @@
+//! A model's life: registered with its partition, `writing` (what the worker embeds with),
+//! `serving` (what searches read), retired, pruned.
+//!
+//! Why in the database: the worker's config was the only record of "the model", so a config
+//! change switched every search to a model that covered only what had been re-embedded so far,
+//! and an app in another process could not know which model was complete. Now the config's model
+//! becomes `writing` at `migrate`; the serving model changes only by a promotion, in one
+//! transaction, recorded in `embed_worker.model_promotions`: by itself when the writing model
+//! covers every source and its index is valid (`models.auto_promote`), or by hand
+//! (`models promote`, `--force` past the checks). Rolling back is promoting the old model while
+//! its partition still exists. While the two differ, the sync lane writes both (dual-write; see
+//! `Pipeline::process`), so the serving model never serves stale text.
+//!
+//! Why prune detaches: a model's rows are its own partition; `DETACH PARTITION … CONCURRENTLY`
+//! and `DROP TABLE` remove them in constant time without writing their WAL.
+
+use anyhow::Context;
+use sqlx::PgPool;
+
+use super::{IndexSpec, IndexState};
+
+/// One row of `embed_worker.models`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Model {
+    /// `embedding_model`.
+    pub name: String,
+    /// Vector dimensions.
+    pub dimensions: i32,
+    /// `vector` or `halfvec`: what its index stores.
+    pub index_type: String,
+    /// Its partition of `rag_embeddings`.
+    pub partition: String,
+    /// The worker embeds new and changed text with it.
+    pub writing: bool,
+    /// Searches read it.
+    pub serving: bool,
+    /// Since when it serves.
+    pub serving_since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Model {
+    /// `writing`, `serving`, `writing, serving` or `retired`.
+    pub fn role(&self) -> &'static str {
+        match (self.writing, self.serving) {
+            (true, true) => "writing, serving",
+            (true, false) => "writing",
+            (false, true) => "serving",
+            (false, false) => "retired",
+        }
+    }
+}
+
+const COLUMNS: &str = "name::text AS name, dimensions, index_type, partition, writing, serving, serving_since";
+
+/// Every registered model, serving first, then writing, then by name.
+pub async fn models<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<Model>> {
+    Ok(sqlx::query_as::<_, Model>(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM embed_worker.models ORDER BY serving DESC, writing DESC, name"
+    )))
+    .fetch_all(db)
+    .await
+    .context("reading embed_worker.models (run `embed-worker migrate`)")?)
+}
+
+/// The serving model, if any is registered.
+pub async fn serving<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Option<Model>> {
+    Ok(models(db).await?.into_iter().find(|m| m.serving))
+}
+
+/// The serving model's index spec: what searches read. An error before the first `migrate`.
+pub async fn serving_spec(pool: &PgPool) -> anyhow::Result<IndexSpec> {
+    let m = serving(pool).await?.context(
+        "no serving model is registered in embed_worker.models: run `embed-worker migrate`",
+    )?;
+    Ok(IndexSpec::of(&m))
+}
+
+/// Registers `spec`'s model and creates its partition; needs the table's owner.
+pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>, spec: &IndexSpec) -> anyhow::Result<String> {
+    sqlx::query_scalar("SELECT embed_worker.ensure_model($1, $2, $3)")
+        .bind(&spec.model)
+        .bind(spec.dimensions as i32)
+        .bind(spec.type_name())
+        .fetch_one(db)
+        .await
+        .with_context(|| {
+            format!(
+                "registering model {} and its partition (needs the owner of rag_embeddings: \
+                 run `embed-worker migrate` with the login that owns it)",
+                spec.model
+            )
+        })
+}
+
+/// `migrate`: the config's model (`spec`) is registered and becomes the writing model. When no
+/// model serves yet (a fresh install, or the upgrade from one table), the model covering the
+/// most sources serves (the config's on a tie or with no rows), recorded as `install`.
+/// Returns what changed, in words.
+pub async fn on_migrate(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<String> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE embed_worker.models IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    ensure(&mut *tx, spec).await?;
+    let before = models(&mut *tx).await?;
+    let was_writing = before.iter().find(|m| m.writing).map(|m| m.name.clone());
+    // Two statements: the unique "one writing" index is checked row by row.
+    sqlx::query(
+        "UPDATE embed_worker.models SET writing = false, writing_since = NULL
+          WHERE writing AND name <> $1",
+    )
+    .bind(&spec.model)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE embed_worker.models SET writing = true, writing_since = now()
+          WHERE name = $1 AND NOT writing",
+    )
+    .bind(&spec.model)
+    .execute(&mut *tx)
+    .await?;
+    let mut said = match was_writing {
+        Some(w) if w == spec.model => format!("writing model {}", spec.model),
+        Some(w) => format!("writing model {} (was {w})", spec.model),
+        None => format!("writing model {}", spec.model),
+    };
+    if !before.iter().any(|m| m.serving) {
+        let covered: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT embedding_model::text, count(DISTINCT (source_type, source_id))
+               FROM rag_embeddings GROUP BY 1",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mine = covered
+            .iter()
+            .find(|(m, _)| *m == spec.model)
+            .map_or(0, |(_, n)| *n);
+        let pick = covered
+            .iter()
+            .filter(|(_, n)| *n > mine)
+            .max_by_key(|(_, n)| *n)
+            .map_or(spec.model.clone(), |(m, _)| m.clone());
+        set_serving(&mut tx, &pick, None, "install", None).await?;
+        said.push_str(&format!(", serving model {pick} (first registration)"));
+    }
+    tx.commit().await?;
+    Ok(said)
+}
+
+/// Flips the serving flag to `model` and records it (inside the caller's transaction).
+async fn set_serving(
+    tx: &mut sqlx::PgConnection,
+    model: &str,
+    previous: Option<&str>,
+    how: &str,
+    coverage: Option<f64>,
+) -> anyhow::Result<()> {
+    // Two statements: the unique "one serving" index is checked row by row.
+    sqlx::query(
+        "UPDATE embed_worker.models SET serving = false, serving_since = NULL
+          WHERE serving AND name <> $1",
+    )
+    .bind(model)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE embed_worker.models SET serving = true, serving_since = now() WHERE name = $1",
+    )
+    .bind(model)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO embed_worker.model_promotions (model, previous, how, coverage)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(model)
+    .bind(previous)
+    .bind(how)
+    .bind(coverage)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Sources `model` covers, and sources with text to embed.
+pub async fn coverage(db: &mut sqlx::PgConnection, model: &str) -> anyhow::Result<(i64, i64)> {
+    let covered: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT DISTINCT source_type, source_id FROM rag_embeddings
+                                WHERE embedding_model = $1) c",
+    )
+    .bind(model)
+    .fetch_one(&mut *db)
+    .await?;
+    Ok((covered, crate::source::count_with_text(&mut *db).await?))
+}
+
+/// The share of sources covered (1 when there is nothing to cover).
+pub fn ratio(covered: i64, total: i64) -> f64 {
+    if total <= 0 {
+        1.0
+    } else {
+        (covered as f64 / total as f64).min(1.0)
+    }
+}
+
+/// A promotion that happened.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promotion {
+    /// The model that serves now.
+    pub model: String,
+    /// The one that served before.
+    pub previous: Option<String>,
+    /// `auto`, `manual` or `forced`.
+    pub how: &'static str,
+    /// Its coverage at the moment of the switch.
+    pub coverage: f64,
+}
+
+impl std::fmt::Display for Promotion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "serving model is now {} (was {}; {}, coverage {:.1}%)",
+            self.model,
+            self.previous.as_deref().unwrap_or("none"),
+            self.how,
+            self.coverage * 100.0
+        )
+    }
+}
+
+/// Why `model` may not serve yet, if it may not: it is not registered, its partition is gone,
+/// it covers less than every source, or its index is not valid.
+pub async fn not_ready(
+    db: &mut sqlx::PgConnection,
+    model: &Model,
+) -> anyhow::Result<(f64, Option<String>)> {
+    let (covered, total) = coverage(&mut *db, &model.name).await?;
+    let share = ratio(covered, total);
+    if covered < total {
+        return Ok((
+            share,
+            Some(format!(
+                "{} covers {covered} of {total} sources ({:.1}% coverage); promotion needs 100%",
+                model.name,
+                share * 100.0
+            )),
+        ));
+    }
+    let spec = IndexSpec::of(model);
+    let state = super::find(&super::vector_indexes(&mut *db).await?, &spec);
+    let why = match state {
+        IndexState::Ready(_) => None,
+        IndexState::Building(name) => Some(format!("its index {name} is still being built")),
+        IndexState::Invalid(name) => Some(format!(
+            "its index {name} is invalid (`embed-worker models build-index` rebuilds it)"
+        )),
+        IndexState::Missing => Some(format!(
+            "its index {} is not built yet (`embed-worker models build-index`)",
+            spec.name()
+        )),
+    };
+    Ok((share, why.map(|w| format!("{}: {w}", model.name))))
+}
+
+/// Makes `model` the serving model in one transaction (the models table locked against a
+/// concurrent promotion). Refused with the reason while it is not ready, unless `force`.
+/// `auto` marks the worker's own promotion. Returns `None` when it already serves.
+pub async fn promote(
+    pool: &PgPool,
+    model: &str,
+    force: bool,
+    auto: bool,
+) -> anyhow::Result<Option<Promotion>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("LOCK TABLE embed_worker.models IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await?;
+    let all = models(&mut *tx).await?;
+    let Some(target) = all.iter().find(|m| m.name == model) else {
+        let known: Vec<&str> = all.iter().map(|m| m.name.as_str()).collect();
+        anyhow::bail!(
+            "refusing to promote {model}: not a registered model (registered: {}); a model is \
+             registered by `migrate` with it as model.name",
+            known.join(", ")
+        );
+    };
+    if target.serving {
+        return Ok(None);
+    }
+    let part_exists: bool = sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
+        .bind(&target.partition)
+        .fetch_one(&mut *tx)
+        .await?;
+    anyhow::ensure!(
+        part_exists,
+        "refusing to promote {model}: its partition {} is gone (pruned)",
+        target.partition
+    );
+    let (share, why) = not_ready(&mut tx, target).await?;
+    if let Some(why) = &why {
+        anyhow::ensure!(
+            force,
+            "refusing to promote {why} (`--force` promotes anyway; searches then miss what it lacks)"
+        );
+    }
+    let previous = all.iter().find(|m| m.serving).map(|m| m.name.clone());
+    let how = match (auto, why.is_some()) {
+        (true, _) => "auto",
+        (false, true) => "forced",
+        (false, false) => "manual",
+    };
+    set_serving(&mut tx, model, previous.as_deref(), how, Some(share)).await?;
+    tx.commit().await?;
+    let p = Promotion {
+        model: model.to_string(),
+        previous,
+        how,
+        coverage: share,
+    };
+    crate::meter::model_promoted(&p.model, p.how);
+    tracing::info!(event = "model_promoted", model = %p.model, previous = ?p.previous,
+        how = p.how, coverage = p.coverage, "serving model switched");
+    Ok(Some(p))
+}
+
+/// The worker's check (after its index check): while the writing model is not the serving one,
+/// promote it once it covers every source and its index is valid (`models.auto_promote`).
+pub async fn promote_if_due(
+    pool: &PgPool,
+    s: &crate::config::Settings,
+) -> anyhow::Result<Option<Promotion>> {
+    if !s.models.auto_promote {
+        return Ok(None);
+    }
+    let all = models(pool).await?;
+    let (Some(writing), Some(serving)) = (
+        all.iter().find(|m| m.writing),
+        all.iter().find(|m| m.serving),
+    ) else {
+        return Ok(None);
+    };
+    if writing.name == serving.name || writing.name != s.model.name {
+        return Ok(None);
+    }
+    let mut conn = pool.acquire().await?;
+    if not_ready(&mut conn, writing).await?.1.is_some() {
+        return Ok(None);
+    }
+    drop(conn);
+    // Checked again under the lock, in the promotion's own transaction.
+    match promote(pool, &writing.name, false, true).await {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "auto-promotion not taken");
+            Ok(None)
+        }
+    }
+}
+
+/// Drops `old`'s partition (its rows and index): `DETACH PARTITION … CONCURRENTLY`, then `DROP
+/// TABLE`, then its registration. Refuses the serving and the writing model. Needs the table's
+/// owner. Returns the rows the partition held.
+pub async fn prune(pool: &PgPool, old: &str) -> anyhow::Result<i64> {
+    let all = models(pool).await?;
+    let m = all.iter().find(|m| m.name == old);
+    if let Some(m) = m {
+        anyhow::ensure!(
+            !m.serving,
+            "refusing to prune {old}: it is the serving model (searches read it); promote \
+             another model first"
+        );
+        anyhow::ensure!(
+            !m.writing,
+            "refusing to prune {old}: it is the writing model (model.name)"
+        );
+    }
+    let part = super::partition_name(old);
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits
+                         WHERE inhparent = to_regclass('public.rag_embeddings')
+                           AND inhrelid = to_regclass(format('public.%I', $1::text)))",
+    )
+    .bind(&part)
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        exists || m.is_some(),
+        "nothing to prune: {old} has no partition and is not registered"
+    );
+    let mut rows = 0;
+    if exists {
+        rows = sqlx::query_scalar("SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1")
+            .bind(old)
+            .fetch_one(pool)
+            .await?;
+        let mut conn = pool.acquire().await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE rag_embeddings DETACH PARTITION {} CONCURRENTLY",
+            crate::db::quote_ident(&part)
+        )))
+        .execute(&mut *conn)
+        .await
+        .with_context(|| {
+            format!("detaching {part} (needs the owner of rag_embeddings; a detach interrupted half-way is finished by `ALTER TABLE rag_embeddings DETACH PARTITION {part} FINALIZE`)")
+        })?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE {}",
+            crate::db::quote_ident(&part)
+        )))
+        .execute(&mut *conn)
+        .await
+        .with_context(|| format!("dropping {part}"))?;
+    }
+    sqlx::query("DELETE FROM embed_worker.models WHERE name = $1 AND NOT serving AND NOT writing")
+        .bind(old)
+        .execute(pool)
+        .await?;
+    tracing::info!(event = "model_pruned", model = %old, rows, partition = %part, "model pruned");
+    Ok(rows)
+}
+
+/// `run`'s start: the config's model must have its partition (a row of a model without one has
+/// nowhere to go). Registered here when missing (as the login, the table's owner). Roles are
+/// `migrate`'s, except where no model serves yet (a fresh install whose `migrate` predates
+/// this version): then this one writes and serves, as `migrate` would make it. Warns when
+/// `migrate` has not made it the writing model.
+pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyhow::Result<()> {
+    let spec = IndexSpec::from_settings(s)?;
+    let mut all = models(pool).await?;
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
+        .bind(spec.partition())
+        .fetch_one(pool)
+        .await?;
+    let install = !all.iter().any(|m| m.serving);
+    if !exists || install {
+        let admin = crate::db::connect_as_login(&s.database.url).await?;
+        let made = if install {
+            on_migrate(&admin, &spec).await.map(|said| {
+                tracing::info!(%said, "no serving model was registered");
+            })
+        } else {
+            ensure(&admin, &spec).await.map(|_| ())
+        };
+        admin.close().await;
+        made.with_context(|| {
+            format!("model.name = {} has no partition of rag_embeddings yet", spec.model)
+        })?;
+        all = models(pool).await?;
+    }
+    match all.iter().find(|m| m.writing) {
+        Some(w) if w.name == spec.model => {}
+        other => tracing::warn!(
+            configured = %spec.model,
+            writing = other.map_or("none", |m| m.name.as_str()),
+            "model.name is not the writing model in embed_worker.models: run `embed-worker migrate` \
+             with this configuration (until then no automatic promotion)"
+        ),
+    }
+    Ok(())
+}
+
+/// The models' coverage gauges, once; returns the serving/writing line `/readyz` shows.
+pub async fn sample(pool: &PgPool) -> anyhow::Result<String> {
+    let all = models(pool).await?;
+    let mut conn = pool.acquire().await?;
+    let total = crate::source::count_with_text(&mut *conn).await?;
+    let covered: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT embedding_model::text, count(*) FROM (
+             SELECT DISTINCT embedding_model, source_type, source_id FROM rag_embeddings) d
+          GROUP BY 1",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let share = |m: &str| {
+        ratio(
+            covered.iter().find(|(c, _)| c == m).map_or(0, |(_, n)| *n),
+            total,
+        )
+    };
+    let gauges: Vec<(String, Vec<&'static str>, f64)> = all
+        .iter()
+        .map(|m| {
+            let mut roles = Vec::new();
+            if m.writing {
+                roles.push("writing");
+            }
+            if m.serving {
+                roles.push("serving");
+            }
+            if roles.is_empty() {
+                roles.push("retired");
+            }
+            (m.name.clone(), roles, share(&m.name))
+        })
+        .collect();
+    crate::meter::model_coverage(&gauges);
+    let say = |m: Option<&Model>| {
+        m.map_or("none".to_string(), |m| {
+            format!("{} ({:.1}%)", m.name, share(&m.name) * 100.0)
+        })
+    };
+    Ok(format!(
+        "serving model: {}; writing model: {}",
+        say(all.iter().find(|m| m.serving)),
+        say(all.iter().find(|m| m.writing))
+    ))
+}
