@@ -11,6 +11,7 @@ mod deploy;
 mod freshness;
 mod hostile;
 mod index;
+mod lifecycle;
 mod local_model;
 mod operate;
 mod pipeline;
