@@ -302,6 +302,7 @@ async fn build_indexes(
     let mut tick = tokio::time::interval(Duration::from_secs(settings.index.check_interval_secs));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error: Option<String> = None;
+    let mut last_promotion_error: Option<String> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -317,10 +318,15 @@ async fn build_indexes(
                     crate::model_index::BuildOutcome::Cancelled => return,
                     _ => tracing::debug!(%outcome, "index check"),
                 }
-                if let Err(e) =
-                    crate::model_index::lifecycle::promote_if_due(&pool, &settings).await
-                {
-                    tracing::warn!(error = %format!("{e:#}"), "promotion check failed");
+                match crate::model_index::lifecycle::promote_if_due(&pool, &settings).await {
+                    Ok(_) => last_promotion_error = None,
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        if last_promotion_error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(error = %msg, "promotion check failed");
+                            last_promotion_error = Some(msg);
+                        }
+                    }
                 }
             }
             Err(e) => {

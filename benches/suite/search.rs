@@ -400,7 +400,7 @@ async fn bulk_insert(
             })
             .collect();
         let t = Instant::now();
-        write::write_batch(pool, MODEL, DIMS, "embed", 10, &writes)
+        write::write_batch(pool, MODEL, DIMS, "embed", 10, &writes, true)
             .await
             .unwrap();
         worker_ms.push(t.elapsed().as_secs_f64() * 1000.0);

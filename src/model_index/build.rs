@@ -287,6 +287,9 @@ async fn build_locked(
     }
     crate::meter::index_build("built", secs);
     tracing::info!(index = %name, secs, rows, "HNSW index built");
+    // Statistics before the first search: a partition filled since the last autovacuum
+    // analyze looks empty to the planner, which then sorts it instead of using the new index.
+    super::lifecycle::analyze(&mut *conn, spec).await?;
     drop_superseded(conn, spec).await?;
     Ok(BuildOutcome::Built(name, secs))
 }

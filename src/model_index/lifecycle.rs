@@ -263,6 +263,19 @@ pub async fn not_ready(
     Ok((share, why.map(|w| format!("{}: {w}", model.name))))
 }
 
+/// `ANALYZE` of the model's partition (as its owner): the planner then knows its rows and uses
+/// its index for the search's `ORDER BY … LIMIT`.
+pub async fn analyze(conn: &mut sqlx::PgConnection, spec: &IndexSpec) -> anyhow::Result<()> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ANALYZE {}",
+        crate::db::quote_ident(&spec.partition())
+    )))
+    .execute(conn)
+    .await
+    .with_context(|| format!("analyzing {}", spec.partition()))?;
+    Ok(())
+}
+
 /// Makes `model` the serving model in one transaction (the models table locked against a
 /// concurrent promotion). Refused with the reason while it is not ready, unless `force`.
 /// `auto` marks the worker's own promotion. Returns `None` when it already serves.
@@ -272,6 +285,10 @@ pub async fn promote(
     force: bool,
     auto: bool,
 ) -> anyhow::Result<Option<Promotion>> {
+    if let Some(m) = models(pool).await?.into_iter().find(|m| m.name == model && !m.serving) {
+        // Fresh statistics first: searches switch to it at the commit.
+        analyze(&mut *pool.acquire().await?, &IndexSpec::of(&m)).await?;
+    }
     let mut tx = pool.begin().await?;
     sqlx::query("LOCK TABLE embed_worker.models IN EXCLUSIVE MODE")
         .execute(&mut *tx)
@@ -348,13 +365,19 @@ pub async fn promote_if_due(
         return Ok(None);
     }
     drop(conn);
-    // Checked again under the lock, in the promotion's own transaction.
-    match promote(pool, &writing.name, false, true).await {
+    // Checked again under the lock, in the promotion's own transaction, as the login (the
+    // table's owner, as for index builds): the worker role may read the registry, not change it.
+    let admin = crate::db::connect_as_login(&s.database.url).await?;
+    let promoted = promote(&admin, &writing.name, false, true).await;
+    admin.close().await;
+    match promoted {
         Ok(p) => Ok(p),
-        Err(e) => {
+        // Another replica promoted it, or a source arrived since the check: next time.
+        Err(e) if e.to_string().starts_with("refusing") => {
             tracing::debug!(error = %format!("{e:#}"), "auto-promotion not taken");
             Ok(None)
         }
+        Err(e) => Err(e.context(format!("promoting {} to serving", writing.name))),
     }
 }
 

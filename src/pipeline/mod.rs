@@ -50,6 +50,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// The serving model's pipeline while it is not the writing one (dual-write).
     serving: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
+    /// Whether a write marks unchanged chunks as verified (false for the serving model's).
+    touch_unchanged: bool,
 }
 
 /// One source read and split.
@@ -161,6 +163,7 @@ impl Pipeline {
             health,
             stats,
             serving: tokio::sync::Mutex::new(None),
+            touch_unchanged: true,
         })
     }
 
@@ -279,12 +282,14 @@ impl Pipeline {
         let mut settings = (*self.settings).clone();
         settings.model = m.for_model(&name, dims as usize);
         let embedder = Embedder::from_settings(&settings.api, &settings.model)?;
-        let p = Arc::new(Pipeline::new(
+        let mut p = Pipeline::new(
             self.pool.clone(),
             Arc::new(settings),
             embedder,
             self.health.clone(),
-        )?);
+        )?;
+        p.touch_unchanged = false;
+        let p = Arc::new(p);
         tracing::info!(writing = %m.name, serving = %name,
             "dual-write: changed text is embedded with the serving model too until the switch ends");
         *slot = Some(p.clone());
@@ -493,6 +498,7 @@ impl Pipeline {
             &s.queue.name,
             s.queue.max_attempts,
             writes,
+            self.touch_unchanged,
         )
         .await?;
         let took = started.elapsed();

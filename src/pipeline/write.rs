@@ -156,7 +156,10 @@ impl CopyRows {
     }
 }
 
-/// Writes one batch. Returns the outcome per source.
+/// Writes one batch. Returns the outcome per source. `touch`: unchanged chunks are marked as
+/// verified now (the writing model's freshness); the serving model's dual-write passes false
+/// (moving `updated_at` on an unchanged row is an UPDATE, and a non-HOT one re-inserts the row
+/// into the model's HNSW graph).
 pub async fn write_batch(
     pool: &PgPool,
     model: &str,
@@ -164,6 +167,7 @@ pub async fn write_batch(
     queue: &str,
     max_attempts: i32,
     writes: &[SourceWrite],
+    touch: bool,
 ) -> sqlx::Result<HashMap<EmbedSource, WriteOutcome>> {
     if writes.is_empty() {
         return Ok(HashMap::new());
@@ -172,7 +176,9 @@ pub async fn write_batch(
     lock_sources(&mut tx, writes).await?;
     let (outcomes, fresh, superseded) = partition_fresh(&mut tx, writes).await?;
     copy_new(&mut tx, model, dimensions, &fresh).await?;
-    touch_unchanged(&mut tx, model, &fresh).await?;
+    if touch {
+        touch_unchanged(&mut tx, model, &fresh).await?;
+    }
     trim_tail(&mut tx, model, &fresh).await?;
     if !superseded.is_empty() {
         crate::queue::enqueue_many(&mut *tx, queue, max_attempts, &superseded).await?;

@@ -45,7 +45,11 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     let n = 20_000;
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), n, |i| 3 + i % 20).await;
 
-    // Before: ada-002 covers every source and serves through its index.
+    // Before: ada-002 covers every source and serves through its index (loaded without it,
+    // then built, as a first backfill is).
+    model_index::build::drop_index(&t.admin, &spec(OLD, 1536).name())
+        .await
+        .unwrap();
     let mut a = worker_settings(&t, &fake);
     a.model.name = OLD.into();
     a.model.dimensions = 1536;
