@@ -54,12 +54,12 @@ const COLUMNS: &str = "name::text AS name, dimensions, index_type, partition, wr
 
 /// Every registered model, serving first, then writing, then by name.
 pub async fn models<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<Model>> {
-    Ok(sqlx::query_as::<_, Model>(sqlx::AssertSqlSafe(format!(
+    sqlx::query_as::<_, Model>(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM embed_worker.models ORDER BY serving DESC, writing DESC, name"
     )))
     .fetch_all(db)
     .await
-    .context("reading embed_worker.models (run `embed-worker migrate`)")?)
+    .context("reading embed_worker.models (run `embed-worker migrate`)")
 }
 
 /// The serving model, if any is registered.

@@ -78,10 +78,77 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("7 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("8 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+#[test]
+fn an_unfinished_model_switch_alerts_after_a_day_and_a_finished_one_never() {
+    let (_, rule) = manifests()
+        .into_iter()
+        .find(|(_, v)| v["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let dir = std::env::temp_dir().join(format!("rule-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("rules.yaml"),
+        serde_yaml_ng::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    // Samples every 10 minutes for 26 hours: b writes at 60% while a serves; then the same with
+    // b both writing and serving (and a's old serving series NaN, as the worker leaves it).
+    let cases = r#"
+rule_files: [rules.yaml]
+evaluation_interval: 10m
+tests:
+  - interval: 10m
+    input_series:
+      - series: 'embed_worker_model_coverage_ratio{model="a",role="serving"}'
+        values: '1x160'
+      - series: 'embed_worker_model_coverage_ratio{model="b",role="writing"}'
+        values: '0.6x160'
+    alert_rule_test:
+      - eval_time: 23h
+        alertname: EmbedWorkerModelSwitchUnfinished
+        exp_alerts: []
+      - eval_time: 25h
+        alertname: EmbedWorkerModelSwitchUnfinished
+        exp_alerts:
+          - exp_labels: {severity: warning, model: b}
+            exp_annotations:
+              summary: "The writing model b has not become the serving model in a day (60% covered)"
+              description: "`embed-worker models` shows coverage and index; below 100%, is the backfill running (`embed-worker status`)? At 100% with a valid index, `embed-worker models promote b` (automatic unless models.auto_promote = false)."
+  - interval: 10m
+    input_series:
+      - series: 'embed_worker_model_coverage_ratio{model="a",role="serving"}'
+        values: 'NAN_SERIES'
+      - series: 'embed_worker_model_coverage_ratio{model="a",role="retired"}'
+        values: '1x160'
+      - series: 'embed_worker_model_coverage_ratio{model="b",role="writing"}'
+        values: '1x160'
+      - series: 'embed_worker_model_coverage_ratio{model="b",role="serving"}'
+        values: '1x160'
+    alert_rule_test:
+      - eval_time: 25h
+        alertname: EmbedWorkerModelSwitchUnfinished
+        exp_alerts: []
+"#;
+    let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 161].join(" "));
+    std::fs::write(dir.join("tests.yaml"), cases).unwrap();
+    let out = Command::new("promtool")
+        .current_dir(&dir)
+        .args(["test", "rules", "tests.yaml"])
+        .output()
+        .expect("promtool (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
