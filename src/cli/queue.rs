@@ -116,6 +116,8 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
     for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
         println!("  {state:<10} {n}");
     }
+    // The models' line as /readyz shows it (coverage: sources covered of those with text).
+    println!("{}", embed_worker::model_index::lifecycle::sample(&pool).await?);
     let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
     if budget > 0.0 {
         println!(

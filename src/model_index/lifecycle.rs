@@ -483,7 +483,8 @@ pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyho
     Ok(())
 }
 
-/// The models' coverage gauges, once; returns the serving/writing line `/readyz` shows.
+/// The models' coverage gauges, once; returns the serving/writing line `/readyz` and `status`
+/// show.
 pub async fn sample(pool: &PgPool) -> anyhow::Result<String> {
     let all = models(pool).await?;
     let mut conn = pool.acquire().await?;
