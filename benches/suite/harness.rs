@@ -32,6 +32,9 @@ pub(crate) async fn fresh_db(tag: &str) -> (String, PgPool) {
     .unwrap();
     db::migrate(&pool).await.unwrap();
     db::apply_capture(&pool, false, false).await.unwrap();
+    // The bench model's partition (rows are COPYed in before any worker registers it).
+    let spec = model_index::IndexSpec::new(MODEL, DIMS, IndexPrecision::Auto).unwrap();
+    model_index::lifecycle::ensure(&pool, &spec).await.unwrap();
     (url, pool)
 }
 

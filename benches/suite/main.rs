@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,...]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,prune,...]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -35,6 +35,7 @@ mod collect;
 mod corpus;
 mod e2e;
 mod harness;
+mod prune;
 mod queue;
 mod quota;
 mod report;
@@ -45,6 +46,7 @@ use collect::*;
 use corpus::*;
 use e2e::*;
 use harness::*;
+use prune::*;
 use queue::*;
 use quota::*;
 use report::*;
@@ -60,6 +62,7 @@ struct Args {
     search_rows: usize,
     quota_secs: u64,
     collect_inputs: usize,
+    prune_rows: usize,
 }
 
 fn args() -> Args {
@@ -85,6 +88,9 @@ fn args() -> Args {
         collect_inputs: get("--collect-inputs")
             .and_then(|v| v.parse().ok())
             .unwrap_or(50_000),
+        prune_rows: get("--prune-rows")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500_000),
     }
 }
 
@@ -175,6 +181,13 @@ async fn main() {
         eprintln!("search on {} rows …", a.search_rows);
         let (url, pool) = fresh_db("search").await;
         bench_search(&mut report, &pool, a.search_rows).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("prune") {
+        eprintln!("prune of {} rows …", a.prune_rows);
+        let (url, pool) = fresh_db("prune").await;
+        bench_prune(&mut report, &pool, a.prune_rows).await;
         pool.close().await;
         drop_db(&url).await;
     }
