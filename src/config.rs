@@ -52,6 +52,48 @@ pub struct Settings {
     pub bulk: BulkSettings,
     /// `[models]`: the serving model's cutover.
     pub models: ModelsSettings,
+    /// `[search]`: where searches and read-only reports read.
+    pub search: SearchSettings,
+    /// `[alerts]`: thresholds the worker exports for the alert rules.
+    pub alerts: AlertsSettings,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[search]`: reads past the primary.
+pub struct SearchSettings {
+    /// Where `search` and the read-only reports (`models`, `status`) connect: a streaming standby,
+    /// say (`EMBED_WORKER__SEARCH__DATABASE_URL`). Empty: the primary (`database.url`). The
+    /// worker's writes, queue and locks always stay on the primary.
+    pub database_url: String,
+}
+
+impl SearchSettings {
+    /// The URL reads go to: `database_url`, or the primary's.
+    pub fn url<'a>(&'a self, primary: &'a DatabaseSettings) -> &'a str {
+        if self.database_url.is_empty() {
+            &primary.url
+        } else {
+            &self.database_url
+        }
+    }
+}
+
+impl std::fmt::Debug for SearchSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SearchSettings")
+            .field("database_url", &crate::redact::url(&self.database_url))
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[alerts]`: exported as gauges, so the shipped alert rules follow the configuration.
+pub struct AlertsSettings {
+    /// A streaming replica more than this many seconds behind the primary is alerted on
+    /// (`embed_worker_replica_lag_alert_seconds`).
+    pub replica_lag_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -746,6 +788,12 @@ impl Settings {
         self.budget.check(&mut c);
         self.bulk.check(&mut c);
         self.index.check(&mut c);
+        c.within(
+            "alerts.replica_lag_secs",
+            self.alerts.replica_lag_secs,
+            1,
+            86_400,
+        );
         c.result()
     }
 }

@@ -41,6 +41,7 @@ pub mod model_index;
 pub mod pipeline;
 pub mod queue;
 pub mod redact;
+pub mod replica;
 pub mod search;
 pub mod seed;
 pub mod source;

@@ -67,6 +67,12 @@ pub const BUILD_INFO: &str = "embed_worker_build_info";
 pub const MODEL_COVERAGE: &str = "embed_worker_model_coverage_ratio";
 /// Changes of the serving model, by model and how (auto, manual, forced).
 pub const MODEL_PROMOTIONS: &str = "embed_worker_model_promotions_total";
+/// Each streaming replica's replay lag, from the primary, by application_name.
+pub const REPLICA_LAG_SECONDS: &str = "embed_worker_replica_lag_seconds";
+/// WAL bytes each streaming replica has not replayed yet.
+pub const REPLICA_LAG_BYTES: &str = "embed_worker_replica_lag_bytes";
+/// `alerts.replica_lag_secs`, for the alert rule.
+pub const REPLICA_LAG_ALERT: &str = "embed_worker_replica_lag_alert_seconds";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
 pub const ALL: &[&str] = &[
@@ -96,6 +102,9 @@ pub const ALL: &[&str] = &[
     BATCH_OLDEST_AGE,
     MODEL_COVERAGE,
     MODEL_PROMOTIONS,
+    REPLICA_LAG_SECONDS,
+    REPLICA_LAG_BYTES,
+    REPLICA_LAG_ALERT,
 ];
 
 static COST: Mutex<BTreeMap<(String, &'static str), f64>> = Mutex::new(BTreeMap::new());
@@ -210,11 +219,47 @@ pub fn describe() {
         Unit::Count,
         "Share of the sources with text that each registered model covers (role: writing, serving, retired; a model both writing and serving has both series)"
     );
+    describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        Unit::Seconds,
+        "Replay lag of each streaming replica, from the primary (0 when it has replayed all WAL; NaN when the migrating login may not read it)"
+    );
+    describe_gauge!(
+        REPLICA_LAG_BYTES,
+        Unit::Bytes,
+        "WAL bytes each streaming replica has not replayed yet"
+    );
+    describe_gauge!(
+        REPLICA_LAG_ALERT,
+        Unit::Seconds,
+        "alerts.replica_lag_secs: the replica-lag alert's threshold"
+    );
     describe_counter!(
         MODEL_PROMOTIONS,
         Unit::Count,
         "Changes of the serving model, by the model promoted and how"
     );
+}
+
+/// The streaming replicas' lag (a replica that went away reads NaN), and the alert threshold.
+pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
+    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap();
+    for name in seen.iter() {
+        if !replicas.iter().any(|r| &r.application_name == name) {
+            gauge!(REPLICA_LAG_SECONDS, "application_name" => name.clone()).set(f64::NAN);
+            gauge!(REPLICA_LAG_BYTES, "application_name" => name.clone()).set(f64::NAN);
+        }
+    }
+    for r in replicas {
+        let name = r.application_name.clone();
+        gauge!(REPLICA_LAG_SECONDS, "application_name" => name.clone())
+            .set(r.replay_lag_seconds.unwrap_or(f64::NAN));
+        gauge!(REPLICA_LAG_BYTES, "application_name" => name)
+            .set(r.lag_bytes.unwrap_or(f64::NAN));
+    }
+    *seen = replicas.iter().map(|r| r.application_name.clone()).collect();
+    gauge!(REPLICA_LAG_ALERT).set(alert_secs as f64);
 }
 
 /// A model became the serving one.

@@ -209,8 +209,9 @@ impl Worker {
     }
 }
 
-/// Background upkeep while running: database reachability for `/readyz` (every 2 s) and
-/// retention of finished jobs (every `retention.interval_secs`).
+/// Background upkeep while running: database reachability for `/readyz`, the queue and replica
+/// gauges (every 2 s), the models' coverage (every 30 s) and retention of finished jobs (every
+/// `retention.interval_secs`).
 async fn maintain(
     pool: PgPool,
     settings: Arc<Settings>,
@@ -240,6 +241,10 @@ async fn maintain(
         match crate::queue::sample(&pool, &settings.queue.name).await {
             Ok((by_state, dead, oldest)) => crate::meter::queue_sample(&by_state, dead, oldest),
             Err(e) => tracing::debug!(error = %e, "queue sample failed"),
+        }
+        match crate::replica::lag(&pool).await {
+            Ok(replicas) => crate::meter::replica_lag(&replicas, settings.alerts.replica_lag_secs),
+            Err(e) => tracing::debug!(error = %format!("{e:#}"), "replica lag sample failed"),
         }
         if let Ok((spent, limit)) = crate::guard::budget::month(&pool).await {
             crate::meter::budget(spent, limit);

@@ -47,13 +47,19 @@ pub(crate) async fn models(
     settings: &Settings,
     action: Option<ModelsAction>,
 ) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_as_login(&settings.database.url).await?;
     let spec = model_index::IndexSpec::from_settings(settings)?;
-    match action {
-        None => print!(
+    if action.is_none() {
+        // Only reads: from search.database_url when set (a standby), as `search` does.
+        let pool = db::connect_as_login(settings.search.url(&settings.database)).await?;
+        print!(
             "{}",
             model_index::StatusTable(model_index::status(&pool, &spec).await?)
-        ),
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pool = db::connect_as_login(&settings.database.url).await?;
+    match action {
+        None => {}
         Some(ModelsAction::Prune { model }) => {
             let started = std::time::Instant::now();
             let n = model_index::prune(&pool, &model).await?;

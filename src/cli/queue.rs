@@ -110,7 +110,12 @@ pub(crate) async fn enqueue(
 
 /// `embed-worker status`.
 pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result<ExitCode> {
-    let pool = db::connect(&settings.database).await?;
+    // Only reads: from search.database_url when set (a standby), as the worker's role.
+    let pool = db::connect(&embed_worker::config::DatabaseSettings {
+        url: settings.search.url(&settings.database).to_string(),
+        ..settings.database.clone()
+    })
+    .await?;
     let queue = &settings.queue.name;
     println!("queue {queue}: jobs by state");
     for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {
@@ -118,6 +123,15 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
     }
     // The models' line as /readyz shows it (coverage: sources covered of those with text).
     println!("{}", embed_worker::model_index::lifecycle::sample(&pool).await?);
+    println!("reading: the {}", embed_worker::replica::describe(&pool).await?);
+    for r in embed_worker::replica::lag(&pool).await? {
+        let secs = r.replay_lag_seconds.map_or("unknown".into(), |s| format!("{s:.2} s"));
+        let bytes = r.lag_bytes.map_or("unknown".into(), |b| format!("{b:.0} bytes"));
+        println!(
+            "replica {} {}: replay lag {secs}, {bytes} behind",
+            r.application_name, r.state
+        );
+    }
     let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
     if budget > 0.0 {
         println!(

@@ -18,7 +18,9 @@ pub(crate) async fn search(
     as_user: Option<uuid::Uuid>,
     ef_search: u32,
 ) -> anyhow::Result<ExitCode> {
-    let pool = db::connect_as_login(&settings.database.url).await?;
+    // The read URL (a standby, say) when one is configured; nothing here writes.
+    let pool = db::connect_as_login(settings.search.url(&settings.database)).await?;
+    let server = embed_worker::replica::describe(&pool).await?;
     let spec = embed_worker::model_index::lifecycle::serving_spec(&pool).await?;
     let model = settings.model.for_model(&spec.model, spec.dimensions);
     let embedder = embed_worker::embed::Embedder::from_settings(&settings.api, &model)?;
@@ -48,7 +50,7 @@ pub(crate) async fn search(
         println!("{:.4}  {label}", 1.0 - h.distance);
     }
     println!(
-        "{} hits, {}, in {:.1} ms",
+        "{} hits, {}, in {:.1} ms, from the {server}",
         hits.len(),
         found.path,
         took.as_secs_f64() * 1000.0
