@@ -78,7 +78,7 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("8 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("9 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -133,6 +133,28 @@ tests:
     alert_rule_test:
       - eval_time: 25h
         alertname: EmbedWorkerModelSwitchUnfinished
+        exp_alerts: []
+  # A standby whose replay is paused for 10 minutes, then resumed: lag over the 30 s the worker
+  # exports as the threshold fires after 2 minutes, and clears once it has caught up.
+  - interval: 30s
+    input_series:
+      - series: 'embed_worker_replica_lag_alert_seconds{instance="w1"}'
+        values: '30x60'
+      - series: 'embed_worker_replica_lag_seconds{application_name="standby",instance="w1"}'
+        values: '0x4 10+30x20 0x30'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: EmbedWorkerReplicaLagging
+        exp_alerts: []
+      - eval_time: 8m
+        alertname: EmbedWorkerReplicaLagging
+        exp_alerts:
+          - exp_labels: {severity: warning, application_name: standby}
+            exp_annotations:
+              summary: "Replica standby is 5m 40s behind the primary"
+              description: "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag."
+      - eval_time: 25m
+        alertname: EmbedWorkerReplicaLagging
         exp_alerts: []
 "#;
     let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 161].join(" "));

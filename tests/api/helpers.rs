@@ -429,3 +429,84 @@ pub fn session_sources(ids: &[uuid::Uuid]) -> Vec<EmbedSource> {
         })
         .collect()
 }
+
+/// A PostgreSQL cluster of a test's own (`scripts/db` with its own port and data directory), for
+/// tests that restart the server or stream it to a standby; stopped and removed when dropped.
+pub struct PrivateCluster {
+    pub port: u16,
+    pub data: std::path::PathBuf,
+    /// The standby's port, once `standby("start")` ran.
+    pub standby_port: Option<u16>,
+}
+
+impl PrivateCluster {
+    /// A cluster on `port` in `.dev/<name>` (left over from an earlier run: removed first).
+    pub fn new(name: &str, port: u16) -> PrivateCluster {
+        let data = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.dev")).join(name);
+        let c = PrivateCluster {
+            port,
+            data,
+            standby_port: None,
+        };
+        c.remove();
+        c
+    }
+
+    fn script(&self, args: &[&str]) -> String {
+        let mut cmd = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"));
+        cmd.args(args)
+            .env("EMBED_WORKER_DB_PORT", self.port.to_string())
+            .env("EMBED_WORKER_DB_DATA", &self.data);
+        if let Some(p) = self.standby_port {
+            cmd.env("EMBED_WORKER_STANDBY_PORT", p.to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/db {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// `scripts/db <action>` for this cluster; its last line (the URL for `start`).
+    pub fn db(&self, action: &str) -> String {
+        self.script(&[action])
+    }
+
+    /// `scripts/db standby <action>`; its last line (the standby's URL for `start`).
+    pub fn standby(&mut self, action: &str) -> String {
+        if self.standby_port.is_none() {
+            self.standby_port = Some(free_port());
+        }
+        self.script(&["standby", action])
+    }
+
+    fn remove(&self) {
+        let base = self.data.to_string_lossy().to_string();
+        for suffix in ["", ".log", ".run", ".standby", ".standby.log", ".standby.run"] {
+            let p = std::path::PathBuf::from(format!("{base}{suffix}"));
+            let _ = std::fs::remove_dir_all(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        if self.standby_port.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.standby("stop")));
+        }
+        let _ = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"))
+            .arg("stop")
+            .env("EMBED_WORKER_DB_PORT", self.port.to_string())
+            .env("EMBED_WORKER_DB_DATA", &self.data)
+            .output();
+        self.remove();
+    }
+}

@@ -18,6 +18,7 @@ mod pipeline;
 mod prometheus;
 mod provider;
 mod queue;
+mod replica;
 mod resilience;
 mod schema;
 mod security;

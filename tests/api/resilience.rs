@@ -357,53 +357,9 @@ async fn bad_payloads_and_empty_text_are_recorded_and_the_worker_goes_on() {
 }
 
 /// A private PostgreSQL cluster (its own port and data directory) that this test may restart.
-struct PrivateCluster {
-    port: u16,
-    data: std::path::PathBuf,
-}
-
-impl PrivateCluster {
-    fn db(&self, action: &str) -> String {
-        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"))
-            .arg(action)
-            .env("EMBED_WORKER_DB_PORT", self.port.to_string())
-            .env("EMBED_WORKER_DB_DATA", &self.data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/db {action}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"))
-            .arg("stop")
-            .env("EMBED_WORKER_DB_PORT", self.port.to_string())
-            .env("EMBED_WORKER_DB_DATA", &self.data)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.data);
-        let _ = std::fs::remove_file(self.data.with_extension("log"));
-        let _ = std::fs::remove_dir_all(self.data.with_extension("run"));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_restart_mid_run_loses_nothing() {
-    let cluster = PrivateCluster {
-        port: 55499,
-        data: std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.dev/restart-test")),
-    };
-    let _ = std::fs::remove_dir_all(&cluster.data);
+    let cluster = PrivateCluster::new("restart-test", 55499);
     let url = cluster.db("start");
     let t = TestDb {
         name: "embed_worker".into(),
