@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,prune,...]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,...]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -36,6 +36,7 @@ mod corpus;
 mod e2e;
 mod harness;
 mod prune;
+mod replicas;
 mod queue;
 mod quota;
 mod report;
@@ -47,6 +48,7 @@ use corpus::*;
 use e2e::*;
 use harness::*;
 use prune::*;
+use replicas::*;
 use queue::*;
 use quota::*;
 use report::*;
@@ -181,6 +183,15 @@ async fn main() {
         eprintln!("search on {} rows …", a.search_rows);
         let (url, pool) = fresh_db("search").await;
         bench_search(&mut report, &pool, a.search_rows).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("replicas") {
+        let (url, pool) = fresh_db("replicas").await;
+        let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+        let ids = insert_sessions(&pool, &users, &corpus).await;
+        let sources = helpers::session_sources(&ids);
+        bench_replicas(&mut report, &url, &pool, &sources).await;
         pool.close().await;
         drop_db(&url).await;
     }

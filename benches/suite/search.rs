@@ -206,7 +206,8 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             None,
         );
         warm(name.clone()).await;
-        warm("rag_embeddings".into()).await;
+        // The model's partition (a partitioned table has no storage of its own).
+        warm(model_index::partition_name(&spec.model)).await;
         let sql = embed_worker::search::search_sql(&spec, 5, None, false);
         let _ = run(sql.clone(), 200, 1).await;
         for ef in [40u32, 100, 200, 400, 800] {

@@ -49,8 +49,9 @@ pub(crate) async fn search(
             .unwrap_or_else(|| format!("{} {}", h.source_type, h.source_id));
         println!("{:.4}  {label}", 1.0 - h.distance);
     }
+    // The timing last: CI compares two demo runs with their trailing timings stripped.
     println!(
-        "{} hits, {}, in {:.1} ms, from the {server}",
+        "{} hits, {}, from the {server}, in {:.1} ms",
         hits.len(),
         found.path,
         took.as_secs_f64() * 1000.0

@@ -80,7 +80,7 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("3 hits, through index"), "{stdout}");
-    assert!(stdout.contains("from the standby (replay lag"), "{stdout}");
+    assert!(stdout.contains(", from the standby (replay lag "), "{stdout}");
     // The read-only reports read it too.
     let out = worker_command(&t, &fake.base_url())
         .env("EMBED_WORKER__SEARCH__DATABASE_URL", &standby_url)
