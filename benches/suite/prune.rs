@@ -94,14 +94,20 @@ pub(crate) async fn bench_prune(report: &mut Report, pool: &PgPool, rows: usize)
     .unwrap();
     load(pool, "flat", MODEL, &ids, KEPT_ROWS).await;
     load(pool, "flat", OLD_MODEL, &ids, rows).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE INDEX flat_kept ON flat USING hnsw ((embedding::vector({DIMS})) vector_cosine_ops)
-             WITH (m = 16, ef_construction = 64) WHERE embedding_model = '{MODEL}';
-         VACUUM ANALYZE flat; CHECKPOINT"
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
+    // One statement each: VACUUM cannot run in the implicit transaction of a multi-statement.
+    for stmt in [
+        format!(
+            "CREATE INDEX flat_kept ON flat USING hnsw ((embedding::vector({DIMS})) vector_cosine_ops)
+                 WITH (m = 16, ef_construction = 64) WHERE embedding_model = '{MODEL}'"
+        ),
+        "VACUUM ANALYZE flat".into(),
+        "CHECKPOINT".into(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
     let from = lsn(pool).await;
     let started = Instant::now();
     let deleted = sqlx::query("DELETE FROM flat WHERE embedding_model = $1")
@@ -132,10 +138,8 @@ pub(crate) async fn bench_prune(report: &mut Report, pool: &PgPool, rows: usize)
         "",
         None,
     );
-    sqlx::raw_sql("DROP TABLE flat; CHECKPOINT")
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql("DROP TABLE flat").execute(pool).await.unwrap();
+    sqlx::raw_sql("CHECKPOINT").execute(pool).await.unwrap();
 
     // After: one partition per model; `models prune` detaches and drops the retired one.
     eprintln!("prune: partitioned, loading {rows} + {KEPT_ROWS} rows …");
@@ -144,13 +148,16 @@ pub(crate) async fn bench_prune(report: &mut Report, pool: &PgPool, rows: usize)
     model_index::lifecycle::ensure(pool, &old).await.unwrap();
     load(pool, "rag_embeddings", MODEL, &ids, KEPT_ROWS).await;
     load(pool, "rag_embeddings", OLD_MODEL, &ids, rows).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "{}; VACUUM ANALYZE rag_embeddings; CHECKPOINT",
-        kept.create_sql(false)
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
+    for stmt in [
+        kept.create_sql(false),
+        "VACUUM ANALYZE rag_embeddings".into(),
+        "CHECKPOINT".into(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(stmt))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
     let from = lsn(pool).await;
     let started = Instant::now();
     let pruned = model_index::prune(pool, OLD_MODEL).await.unwrap();

@@ -97,18 +97,18 @@ fn an_unfinished_model_switch_alerts_after_a_day_and_a_finished_one_never() {
         serde_yaml_ng::to_string(&rule["spec"]).unwrap(),
     )
     .unwrap();
-    // Samples every 10 minutes for 26 hours: b writes at 60% while a serves; then the same with
+    // Samples every minute for 26 hours: b writes at 60% while a serves; then the same with
     // b both writing and serving (and a's old serving series NaN, as the worker leaves it).
     let cases = r#"
 rule_files: [rules.yaml]
-evaluation_interval: 10m
+evaluation_interval: 1m
 tests:
-  - interval: 10m
+  - interval: 1m
     input_series:
       - series: 'embed_worker_model_coverage_ratio{model="a",role="serving"}'
-        values: '1x160'
+        values: '1x1560'
       - series: 'embed_worker_model_coverage_ratio{model="b",role="writing"}'
-        values: '0.6x160'
+        values: '0.6x1560'
     alert_rule_test:
       - eval_time: 23h
         alertname: EmbedWorkerModelSwitchUnfinished
@@ -120,16 +120,16 @@ tests:
             exp_annotations:
               summary: "The writing model b has not become the serving model in a day (60% covered)"
               description: "`embed-worker models` shows coverage and index; below 100%, is the backfill running (`embed-worker status`)? At 100% with a valid index, `embed-worker models promote b` (automatic unless models.auto_promote = false)."
-  - interval: 10m
+  - interval: 1m
     input_series:
       - series: 'embed_worker_model_coverage_ratio{model="a",role="serving"}'
         values: 'NAN_SERIES'
       - series: 'embed_worker_model_coverage_ratio{model="a",role="retired"}'
-        values: '1x160'
+        values: '1x1560'
       - series: 'embed_worker_model_coverage_ratio{model="b",role="writing"}'
-        values: '1x160'
+        values: '1x1560'
       - series: 'embed_worker_model_coverage_ratio{model="b",role="serving"}'
-        values: '1x160'
+        values: '1x1560'
     alert_rule_test:
       - eval_time: 25h
         alertname: EmbedWorkerModelSwitchUnfinished
@@ -157,7 +157,7 @@ tests:
         alertname: EmbedWorkerReplicaLagging
         exp_alerts: []
 "#;
-    let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 161].join(" "));
+    let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 1561].join(" "));
     std::fs::write(dir.join("tests.yaml"), cases).unwrap();
     let out = Command::new("promtool")
         .current_dir(&dir)

@@ -71,6 +71,8 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
     let out = worker_command(&t, &fake.base_url())
         .env("EMBED_WORKER__SEARCH__DATABASE_URL", &standby_url)
         .args(["search", "--k", "3", "Practice 7"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -85,6 +87,8 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
     let out = worker_command(&t, &fake.base_url())
         .env("EMBED_WORKER__SEARCH__DATABASE_URL", &standby_url)
         .arg("status")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
