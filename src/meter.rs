@@ -255,10 +255,12 @@ pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
         let name = r.application_name.clone();
         gauge!(REPLICA_LAG_SECONDS, "application_name" => name.clone())
             .set(r.replay_lag_seconds.unwrap_or(f64::NAN));
-        gauge!(REPLICA_LAG_BYTES, "application_name" => name)
-            .set(r.lag_bytes.unwrap_or(f64::NAN));
+        gauge!(REPLICA_LAG_BYTES, "application_name" => name).set(r.lag_bytes.unwrap_or(f64::NAN));
     }
-    *seen = replicas.iter().map(|r| r.application_name.clone()).collect();
+    *seen = replicas
+        .iter()
+        .map(|r| r.application_name.clone())
+        .collect();
     gauge!(REPLICA_LAG_ALERT).set(alert_secs as f64);
 }
 

@@ -41,7 +41,10 @@ async fn load(pool: &PgPool, table: &str, model: &str, ids: &[Uuid], rows: usize
         let mut enc = embed_worker::pipeline::write::CopyRows::new();
         for i in done..done + n {
             let c = &centres[i % centres.len()];
-            let v: Vec<f32> = c.iter().map(|x| x + rng.random_range(-0.02..0.02)).collect();
+            let v: Vec<f32> = c
+                .iter()
+                .map(|x| x + rng.random_range(-0.02..0.02))
+                .collect();
             enc.row(8);
             enc.field(b"session");
             enc.field(ids[i % ids.len()].as_bytes());
@@ -138,7 +141,10 @@ pub(crate) async fn bench_prune(report: &mut Report, pool: &PgPool, rows: usize)
         "",
         None,
     );
-    sqlx::raw_sql("DROP TABLE flat").execute(pool).await.unwrap();
+    sqlx::raw_sql("DROP TABLE flat")
+        .execute(pool)
+        .await
+        .unwrap();
     sqlx::raw_sql("CHECKPOINT").execute(pool).await.unwrap();
 
     // After: one partition per model; `models prune` detaches and drops the retired one.

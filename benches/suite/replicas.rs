@@ -62,7 +62,12 @@ fn stop(workers: Vec<std::process::Child>) {
     }
 }
 
-pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool, sources: &[EmbedSource]) {
+pub(crate) async fn bench_replicas(
+    report: &mut Report,
+    url: &str,
+    pool: &PgPool,
+    sources: &[EmbedSource],
+) {
     let section = format!("replicas {}K", sources.len() / 1000);
     let (_fake, api) = start_fake(&["--latency-ms".into(), "0".into()]);
     let ada = model_index::IndexSpec::new(MODEL, DIMS, IndexPrecision::Auto).unwrap();
@@ -72,7 +77,8 @@ pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool
     let mut base = 0.0;
     for n in [1usize, 2, 4] {
         sqlx::raw_sql(reset).execute(pool).await.unwrap();
-        if let model_index::IndexState::Ready(name) = model_index::state(pool, &ada).await.unwrap() {
+        if let model_index::IndexState::Ready(name) = model_index::state(pool, &ada).await.unwrap()
+        {
             model_index::build::drop_index(pool, &name).await.unwrap();
         }
         embed_worker::queue::enqueue_many(pool, "embed", 10, sources)
@@ -97,8 +103,12 @@ pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool
 
     // The old model serves through its index; a standby of the whole dev cluster streams it.
     let cfg = Settings::load(None).unwrap().index;
-    model_index::build::build(url, &ada, &cfg, None).await.unwrap();
-    model_index::lifecycle::on_migrate(pool, &ada).await.unwrap();
+    model_index::build::build(url, &ada, &cfg, None)
+        .await
+        .unwrap();
+    model_index::lifecycle::on_migrate(pool, &ada)
+        .await
+        .unwrap();
     let standby_dir = std::env::temp_dir().join(format!("bench-standby-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&standby_dir);
     let standby_port = free_port();
@@ -120,13 +130,12 @@ pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool
     let standby = db::connect_as_login(&standby_url).await.unwrap();
     // Until the index is there, replayed.
     loop {
-        let ready: bool = sqlx::query_scalar(
-            "SELECT count(*) > 0 FROM pg_class WHERE relname = $1",
-        )
-        .bind(ada.name())
-        .fetch_one(&standby)
-        .await
-        .unwrap();
+        let ready: bool =
+            sqlx::query_scalar("SELECT count(*) > 0 FROM pg_class WHERE relname = $1")
+                .bind(ada.name())
+                .fetch_one(&standby)
+                .await
+                .unwrap();
         if ready {
             break;
         }
@@ -141,7 +150,8 @@ pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool
     );
 
     // Searches while two workers write a new model's backfill at full speed.
-    let new = model_index::IndexSpec::new("text-embedding-3-small", 512, IndexPrecision::Auto).unwrap();
+    let new =
+        model_index::IndexSpec::new("text-embedding-3-small", 512, IndexPrecision::Auto).unwrap();
     model_index::lifecycle::ensure(pool, &new).await.unwrap();
     embed_worker::queue::enqueue_many(pool, "embed", 10, sources)
         .await
@@ -160,12 +170,19 @@ pub(crate) async fn bench_replicas(report: &mut Report, url: &str, pool: &PgPool
                 let ms = t0.elapsed().as_secs_f64() * 1000.0;
                 assert_eq!(found.hits.len(), 5);
                 let mut t = times.lock().unwrap();
-                if on_standby { t.1.push(ms) } else { t.0.push(ms) }
+                if on_standby {
+                    t.1.push(ms)
+                } else {
+                    t.0.push(ms)
+                }
             }
-            if i % 10 == 0
+            if i.is_multiple_of(10)
                 && let Ok(lag) = embed_worker::replica::lag(pool).await
             {
-                let worst = lag.iter().filter_map(|r| r.replay_lag_seconds).fold(0.0, f64::max);
+                let worst = lag
+                    .iter()
+                    .filter_map(|r| r.replay_lag_seconds)
+                    .fold(0.0, f64::max);
                 let mut t = times.lock().unwrap();
                 t.2 = t.2.max(worst);
             }

@@ -46,11 +46,9 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
                 )
                 .await?,
             );
-            if let Some(p) = embed_worker::model_index::lifecycle::promote_if_due(
-                &worker.pool,
-                &worker.settings,
-            )
-            .await?
+            if let Some(p) =
+                embed_worker::model_index::lifecycle::promote_if_due(&worker.pool, &worker.settings)
+                    .await?
             {
                 println!("{p}");
             }
@@ -122,15 +120,25 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
         println!("  {state:<10} {n}");
     }
     // The models' line as /readyz shows it (coverage: sources covered of those with text).
-    println!("{}", embed_worker::model_index::lifecycle::sample(&pool).await?);
-    println!("reading: the {}", embed_worker::replica::describe(&pool).await?);
+    println!(
+        "{}",
+        embed_worker::model_index::lifecycle::sample(&pool).await?
+    );
+    println!(
+        "reading: the {}",
+        embed_worker::replica::describe(&pool).await?
+    );
     let replicas = embed_worker::replica::lag(&pool).await.unwrap_or_else(|e| {
         println!("replicas: unknown ({e:#}; `embed-worker migrate` adds the lag function)");
         Vec::new()
     });
     for r in replicas {
-        let secs = r.replay_lag_seconds.map_or("unknown".into(), |s| format!("{s:.2} s"));
-        let bytes = r.lag_bytes.map_or("unknown".into(), |b| format!("{b:.0} bytes"));
+        let secs = r
+            .replay_lag_seconds
+            .map_or("unknown".into(), |s| format!("{s:.2} s"));
+        let bytes = r
+            .lag_bytes
+            .map_or("unknown".into(), |b| format!("{b:.0} bytes"));
         println!(
             "replica {} {}: replay lag {secs}, {bytes} behind",
             r.application_name, r.state

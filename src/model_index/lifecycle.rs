@@ -50,7 +50,8 @@ impl Model {
     }
 }
 
-const COLUMNS: &str = "name::text AS name, dimensions, index_type, partition, writing, serving, serving_since";
+const COLUMNS: &str =
+    "name::text AS name, dimensions, index_type, partition, writing, serving, serving_since";
 
 /// Every registered model, serving first, then writing, then by name.
 pub async fn models<'e>(db: impl sqlx::PgExecutor<'e>) -> anyhow::Result<Vec<Model>> {
@@ -285,7 +286,11 @@ pub async fn promote(
     force: bool,
     auto: bool,
 ) -> anyhow::Result<Option<Promotion>> {
-    if let Some(m) = models(pool).await?.into_iter().find(|m| m.name == model && !m.serving) {
+    if let Some(m) = models(pool)
+        .await?
+        .into_iter()
+        .find(|m| m.name == model && !m.serving)
+    {
         // Fresh statistics first: searches switch to it at the commit.
         analyze(&mut *pool.acquire().await?, &IndexSpec::of(&m)).await?;
     }
@@ -305,10 +310,11 @@ pub async fn promote(
     if target.serving {
         return Ok(None);
     }
-    let part_exists: bool = sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
-        .bind(&target.partition)
-        .fetch_one(&mut *tx)
-        .await?;
+    let part_exists: bool =
+        sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
+            .bind(&target.partition)
+            .fetch_one(&mut *tx)
+            .await?;
     anyhow::ensure!(
         part_exists,
         "refusing to promote {model}: its partition {} is gone (pruned)",
@@ -451,10 +457,11 @@ pub async fn prune(pool: &PgPool, old: &str) -> anyhow::Result<i64> {
 pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyhow::Result<()> {
     let spec = IndexSpec::from_settings(s)?;
     let mut all = models(pool).await?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
-        .bind(spec.partition())
-        .fetch_one(pool)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
+            .bind(spec.partition())
+            .fetch_one(pool)
+            .await?;
     let install = !all.iter().any(|m| m.serving);
     if !exists || install {
         let admin = crate::db::connect_as_login(&s.database.url).await?;
@@ -467,7 +474,10 @@ pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyho
         };
         admin.close().await;
         made.with_context(|| {
-            format!("model.name = {} has no partition of rag_embeddings yet", spec.model)
+            format!(
+                "model.name = {} has no partition of rag_embeddings yet",
+                spec.model
+            )
         })?;
         all = models(pool).await?;
     }

@@ -174,17 +174,7 @@ impl IndexSpec {
     /// bytes, and distinct for distinct (model, dimensions, precision) even when names share a
     /// long prefix.
     pub fn name(&self) -> String {
-        let folded: String = self
-            .model
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let folded = fold(&self.model);
         let tail = format!(
             "_{}{}_{:08x}",
             if self.half { 'h' } else { 'v' },
@@ -237,11 +227,10 @@ pub fn of_model(ix: &VectorIndex, model: &str) -> bool {
     ix.table == partition_name(model)
 }
 
-/// `rag_embeddings_<model folded to [a-z0-9_], cut to 38>_<8 hex of its SHA-256>`: the model's
-/// partition, as `embed_worker.partition_name` (migration 13) computes it.
-pub fn partition_name(model: &str) -> String {
-    use sha2::Digest;
-    let folded: String = model
+/// A model name folded to `[a-z0-9_]` for identifiers (ASCII letters lower-cased, anything else
+/// `_`), as SQL's `lower(regexp_replace(model, '[^A-Za-z0-9]', '_', 'g'))` does.
+fn fold(model: &str) -> String {
+    model
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -250,8 +239,14 @@ pub fn partition_name(model: &str) -> String {
                 '_'
             }
         })
-        .take(38)
-        .collect();
+        .collect()
+}
+
+/// `rag_embeddings_<model folded to [a-z0-9_], cut to 38>_<8 hex of its SHA-256>`: the model's
+/// partition, as `embed_worker.partition_name` (migration 13) computes it.
+pub fn partition_name(model: &str) -> String {
+    use sha2::Digest;
+    let folded: String = fold(model).chars().take(38).collect();
     let hash = sha2::Sha256::digest(model.as_bytes());
     let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("rag_embeddings_{folded}_{hex}")
@@ -440,7 +435,10 @@ mod tests {
     #[test]
     fn partition_names_are_bounded_and_distinct() {
         let p = partition_name("text-embedding-ada-002");
-        assert!(p.starts_with("rag_embeddings_text_embedding_ada_002_"), "{p}");
+        assert!(
+            p.starts_with("rag_embeddings_text_embedding_ada_002_"),
+            "{p}"
+        );
         let long = partition_name(&format!("{}-east", "x".repeat(90)));
         assert!(long.len() <= 63, "{long}");
         assert_ne!(long, partition_name(&format!("{}-west", "x".repeat(90))));

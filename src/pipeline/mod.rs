@@ -271,7 +271,8 @@ impl Pipeline {
             return Ok(Some(p.clone()));
         }
         if m.provider == crate::config::Provider::Local {
-            static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(writing = %m.name, serving = %name,
                     "no dual-write: the local provider embeds with one model only, so the serving \

@@ -56,16 +56,25 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-#[test]
-fn alert_rules_pass_promtool() {
+/// The PrometheusRule's groups as a plain rules file `rules.yaml` in a fresh folder `tag-<pid>`.
+fn rules_dir(tag: &str) -> std::path::PathBuf {
     let (_, rule) = manifests()
         .into_iter()
         .find(|(_, v)| v["kind"] == "PrometheusRule")
         .expect("a PrometheusRule");
-    let dir = std::env::temp_dir().join(format!("rules-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("rules.yaml");
-    std::fs::write(&file, serde_yaml_ng::to_string(&rule["spec"]).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("rules.yaml"),
+        serde_yaml_ng::to_string(&rule["spec"]).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let file = rules_dir("rules").join("rules.yaml");
     let out = Command::new("promtool")
         .args(["check", "rules"])
         .arg(&file)
@@ -86,17 +95,7 @@ fn alert_rules_pass_promtool() {
 
 #[test]
 fn an_unfinished_model_switch_alerts_after_a_day_and_a_finished_one_never() {
-    let (_, rule) = manifests()
-        .into_iter()
-        .find(|(_, v)| v["kind"] == "PrometheusRule")
-        .expect("a PrometheusRule");
-    let dir = std::env::temp_dir().join(format!("rule-tests-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("rules.yaml"),
-        serde_yaml_ng::to_string(&rule["spec"]).unwrap(),
-    )
-    .unwrap();
+    let dir = rules_dir("rule-tests");
     // Samples every minute for 26 hours: b writes at 60% while a serves; then the same with
     // b both writing and serving (and a's old serving series NaN, as the worker leaves it).
     let cases = r#"

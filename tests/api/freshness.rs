@@ -190,21 +190,29 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
     let serving = lifecycle::serving(&t.admin).await.unwrap().unwrap();
-    assert_eq!((serving.name.as_str(), serving.role()), (a.model.name.as_str(), "writing, serving"));
+    assert_eq!(
+        (serving.name.as_str(), serving.role()),
+        (a.model.name.as_str(), "writing, serving")
+    );
 
     // The switch starts as `migrate` with the new model: it writes, the old one still serves.
     let mut b = a.clone();
     b.model.name = "text-embedding-3-large".into();
     b.model.dimensions = 512;
     b.models.auto_promote = false;
-    let said = lifecycle::on_migrate(&t.admin, &spec(&b.model.name, 512)).await.unwrap();
+    let said = lifecycle::on_migrate(&t.admin, &spec(&b.model.name, 512))
+        .await
+        .unwrap();
     assert!(said.contains("was text-embedding-3-small"), "{said}");
     build_index(&t, &b.model.name, 512).await;
     let st = model_index::status(&t.admin, &spec(&b.model.name, 512))
         .await
         .unwrap();
     let old = st.iter().find(|m| m.model == a.model.name).unwrap();
-    assert_eq!((old.sources, old.percent as i64, old.role.as_str()), (30, 100, "serving"));
+    assert_eq!(
+        (old.sources, old.percent as i64, old.role.as_str()),
+        (30, 100, "serving")
+    );
     let new = st.iter().find(|m| m.model == b.model.name).unwrap();
     assert!(new.active && new.rows == 0 && new.indexes.iter().any(|i| i.2));
     assert_eq!(new.role, "writing");
@@ -219,16 +227,25 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((forced.how, forced.previous.as_deref()), ("forced", Some(a.model.name.as_str())));
+    assert_eq!(
+        (forced.how, forced.previous.as_deref()),
+        ("forced", Some(a.model.name.as_str()))
+    );
     let back = lifecycle::promote(&t.admin, &a.model.name, false, false)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(back.how, "manual");
-    assert_eq!(lifecycle::serving(&t.admin).await.unwrap().unwrap().name, a.model.name);
+    assert_eq!(
+        lifecycle::serving(&t.admin).await.unwrap().unwrap().name,
+        a.model.name
+    );
     // The serving and the writing model cannot be pruned.
     for m in [&a.model.name, &b.model.name] {
-        let err = model_index::prune(&t.admin, m).await.unwrap_err().to_string();
+        let err = model_index::prune(&t.admin, m)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("refusing to prune"), "{err}");
     }
 
@@ -250,13 +267,20 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         .await
         .unwrap();
     assert_eq!(found.hits.len(), 5);
-    assert!(matches!(found.path, search::SearchPath::Index(_)), "{:?}", found.path);
+    assert!(
+        matches!(found.path, search::SearchPath::Index(_)),
+        "{:?}",
+        found.path
+    );
 
     let w = RunningWorker::start(b.clone()).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;
     w.stop().await;
     // Not promoted by itself (auto_promote = false); by hand at 100% with a valid index it is.
-    assert_eq!(lifecycle::serving(&t.admin).await.unwrap().unwrap().name, a.model.name);
+    assert_eq!(
+        lifecycle::serving(&t.admin).await.unwrap().unwrap().name,
+        a.model.name
+    );
     let p = lifecycle::promote(&t.admin, &b.model.name, false, false)
         .await
         .unwrap()
@@ -279,12 +303,11 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     .await
     .unwrap();
     assert_eq!(found.hits.len(), 5);
-    let history: Vec<(String, String)> = sqlx::query_as(
-        "SELECT model::text, how FROM embed_worker.model_promotions ORDER BY id",
-    )
-    .fetch_all(&t.admin)
-    .await
-    .unwrap();
+    let history: Vec<(String, String)> =
+        sqlx::query_as("SELECT model::text, how FROM embed_worker.model_promotions ORDER BY id")
+            .fetch_all(&t.admin)
+            .await
+            .unwrap();
     let want: Vec<(String, String)> = [
         (&a.model.name, "install"),
         (&b.model.name, "forced"),

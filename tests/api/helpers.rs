@@ -44,18 +44,10 @@ impl TestDb {
     /// A new database with all migrations applied.
     pub async fn migrated() -> TestDb {
         let t = Self::empty().await;
-        db::migrate(&t.admin).await.expect("migrate");
         // The default model's partition and index, as the single table's migration 1 had its
         // index; no role yet: the first worker's model becomes writing and serving (tests run
         // other models), as on a fresh install.
-        let s = t.settings();
-        let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
-        embed_worker::model_index::lifecycle::ensure(&t.admin, &spec)
-            .await
-            .expect("registering the model");
-        embed_worker::model_index::build::on_migrate(&t.admin, &s)
-            .await
-            .expect("the model's index");
+        migrate_with_default_model(&t, false).await;
         t
     }
 
@@ -89,15 +81,37 @@ pub async fn register(t: &TestDb, model: &str, dims: usize) {
 /// What `embed-worker migrate` does with the default configuration: both migrations, the model
 /// registered (writing and serving), its index.
 pub async fn migrate_as_the_cli(t: &TestDb) {
+    migrate_with_default_model(t, true).await;
+}
+
+/// Both migrations, the default model's partition (made writing and serving when `roles`) and
+/// its index.
+async fn migrate_with_default_model(t: &TestDb, roles: bool) {
     db::migrate(&t.admin).await.expect("migrate");
     let s = t.settings();
     let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
-    embed_worker::model_index::lifecycle::on_migrate(&t.admin, &spec)
-        .await
-        .expect("registering the model");
+    if roles {
+        embed_worker::model_index::lifecycle::on_migrate(&t.admin, &spec)
+            .await
+            .expect("registering the model");
+    } else {
+        embed_worker::model_index::lifecycle::ensure(&t.admin, &spec)
+            .await
+            .expect("registering the model");
+    }
     embed_worker::model_index::build::on_migrate(&t.admin, &s)
         .await
         .expect("the model's index");
+}
+
+/// Drops the default model's HNSW index: rows are then written without graph upkeep.
+pub async fn drop_default_index(t: &TestDb) {
+    embed_worker::model_index::build::drop_index(
+        &t.admin,
+        &spec("text-embedding-ada-002", 1536).name(),
+    )
+    .await
+    .unwrap();
 }
 
 /// Inserts a session and returns its id.
@@ -442,7 +456,8 @@ pub struct PrivateCluster {
 impl PrivateCluster {
     /// A cluster on `port` in `.dev/<name>` (left over from an earlier run: removed first).
     pub fn new(name: &str, port: u16) -> PrivateCluster {
-        let data = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.dev")).join(name);
+        let data =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.dev")).join(name);
         let c = PrivateCluster {
             port,
             data,
@@ -453,7 +468,8 @@ impl PrivateCluster {
     }
 
     fn script(&self, args: &[&str]) -> String {
-        let mut cmd = std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"));
+        let mut cmd =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/db"));
         cmd.args(args)
             .env("EMBED_WORKER_DB_PORT", self.port.to_string())
             .env("EMBED_WORKER_DB_DATA", &self.data);
@@ -489,7 +505,14 @@ impl PrivateCluster {
 
     fn remove(&self) {
         let base = self.data.to_string_lossy().to_string();
-        for suffix in ["", ".log", ".run", ".standby", ".standby.log", ".standby.run"] {
+        for suffix in [
+            "",
+            ".log",
+            ".run",
+            ".standby",
+            ".standby.log",
+            ".standby.run",
+        ] {
             let p = std::path::PathBuf::from(format!("{base}{suffix}"));
             let _ = std::fs::remove_dir_all(&p);
             let _ = std::fs::remove_file(&p);

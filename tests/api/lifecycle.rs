@@ -47,9 +47,7 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
 
     // Before: ada-002 covers every source and serves through its index (loaded without it,
     // then built, as a first backfill is).
-    model_index::build::drop_index(&t.admin, &spec(OLD, 1536).name())
-        .await
-        .unwrap();
+    drop_default_index(&t).await;
     let mut a = worker_settings(&t, &fake);
     a.model.name = OLD.into();
     a.model.dimensions = 1536;
@@ -63,7 +61,10 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
         .await
         .unwrap();
     assert_eq!(rows_of(&t, OLD).await, n as i64);
-    assert_eq!(lifecycle::serving(&t.admin).await.unwrap().unwrap().name, OLD);
+    assert_eq!(
+        lifecycle::serving(&t.admin).await.unwrap().unwrap().name,
+        OLD
+    );
 
     // The switch: `migrate` with the new model (writing; its index deferred), then `backfill`.
     let mut b = a.clone();
@@ -126,7 +127,10 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     // Mid-switch, a source the new model has already embedded is edited.
     let started = Instant::now();
     while rows_of(&t, NEW).await < 2_000 {
-        assert!(started.elapsed() < Duration::from_secs(120), "backfill stalled");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "backfill stalled"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let edited: Uuid = sqlx::query_scalar(
@@ -137,11 +141,13 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     .await
     .unwrap();
     let old_hash = stored_hash(&t, OLD, edited).await;
-    sqlx::query("UPDATE sessions SET notes = 'rewritten mid-switch: slow chromatic scales' WHERE id = $1")
-        .bind(edited)
-        .execute(&t.admin)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE sessions SET notes = 'rewritten mid-switch: slow chromatic scales' WHERE id = $1",
+    )
+    .bind(edited)
+    .execute(&t.admin)
+    .await
+    .unwrap();
     assert!(
         lifecycle::serving(&t.admin).await.unwrap().unwrap().name == OLD,
         "still serving the old model mid-switch"
@@ -175,7 +181,10 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
         let name = spec(model, if model == OLD { 1536 } else { NEW_DIMS }).name();
         assert_eq!(*hits, 5, "{model}: {path}");
         assert_eq!(path, &name, "{model}");
-        assert!(plan.contains(&format!("Index Scan using {name}")), "{model}: {plan}");
+        assert!(
+            plan.contains(&format!("Index Scan using {name}")),
+            "{model}: {plan}"
+        );
     }
     // The serving model flipped once, old to new, at 100% coverage.
     let flips = seen.windows(2).filter(|w| w[0].0 != w[1].0).count();
@@ -187,7 +196,10 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     .await
     .unwrap();
     assert_eq!(history.len(), 2, "{history:?}");
-    assert_eq!((history[0].0.as_str(), history[0].1.as_str()), (OLD, "install"));
+    assert_eq!(
+        (history[0].0.as_str(), history[0].1.as_str()),
+        (OLD, "install")
+    );
     assert_eq!(
         (history[1].0.as_str(), history[1].1.as_str(), history[1].2),
         (NEW, "auto", Some(1.0))
@@ -203,7 +215,12 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
         let stale = freshness::find_stale(&t.admin, model, &Scope::default())
             .await
             .unwrap();
-        assert!(stale.is_empty(), "{model}: {} stale, e.g. {:?}", stale.len(), stale.first());
+        assert!(
+            stale.is_empty(),
+            "{model}: {} stale, e.g. {:?}",
+            stale.len(),
+            stale.first()
+        );
         assert_eq!(rows_of(&t, model).await, n as i64, "{model}");
     }
     assert_eq!(sources.len(), n);
@@ -244,11 +261,12 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
         .unwrap();
     before.run(&mut *conn).await.unwrap();
     drop(conn);
-    let kind: String =
-        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = 'rag_embeddings'::regclass")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let kind: String = sqlx::query_scalar(
+        "SELECT relkind::text FROM pg_class WHERE oid = 'rag_embeddings'::regclass",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
     assert_eq!(kind, "r");
 
     // Two users' sessions embedded by two models, each with its partial HNSW index as before.
@@ -279,7 +297,10 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
                                          || embedding::text || embedding_model || dimensions
                                          || token_count || created_at || updated_at, ',' ORDER BY id))
                       FROM rag_embeddings";
-    let before_rows: String = sqlx::query_scalar(snapshot).fetch_one(&t.admin).await.unwrap();
+    let before_rows: String = sqlx::query_scalar(snapshot)
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     let max_id: i64 = sqlx::query_scalar("SELECT max(id) FROM rag_embeddings")
         .fetch_one(&t.admin)
         .await
@@ -293,17 +314,24 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
     let said = lifecycle::on_migrate(&t.admin, &spec("text-embedding-3-small", 4))
         .await
         .unwrap();
-    assert!(said.contains("serving model text-embedding-3-small"), "{said}");
+    assert!(
+        said.contains("serving model text-embedding-3-small"),
+        "{said}"
+    );
     model_index::build::on_migrate(&t.admin, &s).await.unwrap();
 
     // Every row kept, byte for byte, each in its model's partition; new ids continue.
-    let kind: String =
-        sqlx::query_scalar("SELECT relkind::text FROM pg_class WHERE oid = 'rag_embeddings'::regclass")
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let kind: String = sqlx::query_scalar(
+        "SELECT relkind::text FROM pg_class WHERE oid = 'rag_embeddings'::regclass",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
     assert_eq!(kind, "p");
-    let after_rows: String = sqlx::query_scalar(snapshot).fetch_one(&t.admin).await.unwrap();
+    let after_rows: String = sqlx::query_scalar(snapshot)
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     assert_eq!(after_rows, before_rows);
     let per_partition: Vec<(String, i64)> = sqlx::query_as(
         "SELECT tableoid::regclass::text, count(*) FROM rag_embeddings GROUP BY 1 ORDER BY 1",
@@ -321,12 +349,22 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
     // The hand-made partial indexes are on the partitions now, without the predicate.
     let all = model_index::vector_indexes(&t.admin).await.unwrap();
     let small = all.iter().find(|i| i.name == "idx_small_by_hand").unwrap();
-    assert!(small.valid && !small.definition.contains("WHERE"), "{}", small.definition);
-    assert_eq!(small.table, model_index::partition_name("text-embedding-3-small"));
+    assert!(
+        small.valid && !small.definition.contains("WHERE"),
+        "{}",
+        small.definition
+    );
+    assert_eq!(
+        small.table,
+        model_index::partition_name("text-embedding-3-small")
+    );
     assert!(spec("text-embedding-3-small", 4).matches(small));
     let legacy = lifecycle::models(&t.admin).await.unwrap();
     let legacy = legacy.iter().find(|m| m.name == "legacy-model").unwrap();
-    assert_eq!((legacy.index_type.as_str(), legacy.role()), ("halfvec", "retired"));
+    assert_eq!(
+        (legacy.index_type.as_str(), legacy.role()),
+        ("halfvec", "retired")
+    );
 
     // The orphan trigger, RLS and the grants hold on the new table.
     let worker = t.worker_pool().await;
@@ -364,7 +402,10 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
             .await
             .unwrap();
         assert_eq!(seen.len(), mine.len());
-        assert!(seen.iter().all(|id| !theirs.iter().any(|s| s.source_id == *id)));
+        assert!(
+            seen.iter()
+                .all(|id| !theirs.iter().any(|s| s.source_id == *id))
+        );
         // A partition read directly: no privilege.
         let direct = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT 1 FROM {}",
@@ -379,7 +420,10 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     // A second migrate changes nothing.
     embed_worker::db::migrate(&t.admin).await.unwrap();
-    let again: String = sqlx::query_scalar(snapshot).fetch_one(&t.admin).await.unwrap();
+    let again: String = sqlx::query_scalar(snapshot)
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
     assert_ne!(again, before_rows, "the row inserted above is there");
     assert_eq!(rows_of(&t, "text-embedding-3-small").await, 101);
 }
@@ -425,7 +469,10 @@ async fn the_app_role_reads_the_serving_model_from_sql_and_nothing_more() {
             .execute(&mut *tx)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("permission denied"), "{sql}: {err}");
+        assert!(
+            err.to_string().contains("permission denied"),
+            "{sql}: {err}"
+        );
     }
     // The catalog agrees: of the registry, app_user may only execute serving_model().
     let rights: Vec<String> = sqlx::query_scalar(
@@ -463,7 +510,10 @@ async fn prune_of_a_100k_row_model_detaches_and_drops_its_partition_in_under_a_s
     .unwrap();
     build_index(&t, "old-model", 8).await;
     assert_eq!(rows_of(&t, "old-model").await, 100_000);
-    let err = model_index::prune(&t.admin, OLD).await.unwrap_err().to_string();
+    let err = model_index::prune(&t.admin, OLD)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("it is the serving model"), "{err}");
 
     let wal = "SELECT pg_current_wal_insert_lsn()::text";

@@ -23,13 +23,7 @@ async fn four_worker_processes_on_one_queue_never_deadlock() {
     let fake = fake(FakeConfig::default()).await;
     let n = 20_000;
     // As reported: no HNSW index (writes are cheap, so claims and updates interleave most).
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP INDEX {}",
-        spec("text-embedding-ada-002", 1536).name()
-    )))
-        .execute(&t.admin)
-        .await
-        .unwrap();
+    drop_default_index(&t).await;
     let sources = insert_sessions(&t.admin, Uuid::new_v4(), n, |i| 3 + i % 20).await;
     enqueue(&t.admin, &sources).await;
     let before = deadlocks(&t).await;
@@ -129,13 +123,7 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     // instead of 5-6 s in 2 of 4 runs).
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP INDEX {}",
-        spec("text-embedding-ada-002", 1536).name()
-    )))
-        .execute(&t.admin)
-        .await
-        .unwrap();
+    drop_default_index(&t).await;
     let mut s = worker_settings(&t, &fake);
     let defaults = embed_worker::config::Settings::load(None).unwrap();
     s.batch = defaults.batch.clone();

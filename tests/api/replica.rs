@@ -25,12 +25,16 @@ async fn exported_lag(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_measured() {
-    let mut cluster = PrivateCluster::new(&format!("standby-test-{}", std::process::id()), free_port());
+    let mut cluster =
+        PrivateCluster::new(&format!("standby-test-{}", std::process::id()), free_port());
     let url = cluster.db("start");
     let started = Instant::now();
     let standby_url = cluster.standby("start");
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(30), "standby start took {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "standby start took {took:?}"
+    );
     // Idempotent, like `start`.
     assert_eq!(cluster.standby("start"), standby_url);
     let t = TestDb {
@@ -48,7 +52,9 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
     wait_drained(&t.admin, Duration::from_secs(60)).await;
 
     // Once replayed, the standby holds them.
-    let standby = embed_worker::db::connect_as_login(&standby_url).await.unwrap();
+    let standby = embed_worker::db::connect_as_login(&standby_url)
+        .await
+        .unwrap();
     let in_recovery: bool = sqlx::query_scalar("SELECT pg_is_in_recovery()")
         .fetch_one(&standby)
         .await
@@ -82,7 +88,10 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("3 hits, through index"), "{stdout}");
-    assert!(stdout.contains(", from the standby (replay lag "), "{stdout}");
+    assert!(
+        stdout.contains(", from the standby (replay lag "),
+        "{stdout}"
+    );
     // The read-only reports read it too.
     let out = worker_command(&t, &fake.base_url())
         .env("EMBED_WORKER__SEARCH__DATABASE_URL", &standby_url)
@@ -92,7 +101,10 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("reading: the standby"), "{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("reading: the standby"),
+        "{stdout}"
+    );
     // The library's search, as an app calls it, on a pool of the standby.
     let found = search::search_serving(
         &standby,
@@ -102,7 +114,11 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
     .await
     .unwrap();
     assert_eq!(found.hits.len(), 5);
-    assert!(matches!(found.path, SearchPath::Index(_)), "{:?}", found.path);
+    assert!(
+        matches!(found.path, SearchPath::Index(_)),
+        "{:?}",
+        found.path
+    );
     // Nothing the search ran wrote: the standby refuses writes, and the search succeeded. And the
     // standby says it refuses them (a write there is an error, not a silent no-op).
     let err = sqlx::query("UPDATE sessions SET notes = 'x'")
@@ -134,7 +150,10 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         {
             break v;
         }
-        assert!(Instant::now() < deadline, "lag never passed 2.5 s ({i} writes)");
+        assert!(
+            Instant::now() < deadline,
+            "lag never passed 2.5 s ({i} writes)"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let bytes = embed_worker::replica::lag(&t.admin).await.unwrap()[0]
@@ -153,7 +172,10 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         {
             break;
         }
-        assert!(Instant::now() < deadline, "lag stayed up after resume (peak {peak})");
+        assert!(
+            Instant::now() < deadline,
+            "lag stayed up after resume (peak {peak})"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let text = reqwest::get(format!("http://{addr}/metrics"))
