@@ -533,3 +533,16 @@ impl Drop for PrivateCluster {
         self.remove();
     }
 }
+
+/// Child processes killed when dropped: a failed assertion must not leave workers running
+/// against a database that is about to be dropped.
+pub struct Reaper(pub Vec<std::process::Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -106,23 +106,25 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
 
     let logs = std::env::temp_dir().join(format!("lifecycle-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&logs).unwrap();
-    let mut workers: Vec<std::process::Child> = (0..4)
-        .map(|i| {
-            worker_command(&t, &fake.base_url())
-                .env_remove("EMBED_WORKER__BATCH__MAX_JOBS")
-                .env_remove("EMBED_WORKER__BATCH__MAX_IN_FLIGHT")
-                .env_remove("EMBED_WORKER__QUEUE__FETCH_BATCH")
-                .env_remove("EMBED_WORKER__QUEUE__CONCURRENCY")
-                .env("EMBED_WORKER__MODEL__NAME", NEW)
-                .env("EMBED_WORKER__MODEL__DIMENSIONS", NEW_DIMS.to_string())
-                .env("EMBED_WORKER__MODEL__SEND_DIMENSIONS", "true")
-                .env("EMBED_WORKER__INDEX__CHECK_INTERVAL_SECS", "1")
-                .stderr(std::fs::File::create(logs.join(format!("w{i}.log"))).unwrap())
-                .arg("run")
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut workers = Reaper(
+        (0..4)
+            .map(|i| {
+                worker_command(&t, &fake.base_url())
+                    .env_remove("EMBED_WORKER__BATCH__MAX_JOBS")
+                    .env_remove("EMBED_WORKER__BATCH__MAX_IN_FLIGHT")
+                    .env_remove("EMBED_WORKER__QUEUE__FETCH_BATCH")
+                    .env_remove("EMBED_WORKER__QUEUE__CONCURRENCY")
+                    .env("EMBED_WORKER__MODEL__NAME", NEW)
+                    .env("EMBED_WORKER__MODEL__DIMENSIONS", NEW_DIMS.to_string())
+                    .env("EMBED_WORKER__MODEL__SEND_DIMENSIONS", "true")
+                    .env("EMBED_WORKER__INDEX__CHECK_INTERVAL_SECS", "1")
+                    .stderr(std::fs::File::create(logs.join(format!("w{i}.log"))).unwrap())
+                    .arg("run")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect(),
+    );
 
     // Mid-switch, a source the new model has already embedded is edited.
     let started = Instant::now();
@@ -165,13 +167,13 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_tx.send(true).unwrap();
     let seen = searcher.await.unwrap();
-    for w in &workers {
+    for w in &workers.0 {
         Command::new("kill")
             .args(["-TERM", &w.id().to_string()])
             .status()
             .unwrap();
     }
-    for w in &mut workers {
+    for w in &mut workers.0 {
         assert!(w.wait().unwrap().success());
     }
 
