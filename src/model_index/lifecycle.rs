@@ -186,8 +186,9 @@ async fn set_serving(
 /// Sources `model` covers, and sources with text to embed.
 pub async fn coverage(db: &mut sqlx::PgConnection, model: &str) -> anyhow::Result<(i64, i64)> {
     let covered: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM (SELECT DISTINCT source_type, source_id FROM rag_embeddings
-                                WHERE embedding_model = $1) c",
+        // Every written source has its chunk 0 (the write stores chunks 0..n): counting those
+        // rows counts sources, without a DISTINCT over every chunk.
+        "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1 AND chunk_index = 0",
     )
     .bind(model)
     .fetch_one(&mut *db)
@@ -500,8 +501,7 @@ pub async fn sample(pool: &PgPool) -> anyhow::Result<String> {
     let mut conn = pool.acquire().await?;
     let total = crate::source::count_with_text(&mut *conn).await?;
     let covered: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT embedding_model::text, count(*) FROM (
-             SELECT DISTINCT embedding_model, source_type, source_id FROM rag_embeddings) d
+        "SELECT embedding_model::text, count(*) FROM rag_embeddings WHERE chunk_index = 0
           GROUP BY 1",
     )
     .fetch_all(&mut *conn)
