@@ -1,8 +1,10 @@
-//! Search: what the embeddings are for. Top-k cosine through the active model's HNSW index,
-//! optionally as an app user under row-level security; plus the design's two other lookups.
+//! Search: what the embeddings are for. Top-k cosine through the serving model's HNSW index
+//! ([`search_serving`]; `embed_worker.models` says which), optionally as an app user under
+//! row-level security; plus the design's two other lookups.
 //!
 //! Why iterative index scans: a plain HNSW scan yields `hnsw.ef_search` candidates and only then
-//! applies filters (the model predicate is in the index, but RLS and `source_type` are not). A
+//! applies filters (the model is the partition the plan is pruned to, but RLS and `source_type`
+//! are filters). A
 //! user who owns 0.1% of the rows would get almost nothing back. pgvector 0.8's
 //! `hnsw.iterative_scan` keeps scanning until k rows pass the filters (up to
 //! `hnsw.max_scan_tuples`). `relaxed_order` is fastest; the outer query re-sorts exactly.
@@ -173,9 +175,9 @@ async fn visible(
     .await
 }
 
-/// The search statement for `spec`'s model: the expression and predicate match the model's
-/// partial index exactly, so the planner can use it; `exact` ranks at full precision instead (no
-/// index applies). `k` and the source-type filter are written into the statement, not bound:
+/// The search statement for `spec`'s model: the model as a literal, so the plan is pruned to its
+/// partition at planning time, and the expression of that partition's index, so the planner can
+/// use it; `exact` ranks at full precision instead (no index applies). `k` and the source-type filter are written into the statement, not bound:
 /// with a bound LIMIT, a cached generic plan does not know the limit is small and prefers a
 /// sequential scan and sort (docs/decisions.md).
 pub fn search_sql(
