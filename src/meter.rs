@@ -241,26 +241,43 @@ pub fn describe() {
     );
 }
 
+/// A gauge's series by label set, as one sample: each `(labels, value)` is set, and a label set
+/// of the previous sample missing from this one is set to NaN (the exporter cannot drop a
+/// series; PromQL's `max` and comparisons skip NaN).
+struct Family(Mutex<Vec<Vec<(&'static str, String)>>>);
+
+impl Family {
+    const fn new() -> Self {
+        Family(Mutex::new(Vec::new()))
+    }
+
+    fn sample(&self, name: &'static str, now: Vec<(Vec<(&'static str, String)>, f64)>) {
+        let mut seen = self.0.lock().unwrap();
+        for gone in seen.iter().filter(|l| !now.iter().any(|(n, _)| n == *l)) {
+            gauge!(name, gone.as_slice()).set(f64::NAN);
+        }
+        for (labels, value) in &now {
+            gauge!(name, labels.as_slice()).set(*value);
+        }
+        *seen = now.into_iter().map(|(l, _)| l).collect();
+    }
+}
+
 /// The streaming replicas' lag (a replica that went away reads NaN), and the alert threshold.
 pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
-    static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap();
-    for name in seen.iter() {
-        if !replicas.iter().any(|r| &r.application_name == name) {
-            gauge!(REPLICA_LAG_SECONDS, "application_name" => name.clone()).set(f64::NAN);
-            gauge!(REPLICA_LAG_BYTES, "application_name" => name.clone()).set(f64::NAN);
-        }
-    }
-    for r in replicas {
-        let name = r.application_name.clone();
-        gauge!(REPLICA_LAG_SECONDS, "application_name" => name.clone())
-            .set(r.replay_lag_seconds.unwrap_or(f64::NAN));
-        gauge!(REPLICA_LAG_BYTES, "application_name" => name).set(r.lag_bytes.unwrap_or(f64::NAN));
-    }
-    *seen = replicas
-        .iter()
-        .map(|r| r.application_name.clone())
-        .collect();
+    static SECONDS: Family = Family::new();
+    static BYTES: Family = Family::new();
+    let by_name = |v: fn(&crate::replica::ReplicaLag) -> Option<f64>| {
+        replicas
+            .iter()
+            .map(|r| {
+                let labels = vec![("application_name", r.application_name.clone())];
+                (labels, v(r).unwrap_or(f64::NAN))
+            })
+            .collect()
+    };
+    SECONDS.sample(REPLICA_LAG_SECONDS, by_name(|r| r.replay_lag_seconds));
+    BYTES.sample(REPLICA_LAG_BYTES, by_name(|r| r.lag_bytes));
     gauge!(REPLICA_LAG_ALERT).set(alert_secs as f64);
 }
 
@@ -272,23 +289,16 @@ pub fn model_promoted(model: &str, how: &'static str) {
 /// Each registered model's coverage, by role. A (model, role) that no longer holds is set to NaN
 /// (the exporter cannot drop a series; PromQL's `max` and comparisons skip NaN).
 pub fn model_coverage(models: &[(String, Vec<&'static str>, f64)]) {
-    static SEEN: Mutex<Vec<(String, &'static str)>> = Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap();
-    let now: Vec<(String, &'static str)> = models
+    static COVERAGE: Family = Family::new();
+    let now = models
         .iter()
-        .flat_map(|(m, roles, _)| roles.iter().map(move |r| (m.clone(), *r)))
+        .flat_map(|(m, roles, ratio)| {
+            roles
+                .iter()
+                .map(move |r| (vec![("model", m.clone()), ("role", r.to_string())], *ratio))
+        })
         .collect();
-    for (m, r) in seen.iter() {
-        if !now.contains(&(m.clone(), *r)) {
-            gauge!(MODEL_COVERAGE, "model" => m.clone(), "role" => *r).set(f64::NAN);
-        }
-    }
-    for (m, roles, ratio) in models {
-        for r in roles {
-            gauge!(MODEL_COVERAGE, "model" => m.clone(), "role" => *r).set(*ratio);
-        }
-    }
-    *seen = now;
+    COVERAGE.sample(MODEL_COVERAGE, now);
 }
 
 /// An index build ended.

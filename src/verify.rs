@@ -56,16 +56,17 @@ impl std::fmt::Display for VerifyReport {
 /// one), each registered model's partition present, attached and closed to direct reads (RLS
 /// on, so only the parent's policies let anyone in), and the serving model's index valid unless
 /// it is the writing model whose index is deferred (checked above).
-async fn models(pool: &PgPool, spec: &model_index::IndexSpec) -> anyhow::Result<Vec<String>> {
+async fn models(
+    pool: &PgPool,
+    spec: &model_index::IndexSpec,
+    indexes: &[VectorIndex],
+) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let all = model_index::lifecycle::models(pool).await?;
     match all.iter().find(|m| m.serving) {
         None => problems.push("no serving model is registered (run `embed-worker migrate`)".into()),
         Some(m) if m.name != spec.model => {
-            let ix = model_index::find(
-                &model_index::vector_indexes(pool).await?,
-                &model_index::IndexSpec::of(m),
-            );
+            let ix = model_index::find(indexes, &model_index::IndexSpec::of(m));
             if !matches!(ix, model_index::IndexState::Ready(_)) {
                 problems.push(format!(
                     "the serving model {}'s index is not valid ({ix:?}): searches scan it",
@@ -175,7 +176,7 @@ pub async fn verify(
             None => problems.push(format!("table {table} is missing")),
         }
     }
-    problems.extend(models(pool, &spec).await?);
+    problems.extend(models(pool, &spec, &indexes).await?);
     // `sessions` usually belongs to the app (we leave its table alone), but a user's practice
     // notes readable by every user is the leak the design's RLS exists to prevent.
     let sessions_open: bool = sqlx::query_scalar(

@@ -47,20 +47,19 @@ pub(crate) async fn models(
     settings: &Settings,
     action: Option<ModelsAction>,
 ) -> anyhow::Result<ExitCode> {
-    let spec = model_index::IndexSpec::from_settings(settings)?;
-    if action.is_none() {
+    let Some(action) = action else {
         // Only reads: from search.database_url when set (a standby), as `search` does.
         let pool = db::connect_as_login(settings.search.url(&settings.database)).await?;
+        let spec = model_index::IndexSpec::from_settings(settings)?;
         print!(
             "{}",
             model_index::StatusTable(model_index::status(&pool, &spec).await?)
         );
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     let pool = db::connect_as_login(&settings.database.url).await?;
     match action {
-        None => {}
-        Some(ModelsAction::Prune { model }) => {
+        ModelsAction::Prune { model } => {
             let started = std::time::Instant::now();
             let n = model_index::prune(&pool, &model).await?;
             println!(
@@ -68,13 +67,13 @@ pub(crate) async fn models(
                 started.elapsed().as_secs_f64()
             );
         }
-        Some(ModelsAction::Promote { model, force }) => {
+        ModelsAction::Promote { model, force } => {
             match model_index::lifecycle::promote(&pool, &model, force, false).await? {
                 Some(p) => println!("{p}"),
                 None => println!("{model} is already the serving model"),
             }
         }
-        Some(ModelsAction::BuildIndex { when_due }) => {
+        ModelsAction::BuildIndex { when_due } => {
             let outcome = model_index::build_if_due(&pool, settings, !when_due, None).await?;
             println!("{outcome}");
         }

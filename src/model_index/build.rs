@@ -89,13 +89,7 @@ async fn backfill_under_way(
     if min == 0 || open < min {
         return Ok(None);
     }
-    let covered: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT (source_type, source_id)) FROM rag_embeddings WHERE embedding_model = $1",
-    )
-    .bind(model)
-    .fetch_one(pool)
-    .await?;
-    let sources = crate::source::count_with_text(pool).await?;
+    let (covered, sources) = super::lifecycle::coverage(&mut *pool.acquire().await?, model).await?;
     Ok((covered < sources).then(|| {
         format!(
             "a backfill is under way ({open} jobs open, {covered} of {sources} sources embedded): built once the queue drains"

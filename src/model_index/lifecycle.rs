@@ -126,12 +126,7 @@ pub async fn on_migrate(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<Strin
         None => format!("writing model {}", spec.model),
     };
     if !before.iter().any(|m| m.serving) {
-        let covered: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT embedding_model::text, count(DISTINCT (source_type, source_id))
-               FROM rag_embeddings GROUP BY 1",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        let covered = covered_by_model(&mut *tx).await?;
         let mine = covered
             .iter()
             .find(|(m, _)| *m == spec.model)
@@ -183,17 +178,43 @@ async fn set_serving(
     Ok(())
 }
 
+/// Sources each model covers, by model. Every written source has its chunk 0 (the write stores
+/// chunks 0..n): counting those rows counts sources, without a DISTINCT over every chunk.
+pub async fn covered_by_model<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT embedding_model::text, count(*) FROM rag_embeddings WHERE chunk_index = 0
+          GROUP BY 1",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
 /// Sources `model` covers, and sources with text to embed.
 pub async fn coverage(db: &mut sqlx::PgConnection, model: &str) -> anyhow::Result<(i64, i64)> {
     let covered: i64 = sqlx::query_scalar(
-        // Every written source has its chunk 0 (the write stores chunks 0..n): counting those
-        // rows counts sources, without a DISTINCT over every chunk.
         "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1 AND chunk_index = 0",
     )
     .bind(model)
     .fetch_one(&mut *db)
     .await?;
     Ok((covered, crate::source::count_with_text(&mut *db).await?))
+}
+
+/// Whether `model`'s partition is attached to `rag_embeddings`.
+pub async fn partition_exists<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    model: &str,
+) -> anyhow::Result<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_inherits
+                         WHERE inhparent = to_regclass('public.rag_embeddings')
+                           AND inhrelid = to_regclass(format('public.%I', $1::text)))",
+    )
+    .bind(super::partition_name(model))
+    .fetch_one(db)
+    .await?)
 }
 
 /// The share of sources covered (1 when there is nothing to cover).
@@ -311,13 +332,8 @@ pub async fn promote(
     if target.serving {
         return Ok(None);
     }
-    let part_exists: bool =
-        sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
-            .bind(&target.partition)
-            .fetch_one(&mut *tx)
-            .await?;
     anyhow::ensure!(
-        part_exists,
+        partition_exists(&mut *tx, model).await?,
         "refusing to promote {model}: its partition {} is gone (pruned)",
         target.partition
     );
@@ -406,14 +422,7 @@ pub async fn prune(pool: &PgPool, old: &str) -> anyhow::Result<i64> {
         );
     }
     let part = super::partition_name(old);
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_inherits
-                         WHERE inhparent = to_regclass('public.rag_embeddings')
-                           AND inhrelid = to_regclass(format('public.%I', $1::text)))",
-    )
-    .bind(&part)
-    .fetch_one(pool)
-    .await?;
+    let exists = partition_exists(pool, old).await?;
     anyhow::ensure!(
         exists || m.is_some(),
         "nothing to prune: {old} has no partition and is not registered"
@@ -458,11 +467,7 @@ pub async fn prune(pool: &PgPool, old: &str) -> anyhow::Result<i64> {
 pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyhow::Result<()> {
     let spec = IndexSpec::from_settings(s)?;
     let mut all = models(pool).await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT to_regclass(format('public.%I', $1::text)) IS NOT NULL")
-            .bind(spec.partition())
-            .fetch_one(pool)
-            .await?;
+    let exists = partition_exists(pool, &spec.model).await?;
     let install = !all.iter().any(|m| m.serving);
     if !exists || install {
         let admin = crate::db::connect_as_login(&s.database.url).await?;
@@ -500,12 +505,7 @@ pub async fn sample(pool: &PgPool) -> anyhow::Result<String> {
     let all = models(pool).await?;
     let mut conn = pool.acquire().await?;
     let total = crate::source::count_with_text(&mut *conn).await?;
-    let covered: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT embedding_model::text, count(*) FROM rag_embeddings WHERE chunk_index = 0
-          GROUP BY 1",
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let covered = covered_by_model(&mut *conn).await?;
     let share = |m: &str| {
         ratio(
             covered.iter().find(|(c, _)| c == m).map_or(0, |(_, n)| *n),

@@ -37,7 +37,8 @@ pub async fn status(pool: &PgPool, active: &IndexSpec) -> anyhow::Result<Vec<Mod
     let total = crate::source::count_with_text(pool).await?;
     let registry = super::lifecycle::models(pool).await.unwrap_or_default();
     let mut rows: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT embedding_model::text, count(*), count(DISTINCT (source_type, source_id))
+        // Sources as lifecycle::covered_by_model counts them: one chunk 0 each.
+        "SELECT embedding_model::text, count(*), count(*) FILTER (WHERE chunk_index = 0)
            FROM rag_embeddings GROUP BY 1 ORDER BY 1",
     )
     .fetch_all(pool)

@@ -546,3 +546,25 @@ impl Drop for Reaper {
         }
     }
 }
+
+/// Runs one statement as `app_user` for `user` and returns its result.
+pub async fn app_user_statement(
+    t: &TestDb,
+    user: uuid::Uuid,
+    sql: &'static str,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = t.admin.begin().await.unwrap();
+    sqlx::query("SET LOCAL ROLE app_user")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
+        .bind(user.to_string())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(sql)
+        .execute(&mut *tx)
+        .await
+        .map(|r| r.rows_affected())
+}

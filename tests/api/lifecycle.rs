@@ -465,13 +465,7 @@ async fn the_app_role_reads_the_serving_model_from_sql_and_nothing_more() {
         "SELECT embed_worker.partition_name('x')",
         "SELECT embed_worker.ensure_model('x', 3, 'vector')",
     ] {
-        let mut tx = t.admin.begin().await.unwrap();
-        sqlx::raw_sql("SET LOCAL ROLE app_user")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut *tx)
+        let err = app_user_statement(&t, Uuid::new_v4(), sql)
             .await
             .unwrap_err();
         assert!(

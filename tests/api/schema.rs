@@ -423,24 +423,6 @@ async fn a_user_reads_only_their_own_sessions_and_the_app_role_cannot_write_or_s
     }
 }
 
-/// Runs one statement as `app_user` for `user` and returns its result.
-async fn app_user_statement(t: &TestDb, user: Uuid, sql: &'static str) -> Result<u64, sqlx::Error> {
-    let mut tx = t.admin.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE app_user")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
-        .bind(user.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(sql)
-        .execute(&mut *tx)
-        .await
-        .map(|r| r.rows_affected())
-}
-
 #[tokio::test]
 async fn verify_passes_on_the_schema_and_fails_on_ivfflat() {
     let t = migrated_with_test_model().await;
