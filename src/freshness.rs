@@ -2,7 +2,7 @@
 //!
 //! Why in SQL: the stale set is a join of the sources with their embeddings for the active
 //! model; the database answers it in one pass however many rows there are, and the queueing
-//! (`embed_worker.enqueue_many`) skips sources that already have a pending job, so a scan is
+//! ([`enqueue_stale`], one statement) skips sources that already have an open job, so a scan is
 //! idempotent and safe to run from a CronJob and from every replica (one at a time, under an
 //! advisory lock).
 //!
@@ -172,36 +172,82 @@ pub fn counts(stale: &[Stale]) -> BTreeMap<StaleReason, usize> {
     m
 }
 
-/// Queues the `stale` sources in the bulk lane (`bulk.mode`) in chunks of 1,000, calling
-/// `progress(done, total)` after each: the one way every caller (the periodic scan,
-/// `enqueue-stale`, `backfill`) turns a scan into jobs. Returns how many jobs were created
-/// (sources with a pending job are skipped).
+/// What one server-side queueing did, per reason: sources found stale, and of those how many
+/// already had an open job (skipped); `created` jobs in all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// (reason, stale sources, of which already with an open job), in reason order.
+    pub by_reason: Vec<(StaleReason, i64, i64)>,
+    /// Jobs created (sources with a pending job are deduplicated by the queue as well).
+    pub created: i64,
+}
+
+impl Queued {
+    /// Stale sources found.
+    pub fn found(&self) -> i64 {
+        self.by_reason.iter().map(|(_, n, _)| n).sum()
+    }
+}
+
+/// Queues the sources `scope` finds stale for `model` in the bulk lane (`bulk.mode`), in one
+/// statement: the scan, the skip of sources with an open job (pending, claimed, running, or
+/// failed with attempts left: that job will embed them) and the insert all run in the server,
+/// so 20,000 jobs cost one round trip and no row travels to the worker. The one way every
+/// caller (the periodic scan, `enqueue-stale`, `backfill`) turns a scan into jobs.
 pub async fn enqueue_stale(
     pool: &PgPool,
     settings: &crate::config::Settings,
-    stale: &[Stale],
-    mut progress: impl FnMut(usize, usize),
-) -> sqlx::Result<i64> {
-    let attempts = settings.queue.max_attempts;
-    let queue = crate::queue::bulk_job_type(settings);
-    // A source whose job is already open (pending, claimed or running) will be embedded by it:
-    // running jobs have given up their dedup key, so enqueueing them again made a second job
-    // per source for every batch the worker had started.
-    let open =
-        crate::queue::open_sources(pool, &crate::queue::lanes(&settings.queue.name), None).await?;
-    let sources: Vec<EmbedSource> = stale
-        .iter()
-        .map(|s| s.source)
-        .filter(|s| !open.contains(s))
-        .collect();
-    let mut created = 0;
-    for (i, chunk) in sources.chunks(1000).enumerate() {
-        created +=
-            crate::queue::enqueue_lane(pool, &queue, attempts, settings.bulk.priority, chunk)
-                .await?;
-        progress((i * 1000 + chunk.len()).min(sources.len()), sources.len());
+    model: &str,
+    scope: &Scope,
+) -> sqlx::Result<Queued> {
+    // Running jobs have given up their dedup key, so open jobs are matched by payload: an
+    // enqueue that relied on the key made a second job per source for every running batch.
+    let sql = format!(
+        r#"WITH stale AS MATERIALIZED (
+    SELECT t, id, reason FROM ({stale}) x
+     WHERE $5 OR reason <> 'fresh' ORDER BY reason, t, id LIMIT $6
+), open AS MATERIALIZED (
+    SELECT DISTINCT p ->> 'source_type' AS t, p ->> 'source_id' AS id
+      FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
+             WHERE job_type = ANY($7) AND {open}) j
+), marked AS MATERIALIZED (
+    SELECT s.t, s.id, s.reason,
+           EXISTS (SELECT 1 FROM open o WHERE o.t = s.t AND o.id = s.id::text) AS is_open
+      FROM stale s
+), q AS MATERIALIZED (
+    SELECT embed_worker.enqueue_jobs(array_agg(t::embedding_source ORDER BY t, id),
+                                     array_agg(id ORDER BY t, id), $8, $9, $10) AS n
+      FROM marked WHERE NOT is_open
+)
+SELECT reason, count(*), count(*) FILTER (WHERE is_open), (SELECT coalesce(n, 0) FROM q)::int8
+  FROM marked GROUP BY reason
+ UNION ALL
+SELECT NULL, 0, 0, (SELECT coalesce(n, 0) FROM q)::int8"#,
+        stale = stale_sql(),
+        open = crate::queue::OPEN_JOB_SQL,
+    );
+    let rows: Vec<(Option<String>, i64, i64, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(model)
+        .bind(scope.source_type.map(|t| t.as_str()))
+        .bind(scope.since)
+        .bind(scope.max_age_days.unwrap_or(0) as f64)
+        .bind(scope.include_fresh)
+        .bind(scope.limit.filter(|l| *l > 0).unwrap_or(i64::MAX))
+        .bind(crate::queue::lanes(&settings.queue.name))
+        .bind(crate::queue::bulk_job_type(settings))
+        .bind(settings.queue.max_attempts)
+        .bind(settings.bulk.priority)
+        .fetch_all(pool)
+        .await?;
+    let mut q = Queued::default();
+    for (reason, found, open, created) in rows {
+        q.created = created;
+        if let Some(r) = reason.and_then(|r| r.parse().ok()) {
+            q.by_reason.push((r, found, open));
+        }
     }
-    Ok(created)
+    q.by_reason.sort();
+    Ok(q)
 }
 
 /// One periodic stale scan (`freshness.scan_interval_secs`), if no other replica is scanning
@@ -216,8 +262,9 @@ pub async fn scan_stale(
             limit: Some(settings.freshness.scan_limit),
             ..Default::default()
         };
-        let stale = find_stale(pool, &settings.model.name, &scope).await?;
-        Ok(enqueue_stale(pool, settings, &stale, |_, _| {}).await?)
+        Ok(enqueue_stale(pool, settings, &settings.model.name, &scope)
+            .await?
+            .created)
     })
     .await
 }

@@ -58,6 +58,8 @@ macro_rules! open_job {
         "(status IN ('Pending', 'Queued', 'Running') OR (status = 'Failed' AND attempts < max_attempts))"
     };
 }
+/// [`open_job!`] for other rooms' statements.
+pub(crate) const OPEN_JOB_SQL: &str = open_job!();
 /// SQL: a job that holds its source (pending, claimed or running).
 macro_rules! active_job {
     () => {

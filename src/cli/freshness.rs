@@ -21,24 +21,21 @@ pub(crate) async fn enqueue_stale(
     source_type: Option<SourceType>,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(&settings.database).await?;
-    let scope = embed_worker::freshness::Scope {
+    let scope = Scope {
         source_type,
         limit,
         max_age_days: Some(settings.freshness.max_age_days),
         ..Default::default()
     };
-    let stale = embed_worker::freshness::find_stale(&pool, &settings.model.name, &scope).await?;
-    for (reason, n) in embed_worker::freshness::counts(&stale) {
-        println!("{reason:<12} {n}");
-    }
     if dry_run {
+        let stale = freshness::find_stale(&pool, &settings.model.name, &scope).await?;
+        for (reason, n) in freshness::counts(&stale) {
+            println!("{reason:<12} {n}");
+        }
         println!("dry run: nothing queued");
     } else {
-        let n = embed_worker::freshness::enqueue_stale(&pool, settings, &stale, |_, _| {}).await?;
-        println!(
-            "{n} jobs queued ({} already pending)",
-            stale.len() as i64 - n
-        );
+        let q = freshness::enqueue_stale(&pool, settings, &settings.model.name, &scope).await?;
+        print_queued(&q);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -78,6 +75,18 @@ pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
     let e = embed_worker::freshness::estimate(&pool, settings, &todo).await?;
     println!("not yet embedded by {}: {e}", settings.model.name);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per reason: stale sources, of which with an open job already; then the jobs created.
+fn print_queued(q: &freshness::Queued) {
+    for (reason, n, open) in &q.by_reason {
+        println!("{reason:<12} {n} ({open} with an open job)");
+    }
+    println!(
+        "{} jobs queued ({} already pending)",
+        q.created,
+        q.found() - q.created
+    );
 }
 
 /// A one-line progress bar on stderr: `label [#####.....] 50% 500/1000 extra`.
@@ -141,13 +150,13 @@ async fn run_backfill(
         return Ok(());
     }
     let queue = &settings.queue.name;
-    let queued = freshness::enqueue_stale(pool, settings, &stale, |d, t| {
-        progress_line("queueing ", d, t, "")
-    })
-    .await?;
+    let started = Instant::now();
+    let q = freshness::enqueue_stale(pool, settings, &settings.model.name, scope).await?;
     eprintln!(
-        "\nbackfill: {queued} jobs queued ({} already pending)",
-        sources.len() as i64 - queued
+        "backfill: {} jobs queued ({} already pending) in {:.2} s",
+        q.created,
+        q.found() - q.created,
+        started.elapsed().as_secs_f64()
     );
     if wait {
         wait_for_queue(pool, queue).await?;

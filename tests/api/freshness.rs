@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
-use embed_worker::freshness::{self, Scope};
+use embed_worker::freshness::{self, Scope, StaleReason};
 use embed_worker::source::SourceType;
 use embed_worker::{model_index, search};
 use uuid::Uuid;
@@ -138,22 +138,40 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     assert_eq!(by_id[&other], "other_model");
     assert_eq!(by_id[&old], "too_old");
 
-    assert_eq!(
-        freshness::enqueue_stale(&t.admin, &t.settings(), &stale, |_, _| {})
-            .await
-            .unwrap(),
-        4
-    );
-    let again = freshness::find_stale(&t.admin, active, &scope)
+    // One statement in the server: per reason, found and already open; jobs created.
+    let first = freshness::enqueue_stale(&t.admin, &t.settings(), active, &scope)
         .await
         .unwrap();
+    assert_eq!(first.created, 4);
     assert_eq!(
-        freshness::enqueue_stale(&t.admin, &t.settings(), &again, |_, _| {})
-            .await
-            .unwrap(),
-        0,
-        "idempotent"
+        first.by_reason,
+        vec![
+            (StaleReason::Missing, 1, 0),
+            (StaleReason::OtherModel, 1, 0),
+            (StaleReason::Outdated, 1, 0),
+            (StaleReason::TooOld, 1, 0),
+        ]
     );
+    // A started job has given up its dedup key; its source is still skipped (by payload).
+    sqlx::query(
+        "UPDATE apalis.jobs SET status = 'Running', idempotency_key = NULL
+          WHERE idempotency_key = 'session:' || $1::text",
+    )
+    .bind(missing)
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    let again = freshness::enqueue_stale(&t.admin, &t.settings(), active, &scope)
+        .await
+        .unwrap();
+    assert_eq!(again.created, 0, "idempotent");
+    assert_eq!(again.found(), 4);
+    assert!(again.by_reason.iter().all(|(_, n, open)| n == open), "{again:?}");
+    let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs")
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+    assert_eq!(jobs, 4);
 
     // The CLI's dry run prints the counts per reason and queues nothing.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_embed-worker"))
@@ -258,9 +276,10 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
             .iter()
             .all(|s| s.reason == embed_worker::freshness::StaleReason::OtherModel)
     );
-    freshness::enqueue_stale(&t.admin, &b, &stale, |_, _| {})
+    let q = freshness::enqueue_stale(&t.admin, &b, &b.model.name, &Scope::default())
         .await
         .unwrap();
+    assert_eq!(q.created, 30);
     // Searches read the serving model, whatever the config says.
     let q = embed_worker::fake_openai::fake_vector("Practice 3", 256);
     let found = search::search_serving(&t.admin, q, &search::SearchOptions::default())

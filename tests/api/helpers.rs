@@ -426,12 +426,10 @@ pub async fn quiet_db() -> TestDb {
 /// Queues what the active model lacks, as `backfill` does (in the configured bulk lane).
 pub async fn backfill_stale(t: &TestDb, s: &Settings) -> i64 {
     let scope = embed_worker::freshness::Scope::default();
-    let stale = embed_worker::freshness::find_stale(&t.admin, &s.model.name, &scope)
-        .await
-        .unwrap();
-    embed_worker::freshness::enqueue_stale(&t.admin, s, &stale, |_, _| {})
+    embed_worker::freshness::enqueue_stale(&t.admin, s, &s.model.name, &scope)
         .await
         .unwrap()
+        .created
 }
 
 /// Sessions `ids` as embed sources.
