@@ -4,6 +4,10 @@
 //! 1. governor (GCRA) on requests and on tokens — the worker knows each request's tokens before
 //!    sending it — keeps this process at the configured rate. The token bucket's burst is the
 //!    largest request, never a whole minute, so a cold start does not dump a minute's quota at once.
+//!    The first answer's `x-ratelimit-limit-requests/-tokens` add a second pair at the provider's
+//!    stated rates (never above the configured ones; requests evenly spaced, at 98% of the
+//!    limit for arrival jitter): a provider that enforces "60 a minute" as one a second is paced
+//!    at that from its first answer, with no 429 to learn from, and the slow-start window opens.
 //! 2. The provider's `x-ratelimit-remaining-*` / `-reset-*` headers: several pods share one
 //!    organisation quota and only the provider sees all of them, so when it says fewer tokens or
 //!    requests remain than the next request needs, wait for the reset instead of earning a 429.
@@ -48,6 +52,8 @@ pub(crate) struct RateLimiter {
     requests: Option<DefaultDirectRateLimiter>,
     tokens: Option<DefaultDirectRateLimiter>,
     token_burst: u32,
+    /// Limiters at the provider's stated limits, from the first answer that states them.
+    stated: std::sync::OnceLock<Stated>,
     paused_until: Mutex<Option<Instant>>,
     headers: Arc<Mutex<RateLimitHeaders>>,
     /// Requests admitted recently: (when, tokens). The provider's headers lag behind requests
@@ -58,12 +64,20 @@ pub(crate) struct RateLimiter {
     in_flight: Mutex<std::collections::HashMap<u64, (Instant, u64)>>,
     next_id: std::sync::atomic::AtomicU64,
     period: Duration,
+    /// The configured requests and tokens per period (0: none): the stated limits' ceiling.
+    configured: (u32, u32),
     /// Pacing learnt from 429s (layer 3); `None` for an in-process model.
     adaptive: Option<Mutex<Adaptive>>,
     /// Woken when a request is answered (the slow-start window may have room).
     answered: tokio::sync::Notify,
     /// Requests past the window (being admitted or in flight), for the slow-start window.
     outstanding: std::sync::atomic::AtomicUsize,
+}
+
+/// The provider's stated limits as limiters (`None`: not stated, or not below the configured).
+struct Stated {
+    requests: Option<DefaultDirectRateLimiter>,
+    tokens: Option<DefaultDirectRateLimiter>,
 }
 
 /// One request's place in the slow-start window, from admission until its answer.
@@ -140,6 +154,8 @@ impl RateLimiter {
             tokens: quota(cfg.tokens_per_minute, period, token_burst)
                 .map(DefaultDirectRateLimiter::direct),
             token_burst,
+            stated: std::sync::OnceLock::new(),
+            configured: (cfg.requests_per_minute, cfg.tokens_per_minute),
             paused_until: Mutex::new(None),
             headers,
             admitted: Mutex::new(std::collections::VecDeque::new()),
@@ -158,6 +174,76 @@ impl RateLimiter {
             }),
             answered: tokio::sync::Notify::new(),
             outstanding: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// Once the provider has stated its limits: limiters at them (within the configured ones),
+    /// and, unless a 429 has taught a spacing already, the slow-start window fully open.
+    fn learn_stated(&self) {
+        if self.stated.get().is_some() {
+            return;
+        }
+        let (limit_requests, limit_tokens) = {
+            let h = self.headers.lock().unwrap();
+            (h.limit_requests, h.limit_tokens)
+        };
+        if limit_requests.is_none() && limit_tokens.is_none() {
+            return;
+        }
+        let within = |stated: Option<u64>, configured: u32| -> Option<u32> {
+            let stated = u32::try_from(stated?).unwrap_or(u32::MAX);
+            Some(match configured {
+                0 => stated,
+                c => stated.min(c),
+            })
+        };
+        let requests = within(limit_requests, self.configured.0).and_then(|n| {
+            // Evenly spaced, a little under the limit: arrival jitter must not make two
+            // requests look closer than the provider's spacing.
+            let paced = ((n as f64 * 0.98).floor() as u32).max(1);
+            quota(paced, self.period, 1).map(DefaultDirectRateLimiter::direct)
+        });
+        let tokens = within(limit_tokens, self.configured.1).and_then(|n| {
+            quota(n, self.period, self.token_burst.min(n).max(1))
+                .map(DefaultDirectRateLimiter::direct)
+        });
+        // What was sent in the period so far counts against the new buckets: the request
+        // whose answer stated the limits was sent just now.
+        let sent: Vec<u64> = {
+            let now = Instant::now();
+            let log = self.admitted.lock().unwrap();
+            log.iter()
+                .filter(|(t, _)| now.duration_since(*t) <= self.period)
+                .map(|(_, n)| *n)
+                .collect()
+        };
+        if let Some(r) = &requests
+            && !sent.is_empty()
+        {
+            let _ = r.check();
+        }
+        if let Some(t) = &tokens {
+            let burst = self.token_burst.min(limit_tokens.unwrap_or(0) as u32).max(1);
+            let used = sent.iter().sum::<u64>().min(burst as u64) as u32;
+            if let Some(n) = NonZeroU32::new(used) {
+                let _ = t.check_n(n);
+            }
+        }
+        let learnt = Stated { requests, tokens };
+        if self.stated.set(learnt).is_ok() {
+            tracing::info!(
+                requests_per_period = limit_requests,
+                tokens_per_period = limit_tokens,
+                period_secs = self.period.as_secs(),
+                "pacing at the provider's stated limits (x-ratelimit-limit-*)"
+            );
+            if let Some(adaptive) = &self.adaptive {
+                let mut a = adaptive.lock().unwrap();
+                if a.interval.is_none() {
+                    a.window = a.max_window;
+                }
+            }
+            self.answered.notify_waiters();
         }
     }
 
@@ -225,13 +311,25 @@ impl RateLimiter {
             }
         }
         let slot = self.adaptive_turn().await;
-        if let Some(r) = &self.requests {
+        // After the window's wait: the answer that opened it may have stated the limits.
+        self.learn_stated();
+        let stated = self.stated.get();
+        for r in [self.requests.as_ref(), stated.and_then(|s| s.requests.as_ref())]
+            .into_iter()
+            .flatten()
+        {
             r.until_ready().await;
         }
-        if let Some(t) = &self.tokens {
-            let n = NonZeroU32::new(tokens.clamp(1, self.token_burst)).unwrap();
-            // Cannot fail: n ≤ burst.
-            let _ = t.until_n_ready(n).await;
+        let n = NonZeroU32::new(tokens.clamp(1, self.token_burst)).unwrap();
+        for t in [self.tokens.as_ref(), stated.and_then(|s| s.tokens.as_ref())]
+            .into_iter()
+            .flatten()
+        {
+            // Cannot fail for the configured bucket (n ≤ its burst); the stated one's burst is
+            // the same unless the stated limit is below one request (then sent alone, slowly).
+            if t.until_n_ready(n).await.is_err() {
+                tokio::time::sleep(self.period).await;
+            }
         }
         // The provider's view of the shared quota, less what this process sent since.
         loop {

@@ -62,6 +62,9 @@ pub struct FakeConfig {
     /// Report the request limit per minute in the headers whatever `window` enforces, as real
     /// providers quantise: one that enforces 1 request a second says "limit 60, remaining 59".
     pub quantised_rpm: Option<u64>,
+    /// Send no `x-ratelimit-*` headers at all, as some OpenAI-compatible servers do: the
+    /// limits are learnt from 429s only.
+    pub no_limit_headers: bool,
     /// After this many successful requests, answer every request with a 503 (an outage that
     /// starts mid-run).
     pub fail_after: Option<usize>,
@@ -116,6 +119,7 @@ impl Default for FakeConfig {
             echo_key_in_errors: false,
             billing_multiplier: 1.0,
             quantised_rpm: None,
+            no_limit_headers: false,
             fail_after: None,
             batch_delay: Duration::ZERO,
             batch_expire_first: 0,
@@ -727,8 +731,11 @@ fn respond(
     inner.record(&req.model, texts.len(), billed, 200);
     let mut resp = (StatusCode::OK, Json(body)).into_response();
     let h = resp.headers_mut();
+    let quiet = cfg.no_limit_headers;
     let mut put = |k: &'static str, v: String| {
-        h.insert(k, HeaderValue::from_str(&v).unwrap());
+        if !quiet {
+            h.insert(k, HeaderValue::from_str(&v).unwrap());
+        }
     };
     // OpenAI's reset headers: the time until the limit is back to its initial state.
     if let Some(per_minute) = cfg.quantised_rpm {

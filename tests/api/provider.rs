@@ -244,14 +244,15 @@ async fn provider_errors_name_their_cause_and_the_setting() {
     assert!(e.may_have_been_billed());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_a_429_sending_resumes_at_what_the_provider_accepts() {
-    // A provider that enforces 1 request a second while its headers say "60 per minute".
+/// 2,000 sources through a provider that enforces 1 request a second (its headers, when it
+/// sends them, say "60 per minute"): (accepted, refused with 429).
+async fn one_request_a_second(stated: bool) -> (usize, usize) {
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig {
         rpm: 1,
         window: Duration::from_secs(1),
         quantised_rpm: Some(60),
+        no_limit_headers: !stated,
         ..FakeConfig::default()
     })
     .await;
@@ -268,14 +269,33 @@ async fn after_a_429_sending_resumes_at_what_the_provider_accepts() {
     let reqs = fake.requests();
     let ok = reqs.iter().filter(|r| r.status == 200).count();
     let refused = reqs.iter().filter(|r| r.status == 429).count();
-    eprintln!("1 request/s provider: {ok} accepted, {refused} refused (429)");
+    let t0 = reqs[0].at;
+    eprintln!(
+        "1 request/s provider (limits stated: {stated}): {ok} accepted, {refused} refused (429): {:?}",
+        reqs.iter()
+            .map(|r| (r.at.duration_since(t0).as_millis(), r.status))
+            .collect::<Vec<_>>()
+    );
+    let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
+    assert_eq!(rows, 2000);
+    (ok, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_stating_its_limit_is_paced_at_it_from_its_first_answer() {
+    let (ok, refused) = one_request_a_second(true).await;
+    assert!(ok >= 16, "{ok}");
+    assert_eq!(refused, 0, "paced from x-ratelimit-limit-requests: no 429 at all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_429_sending_resumes_at_what_a_silent_provider_accepts() {
+    let (ok, refused) = one_request_a_second(false).await;
     assert!(ok >= 16, "{ok}");
     assert!(
         refused * 4 <= ok,
         "at most one 429 per 4 accepted requests: {refused} for {ok}"
     );
-    let rows: i64 = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
-    assert_eq!(rows, 2000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
