@@ -56,6 +56,8 @@ pub struct Settings {
     pub search: SearchSettings,
     /// `[alerts]`: thresholds the worker exports for the alert rules.
     pub alerts: AlertsSettings,
+    /// `[write]`: how a batch's rows reach `rag_embeddings`.
+    pub write: WriteSettings,
 }
 
 #[derive(Clone, Deserialize)]
@@ -85,6 +87,15 @@ impl std::fmt::Debug for SearchSettings {
             .field("database_url", &crate::redact::url(&self.database_url))
             .finish()
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `[write]`: how a batch's rows reach `rag_embeddings`.
+pub struct WriteSettings {
+    /// Connections one batch's new rows are written over at once, split by source (each a
+    /// transaction of whole sources): HNSW insertion is one backend's work per connection.
+    pub streams: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -788,6 +799,7 @@ impl Settings {
         self.budget.check(&mut c);
         self.bulk.check(&mut c);
         self.index.check(&mut c);
+        c.within("write.streams", self.write.streams, 1, 16);
         c.within(
             "alerts.replica_lag_secs",
             self.alerts.replica_lag_secs,

@@ -294,6 +294,9 @@ async fn maintain(
     }
 }
 
+/// How often the index loop looks while a backlog it waits for drains.
+const DRAIN_POLL: Duration = Duration::from_millis(250);
+
 /// The active model's index, when it is missing: built once the queue has drained (see
 /// [`crate::model_index::build`]); one builder across replicas. Then the switch's end: the
 /// writing model promoted to serving once it covers every source with a valid index
@@ -304,24 +307,41 @@ async fn build_indexes(
     settings: Arc<Settings>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(settings.index.check_interval_secs));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = Duration::from_secs(settings.index.check_interval_secs);
+    let mut wait = Duration::ZERO;
     let mut last_error: Option<String> = None;
     let mut last_promotion_error: Option<String> = None;
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|v| *v) => return,
         }
+        wait = interval;
         match crate::model_index::build_if_due(&pool, &settings, false, Some(stop.clone())).await {
             Ok(outcome) => {
                 last_error = None;
                 match &outcome {
                     crate::model_index::BuildOutcome::Deferred(why) => {
-                        tracing::debug!(%why, "index build deferred")
+                        tracing::debug!(%why, "index build deferred");
+                        // Waiting for a backlog to drain: look again every DRAIN_POLL, so the
+                        // build starts as the last job ends rather than up to an interval later.
+                        if crate::queue::open_jobs(&pool, &settings.queue.name)
+                            .await
+                            .is_ok_and(|n| n > 0)
+                        {
+                            wait = DRAIN_POLL.min(interval);
+                        }
                     }
                     crate::model_index::BuildOutcome::Cancelled => return,
                     _ => tracing::debug!(%outcome, "index check"),
+                }
+                // Promotion needs the index: nothing to look at while it is missing.
+                if !matches!(
+                    outcome,
+                    crate::model_index::BuildOutcome::Ready(_)
+                        | crate::model_index::BuildOutcome::Built(..)
+                ) {
+                    continue;
                 }
                 match crate::model_index::lifecycle::promote_if_due(&pool, &settings).await {
                     Ok(_) => last_promotion_error = None,

@@ -401,9 +401,15 @@ async fn bulk_insert(
             })
             .collect();
         let t = Instant::now();
-        write::write_batch(pool, MODEL, DIMS, "embed", 10, &writes, true)
-            .await
-            .unwrap();
+        let to = write::Target {
+            model: MODEL,
+            dimensions: DIMS,
+            queue: "embed",
+            max_attempts: 10,
+            touch: true,
+            streams: 1,
+        };
+        write::write_batch(pool, &to, &writes).await.unwrap();
         worker_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         sqlx::query("DELETE FROM rag_embeddings WHERE source_id = ANY($1)")
             .bind(new_ids)

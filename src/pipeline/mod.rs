@@ -492,16 +492,15 @@ impl Pipeline {
         let s = &self.settings;
         let model = s.model.name.as_str();
         let started = std::time::Instant::now();
-        let outcomes = write::write_batch(
-            &self.pool,
+        let to = write::Target {
             model,
-            s.model.dimensions,
-            &s.queue.name,
-            s.queue.max_attempts,
-            writes,
-            self.touch_unchanged,
-        )
-        .await?;
+            dimensions: s.model.dimensions,
+            queue: &s.queue.name,
+            max_attempts: s.queue.max_attempts,
+            touch: self.touch_unchanged,
+            streams: s.write.streams,
+        };
+        let outcomes = write::write_batch(&self.pool, &to, writes).await?;
         let took = started.elapsed();
         crate::meter::db_write(took);
         if took >= SLOW_WRITE {

@@ -1,7 +1,8 @@
-//! Write: a batch's vectors into `rag_embeddings`, in one transaction.
+//! Write: a batch's vectors into `rag_embeddings`, in one transaction per stream.
 //!
 //! Why this shape:
-//! - one transaction per batch and bulk statements — new vectors streamed by binary COPY into a
+//! - one transaction per part of a batch (`write.streams` parts of whole sources, written at
+//!   once over as many connections) and bulk statements — new vectors streamed by binary COPY into a
 //!   temporary staging table and upserted from it, the rest as UNNEST arrays — so the database
 //!   sees a handful of statements per batch rather than one per row;
 //! - a transaction-scoped advisory lock per source, taken in sorted order (no deadlocks), so two
@@ -156,18 +157,79 @@ impl CopyRows {
     }
 }
 
-/// Writes one batch. Returns the outcome per source. `touch`: unchanged chunks are marked as
-/// verified now (the writing model's freshness); the serving model's dual-write passes false
-/// (moving `updated_at` on an unchanged row is an UPDATE, and a non-HOT one re-inserts the row
-/// into the model's HNSW graph).
+/// Where and how a batch is written.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// The model the vectors are of (its partition).
+    pub model: &'a str,
+    /// Their dimensions.
+    pub dimensions: usize,
+    /// Where a superseded source's fresh job goes, and its attempts.
+    pub queue: &'a str,
+    /// Attempts of that job.
+    pub max_attempts: i32,
+    /// Unchanged chunks are marked as verified now (the writing model's freshness); the serving
+    /// model's dual-write passes false (moving `updated_at` on an unchanged row is an UPDATE, and
+    /// a non-HOT one re-inserts the row into the model's HNSW graph).
+    pub touch: bool,
+    /// Connections the batch is split over, by source (`write.streams`).
+    pub streams: usize,
+}
+
+/// Writes one batch: its sources split over up to `to.streams` connections at once, each a
+/// transaction of whole sources (a source's chunks are never split), balanced by new vectors.
+/// Why: pgvector inserts each new row into the HNSW graph in the backend that writes it, so one
+/// connection keeps one core busy however many the server has; two streams halve a 100-row
+/// write on two cores (BENCHMARKS.md). Returns the outcome per source. If one stream fails the
+/// batch fails (and is retried); the streams that committed are then found unchanged by their
+/// content hashes and cost nothing again.
 pub async fn write_batch(
     pool: &PgPool,
-    model: &str,
-    dimensions: usize,
-    queue: &str,
-    max_attempts: i32,
+    to: &Target<'_>,
     writes: &[SourceWrite],
-    touch: bool,
+) -> sqlx::Result<HashMap<EmbedSource, WriteOutcome>> {
+    let parts = split(writes, to.streams);
+    if parts.len() <= 1 {
+        let all: Vec<&SourceWrite> = writes.iter().collect();
+        return write_one(pool, to, &all).await;
+    }
+    let mut outcomes = HashMap::with_capacity(writes.len());
+    for part in futures::future::try_join_all(parts.iter().map(|p| write_one(pool, to, p))).await?
+    {
+        outcomes.extend(part);
+    }
+    Ok(outcomes)
+}
+
+/// `writes` in up to `streams` parts of whole sources, the new vectors spread evenly (each
+/// source to the part with the least so far, largest first; a source with none counts as
+/// one). One part when at most one source has a new vector: only graph insertion gains.
+fn split(writes: &[SourceWrite], streams: usize) -> Vec<Vec<&SourceWrite>> {
+    let new = |w: &SourceWrite| w.chunks.iter().filter(|c| c.vector.is_some()).count();
+    let with_new = writes.iter().filter(|w| new(w) > 0).count();
+    let n = streams.clamp(1, with_new.max(1));
+    if n == 1 {
+        return vec![writes.iter().collect()];
+    }
+    let mut order: Vec<&SourceWrite> = writes.iter().collect();
+    order.sort_by_key(|w| std::cmp::Reverse(new(w)));
+    let mut parts: Vec<(usize, Vec<&SourceWrite>)> = vec![(0, Vec::new()); n];
+    for w in order {
+        let least = parts
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("n >= 1");
+        least.0 += new(w).max(1);
+        least.1.push(w);
+    }
+    parts.into_iter().map(|(_, p)| p).filter(|p| !p.is_empty()).collect()
+}
+
+/// One transaction: locks, newest wins, new vectors, touch, trim, re-queue the superseded.
+async fn write_one(
+    pool: &PgPool,
+    to: &Target<'_>,
+    writes: &[&SourceWrite],
 ) -> sqlx::Result<HashMap<EmbedSource, WriteOutcome>> {
     if writes.is_empty() {
         return Ok(HashMap::new());
@@ -175,13 +237,13 @@ pub async fn write_batch(
     let mut tx = pool.begin().await?;
     lock_sources(&mut tx, writes).await?;
     let (outcomes, fresh, superseded) = partition_fresh(&mut tx, writes).await?;
-    copy_new(&mut tx, model, dimensions, &fresh).await?;
-    if touch {
-        touch_unchanged(&mut tx, model, &fresh).await?;
+    copy_new(&mut tx, to.model, to.dimensions, &fresh).await?;
+    if to.touch {
+        touch_unchanged(&mut tx, to.model, &fresh).await?;
     }
-    trim_tail(&mut tx, model, &fresh).await?;
+    trim_tail(&mut tx, to.model, &fresh).await?;
     if !superseded.is_empty() {
-        crate::queue::enqueue_many(&mut *tx, queue, max_attempts, &superseded).await?;
+        crate::queue::enqueue_many(&mut *tx, to.queue, to.max_attempts, &superseded).await?;
     }
     tx.commit().await?;
     Ok(outcomes)
@@ -191,7 +253,7 @@ type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
 
 /// A transaction-scoped advisory lock per source, in sorted order (no deadlocks): two workers
 /// writing the same source serialize.
-async fn lock_sources(tx: &mut Tx<'_>, writes: &[SourceWrite]) -> sqlx::Result<()> {
+async fn lock_sources(tx: &mut Tx<'_>, writes: &[&SourceWrite]) -> sqlx::Result<()> {
     let mut keys: Vec<i64> = writes.iter().map(|w| lock_key(&w.source)).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -206,7 +268,7 @@ async fn lock_sources(tx: &mut Tx<'_>, writes: &[SourceWrite]) -> sqlx::Result<(
 /// moved since its text was read is `Superseded` (and re-queued); the rest are written.
 async fn partition_fresh<'w>(
     tx: &mut Tx<'_>,
-    writes: &'w [SourceWrite],
+    writes: &[&'w SourceWrite],
 ) -> sqlx::Result<(
     HashMap<EmbedSource, WriteOutcome>,
     Vec<&'w SourceWrite>,
@@ -250,7 +312,7 @@ async fn partition_fresh<'w>(
             }
             Some(_) => {
                 outcomes.insert(w.source, WriteOutcome::Written);
-                fresh.push(w);
+                fresh.push(*w);
             }
         }
     }
@@ -367,4 +429,55 @@ async fn trim_tail(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(new: usize, same: usize) -> SourceWrite {
+        let chunk = |index: usize, fresh: bool| ChunkWrite {
+            index,
+            content_hash: format!("h{index}"),
+            tokens: 1,
+            vector: fresh.then(|| Vector::from(vec![1.0, 0.0])),
+        };
+        SourceWrite {
+            source: EmbedSource {
+                source_type: SourceType::Session,
+                source_id: Uuid::new_v4(),
+            },
+            read_at: Utc::now(),
+            chunks: (0..new)
+                .map(|i| chunk(i, true))
+                .chain((new..new + same).map(|i| chunk(i, false)))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_batch_splits_into_parts_of_whole_sources_with_even_new_vectors() {
+        let writes: Vec<SourceWrite> = [5, 1, 1, 1, 1, 1, 0, 0]
+            .iter()
+            .map(|n| source(*n, 1))
+            .collect();
+        let parts = split(&writes, 2);
+        assert_eq!(parts.len(), 2);
+        let mut seen: Vec<EmbedSource> = parts.iter().flatten().map(|w| w.source).collect();
+        seen.sort_by_key(|s| s.source_id);
+        let mut all: Vec<EmbedSource> = writes.iter().map(|w| w.source).collect();
+        all.sort_by_key(|s| s.source_id);
+        assert_eq!(seen, all, "every source once, whole");
+        let new = |p: &Vec<&SourceWrite>| -> usize {
+            p.iter()
+                .map(|w| w.chunks.iter().filter(|c| c.vector.is_some()).count())
+                .sum()
+        };
+        assert_eq!((new(&parts[0]), new(&parts[1])), (5, 5));
+        // Nothing to insert into the graph, or one source: one transaction.
+        assert_eq!(split(&writes[6..], 2).len(), 1);
+        assert_eq!(split(&writes[..1], 4).len(), 1);
+        assert_eq!(split(&writes, 1).len(), 1);
+        assert_eq!(split(&writes, 4).len(), 4);
+    }
 }
