@@ -201,12 +201,47 @@ pub struct IndexSettings {
     /// no rows; built once the backlog drains) when they queue at least this many sources
     /// (0 = never defer).
     pub defer_min_sources: usize,
-    /// How often `run` checks whether a missing index can be built (one builder across replicas).
+    /// How often `run` checks whether a missing index can be built (one builder across replicas);
+    /// while a backlog it waits for drains, every 250 ms.
     pub check_interval_secs: u64,
+    /// `run` builds a missing index itself once the backlog drains; false: only `models
+    /// build-index` (or `migrate`) does.
+    pub auto_build: bool,
     /// Upper bound of `maintenance_work_mem` for a build, in MB (sized to the graph below it).
     pub max_build_memory_mb: u64,
-    /// Parallel workers a build may use (`max_parallel_maintenance_workers`).
-    pub build_parallel_workers: u32,
+    /// Parallel workers a build may use (`max_parallel_maintenance_workers`), or `"auto"`.
+    pub build_parallel_workers: BuildWorkers,
+}
+
+/// `index.build_parallel_workers`: how many parallel maintenance workers join a build's leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildWorkers {
+    /// The database's cores less the leader when it runs on this machine (the embedded
+    /// default: the worker cannot see a remote server's cores); otherwise the server's own
+    /// `max_parallel_maintenance_workers`, which its operator sizes.
+    Auto,
+    /// This many (0: a serial build).
+    Fixed(u32),
+}
+
+impl<'de> Deserialize<'de> for BuildWorkers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(BuildWorkers::Fixed(n)),
+            Raw::Word(w) if w == "auto" => Ok(BuildWorkers::Auto),
+            Raw::Word(w) => w.parse().map(BuildWorkers::Fixed).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "index.build_parallel_workers: expected a number or \"auto\", got {w:?}"
+                ))
+            }),
+        }
+    }
 }
 
 impl IndexSettings {
@@ -224,12 +259,9 @@ impl IndexSettings {
             64,
             65_536,
         );
-        c.within(
-            "index.build_parallel_workers",
-            self.build_parallel_workers,
-            0,
-            64,
-        );
+        if let BuildWorkers::Fixed(n) = self.build_parallel_workers {
+            c.within("index.build_parallel_workers", n, 0, 64);
+        }
     }
 }
 

@@ -317,7 +317,12 @@ async fn build_indexes(
             _ = stop.wait_for(|v| *v) => return,
         }
         wait = interval;
-        match crate::model_index::build_if_due(&pool, &settings, false, Some(stop.clone())).await {
+        let checked = if settings.index.auto_build {
+            crate::model_index::build_if_due(&pool, &settings, false, Some(stop.clone())).await
+        } else {
+            ready_or_left(&pool, &settings).await
+        };
+        match checked {
             Ok(outcome) => {
                 last_error = None;
                 match &outcome {
@@ -364,6 +369,22 @@ async fn build_indexes(
             }
         }
     }
+}
+
+/// With `index.auto_build = false`: the index's state, a missing one left to `models build-index`.
+async fn ready_or_left(
+    pool: &PgPool,
+    settings: &Settings,
+) -> anyhow::Result<crate::model_index::BuildOutcome> {
+    let spec = crate::model_index::IndexSpec::from_settings(settings)?;
+    Ok(match crate::model_index::state(pool, &spec).await? {
+        crate::model_index::IndexState::Ready(name) => {
+            crate::model_index::BuildOutcome::Ready(name)
+        }
+        _ => crate::model_index::BuildOutcome::Deferred(
+            "index.auto_build = false: `embed-worker models build-index` builds it".into(),
+        ),
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

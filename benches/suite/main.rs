@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,...]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -35,24 +35,28 @@ mod collect;
 mod corpus;
 mod e2e;
 mod harness;
+mod insert;
 mod prune;
 mod queue;
 mod quota;
 mod replicas;
 mod report;
 mod search;
+mod switch;
 mod tokenizer;
 
 use collect::*;
 use corpus::*;
 use e2e::*;
 use harness::*;
+use insert::*;
 use prune::*;
 use queue::*;
 use quota::*;
 use replicas::*;
 use report::*;
 use search::*;
+use switch::*;
 use tokenizer::*;
 
 const DIMS: usize = 1536;
@@ -65,6 +69,14 @@ struct Args {
     quota_secs: u64,
     collect_inputs: usize,
     prune_rows: usize,
+    build_rows: Vec<usize>,
+    insert_rows: Vec<usize>,
+}
+
+/// `a,b,c` as numbers, or `default`.
+fn list(v: Option<String>, default: &[usize]) -> Vec<usize> {
+    v.map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
 }
 
 fn args() -> Args {
@@ -93,6 +105,15 @@ fn args() -> Args {
         prune_rows: get("--prune-rows")
             .and_then(|v| v.parse().ok())
             .unwrap_or(500_000),
+        build_rows: list(get("--build-rows"), &[20_000, 100_000]),
+        insert_rows: list(
+            get("--insert-rows"),
+            if large {
+                &[100_000, 500_000]
+            } else {
+                &[100_000]
+            },
+        ),
     }
 }
 
@@ -123,7 +144,16 @@ async fn main() {
         let ids = insert_sessions(&pool, &users, &corpus).await;
         let sources = helpers::session_sources(&ids);
         if want("e2e") {
+            // --e2e-deferred: only the deferred-index runs at 0 ms (a profile, a quick check).
+            let deferred_only = std::env::args().any(|a| a == "--e2e-deferred");
             for latency in [0u64, 200] {
+                if deferred_only {
+                    if latency == 0 {
+                        eprintln!("e2e at 0 ms, deferred index …");
+                        bench_e2e(&mut report, &url, &pool, &sources, 0, tokenize_cpu, true).await;
+                    }
+                    continue;
+                }
                 eprintln!("e2e at {latency} ms …");
                 let live = bench_e2e(
                     &mut report,
@@ -163,6 +193,44 @@ async fn main() {
         }
         pool.close().await;
         drop_db(&url).await;
+    }
+    if want("switch") || want("pace") {
+        let (url, pool) = fresh_db("switch").await;
+        if want("switch") {
+            eprintln!("switch …");
+            let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+            let ids = insert_sessions(&pool, &users, &corpus).await;
+            bench_switch(&mut report, &url, &pool, &helpers::session_sources(&ids)).await;
+            sqlx::raw_sql("DELETE FROM sessions")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        if want("pace") {
+            eprintln!("pace …");
+            bench_pace(&mut report, &url, &pool).await;
+        }
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("build") {
+        for &n in &a.build_rows {
+            eprintln!("build {n} …");
+            let (url, pool) = fresh_db("build").await;
+            let workers: &[u32] = if n <= 20_000 { &[0, 1, 2] } else { &[1, 2] };
+            bench_build(&mut report, &url, &pool, n, workers).await;
+            pool.close().await;
+            drop_db(&url).await;
+        }
+    }
+    if want("insert") {
+        for &n in &a.insert_rows {
+            eprintln!("insert into {n} …");
+            let (url, pool) = fresh_db("insert").await;
+            bench_insert(&mut report, &url, &pool, n).await;
+            pool.close().await;
+            drop_db(&url).await;
+        }
     }
     if want("queue") {
         eprintln!("queue …");

@@ -223,7 +223,10 @@ impl RateLimiter {
             let _ = r.check();
         }
         if let Some(t) = &tokens {
-            let burst = self.token_burst.min(limit_tokens.unwrap_or(0) as u32).max(1);
+            let burst = self
+                .token_burst
+                .min(limit_tokens.unwrap_or(0) as u32)
+                .max(1);
             let used = sent.iter().sum::<u64>().min(burst as u64) as u32;
             if let Some(n) = NonZeroU32::new(used) {
                 let _ = t.check_n(n);
@@ -314,9 +317,12 @@ impl RateLimiter {
         // After the window's wait: the answer that opened it may have stated the limits.
         self.learn_stated();
         let stated = self.stated.get();
-        for r in [self.requests.as_ref(), stated.and_then(|s| s.requests.as_ref())]
-            .into_iter()
-            .flatten()
+        for r in [
+            self.requests.as_ref(),
+            stated.and_then(|s| s.requests.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
         {
             r.until_ready().await;
         }

@@ -167,6 +167,27 @@ pub fn build_memory_mb(spec: &IndexSpec, rows: i64, cap_mb: u64) -> u64 {
     mb.clamp(64, cap_mb.max(64))
 }
 
+/// `max_parallel_maintenance_workers` for a build (`None`: the server's own setting). Auto: a
+/// server on this machine (a loopback address or a socket) gets its cores less the leader;
+/// the cores of a remote one are not visible from here.
+pub fn parallel_workers(
+    setting: crate::config::BuildWorkers,
+    opts: &PgConnectOptions,
+) -> Option<u32> {
+    match setting {
+        crate::config::BuildWorkers::Fixed(n) => Some(n),
+        crate::config::BuildWorkers::Auto => {
+            let host = opts.get_host();
+            let local = host.starts_with('/')
+                || host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            local.then(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32 - 1))
+        }
+    }
+}
+
 /// Builds `spec`'s index on its own login connection under the build lock: drops a dead build's
 /// leftover, sizes `maintenance_work_mem`, lets pgvector use parallel workers, `CREATE INDEX
 /// CONCURRENTLY`, then drops the model's superseded indexes (another precision or size).
@@ -221,13 +242,16 @@ async fn build_locked(
             .fetch_one(&mut *conn)
             .await?;
     let mem = build_memory_mb(spec, rows, cfg.max_build_memory_mb);
+    let workers = match parallel_workers(cfg.build_parallel_workers, &opts) {
+        Some(n) => format!("SET max_parallel_maintenance_workers = {n};"),
+        None => String::new(),
+    };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "SET maintenance_work_mem = '{mem}MB';
-         SET max_parallel_maintenance_workers = {workers};
+         {workers}
          SET min_parallel_table_scan_size = 0;
          SET client_connection_check_interval = '1s';
-         SET statement_timeout = 0; SET lock_timeout = 0",
-        workers = cfg.build_parallel_workers
+         SET statement_timeout = 0; SET lock_timeout = 0"
     )))
     .execute(&mut *conn)
     .await?;

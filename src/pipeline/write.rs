@@ -194,8 +194,7 @@ pub async fn write_batch(
         return write_one(pool, to, &all).await;
     }
     let mut outcomes = HashMap::with_capacity(writes.len());
-    for part in futures::future::try_join_all(parts.iter().map(|p| write_one(pool, to, p))).await?
-    {
+    for part in futures::future::try_join_all(parts.iter().map(|p| write_one(pool, to, p))).await? {
         outcomes.extend(part);
     }
     Ok(outcomes)
@@ -222,7 +221,11 @@ fn split(writes: &[SourceWrite], streams: usize) -> Vec<Vec<&SourceWrite>> {
         least.0 += new(w).max(1);
         least.1.push(w);
     }
-    parts.into_iter().map(|(_, p)| p).filter(|p| !p.is_empty()).collect()
+    parts
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty())
+        .collect()
 }
 
 /// One transaction: locks, newest wins, new vectors, touch, trim, re-queue the superseded.

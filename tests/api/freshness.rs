@@ -166,7 +166,10 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .unwrap();
     assert_eq!(again.created, 0, "idempotent");
     assert_eq!(again.found(), 4);
-    assert!(again.by_reason.iter().all(|(_, n, open)| n == open), "{again:?}");
+    assert!(
+        again.by_reason.iter().all(|(_, n, open)| n == open),
+        "{again:?}"
+    );
     let jobs: i64 = sqlx::query_scalar("SELECT count(*) FROM apalis.jobs")
         .fetch_one(&t.admin)
         .await

@@ -136,9 +136,9 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
         report.notes
     );
 
-    // Half the backfill with a builder that does not come round again: rows without an index.
+    // Half the backfill with a worker that does not build: rows without an index.
     let mut slow = b.clone();
-    slow.index.check_interval_secs = 3600;
+    slow.index.auto_build = false;
     enqueue(&t.admin, &sources[..150]).await;
     let w = RunningWorker::start(slow).await;
     wait_drained(&t.admin, Duration::from_secs(60)).await;

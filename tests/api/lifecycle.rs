@@ -51,9 +51,9 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     let mut a = worker_settings(&t, &fake);
     a.model.name = OLD.into();
     a.model.dimensions = 1536;
-    // The index is built below by the test, not by this worker's periodic check (a build it
-    // started as the queue drained would hold the build lock past its stop: `Busy`).
-    a.index.check_interval_secs = 86_400;
+    // The index is built below by the test, not by this worker (a build it started as the
+    // queue drained would hold the build lock past its stop: `Busy`).
+    a.index.auto_build = false;
     let w = RunningWorker::start(a.clone()).await;
     backfill_stale(&t, &a).await;
     wait_drained(&t.admin, Duration::from_secs(120)).await;

@@ -285,7 +285,10 @@ async fn one_request_a_second(stated: bool) -> (usize, usize) {
 async fn a_provider_stating_its_limit_is_paced_at_it_from_its_first_answer() {
     let (ok, refused) = one_request_a_second(true).await;
     assert!(ok >= 16, "{ok}");
-    assert_eq!(refused, 0, "paced from x-ratelimit-limit-requests: no 429 at all");
+    assert_eq!(
+        refused, 0,
+        "paced from x-ratelimit-limit-requests: no 429 at all"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
