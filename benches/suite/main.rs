@@ -194,22 +194,19 @@ async fn main() {
         pool.close().await;
         drop_db(&url).await;
     }
-    if want("switch") || want("pace") {
+    if want("switch") {
+        eprintln!("switch …");
         let (url, pool) = fresh_db("switch").await;
-        if want("switch") {
-            eprintln!("switch …");
-            let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
-            let ids = insert_sessions(&pool, &users, &corpus).await;
-            bench_switch(&mut report, &url, &pool, &helpers::session_sources(&ids)).await;
-            sqlx::raw_sql("DELETE FROM sessions")
-                .execute(&pool)
-                .await
-                .unwrap();
-        }
-        if want("pace") {
-            eprintln!("pace …");
-            bench_pace(&mut report, &url, &pool).await;
-        }
+        let users: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+        let ids = insert_sessions(&pool, &users, &corpus).await;
+        bench_switch(&mut report, &url, &pool, &helpers::session_sources(&ids)).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("pace") {
+        eprintln!("pace …");
+        let (url, pool) = fresh_db("pace").await;
+        bench_pace(&mut report, &url, &pool).await;
         pool.close().await;
         drop_db(&url).await;
     }

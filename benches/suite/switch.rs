@@ -103,11 +103,16 @@ pub(crate) async fn bench_switch(
             .fetch_one(pool)
             .await
             .unwrap();
-    let serving: String = sqlx::query_scalar("SELECT embed_worker.serving_model()")
+    let serving: String = sqlx::query_scalar("SELECT model FROM embed_worker.serving_model()")
         .fetch_one(pool)
         .await
         .unwrap();
     let total = queueing + run;
+    eprintln!(
+        "switch: backfill {:.2} s (queueing {statement:.2} s, {queued} jobs), run {:.1} s (build {build})",
+        queueing.as_secs_f64(),
+        run.as_secs_f64()
+    );
     report.add(
         section,
         format!(

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use embed_worker::config::Settings;
 use embed_worker::db;
 use embed_worker::freshness::{self, Scope};
-use embed_worker::source::{EmbedSource, SourceType};
+use embed_worker::source::SourceType;
 
 /// `embed-worker enqueue-stale`.
 pub(crate) async fn enqueue_stale(
@@ -131,8 +131,7 @@ async fn run_backfill(
     wait: bool,
 ) -> anyhow::Result<()> {
     let stale = freshness::find_stale(pool, &settings.model.name, scope).await?;
-    let sources: Vec<EmbedSource> = stale.iter().map(|s| s.source).collect();
-    let est = freshness::estimate(pool, settings, &sources).await?;
+    let est = freshness::estimate_stale(pool, settings, &stale).await?;
     eprintln!(
         "backfill: {:?}; {est} ({}; bulk.mode = {})",
         freshness::counts(&stale)

@@ -162,7 +162,7 @@ impl Caller {
                     .await;
                 let sent_at = permit.sent_at;
                 match &res {
-                    Ok(_) => self.limiter.accepted(),
+                    Ok(_) => self.limiter.accepted(sent_at),
                     Err(EmbedError::RateLimited { retry_after, .. }) => self.limiter.refused(
                         retry_after.unwrap_or(std::time::Duration::from_secs(1)),
                         sent_at,

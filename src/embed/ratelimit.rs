@@ -14,11 +14,13 @@
 //! 3. A 429 pauses every request of this process until its `retry-after(-ms)`; then sending
 //!    resumes at what the provider was seen to accept, like TCP's congestion control: one
 //!    request in flight (slow start, +1 per answer), at most one request per Retry-After
-//!    interval, the interval halving the rate on each further 429 (once per round of
-//!    requests) and shrinking by an eighth after every 8 accepted requests (additive increase).
+//!    interval. The spacing shrinks by a sixteenth after every 16 accepted requests (a probe),
+//!    never back to a spacing that drew a 429 until 128 more were accepted; a 429 right after a
+//!    probe returns to the spacing before it, any other doubles it (once per round of requests).
 //!    Why: providers quantise their headers (one that enforces 1 request/second says "60 per
 //!    minute, 59 remaining"), so layer 2 lets a burst through; resuming everything at once
-//!    after the pause drew a storm of 429s (docs/decisions.md).
+//!    after the pause drew a storm of 429s (docs/decisions.md), and probing by an eighth every
+//!    8 requests drew one 429 in 5 at a 1 request/second provider (BENCHMARKS.md).
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
@@ -80,6 +82,11 @@ struct Stated {
     tokens: Option<DefaultDirectRateLimiter>,
 }
 
+/// Accepted requests between two probes of a shorter spacing.
+const PROBE_EVERY: u32 = 16;
+/// Accepted requests after which a spacing that drew a 429 may be probed again.
+const FORGET_REFUSAL_AFTER: u32 = 128;
+
 /// One request's place in the slow-start window, from admission until its answer.
 struct Slot<'a>(&'a RateLimiter);
 
@@ -104,6 +111,13 @@ struct Adaptive {
     interval: Option<Duration>,
     next_send: Instant,
     accepted_streak: u32,
+    /// The spacing before the last probe, while no 16 requests have been accepted since it.
+    before_probe: Option<Duration>,
+    /// The spacing a 429 last came at, and requests accepted since: probes stop above it.
+    refused_at: Option<(Duration, u32)>,
+    /// When the last accepted request was sent: a 429's Retry-After counts from it, which
+    /// gives the spacing the provider wants.
+    last_accepted: Option<Instant>,
     /// The last decrease: a 429 for a request sent before it belongs to the same round.
     decreased_at: Option<Instant>,
 }
@@ -169,6 +183,9 @@ impl RateLimiter {
                     interval: None,
                     next_send: Instant::now(),
                     accepted_streak: 0,
+                    before_probe: None,
+                    refused_at: None,
+                    last_accepted: None,
                     decreased_at: None,
                 })
             }),
@@ -279,18 +296,33 @@ impl RateLimiter {
         }
     }
 
-    /// The provider accepted a request: open the window, and every 8 in a row shorten the
-    /// spacing by an eighth.
-    pub(crate) fn accepted(&self) {
+    /// The provider accepted a request sent at `sent_at`: open the window; every
+    /// [`PROBE_EVERY`] in a row, probe a spacing a sixteenth shorter (not one refused lately).
+    pub(crate) fn accepted(&self, sent_at: Instant) {
         if let Some(adaptive) = &self.adaptive {
             let mut a = adaptive.lock().unwrap();
-            a.window = (a.window + 1).min(a.max_window);
+            a.last_accepted = a.last_accepted.max(Some(sent_at));
             a.accepted_streak += 1;
-            if a.accepted_streak % 8 == 0 {
-                a.interval = a
-                    .interval
-                    .map(|i| i.mul_f64(7.0 / 8.0))
-                    .filter(|i| *i >= Duration::from_millis(10));
+            // +1 per two answers: a provider that takes one request at a time then draws one
+            // 429 (the second request, sent alone), not two sent together.
+            if a.accepted_streak % 2 == 0 || a.window >= 2 {
+                a.window = (a.window + 1).min(a.max_window);
+            }
+            if let Some((_, since)) = &mut a.refused_at {
+                *since += 1;
+            }
+            if a.accepted_streak % PROBE_EVERY == 0 {
+                a.before_probe = None;
+                if let Some(i) = a.interval {
+                    let probe = i.mul_f64(1.0 - 1.0 / PROBE_EVERY as f64);
+                    let refused_near = a
+                        .refused_at
+                        .is_some_and(|(r, since)| probe <= r && since < FORGET_REFUSAL_AFTER);
+                    if !refused_near {
+                        a.before_probe = Some(i);
+                        a.interval = (probe >= Duration::from_millis(10)).then_some(probe);
+                    }
+                }
             }
         }
         self.answered.notify_waiters();
@@ -420,10 +452,29 @@ impl RateLimiter {
             a.window = 1;
             a.accepted_streak = 0;
             // Requests already on their way when we slowed down say nothing new.
+            // The provider would have taken this request `after` later: spaced from the last
+            // accepted one by their gap plus that, and 2% for arrival jitter.
+            let gap = a
+                .last_accepted
+                .filter(|t| *t < sent_at)
+                .map(|t| sent_at.duration_since(t))
+                .filter(|g| *g < Duration::from_secs(10))
+                .unwrap_or_default();
+            let floor = (gap + after).mul_f64(1.02).max(Duration::from_millis(10));
             if a.decreased_at.is_none_or(|d| sent_at >= d) {
-                let floor = after.max(Duration::from_millis(10));
-                a.interval = Some(a.interval.map_or(floor, |i| (i * 2).max(floor)));
+                a.refused_at = Some((a.interval.unwrap_or_default(), 0));
+                a.interval = Some(match (a.before_probe.take(), a.interval) {
+                    // Refused right after a probe: the spacing before it was accepted.
+                    (Some(before), _) => before.max(floor),
+                    // The provider's spacing, where its answer says more than ours.
+                    (None, Some(i)) if floor > i => floor,
+                    (None, Some(i)) => i * 2,
+                    (None, None) => floor,
+                });
                 a.decreased_at = Some(now);
+            } else if a.interval.is_some_and(|i| floor > i) {
+                // Another answer of the same round says the provider wants more room.
+                a.interval = Some(floor);
             }
             a.next_send = a.next_send.max(until);
         }
@@ -514,18 +565,33 @@ mod tests {
                 .await
                 .is_err()
         );
-        rl.accepted();
+        rl.accepted(first.sent_at);
         drop(first);
+        // The window opens by one per two answers.
+        let second = rl.acquire(1).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), rl.acquire(1))
+                .await
+                .is_err()
+        );
+        rl.accepted(second.sent_at);
+        drop(second);
         let (a, b) = (rl.acquire(1).await, rl.acquire(1).await);
         // Both refused in the same round: the spacing is learnt once, not doubled twice.
         rl.refused(Duration::from_millis(200), a.sent_at);
         rl.refused(Duration::from_millis(200), b.sent_at);
         drop((a, b));
-        assert_eq!(rl.interval(), Some(Duration::from_millis(200)));
+        // The Retry-After counted from the last accepted request (sent ~50 ms earlier: the
+        // timeout above), +2%.
+        let learnt = rl.interval().unwrap();
+        assert!(
+            learnt >= Duration::from_millis(255) && learnt < Duration::from_millis(350),
+            "{learnt:?}"
+        );
         let start = Instant::now();
         for _ in 0..3 {
             let p = rl.acquire(1).await;
-            rl.accepted();
+            rl.accepted(p.sent_at);
             drop(p);
         }
         let took = start.elapsed();
@@ -534,7 +600,58 @@ mod tests {
         // A later 429 halves the rate.
         let p = rl.acquire(1).await;
         rl.refused(Duration::from_millis(50), p.sent_at);
-        assert_eq!(rl.interval(), Some(Duration::from_millis(400)));
+        drop(p);
+        // Spaced from the last accepted request by the gap plus the Retry-After.
+        let later = rl.interval().unwrap();
+        assert!(later > learnt + Duration::from_millis(40), "{later:?} after {learnt:?}");
+        // A 429 never shortens the spacing.
+        let p = rl.acquire(1).await;
+        rl.refused(Duration::ZERO, p.sent_at);
+        drop(p);
+        assert!(rl.interval().unwrap() >= later, "{:?}", rl.interval());
+    }
+
+    #[tokio::test]
+    async fn probes_are_rare_and_a_refused_probe_returns_to_the_spacing_before_it() {
+        let cfg = RateLimitSettings {
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            period_secs: 60,
+        };
+        let rl = RateLimiter::new(
+            &cfg,
+            1000,
+            Arc::new(Mutex::new(RateLimitHeaders::default())),
+            4,
+        );
+        let p = rl.acquire(1).await;
+        rl.refused(Duration::from_millis(20), p.sent_at);
+        drop(p);
+        let learnt = rl.interval().unwrap();
+        assert_eq!(learnt, Duration::from_millis(20).mul_f64(1.02));
+        for n in 1..=PROBE_EVERY {
+            let p = rl.acquire(1).await;
+            rl.accepted(p.sent_at);
+            drop(p);
+            if n < PROBE_EVERY {
+                assert_eq!(rl.interval(), Some(learnt), "no probe before {PROBE_EVERY}");
+            }
+        }
+        let probe = rl.interval().unwrap();
+        assert!(probe < learnt, "{probe:?} probes below {learnt:?}");
+        // Refused right after the probe: back to the spacing before it, not twice it.
+        let p = rl.acquire(1).await;
+        rl.refused(Duration::ZERO, p.sent_at);
+        drop(p);
+        let back = rl.interval().unwrap();
+        assert!(back >= learnt && back < learnt * 2, "{back:?} after {learnt:?}");
+        // And no probe at or below the refused spacing for a while.
+        for _ in 0..PROBE_EVERY * 2 {
+            let p = rl.acquire(1).await;
+            rl.accepted(p.sent_at);
+            drop(p);
+            assert!(rl.interval().unwrap() > probe, "{:?}", rl.interval());
+        }
     }
 
     #[tokio::test]

@@ -200,7 +200,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     use embed_worker::model_index::lifecycle;
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
-    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 30, |i| 5 + i).await;
+    insert_sessions(&t.admin, Uuid::new_v4(), 30, |i| 5 + i).await;
     let mut a = worker_settings(&t, &fake);
     a.model.name = "text-embedding-3-small".into();
     a.model.dimensions = 256;
@@ -279,6 +279,12 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
             .iter()
             .all(|s| s.reason == embed_worker::freshness::StaleReason::OtherModel)
     );
+    // The switch's estimate reads the old model's stored counts: the same as counting again.
+    let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
+    let counted = freshness::estimate(&t.admin, &b, &sources).await.unwrap();
+    let stored = freshness::estimate_stale(&t.admin, &b, &stale).await.unwrap();
+    assert_eq!((stored.sources, stored.tokens), (counted.sources, counted.tokens));
+    assert!(counted.tokens > 0);
     let q = freshness::enqueue_stale(&t.admin, &b, &b.model.name, &Scope::default())
         .await
         .unwrap();

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 use embed_worker::fake_openai::FakeConfig;
+use embed_worker::source::{EmbedSource, SourceType};
 use uuid::Uuid;
 
 /// Deadlocks this database has seen (PostgreSQL counts them per database).
@@ -169,4 +170,51 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(deadlocks(&t).await - before, 0);
+}
+
+#[tokio::test]
+async fn job_payloads_decode_on_both_paths_and_enqueued_ids_are_ulids() {
+    let t = TestDb::migrated().await;
+    // ASCII JSON (the fast path), JSON with escapes and UTF-8 (the decoding path), and the two
+    // kinds of unreadable payload.
+    for (bytes, expected) in [
+        (&b"{\"a\": 1}"[..], Some(serde_json::json!({"a": 1}))),
+        (&b"{\"a\": \"\\u00e9\"}"[..], Some(serde_json::json!({"a": "\u{e9}"}))),
+        ("{\"a\": \"\u{e9}\"}".as_bytes(), Some(serde_json::json!({"a": "\u{e9}"}))),
+        (&b"{\"a\": 1"[..], None),
+        (&b"\xff\xfe"[..], None),
+    ] {
+        let got: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT embed_worker.job_payload($1)")
+                .bind(bytes)
+                .fetch_one(&t.admin)
+                .await
+                .unwrap();
+        assert_eq!(got, expected, "{:?}", String::from_utf8_lossy(bytes));
+    }
+    let sources: Vec<EmbedSource> = (0..3000)
+        .map(|_| EmbedSource {
+            source_type: SourceType::Session,
+            source_id: Uuid::new_v4(),
+        })
+        .collect();
+    embed_worker::queue::enqueue_many(&t.admin, "ulid_check", 10, &sources)
+        .await
+        .unwrap();
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id FROM apalis.jobs WHERE job_type = 'ulid_check'")
+            .fetch_all(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(ids.len(), 3000);
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 3000);
+    // A ULID: 26 Crockford base-32 characters, the first at most 7 (128 bits).
+    let crockford = "0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    for id in &ids {
+        assert!(
+            id.len() == 26 && id.chars().all(|c| crockford.contains(c)) && id.as_bytes()[0] <= b'7',
+            "{id} is a ULID"
+        );
+    }
 }

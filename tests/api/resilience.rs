@@ -318,6 +318,7 @@ async fn bad_payloads_and_empty_text_are_recorded_and_the_worker_goes_on() {
     for payload in [
         &b"{\"source_type\": \"video\", \"source_id\": \"00000000-0000-0000-0000-000000000001\"}"[..],
         &b"\xff\xfe not json"[..],
+        &b"plain ASCII, not JSON"[..],
     ] {
         sqlx::query("INSERT INTO apalis.jobs (id, job_type, job, status, attempts, max_attempts) VALUES (apalis.generate_ulid(), 'embed', $1, 'Pending', 0, 10)")
             .bind(payload)
@@ -349,7 +350,7 @@ async fn bad_payloads_and_empty_text_are_recorded_and_the_worker_goes_on() {
             .fetch_all(&t.admin)
             .await
             .unwrap();
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
     for (_, reason, _) in &dead {
         assert!(reason.as_deref().is_some_and(|r| !r.is_empty()), "{dead:?}");
     }
