@@ -603,7 +603,10 @@ mod tests {
         drop(p);
         // Spaced from the last accepted request by the gap plus the Retry-After.
         let later = rl.interval().unwrap();
-        assert!(later > learnt + Duration::from_millis(40), "{later:?} after {learnt:?}");
+        assert!(
+            later > learnt + Duration::from_millis(40),
+            "{later:?} after {learnt:?}"
+        );
         // A 429 never shortens the spacing.
         let p = rl.acquire(1).await;
         rl.refused(Duration::ZERO, p.sent_at);
@@ -644,7 +647,10 @@ mod tests {
         rl.refused(Duration::ZERO, p.sent_at);
         drop(p);
         let back = rl.interval().unwrap();
-        assert!(back >= learnt && back < learnt * 2, "{back:?} after {learnt:?}");
+        assert!(
+            back >= learnt && back < learnt * 2,
+            "{back:?} after {learnt:?}"
+        );
         // And no probe at or below the refused spacing for a while.
         for _ in 0..PROBE_EVERY * 2 {
             let p = rl.acquire(1).await;

@@ -282,8 +282,13 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     // The switch's estimate reads the old model's stored counts: the same as counting again.
     let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
     let counted = freshness::estimate(&t.admin, &b, &sources).await.unwrap();
-    let stored = freshness::estimate_stale(&t.admin, &b, &stale).await.unwrap();
-    assert_eq!((stored.sources, stored.tokens), (counted.sources, counted.tokens));
+    let stored = freshness::estimate_stale(&t.admin, &b, &stale)
+        .await
+        .unwrap();
+    assert_eq!(
+        (stored.sources, stored.tokens),
+        (counted.sources, counted.tokens)
+    );
     assert!(counted.tokens > 0);
     let q = freshness::enqueue_stale(&t.admin, &b, &b.model.name, &Scope::default())
         .await

@@ -179,8 +179,14 @@ async fn job_payloads_decode_on_both_paths_and_enqueued_ids_are_ulids() {
     // kinds of unreadable payload.
     for (bytes, expected) in [
         (&b"{\"a\": 1}"[..], Some(serde_json::json!({"a": 1}))),
-        (&b"{\"a\": \"\\u00e9\"}"[..], Some(serde_json::json!({"a": "\u{e9}"}))),
-        ("{\"a\": \"\u{e9}\"}".as_bytes(), Some(serde_json::json!({"a": "\u{e9}"}))),
+        (
+            &b"{\"a\": \"\\u00e9\"}"[..],
+            Some(serde_json::json!({"a": "\u{e9}"})),
+        ),
+        (
+            "{\"a\": \"\u{e9}\"}".as_bytes(),
+            Some(serde_json::json!({"a": "\u{e9}"})),
+        ),
         (&b"{\"a\": 1"[..], None),
         (&b"\xff\xfe"[..], None),
     ] {
