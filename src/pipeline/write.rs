@@ -87,8 +87,13 @@ const COPY_TABLE: &str = "DO $$ BEGIN
     END IF;
 END $$";
 
-/// Bytes buffered before a COPY chunk is sent: bounds the worker's and the connection's buffers.
-const COPY_CHUNK: usize = 256 * 1024;
+/// Bytes buffered before a COPY chunk is sent: bounds the worker's and the connection's buffers
+/// (each pooled connection keeps a write buffer as large as the largest message it sent, and
+/// `write.streams` multiplies the connections writing at once: 256 KB put the e2e run's peak
+/// RSS at 66 MB with two streams).
+const COPY_CHUNK: usize = 64 * 1024;
+/// Room past [`COPY_CHUNK`] for the row that crosses it (4,000 dimensions: ~16 KB).
+const COPY_SLACK: usize = 32 * 1024;
 
 /// Rows in PostgreSQL's binary COPY format: a header, then per row a field count and
 /// length-prefixed big-endian fields, then a -1 trailer. Sent in chunks as it fills.
@@ -105,7 +110,7 @@ impl Default for CopyRows {
 impl CopyRows {
     /// An empty buffer with the COPY header.
     pub fn new() -> Self {
-        let mut buf = Vec::with_capacity(COPY_CHUNK + 64 * 1024);
+        let mut buf = Vec::with_capacity(COPY_CHUNK + COPY_SLACK);
         buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         buf.extend_from_slice(&0i32.to_be_bytes()); // flags
         buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
@@ -147,7 +152,7 @@ impl CopyRows {
 
     /// What is buffered so far, to send; the buffer starts over.
     pub fn take(&mut self) -> Vec<u8> {
-        std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_CHUNK + 64 * 1024))
+        std::mem::replace(&mut self.buf, Vec::with_capacity(COPY_CHUNK + COPY_SLACK))
     }
 
     /// The rest, with the trailer.
