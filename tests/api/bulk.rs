@@ -149,16 +149,26 @@ async fn a_worker_killed_after_submitting_is_resumed_by_the_next_and_nothing_is_
     let mut first = worker_command(&t, &fake.base_url());
     lane_env(&mut first);
     let mut first = first.arg("run").spawn().unwrap();
+    // Killed once the submission is recorded (the provider creating the batch comes first: a
+    // kill between the two, the record still `preparing`, is the other resume path's test).
     let started = Instant::now();
-    while fake.batches_created() == 0 {
+    loop {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM embed_worker.batches")
+            .fetch_optional(&t.admin)
+            .await
+            .unwrap();
+        if state.as_deref() == Some("submitted") {
+            break;
+        }
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "no batch was created"
+            "no batch was submitted: {state:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     first.kill().unwrap();
     first.wait().unwrap();
+    assert_eq!(fake.batches_created(), 1);
     let state: String = sqlx::query_scalar("SELECT state FROM embed_worker.batches")
         .fetch_one(&t.admin)
         .await
