@@ -330,10 +330,8 @@ pub async fn estimate_stale(
     settings: &crate::config::Settings,
     stale: &[Stale],
 ) -> anyhow::Result<Estimate> {
-    let cl100k = matches!(
-        crate::pipeline::chunk::Chunker::for_model(&settings.model)?.sizer(),
-        crate::pipeline::chunk::Sizer::Cl100k
-    );
+    // Every provider but the local model counts with cl100k (`Chunker::for_model`).
+    let cl100k = settings.model.provider != crate::config::Provider::Local;
     let (switched, rest): (Vec<&Stale>, Vec<&Stale>) = stale
         .iter()
         .partition(|s| cl100k && s.reason == StaleReason::OtherModel);

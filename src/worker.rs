@@ -317,25 +317,18 @@ async fn build_indexes(
             _ = stop.wait_for(|v| *v) => return,
         }
         wait = interval;
-        let checked = if settings.index.auto_build {
-            crate::model_index::build_if_due(&pool, &settings, false, Some(stop.clone())).await
-        } else {
-            ready_or_left(&pool, &settings).await
-        };
-        match checked {
+        match crate::model_index::build::run_check(&pool, &settings, Some(stop.clone())).await {
             Ok(outcome) => {
                 last_error = None;
                 match &outcome {
                     crate::model_index::BuildOutcome::Deferred(why) => {
+                        tracing::debug!(%why, "index build deferred")
+                    }
+                    crate::model_index::BuildOutcome::Draining(why) => {
                         tracing::debug!(%why, "index build deferred");
-                        // Waiting for a backlog to drain: look again every DRAIN_POLL, so the
-                        // build starts as the last job ends rather than up to an interval later.
-                        if crate::queue::open_jobs(&pool, &settings.queue.name)
-                            .await
-                            .is_ok_and(|n| n > 0)
-                        {
-                            wait = DRAIN_POLL.min(interval);
-                        }
+                        // Look again every DRAIN_POLL, so the build starts as the last job ends
+                        // rather than up to an interval later.
+                        wait = DRAIN_POLL.min(interval);
                     }
                     crate::model_index::BuildOutcome::Cancelled => return,
                     _ => tracing::debug!(%outcome, "index check"),
@@ -369,22 +362,6 @@ async fn build_indexes(
             }
         }
     }
-}
-
-/// With `index.auto_build = false`: the index's state, a missing one left to `models build-index`.
-async fn ready_or_left(
-    pool: &PgPool,
-    settings: &Settings,
-) -> anyhow::Result<crate::model_index::BuildOutcome> {
-    let spec = crate::model_index::IndexSpec::from_settings(settings)?;
-    Ok(match crate::model_index::state(pool, &spec).await? {
-        crate::model_index::IndexState::Ready(name) => {
-            crate::model_index::BuildOutcome::Ready(name)
-        }
-        _ => crate::model_index::BuildOutcome::Deferred(
-            "index.auto_build = false: `embed-worker models build-index` builds it".into(),
-        ),
-    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -69,6 +69,48 @@ pub(crate) async fn insert_sessions(pool: &PgPool, users: &[Uuid], notes: &[Stri
     ids
 }
 
+/// One titled session per entry of `users` (its owner), in order: what rows point at.
+pub(crate) async fn sessions(pool: &PgPool, users: &[Uuid]) -> Vec<Uuid> {
+    let mut ids = Vec::with_capacity(users.len());
+    for chunk in users.chunks(20_000) {
+        let got: Vec<Uuid> = sqlx::query_scalar(
+            "INSERT INTO sessions (user_id, title) SELECT u, 's' FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, o) ORDER BY o RETURNING id",
+        )
+        .bind(chunk)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        ids.extend(got);
+    }
+    ids
+}
+
+/// One row per id (chunk 0), vectors from `vector(i)`, by COPY in parts of 10,000.
+pub(crate) async fn load_vectors(pool: &PgPool, ids: &[Uuid], vector: impl Fn(usize) -> Vec<f32>) {
+    for (ci, chunk) in ids.chunks(10_000).enumerate() {
+        let rows: Vec<EmbRow> = chunk
+            .iter()
+            .enumerate()
+            .map(|(j, id)| EmbRow {
+                source_id: *id,
+                chunk: 0,
+                hash: "h".into(),
+                vector: vector(ci * 10_000 + j),
+                tokens: 100,
+            })
+            .collect();
+        copy_rows(pool, &rows).await;
+    }
+}
+
+/// `VACUUM ANALYZE rag_embeddings`: a loaded table as it is before its index is built.
+pub(crate) async fn vacuum_analyze(pool: &PgPool) {
+    sqlx::raw_sql("VACUUM ANALYZE rag_embeddings")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 /// One row of rag_embeddings for COPY.
 pub(crate) struct EmbRow {
     pub(crate) source_id: Uuid,

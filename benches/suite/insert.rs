@@ -4,45 +4,11 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// `n` sessions (one user each tenth) for rows to point at.
-async fn sessions(pool: &PgPool, n: usize) -> Vec<Uuid> {
-    let users: Vec<Uuid> = (0..n)
+/// `n` owners for sessions, 1,000 users round robin.
+fn users(n: usize) -> Vec<Uuid> {
+    (0..n)
         .map(|i| Uuid::from_u128(i as u128 % 1000 + 1))
-        .collect();
-    let mut ids = Vec::with_capacity(n);
-    for chunk in users.chunks(20_000) {
-        let got: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO sessions (user_id, title) SELECT u, 's' FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, o) ORDER BY o RETURNING id",
-        )
-        .bind(chunk)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        ids.extend(got);
-    }
-    ids
-}
-
-/// Loads one row per id, vectors from `vector(i)`, by COPY in parts of 10,000.
-async fn load(pool: &PgPool, ids: &[Uuid], vector: impl Fn(usize) -> Vec<f32>) {
-    for (ci, chunk) in ids.chunks(10_000).enumerate() {
-        let rows: Vec<EmbRow> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, id)| EmbRow {
-                source_id: *id,
-                chunk: 0,
-                hash: "h".into(),
-                vector: vector(ci * 10_000 + j),
-                tokens: 100,
-            })
-            .collect();
-        copy_rows(pool, &rows).await;
-    }
-    sqlx::raw_sql("VACUUM ANALYZE rag_embeddings")
-        .execute(pool)
-        .await
-        .unwrap();
+        .collect()
 }
 
 /// The worker's build (its own connection, the build lock, memory sized to the graph,
@@ -82,10 +48,10 @@ pub(crate) async fn bench_build(
     workers: &[u32],
 ) {
     let section = format!("build {}K", n / 1000);
-    let ids = sessions(pool, n).await;
+    let ids = sessions(pool, &users(n)).await;
     drop_model_indexes(pool).await;
     let started = Instant::now();
-    load(pool, &ids, |i| fake_vector(&format!("build {i}"), DIMS)).await;
+    load_vectors(pool, &ids, |i| fake_vector(&format!("build {i}"), DIMS)).await;
     report.add(
         &section,
         format!("load {n} × {DIMS} fake-provider vectors (COPY, no index)"),
@@ -93,6 +59,7 @@ pub(crate) async fn bench_build(
         "",
         None,
     );
+    vacuum_analyze(pool).await;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     for precision in [IndexPrecision::Full, IndexPrecision::Half] {
         let spec = model_index::IndexSpec::new(MODEL, DIMS, precision).unwrap();
@@ -119,11 +86,11 @@ pub(crate) async fn bench_build(
 /// takes pgvector's duplicate shortcut).
 pub(crate) async fn bench_insert(report: &mut Report, url: &str, pool: &PgPool, n: usize) {
     let section = format!("insert {}K", n / 1000);
-    let ids = sessions(pool, n + 100).await;
+    let ids = sessions(pool, &users(n + 100)).await;
     let (ids, new_ids) = ids.split_at(n);
     drop_model_indexes(pool).await;
     let started = Instant::now();
-    load(pool, ids, clustered).await;
+    load_vectors(pool, ids, clustered).await;
     report.add(
         &section,
         format!("load {n} × {DIMS} clustered vectors (COPY, no index)"),
@@ -131,6 +98,7 @@ pub(crate) async fn bench_insert(report: &mut Report, url: &str, pool: &PgPool, 
         "",
         None,
     );
+    vacuum_analyze(pool).await;
     let read_at: HashMap<Uuid, chrono::DateTime<chrono::Utc>> =
         sqlx::query_as::<_, (Uuid, chrono::DateTime<chrono::Utc>)>(
             "SELECT id, updated_at FROM sessions WHERE id = ANY($1)",

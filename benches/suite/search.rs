@@ -18,17 +18,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             users[i % 1000]
         });
     }
-    let mut ids = Vec::with_capacity(n);
-    for chunk in user_of.chunks(20_000) {
-        let got: Vec<Uuid> = sqlx::query_scalar(
-            "INSERT INTO sessions (user_id, title) SELECT u, 's' FROM unnest($1::uuid[]) WITH ORDINALITY AS x(u, o) ORDER BY o RETURNING id",
-        )
-        .bind(chunk)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        ids.extend(got);
-    }
+    let ids = sessions(pool, &user_of).await;
     for ix in embed_worker::model_index::vector_indexes(pool)
         .await
         .unwrap()
@@ -43,20 +33,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
     let full = model_index::IndexSpec::new(MODEL, DIMS, IndexPrecision::Full).unwrap();
     let half = model_index::IndexSpec::new(MODEL, DIMS, IndexPrecision::Half).unwrap();
     let started = Instant::now();
-    for (ci, chunk) in ids.chunks(10_000).enumerate() {
-        let rows: Vec<EmbRow> = chunk
-            .iter()
-            .enumerate()
-            .map(|(j, id)| EmbRow {
-                source_id: *id,
-                chunk: 0,
-                hash: "h".into(),
-                vector: clustered(ci * 10_000 + j),
-                tokens: 100,
-            })
-            .collect();
-        copy_rows(pool, &rows).await;
-    }
+    load_vectors(pool, &ids, clustered).await;
     report.add(
         &section,
         format!("load {n} × {DIMS} clustered vectors (COPY, no index)"),
@@ -64,10 +41,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         "",
         None,
     );
-    sqlx::raw_sql("VACUUM ANALYZE rag_embeddings")
-        .execute(pool)
-        .await
-        .unwrap();
+    vacuum_analyze(pool).await;
 
     // (4) Each index precision side by side: build time and size, top-5 latency and recall.
     // Built as the worker's deferred build does it (parallel, memory sized to the graph).

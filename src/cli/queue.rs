@@ -38,10 +38,9 @@ pub(crate) async fn run(settings: Settings, until_empty: bool) -> anyhow::Result
         // Drained, not stopped: the backlog's deferred index is built now, as `run` would.
         if !*stop_rx.borrow() {
             index = Some(
-                embed_worker::model_index::build_if_due(
+                embed_worker::model_index::build::run_check(
                     &worker.pool,
                     &worker.settings,
-                    false,
                     Some(stop_rx.clone()),
                 )
                 .await?,

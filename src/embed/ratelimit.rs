@@ -518,6 +518,22 @@ pub(crate) fn provider_wait(h: &RateLimitHeaders, tokens: u64, now: Instant) -> 
 mod tests {
     use super::*;
 
+    /// A limiter of `tokens_per_minute` per `period_secs` (no request limit), requests of at most
+    /// 1,000 tokens, `max_in_flight` (0: no slow start).
+    fn limiter(tokens_per_minute: u32, period_secs: u64, max_in_flight: usize) -> RateLimiter {
+        let cfg = RateLimitSettings {
+            requests_per_minute: 0,
+            tokens_per_minute,
+            period_secs,
+        };
+        RateLimiter::new(
+            &cfg,
+            1000,
+            Arc::new(Mutex::new(RateLimitHeaders::default())),
+            max_in_flight,
+        )
+    }
+
     #[test]
     fn waits_for_the_provider_reset_when_too_little_remains() {
         let now = Instant::now();
@@ -547,17 +563,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_a_429_requests_go_one_at_a_time_spaced_by_the_retry_after() {
-        let cfg = RateLimitSettings {
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            period_secs: 60,
-        };
-        let rl = RateLimiter::new(
-            &cfg,
-            1000,
-            Arc::new(Mutex::new(RateLimitHeaders::default())),
-            4,
-        );
+        let rl = limiter(0, 60, 4);
         // Slow start: the second request waits for the first answer.
         let first = rl.acquire(1).await;
         assert!(
@@ -616,17 +622,7 @@ mod tests {
 
     #[tokio::test]
     async fn probes_are_rare_and_a_refused_probe_returns_to_the_spacing_before_it() {
-        let cfg = RateLimitSettings {
-            requests_per_minute: 0,
-            tokens_per_minute: 0,
-            period_secs: 60,
-        };
-        let rl = RateLimiter::new(
-            &cfg,
-            1000,
-            Arc::new(Mutex::new(RateLimitHeaders::default())),
-            4,
-        );
+        let rl = limiter(0, 60, 4);
         let p = rl.acquire(1).await;
         rl.refused(Duration::from_millis(20), p.sent_at);
         drop(p);
@@ -662,17 +658,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_bucket_paces_requests() {
-        let cfg = RateLimitSettings {
-            requests_per_minute: 0,
-            tokens_per_minute: 6000,
-            period_secs: 1,
-        };
-        let rl = RateLimiter::new(
-            &cfg,
-            1000,
-            Arc::new(Mutex::new(RateLimitHeaders::default())),
-            0,
-        );
+        let rl = limiter(6000, 1, 0);
         let start = Instant::now();
         for _ in 0..4 {
             drop(rl.acquire(1000).await);

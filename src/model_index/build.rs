@@ -32,8 +32,10 @@ const BUILD_LOCK: i64 = 0x656d_6269_6478;
 pub enum BuildOutcome {
     /// The configured index is valid (nothing to build).
     Ready(String),
-    /// Not built now, and why (open jobs, no rows yet).
+    /// Not built now, and why (no rows yet, a backfill ahead, `index.auto_build = false`).
     Deferred(String),
+    /// Not built while jobs are open: built as the queue drains.
+    Draining(String),
     /// Another process holds the build lock.
     Busy,
     /// Built in this many seconds.
@@ -46,7 +48,9 @@ impl std::fmt::Display for BuildOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BuildOutcome::Ready(name) => write!(f, "index {name} ready"),
-            BuildOutcome::Deferred(why) => write!(f, "index deferred: {why}"),
+            BuildOutcome::Deferred(why) | BuildOutcome::Draining(why) => {
+                write!(f, "index deferred: {why}")
+            }
             BuildOutcome::Busy => write!(f, "another process is building an index"),
             BuildOutcome::Built(name, secs) => write!(f, "index {name} built in {secs:.1} s"),
             BuildOutcome::Cancelled => write!(f, "index build cancelled"),
@@ -97,19 +101,22 @@ async fn backfill_under_way(
     }))
 }
 
+/// Jobs still open: the build waits for the queue to drain.
+async fn draining(pool: &PgPool, s: &Settings) -> anyhow::Result<Option<String>> {
+    let open = crate::queue::open_jobs(pool, &s.queue.name).await?;
+    Ok((open > 0).then(|| format!("{open} jobs open; built once the queue drains")))
+}
+
 /// Why the missing index should not be built yet, if it should not.
 pub(crate) async fn not_due(
     pool: &PgPool,
     s: &Settings,
     spec: &IndexSpec,
 ) -> anyhow::Result<Option<String>> {
-    let open = crate::queue::open_jobs(pool, &s.queue.name).await?;
-    if open > 0 {
-        return Ok(Some(format!(
-            "{open} jobs open; built once the queue drains"
-        )));
+    match draining(pool, s).await? {
+        Some(why) => Ok(Some(why)),
+        None => defer_empty(pool, s, &spec.model).await,
     }
-    defer_empty(pool, s, &spec.model).await
 }
 
 /// `run`'s periodic check (`force` = false) and `models build-index` (`force`): builds the active
@@ -126,12 +133,38 @@ pub async fn build_if_due(
         return Ok(BuildOutcome::Ready(name));
     }
     crate::meter::index_ready(&spec.model, false);
-    if !force && let Some(why) = not_due(pool, s, &spec).await? {
-        return Ok(BuildOutcome::Deferred(why));
+    if !force {
+        if let Some(why) = draining(pool, s).await? {
+            return Ok(BuildOutcome::Draining(why));
+        }
+        if let Some(why) = defer_empty(pool, s, &spec.model).await? {
+            return Ok(BuildOutcome::Deferred(why));
+        }
     }
     let outcome = build(&s.database.url, &spec, &s.index, stop).await?;
     crate::meter::index_ready(&spec.model, matches!(outcome, BuildOutcome::Built(..)));
     Ok(outcome)
+}
+
+/// `run`'s check (its periodic loop and `--until-empty` once drained): [`build_if_due`], or with
+/// `index.auto_build = false` only the index's state, a missing one left to `models build-index`.
+pub async fn run_check(
+    pool: &PgPool,
+    s: &Settings,
+    stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> anyhow::Result<BuildOutcome> {
+    if s.index.auto_build {
+        return build_if_due(pool, s, false, stop).await;
+    }
+    let spec = IndexSpec::from_settings(s)?;
+    let ready = super::state(pool, &spec).await?;
+    crate::meter::index_ready(&spec.model, matches!(ready, IndexState::Ready(_)));
+    Ok(match ready {
+        IndexState::Ready(name) => BuildOutcome::Ready(name),
+        _ => BuildOutcome::Deferred(
+            "index.auto_build = false: `embed-worker models build-index` builds it".into(),
+        ),
+    })
 }
 
 /// `migrate`: repairs, defers or builds the active model's index, and says which.

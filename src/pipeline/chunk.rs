@@ -131,11 +131,6 @@ impl Chunker {
         Self::with_sizer(sizer, model.max_input_tokens, model.chunk_overlap_tokens)
     }
 
-    /// The tokenizer it counts with.
-    pub fn sizer(&self) -> &Sizer {
-        &self.sizer
-    }
-
     /// Splits with the exact sizer: every candidate the splitter weighs is tokenized again.
     fn split_exact(&self, text: &str) -> Vec<(String, usize)> {
         self.splitter

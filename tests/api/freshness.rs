@@ -609,16 +609,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     assert!(hits.iter().all(|h| ids_of_theirs.contains(&h.source_id)));
 
     // Without iterative scans, the same filtered query comes back short: why the option matters.
-    let mut tx = t.admin.begin().await.unwrap();
-    sqlx::query("SET LOCAL ROLE app_user")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
-        .bind(owner.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = app_user_tx(&t, owner).await;
     sqlx::query("SET LOCAL hnsw.ef_search = 40")
         .execute(&mut *tx)
         .await

@@ -545,12 +545,11 @@ impl Drop for Reaper {
     }
 }
 
-/// Runs one statement as `app_user` for `user` and returns its result.
-pub async fn app_user_statement(
+/// A transaction as `app_user`, signed in as `user` (`auth.uid()`), as the app's requests are.
+pub async fn app_user_tx(
     t: &TestDb,
     user: uuid::Uuid,
-    sql: &'static str,
-) -> Result<u64, sqlx::Error> {
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
     let mut tx = t.admin.begin().await.unwrap();
     sqlx::query("SET LOCAL ROLE app_user")
         .execute(&mut *tx)
@@ -561,6 +560,16 @@ pub async fn app_user_statement(
         .execute(&mut *tx)
         .await
         .unwrap();
+    tx
+}
+
+/// Runs one statement as `app_user` for `user` and returns its result.
+pub async fn app_user_statement(
+    t: &TestDb,
+    user: uuid::Uuid,
+    sql: &'static str,
+) -> Result<u64, sqlx::Error> {
+    let mut tx = app_user_tx(t, user).await;
     sqlx::query(sql)
         .execute(&mut *tx)
         .await

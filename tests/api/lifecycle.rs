@@ -392,16 +392,7 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
     .unwrap();
     assert!(id > max_id, "{id} after {max_id}");
     for (user, mine, theirs) in [(ua, &sa, &sb), (ub, &sb, &sa)] {
-        let mut tx = t.admin.begin().await.unwrap();
-        sqlx::raw_sql("SET LOCAL ROLE app_user")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
-            .bind(user.to_string())
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let mut tx = app_user_tx(&t, user).await;
         let seen: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT source_id FROM rag_embeddings")
             .fetch_all(&mut *tx)
             .await
