@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use embed_worker::config::IndexPrecision;
 use embed_worker::config::{DatabaseSettings, Settings};
 use embed_worker::fake_openai::fake_vector;
-use embed_worker::pipeline::chunk::{Chunker, cl100k};
+use embed_worker::pipeline::chunk::Chunker;
 use embed_worker::pipeline::write::{self, ChunkWrite, SourceWrite};
 use embed_worker::source::{EmbedSource, SourceType};
 use embed_worker::{db, model_index};

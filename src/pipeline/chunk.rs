@@ -5,20 +5,17 @@
 //! see. So every text is counted with the model's tokenizer (`cl100k_base` for ada-002 and
 //! text-embedding-3-*), and a text over the limit is split with `text-splitter` at semantic
 //! boundaries (paragraphs, sentences, words), with overlap, into chunks that are each checked
-//! against the limit. The same counts become `token_count` and the cost metrics.
+//! against the limit. The same counts become `token_count` and the cost metrics. cl100k counts
+//! come from [`super::cl100k`] (tiktoken's ranks and pattern without its regex engine).
 
 use sha2::{Digest, Sha256};
 use text_splitter::{ChunkConfig, TextSplitter};
-use tiktoken_rs::CoreBPE;
 
-/// The tokenizer of OpenAI's embedding models.
-pub fn cl100k() -> &'static CoreBPE {
-    tiktoken_rs::cl100k_base_singleton()
-}
+use super::cl100k;
 
 /// cl100k tokens of `text`.
 pub fn count_tokens(text: &str) -> usize {
-    cl100k().encode_ordinary(text).len()
+    cl100k::count(text)
 }
 
 /// One piece of a source's text, ready to embed.
@@ -107,6 +104,9 @@ impl Chunker {
 
     /// A chunker for `sizer` with chunks of at most `max_tokens`.
     pub fn with_sizer(sizer: Sizer, max_tokens: usize, overlap: usize) -> anyhow::Result<Self> {
+        if matches!(sizer, Sizer::Cl100k) {
+            cl100k::warm();
+        }
         let config = ChunkConfig::new(max_tokens)
             .with_overlap(overlap)?
             .with_trim(true)
@@ -145,17 +145,8 @@ impl Chunker {
     /// the limit the worker's largest CPU cost (docs/decisions.md). Re-tokenizing a
     /// slice can differ from the boundary count at its two ends, so the splitter aims a margin
     /// under the limit and every chunk is counted exactly; one still over is split exactly.
-    fn split_by_boundaries(
-        &self,
-        text: &str,
-        tokens: Vec<tiktoken_rs::Rank>,
-    ) -> Vec<(String, usize)> {
-        let mut ends = Vec::with_capacity(tokens.len());
-        let mut at = 0usize;
-        for bytes in cl100k()._decode_native_and_split(tokens) {
-            at += bytes.len();
-            ends.push(at);
-        }
+    fn split_by_boundaries(&self, text: &str) -> Vec<(String, usize)> {
+        let ends = cl100k::token_ends(text);
         let margin = BOUNDARY_MARGIN.min(self.max_tokens / 4);
         let sizer = Boundaries {
             base: text.as_ptr() as usize,
@@ -187,11 +178,11 @@ impl Chunker {
         }
         let pieces: Vec<(String, usize)> = match &self.sizer {
             Sizer::Cl100k => {
-                let tokens = cl100k().encode_ordinary(text);
-                if tokens.len() <= self.max_tokens {
-                    vec![(text.to_string(), tokens.len())]
+                let tokens = cl100k::count(text);
+                if tokens <= self.max_tokens {
+                    vec![(text.to_string(), tokens)]
                 } else {
-                    self.split_by_boundaries(text, tokens)
+                    self.split_by_boundaries(text)
                 }
             }
             Sizer::HuggingFace(_) => {
@@ -224,7 +215,8 @@ type ChunkTask = Box<dyn FnOnce(&Chunker) + Send>;
 /// The chunker on its own OS thread, fed by a channel. Why: tokenizing is the worker's largest
 /// CPU cost and it is synchronous. On the async threads it would stall I/O and heartbeats;
 /// through `block_in_place` it hopped between threads, and tiktoken's regex caches are fastest
-/// on the one thread that first used them (docs/decisions.md). One thread tokenizes far more
+/// on the one thread that first used them (docs/decisions.md; cl100k counts no longer use a
+/// regex, the local model's tokenizer still does). One thread tokenizes far more
 /// text than the database can write vectors for.
 pub struct ChunkerThread {
     tx: std::sync::mpsc::Sender<ChunkTask>,

@@ -12,6 +12,7 @@
 
 pub(crate) mod batcher;
 pub mod chunk;
+pub mod cl100k;
 mod embed;
 pub mod load;
 pub(crate) mod paid;
