@@ -102,6 +102,20 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     let old = insert_session(&t.admin, user, "d", "too old").await;
     let fresh = insert_session(&t.admin, user, "e", "fresh").await;
     let _empty = insert_session(&t.admin, user, "", "  ").await;
+    // Text only in the transcript is text; whitespace in every column is not.
+    let transcript_only = insert_session(&t.admin, user, "", "").await;
+    let blank = insert_session(&t.admin, user, "\t", "\r\n").await;
+    sqlx::query("UPDATE sessions SET transcript = $2 WHERE id = $1")
+        .bind(transcript_only)
+        .bind("left hand alone, then hands together")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE sessions SET transcript = ' ' WHERE id = $1")
+        .bind(blank)
+        .execute(&t.admin)
+        .await
+        .unwrap();
     sqlx::query("UPDATE sessions SET updated_at = now() - interval '30 days'")
         .execute(&t.admin)
         .await
@@ -132,8 +146,9 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .iter()
         .map(|s| (s.source.source_id, s.reason.to_string()))
         .collect();
-    assert_eq!(by_id.len(), 4, "{by_id:?}");
+    assert_eq!(by_id.len(), 5, "{by_id:?}");
     assert_eq!(by_id[&missing], "missing");
+    assert_eq!(by_id[&transcript_only], "missing");
     assert_eq!(by_id[&outdated], "outdated");
     assert_eq!(by_id[&other], "other_model");
     assert_eq!(by_id[&old], "too_old");
@@ -142,11 +157,11 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     let first = freshness::enqueue_stale(&t.admin, &t.settings(), active, &scope)
         .await
         .unwrap();
-    assert_eq!(first.created, 4);
+    assert_eq!(first.created, 5);
     assert_eq!(
         first.by_reason,
         vec![
-            (StaleReason::Missing, 1, 0),
+            (StaleReason::Missing, 2, 0),
             (StaleReason::OtherModel, 1, 0),
             (StaleReason::Outdated, 1, 0),
             (StaleReason::TooOld, 1, 0),
@@ -165,7 +180,7 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .await
         .unwrap();
     assert_eq!(again.created, 0, "idempotent");
-    assert_eq!(again.found(), 4);
+    assert_eq!(again.found(), 5);
     assert!(
         again.by_reason.iter().all(|(_, n, open)| n == open),
         "{again:?}"
@@ -174,7 +189,7 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .fetch_one(&t.admin)
         .await
         .unwrap();
-    assert_eq!(jobs, 4);
+    assert_eq!(jobs, 5);
 
     // The CLI's dry run prints the counts per reason and queues nothing.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_embed-worker"))
@@ -185,7 +200,7 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for line in [
-        "missing      1",
+        "missing      2",
         "other_model  1",
         "outdated     1",
         "too_old      1",
