@@ -224,3 +224,51 @@ async fn job_payloads_decode_on_both_paths_and_enqueued_ids_are_ulids() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_insert_statement_wakes_workers_once_per_queue_and_not_for_later_jobs() {
+    let t = TestDb::migrated().await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&t.admin)
+        .await
+        .unwrap();
+    listener.listen("apalis::job::insert").await.unwrap();
+    let sources: Vec<EmbedSource> = (0..500)
+        .map(|_| EmbedSource {
+            source_type: SourceType::Session,
+            source_id: Uuid::new_v4(),
+        })
+        .collect();
+    embed_worker::queue::enqueue_many(&t.admin, "wake_a", 10, &sources)
+        .await
+        .unwrap();
+    // Two queues in one statement, and a job due later (no wake: apalis's own condition).
+    sqlx::query(
+        "INSERT INTO apalis.jobs (id, job_type, job, run_at)
+         SELECT apalis.generate_ulid(), q, convert_to('{}', 'UTF8'), r
+           FROM (VALUES ('wake_b', now()), ('wake_c', now()), ('wake_c', now()),
+                        ('wake_later', now() + interval '1 hour')) v(q, r)",
+    )
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while let Ok(Ok(Some(n))) =
+        tokio::time::timeout(Duration::from_millis(500), listener.try_recv()).await
+    {
+        got.push(serde_json::from_str::<serde_json::Value>(n.payload()).unwrap());
+    }
+    let queues: Vec<&str> = got
+        .iter()
+        .map(|v| v["job_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(queues, ["wake_a", "wake_b", "wake_c"], "{got:?}");
+    // apalis's listener reads the id as a task id: a job of that queue.
+    for v in &got {
+        let queue: String = sqlx::query_scalar("SELECT job_type FROM apalis.jobs WHERE id = $1")
+            .bind(v["id"].as_str().unwrap())
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+        assert_eq!(queue, v["job_type"].as_str().unwrap());
+    }
+}
