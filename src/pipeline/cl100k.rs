@@ -5,7 +5,7 @@
 //! pattern of cl100k_base has a look-ahead and possessive repeats, so `fancy_regex` runs it in
 //! its backtracking VM; written out by hand it is a few comparisons per character. What is
 //! written here is only that pattern and the byte-pair merge loop; the ranks are tiktoken-rs's own
-//! (read from its `CoreBPE` once), and the tests hold every token, not just the counts, equal to
+//! (read from its `CoreBPE` by `build.rs`), and the tests hold every token, not just the counts, equal to
 //! tiktoken-rs's `encode_ordinary` over mixed-script and adversarial text.
 //!
 //! The pattern (tiktoken-rs 0.12, `cl100k_base`), alternatives tried in order at each position:
@@ -76,35 +76,28 @@ fn pack(bytes: &[u8]) -> u128 {
 
 static RANKS: OnceLock<Ranks> = OnceLock::new();
 
+/// cl100k_base's 100,256 ordinary tokens, each its length then its bytes, in rank order:
+/// written by `build.rs` from tiktoken-rs.
+static TABLE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_ranks.bin"));
+
 fn ranks() -> &'static Ranks {
     RANKS.get_or_init(|| {
-        // tiktoken-rs's own table, read through its public decoder once; its CoreBPE (encoder,
-        // decoder, a regex per thread) is dropped again, so the worker holds one table, not two.
-        let bpe = tiktoken_rs::cl100k_base().expect("tiktoken-rs's cl100k_base loads");
         let mut short = FxHashMap::with_capacity_and_hasher(100_256, Default::default());
-        let mut long_tokens = Vec::new();
-        for rank in 0..100_256u32 {
-            if let Ok(bytes) = bpe.decode_bytes(&[rank]) {
-                if bytes.len() < 16 {
-                    short.insert(pack(&bytes), rank);
-                } else {
-                    long_tokens.push((bytes, rank));
-                }
-            }
-        }
-        drop(bpe);
-        let arena: &'static [u8] = Vec::leak(
-            long_tokens
-                .iter()
-                .flat_map(|(b, _)| b.iter().copied())
-                .collect(),
-        );
-        let mut long = FxHashMap::with_capacity_and_hasher(long_tokens.len(), Default::default());
+        let mut long = FxHashMap::default();
         let mut at = 0;
-        for (bytes, rank) in &long_tokens {
-            long.insert(&arena[at..at + bytes.len()], *rank);
-            at += bytes.len();
+        let mut rank = 0u32;
+        while at < TABLE.len() {
+            let len = TABLE[at] as usize;
+            let bytes: &'static [u8] = &TABLE[at + 1..at + 1 + len];
+            if len < 16 {
+                short.insert(pack(bytes), rank);
+            } else {
+                long.insert(bytes, rank);
+            }
+            at += 1 + len;
+            rank += 1;
         }
+        assert_eq!(rank, 100_256, "cl100k_base has 100,256 ordinary tokens");
         Ranks { short, long }
     })
 }
@@ -670,6 +663,17 @@ mod tests {
                 .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
                 .collect();
             same(&t);
+        }
+    }
+
+    #[test]
+    fn the_table_is_tiktokens_token_for_token() {
+        let bpe = tiktoken_rs::cl100k_base_singleton();
+        let ranks = ranks();
+        assert_eq!(ranks.short.len() + ranks.long.len(), 100_256);
+        for rank in 0..100_256u32 {
+            let bytes = bpe.decode_bytes(&[rank]).unwrap();
+            assert_eq!(ranks.get(&bytes), Some(rank), "{bytes:?}");
         }
     }
 
