@@ -4,9 +4,10 @@
 //! worker's samples were tiktoken-rs, ~40% its `fancy_regex` pre-split alone). The pre-split
 //! pattern of cl100k_base has a look-ahead and possessive repeats, so `fancy_regex` runs it in
 //! its backtracking VM; written out by hand it is a few comparisons per character. What is
-//! written here is only that pattern and the byte-pair merge loop; the ranks are tiktoken-rs's own
-//! (read from its `CoreBPE` by `build.rs`), and the tests hold every token, not just the counts, equal to
-//! tiktoken-rs's `encode_ordinary` over mixed-script and adversarial text.
+//! written here is only that pattern and the byte-pair merge loop; the ranks are tiktoken-rs's
+//! own (read from its `CoreBPE` by `build.rs`), and the tests hold every piece equal to the
+//! pattern run by `fancy_regex` and every token, not just the counts, equal to tiktoken-rs's
+//! `encode_ordinary` over mixed-script and adversarial text.
 //!
 //! The pattern (tiktoken-rs 0.12, `cl100k_base`), alternatives tried in order at each position:
 //! 1. `'(?i:[sdmt]|ll|ve|re)` — contractions (case-insensitive, so `ſ` counts as `s`);
