@@ -134,42 +134,42 @@ SELECT src.t, src.id,
     )
 }
 
-/// Sources needing (re-)embedding for `model` (with `include_fresh`, every source).
+/// Sources needing (re-)embedding for `model` (with `include_fresh`, every source), all in
+/// memory: for tests and small scopes; the commands use [`survey`], which streams.
 pub async fn find_stale(pool: &PgPool, model: &str, scope: &Scope) -> sqlx::Result<Vec<Stale>> {
+    let rows = stale_rows(model, scope).fetch_all(pool).await?;
+    Ok(rows.into_iter().filter_map(Stale::from_row).collect())
+}
+
+/// The stale scan of `model` over `scope` as rows (type, id, reason), in reason order.
+fn stale_rows<'q>(
+    model: &'q str,
+    scope: &'q Scope,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, (String, Uuid, String), sqlx::postgres::PgArguments> {
     let sql = format!(
         "SELECT t, id, reason FROM ({}) x WHERE $5 OR reason <> 'fresh' ORDER BY reason, t, id LIMIT $6",
         stale_sql()
     );
-    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(model)
         .bind(scope.source_type.map(|t| t.as_str()))
         .bind(scope.since)
         .bind(scope.max_age_days.unwrap_or(0) as f64)
         .bind(scope.include_fresh)
         .bind(scope.limit.filter(|l| *l > 0).unwrap_or(i64::MAX))
-        .fetch_all(pool)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(t, id, reason)| {
-            Some(Stale {
-                source: EmbedSource {
-                    source_type: t.parse().ok()?,
-                    source_id: id,
-                },
-                reason: reason.parse().ok()?,
-            })
-        })
-        .collect())
 }
 
-/// Counts per reason.
-pub fn counts(stale: &[Stale]) -> BTreeMap<StaleReason, usize> {
-    let mut m = BTreeMap::new();
-    for s in stale {
-        *m.entry(s.reason).or_insert(0) += 1;
+impl Stale {
+    /// From a scan row; `None` for a type or reason this version does not know.
+    fn from_row((t, id, reason): (String, Uuid, String)) -> Option<Stale> {
+        Some(Stale {
+            source: EmbedSource {
+                source_type: t.parse().ok()?,
+                source_id: id,
+            },
+            reason: reason.parse().ok()?,
+        })
     }
-    m
 }
 
 /// What one server-side queueing did, per reason: sources found stale, and of those how many
@@ -304,6 +304,18 @@ pub struct Estimate {
     pub batch_usd: f64,
 }
 
+impl Estimate {
+    /// `tokens` of `sources` at `model`'s prices.
+    fn priced(sources: usize, tokens: u64, model: &crate::config::ModelSettings) -> Self {
+        Estimate {
+            sources,
+            tokens,
+            usd: tokens as f64 * model.usd_per_million_tokens / 1e6,
+            batch_usd: tokens as f64 * model.batch_usd_per_million_tokens / 1e6,
+        }
+    }
+}
+
 impl std::fmt::Display for Estimate {
     /// `N sources, T tokens, $S sync / $B batch (saves $D)`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -319,28 +331,86 @@ impl std::fmt::Display for Estimate {
     }
 }
 
-/// [`estimate`] of a scan's stale sources: those only another model has embedded (a model
-/// switch) are counted from that model's stored `token_count`s when the active model counts
-/// with the same tokenizer (cl100k: OpenAI's embedding models), since their text has not
-/// changed since; the rest are rendered and counted. Why: for a 20,000-source switch, rendering
-/// and tokenizing everything took ~2 s of the command's ~4 s, to print a number the database
-/// already holds.
-pub async fn estimate_stale(
+/// A scan's stale sources counted per reason, and those of the reasons `priced` selects
+/// estimated (tokens and cost with the active model).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Survey {
+    /// Stale sources per reason.
+    pub counts: BTreeMap<StaleReason, usize>,
+    /// What embedding the priced ones would cost.
+    pub estimate: Estimate,
+}
+
+/// Sources priced per round: their texts are loaded and counted together.
+const SURVEY_BATCH: usize = 1000;
+
+/// Scans `scope` for sources stale for `model` and surveys them: the rows stream from the server
+/// and are priced 1,000 at a time, so memory stays the same for 20,000 sources or 20 million
+/// (`backfill` and `estimate` may run as a Job in a pod with the worker's memory limit). Sources
+/// only another model has embedded (a model switch) are counted from that model's stored
+/// `token_count`s when the active model counts with the same tokenizer (cl100k: OpenAI's
+/// embedding models), since their text has not changed since; the rest are rendered and counted.
+/// Why: for a 20,000-source switch, rendering and tokenizing everything took ~2 s of the
+/// command's ~4 s, to print a number the database already holds.
+pub async fn survey(
     pool: &PgPool,
     settings: &crate::config::Settings,
-    stale: &[Stale],
-) -> anyhow::Result<Estimate> {
+    model: &str,
+    scope: &Scope,
+    priced: impl Fn(StaleReason) -> bool,
+) -> anyhow::Result<Survey> {
+    use futures::TryStreamExt;
+    let chunker = crate::pipeline::chunk::Chunker::for_model(&settings.model)?;
+    let mut rows = stale_rows(model, scope).fetch(pool);
+    let mut counts = BTreeMap::new();
+    let (mut sources, mut tokens) = (0usize, 0u64);
+    let mut batch: Vec<Stale> = Vec::with_capacity(SURVEY_BATCH);
+    loop {
+        let row = rows.try_next().await?;
+        let end = row.is_none();
+        if let Some(stale) = row.and_then(Stale::from_row) {
+            *counts.entry(stale.reason).or_insert(0) += 1;
+            if priced(stale.reason) {
+                sources += 1;
+                batch.push(stale);
+            }
+        }
+        if batch.len() >= SURVEY_BATCH || (end && !batch.is_empty()) {
+            tokens += price(pool, settings, &chunker, &batch).await?;
+            batch.clear();
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(Survey {
+        counts,
+        estimate: Estimate::priced(sources, tokens, &settings.model),
+    })
+}
+
+/// Tokens of one round of stale sources: a switch's from the stored counts, the rest counted.
+async fn price(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+    chunker: &crate::pipeline::chunk::Chunker,
+    batch: &[Stale],
+) -> anyhow::Result<u64> {
     // Every provider but the local model counts with cl100k (`Chunker::for_model`).
     let cl100k = settings.model.provider != crate::config::Provider::Local;
-    let (switched, rest): (Vec<&Stale>, Vec<&Stale>) = stale
+    let (switched, mut counted): (Vec<&Stale>, Vec<&Stale>) = batch
         .iter()
         .partition(|s| cl100k && s.reason == StaleReason::OtherModel);
-    let mut stored = std::collections::HashMap::new();
-    for part in switched.chunks(10_000) {
-        let types: Vec<&str> = part.iter().map(|s| s.source.source_type.as_str()).collect();
-        let ids: Vec<Uuid> = part.iter().map(|s| s.source.source_id).collect();
-        // One model's chunks per source (the first by name that has it).
-        let rows: Vec<(String, Uuid, i64)> = sqlx::query_as(
+    let mut tokens = 0u64;
+    if !switched.is_empty() {
+        let types: Vec<&str> = switched
+            .iter()
+            .map(|s| s.source.source_type.as_str())
+            .collect();
+        let ids: Vec<Uuid> = switched.iter().map(|s| s.source.source_id).collect();
+        // One model's chunks per source (the first by name that has it); sources without a
+        // stored count (none, unless rows vanished since the scan) are counted instead.
+        let stored: Vec<(String, Uuid, i64)> = sqlx::query_as(
             "SELECT t, id, sum(token_count)::int8 FROM (
                  SELECT e.source_type::text AS t, e.source_id AS id, e.token_count, e.embedding_model,
                         min(e.embedding_model) OVER (PARTITION BY e.source_type, e.source_id) AS first
@@ -353,27 +423,17 @@ pub async fn estimate_stale(
         .bind(&ids)
         .fetch_all(pool)
         .await?;
-        for (t, id, n) in rows {
+        let mut have = std::collections::HashSet::with_capacity(stored.len());
+        for (t, id, n) in stored {
             if let Some(source) = EmbedSource::from_row((t, id)) {
-                stored.insert(source, n.max(0) as u64);
+                have.insert(source);
+                tokens += n.max(0) as u64;
             }
         }
+        counted.extend(switched.into_iter().filter(|s| !have.contains(&s.source)));
     }
-    let mut counted: Vec<EmbedSource> = rest.iter().map(|s| s.source).collect();
-    counted.extend(
-        switched
-            .iter()
-            .map(|s| s.source)
-            .filter(|s| !stored.contains_key(s)),
-    );
-    let mut e = estimate(pool, settings, &counted).await?;
-    let m = &settings.model;
-    let tokens = e.tokens + stored.values().sum::<u64>();
-    e.sources = stale.len();
-    e.tokens = tokens;
-    e.usd = tokens as f64 * m.usd_per_million_tokens / 1e6;
-    e.batch_usd = tokens as f64 * m.batch_usd_per_million_tokens / 1e6;
-    Ok(e)
+    let sources: Vec<EmbedSource> = counted.iter().map(|s| s.source).collect();
+    Ok(tokens + count_tokens(pool, settings, chunker, &sources).await?)
 }
 
 /// Renders and counts the sources' chunks, 1,000 sources at a time.
@@ -385,20 +445,24 @@ pub async fn estimate(
     let m = &settings.model;
     let chunker = crate::pipeline::chunk::Chunker::for_model(m)?;
     let mut tokens = 0u64;
-    for chunk in sources.chunks(1000) {
-        let loaded = crate::pipeline::load::load(pool, &settings.render, chunk).await?;
-        for l in loaded.values() {
-            tokens += chunker
-                .chunks(&l.text, &m.name, m.dimensions)
-                .iter()
-                .map(|c| c.tokens as u64)
-                .sum::<u64>();
-        }
+    for part in sources.chunks(SURVEY_BATCH) {
+        tokens += count_tokens(pool, settings, &chunker, part).await?;
     }
-    Ok(Estimate {
-        sources: sources.len(),
-        tokens,
-        usd: tokens as f64 * m.usd_per_million_tokens / 1e6,
-        batch_usd: tokens as f64 * m.batch_usd_per_million_tokens / 1e6,
-    })
+    Ok(Estimate::priced(sources.len(), tokens, m))
+}
+
+/// Tokens of the sources' chunks as the worker would send them (rendered, split).
+async fn count_tokens(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+    chunker: &crate::pipeline::chunk::Chunker,
+    sources: &[EmbedSource],
+) -> anyhow::Result<u64> {
+    let m = &settings.model;
+    let loaded = crate::pipeline::load::load(pool, &settings.render, sources).await?;
+    Ok(loaded
+        .values()
+        .flat_map(|l| chunker.chunks(&l.text, &m.name, m.dimensions))
+        .map(|c| c.tokens as u64)
+        .sum())
 }

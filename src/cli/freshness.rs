@@ -28,8 +28,9 @@ pub(crate) async fn enqueue_stale(
         ..Default::default()
     };
     if dry_run {
-        let stale = freshness::find_stale(&pool, &settings.model.name, &scope).await?;
-        for (reason, n) in freshness::counts(&stale) {
+        let survey =
+            freshness::survey(&pool, settings, &settings.model.name, &scope, |_| false).await?;
+        for (reason, n) in survey.counts {
             println!("{reason:<12} {n}");
         }
         println!("dry run: nothing queued");
@@ -61,19 +62,19 @@ pub(crate) async fn backfill(
 /// `embed-worker estimate`.
 pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect(&settings.database).await?;
-    let stale = embed_worker::freshness::find_stale(
+    // Not yet embedded by the active model: what changed since is not counted here.
+    let survey = freshness::survey(
         &pool,
+        settings,
         &settings.model.name,
-        &embed_worker::freshness::Scope::default(),
+        &Scope::default(),
+        |r| r != freshness::StaleReason::Outdated,
     )
     .await?;
-    let todo: Vec<_> = stale
-        .iter()
-        .filter(|s| s.reason != embed_worker::freshness::StaleReason::Outdated)
-        .map(|s| s.source)
-        .collect();
-    let e = embed_worker::freshness::estimate(&pool, settings, &todo).await?;
-    println!("not yet embedded by {}: {e}", settings.model.name);
+    println!(
+        "not yet embedded by {}: {}",
+        settings.model.name, survey.estimate
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -130,11 +131,12 @@ async fn run_backfill(
     yes: bool,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let stale = freshness::find_stale(pool, &settings.model.name, scope).await?;
-    let est = freshness::estimate_stale(pool, settings, &stale).await?;
+    let survey = freshness::survey(pool, settings, &settings.model.name, scope, |_| true).await?;
+    let est = survey.estimate;
     eprintln!(
         "backfill: {:?}; {est} ({}; bulk.mode = {})",
-        freshness::counts(&stale)
+        survey
+            .counts
             .iter()
             .map(|(r, n)| (r.as_str(), *n))
             .collect::<std::collections::BTreeMap<_, _>>(),

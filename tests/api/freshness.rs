@@ -297,12 +297,17 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     // The switch's estimate reads the old model's stored counts: the same as counting again.
     let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
     let counted = freshness::estimate(&t.admin, &b, &sources).await.unwrap();
-    let stored = freshness::estimate_stale(&t.admin, &b, &stale)
+    let survey = freshness::survey(&t.admin, &b, &b.model.name, &Scope::default(), |_| true)
         .await
         .unwrap();
+    let stored = survey.estimate;
     assert_eq!(
         (stored.sources, stored.tokens),
         (counted.sources, counted.tokens)
+    );
+    assert_eq!(
+        survey.counts.into_iter().collect::<Vec<_>>(),
+        [(embed_worker::freshness::StaleReason::OtherModel, 30)]
     );
     assert!(counted.tokens > 0);
     let q = freshness::enqueue_stale(&t.admin, &b, &b.model.name, &Scope::default())
@@ -707,4 +712,36 @@ async fn backfill_wait_ends_when_the_queue_drains_and_counts_match() {
     );
     assert_eq!(tokens as u64, fake.tokens_billed());
     let _ = SourceType::Session;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survey_streams_past_one_round_and_prices_only_what_it_is_asked_to() {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    // 2,500 sources: the survey prices them in three rounds of at most 1,000.
+    insert_sessions(&t.admin, Uuid::new_v4(), 2500, |i| 2 + i % 9).await;
+    let s = t.settings();
+    let stale = freshness::find_stale(&t.admin, &s.model.name, &Scope::default())
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 2500);
+    let sources: Vec<_> = stale.iter().map(|s| s.source).collect();
+    let counted = freshness::estimate(&t.admin, &s, &sources).await.unwrap();
+    let all = freshness::survey(&t.admin, &s, &s.model.name, &Scope::default(), |_| true)
+        .await
+        .unwrap();
+    assert_eq!(all.estimate, counted);
+    assert_eq!(
+        all.counts.into_iter().collect::<Vec<_>>(),
+        [(StaleReason::Missing, 2500)]
+    );
+    let none = freshness::survey(&t.admin, &s, &s.model.name, &Scope::default(), |r| {
+        r != StaleReason::Missing
+    })
+    .await
+    .unwrap();
+    assert_eq!((none.estimate.sources, none.estimate.tokens), (0, 0));
+    assert_eq!(none.counts.get(&StaleReason::Missing), Some(&2500));
 }
