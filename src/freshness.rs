@@ -361,7 +361,19 @@ pub async fn survey(
 ) -> anyhow::Result<Survey> {
     use futures::TryStreamExt;
     let chunker = crate::pipeline::chunk::Chunker::for_model(&settings.model)?;
-    let mut rows = stale_rows(model, scope).fetch(pool);
+    // The stream holds a connection while each round queries on another: a pool of one (which
+    // `database.max_connections` allows) gets a second pool of one, same options and hooks.
+    let own;
+    let scan = if pool.options().get_max_connections() < 2 {
+        own = pool
+            .options()
+            .clone()
+            .connect_lazy_with((*pool.connect_options()).clone());
+        &own
+    } else {
+        pool
+    };
+    let mut rows = stale_rows(model, scope).fetch(scan);
     let mut counts = BTreeMap::new();
     let (mut sources, mut tokens) = (0usize, 0u64);
     let mut batch: Vec<Stale> = Vec::with_capacity(SURVEY_BATCH);

@@ -744,4 +744,15 @@ async fn a_survey_streams_past_one_round_and_prices_only_what_it_is_asked_to() {
     .unwrap();
     assert_eq!((none.estimate.sources, none.estimate.tokens), (0, 0));
     assert_eq!(none.counts.get(&StaleReason::Missing), Some(&2500));
+    // A pool of one connection (the stream holds it while a round queries): the same survey.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&t.url)
+        .await
+        .unwrap();
+    let alone = freshness::survey(&one, &s, &s.model.name, &Scope::default(), |_| true)
+        .await
+        .unwrap();
+    assert_eq!(alone.estimate, counted);
 }
