@@ -360,7 +360,8 @@ pub async fn survey(
     priced: impl Fn(StaleReason) -> bool,
 ) -> anyhow::Result<Survey> {
     use futures::TryStreamExt;
-    let chunker = crate::pipeline::chunk::Chunker::for_model(&settings.model)?;
+    // Built for the first round priced (a dry run prices none: no tokenizer to load).
+    let mut chunker = None;
     // The stream holds a connection while each round queries on another: a pool of one (which
     // `database.max_connections` allows) gets a second pool of one, same options and hooks.
     let own;
@@ -388,7 +389,12 @@ pub async fn survey(
             }
         }
         if batch.len() >= SURVEY_BATCH || (end && !batch.is_empty()) {
-            tokens += price(pool, settings, &chunker, &batch).await?;
+            if chunker.is_none() {
+                chunker = Some(crate::pipeline::chunk::Chunker::for_model(&settings.model)?);
+            }
+            if let Some(c) = &chunker {
+                tokens += price(pool, settings, c, &batch).await?;
+            }
             batch.clear();
         }
         if end {
@@ -408,8 +414,7 @@ async fn price(
     chunker: &crate::pipeline::chunk::Chunker,
     batch: &[Stale],
 ) -> anyhow::Result<u64> {
-    // Every provider but the local model counts with cl100k (`Chunker::for_model`).
-    let cl100k = settings.model.provider != crate::config::Provider::Local;
+    let cl100k = chunker.counts_cl100k();
     let (switched, mut counted): (Vec<&Stale>, Vec<&Stale>) = batch
         .iter()
         .partition(|s| cl100k && s.reason == StaleReason::OtherModel);

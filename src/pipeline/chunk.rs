@@ -131,6 +131,12 @@ impl Chunker {
         Self::with_sizer(sizer, model.max_input_tokens, model.chunk_overlap_tokens)
     }
 
+    /// Whether it counts with cl100k (OpenAI's embedding models), as stored `token_count`s of
+    /// those models did.
+    pub fn counts_cl100k(&self) -> bool {
+        matches!(self.sizer, Sizer::Cl100k)
+    }
+
     /// Splits with the exact sizer: every candidate the splitter weighs is tokenized again.
     fn split_exact(&self, text: &str) -> Vec<(String, usize)> {
         self.splitter

@@ -117,30 +117,22 @@ pub fn count(text: &str) -> usize {
         for piece in pieces(text) {
             let piece = piece.as_bytes();
             if piece.len() >= 16 {
-                n += piece_count(piece, ranks, &mut scratch);
+                n += boundaries(piece, ranks, &mut scratch).len() - 1;
                 continue;
             }
+            // A piece's key carries its length, so an empty slot (0) matches none.
             let key = pack(piece);
             let slot = &mut cache[slot_of(key)];
-            if slot.0 == key && key != 0 {
-                n += slot.1 as usize;
-            } else {
-                let c = piece_count(piece, ranks, &mut scratch);
-                *slot = (key, c as u32);
-                n += c;
+            if slot.0 != key {
+                *slot = (
+                    key,
+                    (boundaries(piece, ranks, &mut scratch).len() - 1) as u32,
+                );
             }
+            n += slot.1 as usize;
         }
         n
     })
-}
-
-/// Tokens of one piece: 1 if it is a token, else its merges.
-fn piece_count(piece: &[u8], ranks: &Ranks, scratch: &mut Scratch) -> usize {
-    if ranks.get(piece).is_some() {
-        1
-    } else {
-        merge(piece, ranks, scratch).len() - 1
-    }
 }
 
 /// Slots of the per-thread piece-count cache: 4,096 × 32 bytes = 128 KB, which stays in the
@@ -170,22 +162,18 @@ pub fn token_ends(text: &str) -> Vec<usize> {
     let base = text.as_ptr() as usize;
     for piece in pieces(text) {
         let at = piece.as_ptr() as usize - base;
-        let bytes = piece.as_bytes();
-        if ranks.get(bytes).is_some() {
-            ends.push(at + bytes.len());
-        } else {
-            ends.extend(
-                merge(bytes, ranks, &mut scratch)[1..]
-                    .iter()
-                    .map(|e| at + e),
-            );
-        }
+        ends.extend(
+            boundaries(piece.as_bytes(), ranks, &mut scratch)[1..]
+                .iter()
+                .map(|e| at + e),
+        );
     }
     ends
 }
 
 /// The token ids of `text` (the tests compare them with tiktoken-rs's).
-pub fn encode(text: &str) -> Vec<u32> {
+#[cfg(test)]
+fn encode(text: &str) -> Vec<u32> {
     let ranks = ranks();
     let mut out = Vec::new();
     let mut prev = 0;
@@ -198,6 +186,17 @@ pub fn encode(text: &str) -> Vec<u32> {
         prev = end;
     }
     out
+}
+
+/// The token boundaries of one piece (0, …, piece.len()): itself if it is a token, else its
+/// byte-pair merges.
+fn boundaries<'s>(piece: &[u8], ranks: &Ranks, scratch: &'s mut Scratch) -> &'s [usize] {
+    if ranks.get(piece).is_some() {
+        scratch.out.clear();
+        scratch.out.extend([0, piece.len()]);
+        return &scratch.out;
+    }
+    merge(piece, ranks, scratch)
 }
 
 /// Byte-pair merges of one piece that is not itself a token: returns the token boundaries
