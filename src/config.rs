@@ -314,6 +314,14 @@ pub struct CaptureSettings {
     pub sessions: bool,
     /// Queue a job when a template's embedded text changes.
     pub templates: bool,
+    /// How often a worker moves captured changes into the queue (`embed_worker.captured` →
+    /// jobs). The app's write only records the change; this is when its job appears.
+    #[serde(default = "default_drain_ms")]
+    pub drain_ms: u64,
+}
+
+fn default_drain_ms() -> u64 {
+    200
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -472,6 +480,14 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// Role to `SET ROLE` to after connecting; empty means the login role.
     pub role: String,
+    /// How long a query waits for a free connection of the pool before it fails. Long: at a
+    /// small budget a batch waits its turn instead of failing and using up an attempt.
+    #[serde(default = "default_acquire_timeout_secs")]
+    pub acquire_timeout_secs: u64,
+}
+
+fn default_acquire_timeout_secs() -> u64 {
+    300
 }
 
 impl DatabaseSettings {
@@ -484,6 +500,12 @@ impl DatabaseSettings {
             "a postgres:// URL",
         );
         c.within("database.max_connections", self.max_connections, 1, 1000);
+        c.within(
+            "database.acquire_timeout_secs",
+            self.acquire_timeout_secs,
+            1,
+            86_400,
+        );
     }
 }
 
@@ -493,6 +515,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("url", &crate::redact::url(&self.url))
             .field("max_connections", &self.max_connections)
             .field("role", &self.role)
+            .field("acquire_timeout_secs", &self.acquire_timeout_secs)
             .finish()
     }
 }
@@ -507,8 +530,13 @@ pub struct QueueSettings {
     pub fetch_batch: usize,
     /// Jobs held at once by one process.
     pub concurrency: usize,
-    /// Poll interval besides LISTEN/NOTIFY.
+    /// How often an idle worker looks for jobs (its only wake-up unless `listen`).
     pub poll_interval_ms: u64,
+    /// Also wake on apalis's NOTIFY (one more connection per process, held for LISTEN, and a
+    /// NOTIFY in every transaction that queues jobs). Off: polling alone, every
+    /// `poll_interval_ms` (docs/decisions.md, "Woken by polling").
+    #[serde(default)]
+    pub listen: bool,
     /// Attempts before a retried job is a dead letter.
     pub max_attempts: i32,
     /// Worker heartbeat interval.
@@ -765,7 +793,52 @@ fn config_dir() -> PathBuf {
     }
 }
 
+/// The connections a worker cannot do without, each named: the pool it refuses to run below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinPool {
+    /// The batch lane's leader lock: held by one replica at a time, on a connection of its own
+    /// for as long as it leads (any replica may become the leader).
+    pub leader: u32,
+    /// `LISTEN`, when `queue.listen`: one connection for the life of the worker.
+    pub listener: u32,
+    /// At least one for everything else: claiming, loading, writing, acknowledging (taken and
+    /// given back per statement or transaction, so one suffices; more is throughput).
+    pub work: u32,
+}
+
+impl MinPool {
+    /// The minimum `database.max_connections`.
+    pub fn total(&self) -> u32 {
+        self.leader + self.listener + self.work
+    }
+
+    /// Connections of the pool that batches can write with: the pool less what is held for long.
+    pub fn writers(&self, max_connections: u32) -> u32 {
+        max_connections.saturating_sub(self.leader + self.listener).max(1)
+    }
+}
+
+impl std::fmt::Display for MinPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} for the batch lane's leader lock", self.leader)?;
+        if self.listener > 0 {
+            write!(f, ", {} for LISTEN (queue.listen)", self.listener)?;
+        }
+        write!(f, ", {} for claiming, loading and writing", self.work)
+    }
+}
+
 impl Settings {
+    /// The pool `run` needs at the least (it refuses a smaller `database.max_connections`).
+    /// The index build's own connection is outside the pool (one replica at a time builds).
+    pub fn min_pool(&self) -> MinPool {
+        MinPool {
+            leader: 1,
+            listener: u32::from(self.queue.listen),
+            work: 1,
+        }
+    }
+
     /// Defaults file, optional extra file, environment. Reads the API key from the environment.
     pub fn load(extra_file: Option<&Path>) -> anyhow::Result<Self> {
         let defaults = config::Config::builder()
@@ -828,6 +901,7 @@ impl Settings {
         self.retention.check(&mut c);
         self.http.check(&mut c);
         self.freshness.check(&mut c);
+        c.within("capture.drain_ms", self.capture.drain_ms, 10, 60_000);
         self.budget.check(&mut c);
         self.bulk.check(&mut c);
         self.index.check(&mut c);

@@ -194,8 +194,8 @@ impl Queued {
 /// failed with attempts left: that job will embed them) and the insert all run in the server,
 /// so 20,000 jobs cost one round trip and no row travels to the worker. The one way every
 /// caller (the periodic scan, `enqueue-stale`, `backfill`) turns a scan into jobs.
-pub async fn enqueue_stale(
-    pool: &PgPool,
+pub async fn enqueue_stale<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     settings: &crate::config::Settings,
     model: &str,
     scope: &Scope,
@@ -237,7 +237,7 @@ SELECT NULL, 0, 0, (SELECT coalesce(n, 0) FROM q)::int8"#,
         .bind(crate::queue::bulk_job_type(settings))
         .bind(settings.queue.max_attempts)
         .bind(settings.bulk.priority)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     let mut q = Queued::default();
     for (reason, found, open, created) in rows {
@@ -250,45 +250,33 @@ SELECT NULL, 0, 0, (SELECT coalesce(n, 0) FROM q)::int8"#,
     Ok(q)
 }
 
-/// One periodic stale scan (`freshness.scan_interval_secs`), if no other replica is scanning
-/// (advisory lock). Returns jobs queued, or `None` when another replica holds the lock.
+/// One periodic stale scan (`freshness.scan_interval_secs`), if no other replica is scanning.
+/// Returns jobs queued, or `None` when another replica holds the lock.
+///
+/// The lock is transaction-level, on the connection that runs the scan: a session lock held on
+/// one connection while the scan took a second from the pool needed two at once, and at a pool
+/// of two the leader (whose lock holds the other) had none left.
 pub async fn scan_stale(
     pool: &PgPool,
     settings: &crate::config::Settings,
 ) -> anyhow::Result<Option<i64>> {
-    with_scan_lock(pool, || async {
-        let scope = Scope {
-            max_age_days: Some(settings.freshness.max_age_days),
-            limit: Some(settings.freshness.scan_limit),
-            ..Default::default()
-        };
-        Ok(enqueue_stale(pool, settings, &settings.model.name, &scope)
-            .await?
-            .created)
-    })
-    .await
-}
-
-/// One scanner at a time across replicas: runs `f` only if this session gets the lock.
-pub async fn with_scan_lock<T, F: std::future::Future<Output = anyhow::Result<T>>>(
-    pool: &PgPool,
-    f: impl FnOnce() -> F,
-) -> anyhow::Result<Option<T>> {
-    let mut conn = pool.acquire().await?;
     let key: i64 = 0x656d_6265_6473_6361; // "embedsca"
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+    let mut tx = pool.begin().await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(key)
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut *tx)
         .await?;
     if !got {
         return Ok(None);
     }
-    let result = f().await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(key)
-        .execute(&mut *conn)
-        .await;
-    result.map(Some)
+    let scope = Scope {
+        max_age_days: Some(settings.freshness.max_age_days),
+        limit: Some(settings.freshness.scan_limit),
+        ..Default::default()
+    };
+    let queued = enqueue_stale(&mut *tx, settings, &settings.model.name, &scope).await?;
+    tx.commit().await?;
+    Ok(Some(queued.created))
 }
 
 /// Tokens the sources would cost to embed now with the active model, and that in USD.

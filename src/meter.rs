@@ -73,6 +73,18 @@ pub const REPLICA_LAG_SECONDS: &str = "embed_worker_replica_lag_seconds";
 pub const REPLICA_LAG_BYTES: &str = "embed_worker_replica_lag_bytes";
 /// `alerts.replica_lag_secs`, for the alert rule.
 pub const REPLICA_LAG_ALERT: &str = "embed_worker_replica_lag_alert_seconds";
+/// This process's pool: connections open, by state (`in_use`, `idle`).
+pub const DB_POOL_CONNECTIONS: &str = "embed_worker_db_pool_connections";
+/// This process's pool size (`database.max_connections`).
+pub const DB_POOL_MAX: &str = "embed_worker_db_pool_max_connections";
+/// The server's connections for ordinary roles: max_connections less the reserved ones.
+pub const DB_SERVER_MAX: &str = "embed_worker_db_server_usable_connections";
+/// Client connections open on the server now, every application's.
+pub const DB_SERVER_OPEN: &str = "embed_worker_db_server_connections";
+/// What the live workers' pools add up to (each worker's `pool=` in its application_name).
+pub const DB_WORKER_POOLS: &str = "embed_worker_db_worker_pools_connections";
+/// Changes the app's writes recorded, moved into the queue by this process.
+pub const CAPTURED: &str = "embed_worker_captured_changes_total";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
 pub const ALL: &[&str] = &[
@@ -105,12 +117,48 @@ pub const ALL: &[&str] = &[
     REPLICA_LAG_SECONDS,
     REPLICA_LAG_BYTES,
     REPLICA_LAG_ALERT,
+    DB_POOL_CONNECTIONS,
+    DB_POOL_MAX,
+    DB_SERVER_MAX,
+    DB_SERVER_OPEN,
+    DB_WORKER_POOLS,
+    CAPTURED,
 ];
 
 static COST: Mutex<BTreeMap<(String, &'static str), f64>> = Mutex::new(BTreeMap::new());
 
 /// HELP and units, once per process.
 pub fn describe() {
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        Unit::Count,
+        "This process's database connections, by state (in_use, idle)"
+    );
+    describe_gauge!(
+        DB_POOL_MAX,
+        Unit::Count,
+        "This process's pool size (database.max_connections)"
+    );
+    describe_gauge!(
+        DB_SERVER_MAX,
+        Unit::Count,
+        "The server's max_connections less superuser_reserved_connections and reserved_connections"
+    );
+    describe_gauge!(
+        DB_SERVER_OPEN,
+        Unit::Count,
+        "Client connections open on the server (every application's)"
+    );
+    describe_gauge!(
+        DB_WORKER_POOLS,
+        Unit::Count,
+        "The live embed-worker processes' pool sizes added up (from their application_name)"
+    );
+    describe_counter!(
+        CAPTURED,
+        Unit::Count,
+        "Changes recorded by the app's writes and moved into the queue by this process"
+    );
     describe_counter!(
         TOKENS_EMBEDDED,
         Unit::Count,
@@ -410,6 +458,21 @@ pub fn queue_sample(by_state: &[(String, i64)], dead: i64, oldest_pending: f64) 
     }
     gauge!(QUEUE_JOBS, "state" => "dead").set(dead as f64);
     gauge!(QUEUE_OLDEST).set(oldest_pending);
+}
+
+/// Sets the connection gauges (`crate::db::connections`).
+pub fn connections(in_use: u32, idle: u32, pool_max: u32, usage: &crate::db::connections::Usage) {
+    gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
+    gauge!(DB_POOL_MAX).set(f64::from(pool_max));
+    gauge!(DB_SERVER_MAX).set(usage.usable as f64);
+    gauge!(DB_SERVER_OPEN).set(usage.open as f64);
+    gauge!(DB_WORKER_POOLS).set(usage.worker_pools() as f64);
+}
+
+/// Counts changes moved from `embed_worker.captured` into the queue.
+pub fn captured(n: u64) {
+    counter!(CAPTURED).increment(n);
 }
 
 /// Records a write transaction's duration.

@@ -377,14 +377,34 @@ pub async fn counts_by_state(pool: &PgPool, queue: &str) -> sqlx::Result<Vec<(St
 
 /// Jobs not yet finished in `queue` and its batch lane: pending, claimed, running, or failed
 /// with attempts left.
+/// A change the app's write recorded and no worker has queued yet counts as an open job.
 pub async fn open_jobs(pool: &PgPool, queue: &str) -> sqlx::Result<i64> {
     sqlx::query_scalar(concat!(
-        "SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1) AND ",
-        open_job!()
+        "SELECT (SELECT count(*) FROM embed_worker.captured)
+              + (SELECT count(*) FROM apalis.jobs WHERE job_type = ANY($1) AND ",
+        open_job!(),
+        ")"
     ))
     .bind(lanes(queue))
     .fetch_one(pool)
     .await
+}
+
+/// Moves changes recorded by the app's writes (`embed_worker.captured`) into `queue`: one
+/// transaction deletes them and queues their jobs. Returns (changes taken, jobs made); a full
+/// round (`max_rows`) means more may wait.
+pub async fn drain_captured(
+    pool: &PgPool,
+    queue: &str,
+    max_attempts: i32,
+    max_rows: i32,
+) -> sqlx::Result<(i64, i32)> {
+    sqlx::query_as("SELECT changes, queued FROM embed_worker.drain_captured($1, $2, $3)")
+        .bind(queue)
+        .bind(max_attempts)
+        .bind(max_rows)
+        .fetch_one(pool)
+        .await
 }
 
 /// Every session and template.

@@ -214,9 +214,112 @@ pub async fn verify(
         }
         None => problems.push("source trigger trg_rag_embeddings_check_source is missing".into()),
     }
+    let (platform_problems, platform_notes) = platform(pool, settings).await?;
+    problems.extend(platform_problems);
+    notes.extend(platform_notes);
     Ok(VerifyReport {
         indexes,
         problems,
         notes,
     })
+}
+
+/// pgvector 0.8.4 fixed an HNSW graph that vacuum could corrupt and one left unrepaired
+/// (0.8.3 and 0.8.4's release notes); older versions still run.
+const PGVECTOR_FIXED: (u32, u32, u32) = (0, 8, 4);
+
+/// `x.y.z` as numbers (a suffix such as `-dev` ignored).
+fn version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+}
+
+/// The platform under the schema: pgvector's version, the login's attributes, and the
+/// connection budget. A managed platform is where these differ from the lab.
+async fn platform(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let (mut problems, mut notes) = (Vec::new(), Vec::new());
+    let pgvector: Option<String> =
+        sqlx::query_scalar("SELECT extversion::text FROM pg_extension WHERE extname = 'vector'")
+            .fetch_optional(pool)
+            .await?;
+    match pgvector.as_deref() {
+        None => problems.push("the vector extension is not installed".into()),
+        Some(v) => match version(v) {
+            Some(have) if have >= PGVECTOR_FIXED => notes.push(format!("pgvector {v}")),
+            _ => notes.push(format!(
+                "warning: pgvector {v} is older than 0.8.4, which fixes HNSW index corruption \
+                 by vacuum and an unrepaired graph after deletes (0.8.3, 0.8.4); upgrade the \
+                 extension (ALTER EXTENSION vector UPDATE, or the platform's upgrade) and \
+                 REINDEX the HNSW indexes"
+            )),
+        },
+    }
+    let (login, superuser, bypassrls): (String, bool, bool) = sqlx::query_as(
+        "SELECT rolname::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = session_user",
+    )
+    .fetch_one(pool)
+    .await?;
+    if superuser || bypassrls {
+        notes.push(format!(
+            "the login {login} has {}: its own queries pass every RLS policy (Neon's owner has \
+             BYPASSRLS). The worker's queries run as database.role = {:?}, which has neither, \
+             so its checks do not depend on it",
+            if superuser { "SUPERUSER" } else { "BYPASSRLS" },
+            settings.database.role
+        ));
+    }
+    if !settings.database.role.is_empty() {
+        let role: Option<(bool, bool)> = sqlx::query_as(
+            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1",
+        )
+        .bind(&settings.database.role)
+        .fetch_optional(pool)
+        .await?;
+        if let Some((true, _) | (_, true)) = role {
+            problems.push(format!(
+                "database.role {} has SUPERUSER or BYPASSRLS: the worker's reads would pass \
+                 the policies that keep one user's sessions from another",
+                settings.database.role
+            ));
+        }
+    }
+    let usage = crate::db::connections::usage(pool).await?;
+    let budget = i64::from(settings.database.max_connections);
+    notes.push(format!(
+        "connections: max_connections {} ({} reserved, {} usable), {} open now; \
+         database.max_connections {budget} per worker, {} live workers' pools add up to {}",
+        usage.max,
+        usage.reserved,
+        usage.usable,
+        usage.open,
+        usage.processes.iter().filter(|p| p.kind == "run").count(),
+        usage.worker_pools()
+    ));
+    if budget + 1 > usage.usable {
+        problems.push(format!(
+            "database.max_connections = {budget} (and one index build) is more than the server              allows ordinary roles ({}): lower it",
+            usage.usable
+        ));
+    } else if let Some(why) = crate::db::connections::overcommitted(&usage) {
+        notes.push(format!("warning: {why}"));
+    }
+    Ok((problems, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_compare_as_numbers() {
+        assert_eq!(super::version("0.8.10"), Some((0, 8, 10)));
+        assert!(super::version("0.8.10").unwrap() > super::PGVECTOR_FIXED);
+        assert!(super::version("0.8.2").unwrap() < super::PGVECTOR_FIXED);
+        assert_eq!(super::version("0.9"), Some((0, 9, 0)));
+        assert_eq!(super::version("dev"), None);
+    }
 }

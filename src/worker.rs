@@ -70,7 +70,18 @@ impl Worker {
     /// Connects, builds the pipeline, serves /metrics and the probes.
     pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         let settings = Arc::new(settings);
+        let min = settings.min_pool();
+        anyhow::ensure!(
+            settings.database.max_connections >= min.total(),
+            "database.max_connections = {} is below this worker's minimum pool of {}: {} \
+             (EMBED_WORKER__DATABASE__MAX_CONNECTIONS; README, \"Running on a managed PostgreSQL\")",
+            settings.database.max_connections,
+            min.total(),
+            min
+        );
+        crate::db::set_process_kind("run");
         let pool = crate::db::connect(&settings.database).await?;
+        crate::db::connections::warn_at_start(&pool, &settings).await;
         crate::model_index::lifecycle::ensure_for_run(&pool, &settings).await?;
         let embedder = crate::embed::Embedder::from_settings(&settings.api, &settings.model)?;
         let health = Arc::new(crate::guard::health::Health::default());
@@ -115,9 +126,13 @@ impl Worker {
                 .batch_size(queue.fetch_batch)
                 .heartbeat_interval(Duration::from_secs(queue.heartbeat_secs))
                 .missed_heartbeats(queue.missed_heartbeats);
-            let strategy = Strategy::new()
-                .stream(Pubsub::new(pool.clone(), queue.name.clone()))
-                .interval(Duration::from_millis(queue.poll_interval_ms));
+            // LISTEN holds a connection of the pool for as long as the worker runs; polling
+            // alone needs none between polls (`queue.listen`, `Settings::min_pool`).
+            let mut strategy = Strategy::new();
+            if queue.listen {
+                strategy = strategy.stream(Pubsub::new(pool.clone(), queue.name.clone()));
+            }
+            let strategy = strategy.interval(Duration::from_millis(queue.poll_interval_ms));
             let backend = PostgresStorage::<serde_json::Value>::new(&pool)
                 .with_config(queue_cfg)
                 .poll_with_strategy(strategy);
@@ -138,6 +153,11 @@ impl Worker {
             self.pool.clone(),
             self.settings.clone(),
             self.health.clone(),
+            stop_rx.clone(),
+        ));
+        let drainer = tokio::spawn(drain_captured(
+            self.pool.clone(),
+            self.settings.clone(),
             stop_rx.clone(),
         ));
         let indexer = tokio::spawn(build_indexes(
@@ -198,6 +218,7 @@ impl Worker {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         maintenance.abort();
+        drainer.abort();
         // A build in progress is cancelled by its own task on the stop signal; a batch round
         // in progress ends at its next step (its records let the next process resume it).
         let _ = tokio::time::timeout(Duration::from_secs(10), indexer).await;
@@ -236,7 +257,13 @@ async fn maintain(
         match ping {
             Ok(Ok(_)) => health.set_db(None),
             Ok(Err(e)) => health.set_db(Some(e.to_string())),
+            // Every connection busy at a small budget: the database answers them, the ping
+            // only waited its turn.
+            Err(_) if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() => {}
             Err(_) => health.set_db(Some("ping timed out".into())),
+        }
+        if let Err(e) = crate::db::connections::sample(&pool).await {
+            tracing::debug!(error = %e, "connection sample failed");
         }
         match crate::queue::sample(&pool, &settings.queue.name).await {
             Ok((by_state, dead, oldest)) => crate::meter::queue_sample(&by_state, dead, oldest),
@@ -289,6 +316,50 @@ async fn maintain(
             }
             if let Err(e) = crate::bulk::records::prune(&pool, r.failed_age()).await {
                 tracing::warn!(error = %e, "pruning finished batch records failed");
+            }
+        }
+    }
+}
+
+/// Changes one drain statement takes at most.
+const DRAIN_ROWS: i32 = 10_000;
+
+/// Capture's second half: the changes the app's writes recorded (`embed_worker.captured`)
+/// moved into the queue every `capture.drain_ms`, by every replica (SKIP LOCKED keeps them
+/// apart, so a stalled one holds up nobody). A full round goes again at once.
+async fn drain_captured(
+    pool: PgPool,
+    settings: Arc<Settings>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = Duration::from_millis(settings.capture.drain_ms);
+    let q = &settings.queue;
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|v| *v) => return,
+        }
+        loop {
+            match crate::queue::drain_captured(&pool, &q.name, q.max_attempts, DRAIN_ROWS).await {
+                Ok((changes, queued)) => {
+                    last_error = None;
+                    if changes > 0 {
+                        crate::meter::captured(changes as u64);
+                        tracing::debug!(changes, queued, "captured changes queued");
+                    }
+                    if changes < i64::from(DRAIN_ROWS) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_deref() != Some(msg.as_str()) {
+                        tracing::warn!(error = %msg, "moving captured changes into the queue failed; trying again");
+                        last_error = Some(msg);
+                    }
+                    break;
+                }
             }
         }
     }

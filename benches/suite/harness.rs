@@ -27,6 +27,7 @@ pub(crate) async fn fresh_db(tag: &str) -> (String, PgPool) {
         url: url.clone(),
         max_connections: 16,
         role: String::new(),
+        acquire_timeout_secs: 30,
     })
     .await
     .unwrap();

@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace,capture]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -31,6 +31,7 @@ use uuid::Uuid;
 #[path = "../../tests/api/helpers.rs"]
 mod helpers;
 
+mod capture;
 mod collect;
 mod corpus;
 mod e2e;
@@ -45,6 +46,7 @@ mod search;
 mod switch;
 mod tokenizer;
 
+use capture::*;
 use collect::*;
 use corpus::*;
 use e2e::*;
@@ -257,6 +259,13 @@ async fn main() {
         let ids = insert_sessions(&pool, &users, &corpus).await;
         let sources = helpers::session_sources(&ids);
         bench_replicas(&mut report, &url, &pool, &sources).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("capture") {
+        eprintln!("capture …");
+        let (url, pool) = fresh_db("capture").await;
+        bench_capture(&mut report, &url, &pool).await;
         pool.close().await;
         drop_db(&url).await;
     }

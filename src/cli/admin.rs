@@ -19,13 +19,14 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     db::migrate(&pool).await?;
     db::register_queue(&pool, &settings.queue.name).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
+    db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
     let spec = model_index::IndexSpec::from_settings(settings)?;
     let roles = model_index::lifecycle::on_migrate(&pool, &spec).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(
-        "migrations applied; change capture sessions={} templates={}; {roles}; {index}",
-        settings.capture.sessions, settings.capture.templates,
+        "migrations applied; change capture sessions={} templates={}; notify={}; {roles}; {index}",
+        settings.capture.sessions, settings.capture.templates, settings.queue.listen,
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -143,6 +143,17 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
             r.application_name, r.state
         );
     }
+    // Connections are the primary's, whichever server the rest was read from.
+    let primary = if settings.search.url(&settings.database) == settings.database.url {
+        pool.clone()
+    } else {
+        db::connect(&embed_worker::config::DatabaseSettings {
+            max_connections: 1,
+            ..settings.database.clone()
+        })
+        .await?
+    };
+    print_connections(&embed_worker::db::connections::usage(&primary).await?);
     let (spent, budget) = embed_worker::guard::budget::month(&pool).await?;
     if budget > 0.0 {
         println!(
@@ -189,6 +200,27 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The server's connection budget and each process of ours against it.
+fn print_connections(u: &embed_worker::db::connections::Usage) {
+    println!(
+        "connections: {} open of max_connections {} ({} reserved, {} usable); workers' pools add up to {}",
+        u.open,
+        u.max,
+        u.reserved,
+        u.usable,
+        u.worker_pools()
+    );
+    for p in &u.processes {
+        println!(
+            "  embed-worker/{} {}: {} open of pool {}",
+            p.kind, p.id, p.open, p.pool
+        );
+    }
+    if let Some(why) = embed_worker::db::connections::overcommitted(u) {
+        println!("  warning: {why}");
+    }
 }
 
 /// `embed-worker retry-failed`.

@@ -397,3 +397,67 @@ fn manifests_validate_against_kubernetes_schemas() {
     assert!(out.status.success(), "{text}");
     let _ = Path::new("");
 }
+
+/// The pool a container's command opens: `migrate`, `verify` and `models` a login pool of 4
+/// (`db::connect_as_login`), the rest `database.max_connections` (its env, else the default).
+fn container_pool(c: &Value, default: u64) -> u64 {
+    let first = c["args"][0].as_str().unwrap_or("");
+    if ["migrate", "verify", "models"].contains(&first) {
+        return 4;
+    }
+    c["env"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "EMBED_WORKER__DATABASE__MAX_CONNECTIONS")
+        .map_or(default, |e| e["value"].as_str().unwrap().parse().unwrap())
+}
+
+#[test]
+fn replicas_and_pools_fit_the_documented_connection_budget() {
+    let default = embed_worker::config::Settings::load(None)
+        .unwrap()
+        .database
+        .max_connections as u64;
+    let all = manifests();
+    let scaled = all
+        .iter()
+        .find(|(_, v)| v["kind"] == "ScaledObject")
+        .map(|(_, v)| v.clone())
+        .unwrap();
+    let budget: u64 = scaled["metadata"]["annotations"]["embed-worker/connection-budget"]
+        .as_str()
+        .expect("scaledobject.yaml states its connection budget")
+        .parse()
+        .unwrap();
+    let replicas = scaled["spec"]["maxReplicaCount"].as_u64().unwrap();
+    let mut total = 0;
+    let mut parts = Vec::new();
+    for (file, v) in &all {
+        for c in containers(v) {
+            let pool = container_pool(&c, default);
+            let (n, builds) = match v["kind"].as_str() {
+                // The pods, and one index build among them (outside the pool).
+                Some("Deployment") => (replicas * pool, 1),
+                // `models build-index` builds on a connection of its own.
+                _ if c["args"][0] == "models" => (pool, 1),
+                _ => (pool, 0),
+            };
+            parts.push(format!("{}: {n} + {builds}", file.display()));
+            total += n + builds;
+        }
+    }
+    assert!(
+        total <= budget,
+        "{total} connections > the stated budget {budget}: {parts:#?}"
+    );
+    // Every pod's pool is at least the worker's minimum.
+    let deployment = all
+        .iter()
+        .find(|(_, v)| v["kind"] == "Deployment")
+        .unwrap();
+    let min = embed_worker::config::Settings::load(None).unwrap().min_pool().total() as u64;
+    for c in containers(&deployment.1) {
+        assert!(container_pool(&c, default) >= min);
+    }
+}

@@ -57,6 +57,7 @@ impl TestDb {
             url: self.url.clone(),
             max_connections: 20,
             role: "embed_worker".into(),
+            acquire_timeout_secs: 30,
         })
         .await
         .unwrap()
@@ -574,4 +575,118 @@ pub async fn app_user_statement(
         .execute(&mut *tx)
         .await
         .map(|r| r.rows_affected())
+}
+
+/// Debian's PgBouncer in front of the dev server, as Neon's and Supabase's poolers stand in
+/// front of theirs: `mode` is `session` or `transaction`, `server_conns` the server connections
+/// it may open to each database (every client shares them). Stopped when dropped.
+pub struct Pooler {
+    pub port: u16,
+    pub dir: std::path::PathBuf,
+    child: std::process::Child,
+}
+
+impl Pooler {
+    /// Starts it; `users` may log in through it (trust, as the dev server's own rules).
+    pub fn start(mode: &str, server_conns: u32, users: &[&str]) -> Pooler {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("pgbouncer is not installed (scripts/test installs Debian's package)");
+        let base = admin_url();
+        let server_port = base
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .expect("admin url has a port")
+            .to_string();
+        let dir = std::env::temp_dir().join(format!("pooler-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let auth: String = std::iter::once("postgres")
+            .chain(users.iter().copied())
+            .map(|u| format!("\"{u}\" \"\"\n"))
+            .collect();
+        std::fs::write(dir.join("users.txt"), auth).unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host=127.0.0.1 port={server_port}\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {auth}\npool_mode = {mode}\n\
+                 default_pool_size = {server_conns}\nmax_db_connections = {server_conns}\n\
+                 max_client_conn = 400\nignore_startup_parameters = extra_float_digits,options\n\
+                 logfile = {log}\npidfile = {pid}\n",
+                auth = dir.join("users.txt").display(),
+                log = dir.join("pgbouncer.log").display(),
+                pid = dir.join("pgbouncer.pid").display(),
+            ),
+        )
+        .unwrap();
+        // PgBouncer refuses to run as root: as the cluster's own OS user then (scripts/db).
+        let root = is_root();
+        if root {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let ini = dir.join("pgbouncer.ini");
+        let mut cmd = if root {
+            let user = std::env::var("EMBED_WORKER_DB_USER").unwrap_or_else(|_| "embedpg".into());
+            // setpriv execs (runuser would stay as the parent, and a kill would orphan it).
+            let mut c = std::process::Command::new("setpriv");
+            c.args([
+                &format!("--reuid={user}"),
+                &format!("--regid={user}"),
+                "--init-groups",
+                bin,
+            ])
+            .arg(&ini);
+            c
+        } else {
+            let mut c = std::process::Command::new(bin);
+            c.arg(&ini);
+            c
+        };
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting pgbouncer");
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "pgbouncer did not listen on {port}: {}",
+                std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pooler { port, dir, child }
+    }
+
+    /// `url` (a test database's) with its host and port replaced by the pooler's, as `user`.
+    pub fn url(&self, url: &str, user: &str) -> String {
+        let db = url.rsplit_once('/').expect("url has a path").1;
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pooler {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

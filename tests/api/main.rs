@@ -13,6 +13,7 @@ mod hostile;
 mod index;
 mod lifecycle;
 mod local_model;
+mod managed;
 mod operate;
 mod pipeline;
 mod prometheus;

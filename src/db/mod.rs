@@ -3,6 +3,13 @@
 //! Why here: every command needs the same pool (same role, same limits), and `migrate` must
 //! apply apalis-postgres's queue schema and ours in one step, then grant the worker role what
 //! it needs on both. The post-migration check is [`crate::verify`].
+//!
+//! Why the pooler check: a transaction-mode pooler (PgBouncer `pool_mode = transaction`, Neon's
+//! `-pooler` endpoint, Supabase's port 6543) hands each transaction to any server connection.
+//! apalis-postgres and sqlx use named prepared statements, `LISTEN` and session advisory
+//! locks, none of which survive that; the first symptom was `prepared statement "sqlx_s_1"
+//! already exists`. So every connection is checked first and refused, naming the fix
+//! (docs/decisions.md, "Transaction poolers are refused").
 
 use std::time::Duration;
 
@@ -11,6 +18,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, PgPool};
 
 use crate::config::DatabaseSettings;
+
+pub mod connections;
 
 /// This project's migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -27,8 +36,9 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     })?;
     // sqlx's own statement log prints a slow statement whole (a write is kilobytes of SQL)
     // inside the batch span; the write step logs one short line of its own instead.
-    let opts =
-        sqlx::ConnectOptions::disable_statement_logging(opts.application_name("embed-worker"));
+    let opts = sqlx::ConnectOptions::disable_statement_logging(
+        opts.application_name(&application_name(settings.max_connections)),
+    );
     // One direct connection first: a pool that cannot connect retries until its acquire
     // timeout and then says only "pool timed out"; this names the cause (refused, unknown
     // host, auth, TLS) within seconds.
@@ -40,6 +50,12 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let target = crate::redact::url(&settings.url);
     match probe {
         Ok(Ok(mut conn)) => {
+            // Before any prepared statement: through a transaction pooler the pool's first
+            // query would fail with `prepared statement "sqlx_s_1" already exists`.
+            if let Some(evidence) = transaction_pooler(&mut conn, &opts).await? {
+                let _ = sqlx::Connection::close(conn).await;
+                anyhow::bail!("{}", pooler_refusal(&settings.url, &evidence));
+            }
             // The role too: a pool whose every connection fails its `SET ROLE` says only
             // "pool timed out" after 10 s.
             if !settings.role.is_empty() {
@@ -72,7 +88,9 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let role = settings.role.clone();
     PgPoolOptions::new()
         .max_connections(settings.max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        // At a small budget a batch waits for a connection rather than failing (and using up
+        // an attempt); the worker's minimum pool (`Settings::min_pool`) keeps one free for it.
+        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs))
         .after_connect(move |conn, _meta| {
             let role = role.clone();
             Box::pin(async move {
@@ -112,8 +130,100 @@ pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
         url: url.to_string(),
         max_connections: 4,
         role: String::new(),
+        acquire_timeout_secs: 30,
     };
     connect(&settings).await
+}
+
+/// What this process's connections are for: `run` for a worker, else the command's name.
+/// Set once by the command line before it connects; read into every connection's
+/// `application_name`.
+static PROCESS_KIND: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Names this process's connections (`embed-worker/run …` for a worker).
+pub fn set_process_kind(kind: &'static str) {
+    let _ = PROCESS_KIND.set(kind);
+}
+
+/// A random id for this process, the same in every pool it opens.
+fn process_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string())
+}
+
+/// `embed-worker/<kind> pool=<n> <id>`: lets `status`, the connections gauge and the start-up
+/// budget check count each live worker's pool from `pg_stat_activity` (no table to keep, and a
+/// dead process's connections are gone with it). At most 63 bytes (PostgreSQL's limit).
+pub fn application_name(pool: u32) -> String {
+    let kind = PROCESS_KIND.get().copied().unwrap_or("cli");
+    format!("embed-worker/{kind} pool={pool} {}", process_id())
+}
+
+/// Evidence that `conn` goes through a transaction- (or statement-) mode pooler, or `None`.
+///
+/// Sound both ways on a direct server and a session pooler: there a client connection keeps
+/// one backend (its `pg_backend_pid()` never changes) and two client connections never share
+/// one. A transaction pooler returns the backend to its pool after each transaction: a second
+/// client's transaction is then given the backend the first one just used (PgBouncer reuses
+/// the most recent), or the first client's next statement lands on another. Simple-protocol
+/// statements only, so the check itself works through any pooler.
+async fn transaction_pooler(
+    first: &mut sqlx::PgConnection,
+    opts: &PgConnectOptions,
+) -> anyhow::Result<Option<String>> {
+    async fn pid(conn: &mut sqlx::PgConnection, sql: &'static str) -> anyhow::Result<i32> {
+        use futures::TryStreamExt;
+        let rows: Vec<sqlx::postgres::PgRow> = sqlx::raw_sql(sql).fetch(&mut *conn).try_collect().await?;
+        let row = rows.last().context("no row from pg_backend_pid()")?;
+        Ok(sqlx::Row::try_get::<i32, _>(row, 0)?)
+    }
+    for _ in 0..3 {
+        let a1 = pid(first, "SELECT pg_backend_pid()").await?;
+        let mut second = sqlx::ConnectOptions::connect(opts).await?;
+        let b = pid(&mut second, "BEGIN; SELECT pg_backend_pid()").await;
+        let a2 = pid(first, "SELECT pg_backend_pid()").await;
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut second).await;
+        let _ = sqlx::Connection::close(second).await;
+        let (b, a2) = (b?, a2?);
+        if b == a1 {
+            return Ok(Some(format!(
+                "a second connection's transaction ran on the first connection's server backend (pid {a1})"
+            )));
+        }
+        if a2 != a1 {
+            return Ok(Some(format!(
+                "one connection's statements ran on two server backends (pids {a1} and {a2})"
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The refusal: what was seen, why the worker cannot use it, and which endpoint to use.
+fn pooler_refusal(url: &str, evidence: &str) -> String {
+    let target = crate::redact::url(url);
+    let host = url
+        .split_once("://")
+        .map(|(_, rest)| rest.rsplit_once('@').map_or(rest, |(_, h)| h))
+        .unwrap_or(url);
+    let hint = if host.contains("-pooler.") {
+        "Neon: use the direct endpoint (the host name without `-pooler`)".to_string()
+    } else if host.contains(":6543") {
+        "Supabase: use the session-mode pooler (port 5432) or the direct connection \
+         (db.<project>.supabase.co:5432)"
+            .to_string()
+    } else {
+        "PgBouncer: point database.url at PostgreSQL itself or at a pool with \
+         `pool_mode = session`"
+            .to_string()
+    };
+    format!(
+        "{target} is a transaction-mode connection pooler ({evidence}). embed-worker needs a \
+         session of its own: apalis-postgres's prepared statements, LISTEN and the worker's \
+         advisory locks do not survive a pooler that moves each transaction to another server \
+         connection. Nothing was queued, claimed or written. Fix: {hint}; keep the pooled URL \
+         for the app (README, \"Running on a managed PostgreSQL\")."
+    )
 }
 
 /// `s` as a quoted SQL identifier.
@@ -192,5 +302,18 @@ pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> an
             .with_context(|| format!("{verb} TRIGGER {trg}"))?;
         }
     }
+    Ok(())
+}
+
+/// Turns the queue's NOTIFY on or off (config `queue.listen`). Off, no transaction that queues
+/// jobs sends a notification (each takes a database-wide lock at commit) and workers poll.
+pub async fn apply_listen(pool: &PgPool, listen: bool) -> anyhow::Result<()> {
+    let verb = if listen { "ENABLE" } else { "DISABLE" };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE apalis.jobs {verb} TRIGGER notify_workers"
+    )))
+    .execute(pool)
+    .await
+    .with_context(|| format!("{verb} TRIGGER notify_workers"))?;
     Ok(())
 }
