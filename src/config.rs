@@ -814,7 +814,9 @@ impl MinPool {
 
     /// Connections of the pool that batches can write with: the pool less what is held for long.
     pub fn writers(&self, max_connections: u32) -> u32 {
-        max_connections.saturating_sub(self.leader + self.listener).max(1)
+        max_connections
+            .saturating_sub(self.leader + self.listener)
+            .max(1)
     }
 }
 

@@ -275,12 +275,11 @@ async fn platform(
         ));
     }
     if !settings.database.role.is_empty() {
-        let role: Option<(bool, bool)> = sqlx::query_as(
-            "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1",
-        )
-        .bind(&settings.database.role)
-        .fetch_optional(pool)
-        .await?;
+        let role: Option<(bool, bool)> =
+            sqlx::query_as("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1")
+                .bind(&settings.database.role)
+                .fetch_optional(pool)
+                .await?;
         if let Some((true, _) | (_, true)) = role {
             problems.push(format!(
                 "database.role {} has SUPERUSER or BYPASSRLS: the worker's reads would pass \

@@ -259,7 +259,8 @@ async fn maintain(
             Ok(Err(e)) => health.set_db(Some(e.to_string())),
             // Every connection busy at a small budget: the database answers them, the ping
             // only waited its turn.
-            Err(_) if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() => {}
+            Err(_)
+                if pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections() => {}
             Err(_) => health.set_db(Some("ping timed out".into())),
         }
         if let Err(e) = crate::db::connections::sample(&pool).await {

@@ -58,32 +58,36 @@ fn parse(name: &str) -> Option<(String, i64, String)> {
     Some((kind, pool, id))
 }
 
+/// max, reserved, open, and one name of ours with its connections.
+type UsageRow = (i64, i64, i64, Option<String>, Option<i64>);
+
 /// Reads the server's limits and who holds its connections.
 pub async fn usage(pool: &PgPool) -> sqlx::Result<Usage> {
-    let (max, reserved, open): (i64, i64, i64) = sqlx::query_as(
+    // One round trip (every replica samples this every few seconds): the server's figures
+    // on every row, one row per name of ours (a single row with no name when there is none).
+    let rows: Vec<UsageRow> = sqlx::query_as(
         "SELECT current_setting('max_connections')::int8,
                 current_setting('superuser_reserved_connections')::int8
                   + coalesce(current_setting('reserved_connections', true)::int8, 0),
                 (SELECT count(*) FROM pg_stat_activity
                   WHERE usesysid IS NOT NULL
-                    AND coalesce(backend_type, 'client backend') = 'client backend')",
-    )
-    .fetch_one(pool)
-    .await?;
-    let names: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT application_name, count(*) FROM pg_stat_activity
-          WHERE application_name LIKE 'embed-worker/%' GROUP BY 1",
+                    AND coalesce(backend_type, 'client backend') = 'client backend'),
+                ours.application_name, ours.n
+           FROM (SELECT 1) one
+           LEFT JOIN (SELECT application_name, count(*) AS n FROM pg_stat_activity
+                       WHERE application_name LIKE 'embed-worker/%' GROUP BY 1) ours ON true",
     )
     .fetch_all(pool)
     .await?;
-    let mut processes: Vec<Process> = names
+    let (max, reserved, open) = rows.first().map_or((0, 0, 0), |r| (r.0, r.1, r.2));
+    let mut processes: Vec<Process> = rows
         .into_iter()
-        .filter_map(|(name, open)| {
-            let (kind, pool, id) = parse(&name)?;
+        .filter_map(|(_, _, _, name, open)| {
+            let (kind, pool, id) = parse(&name?)?;
             Some(Process {
                 kind,
                 pool,
-                open,
+                open: open?,
                 id,
             })
         })

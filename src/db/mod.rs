@@ -173,7 +173,8 @@ async fn transaction_pooler(
 ) -> anyhow::Result<Option<String>> {
     async fn pid(conn: &mut sqlx::PgConnection, sql: &'static str) -> anyhow::Result<i32> {
         use futures::TryStreamExt;
-        let rows: Vec<sqlx::postgres::PgRow> = sqlx::raw_sql(sql).fetch(&mut *conn).try_collect().await?;
+        let rows: Vec<sqlx::postgres::PgRow> =
+            sqlx::raw_sql(sql).fetch(&mut *conn).try_collect().await?;
         let row = rows.last().context("no row from pg_backend_pid()")?;
         Ok(sqlx::Row::try_get::<i32, _>(row, 0)?)
     }
@@ -293,13 +294,7 @@ pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> an
         ),
     ] {
         for trg in triggers {
-            let verb = if on { "ENABLE" } else { "DISABLE" };
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "ALTER TABLE {table} {verb} TRIGGER {trg}"
-            )))
-            .execute(pool)
-            .await
-            .with_context(|| format!("{verb} TRIGGER {trg}"))?;
+            set_trigger(pool, table, trg, on).await?;
         }
     }
     Ok(())
@@ -308,12 +303,17 @@ pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> an
 /// Turns the queue's NOTIFY on or off (config `queue.listen`). Off, no transaction that queues
 /// jobs sends a notification (each takes a database-wide lock at commit) and workers poll.
 pub async fn apply_listen(pool: &PgPool, listen: bool) -> anyhow::Result<()> {
-    let verb = if listen { "ENABLE" } else { "DISABLE" };
+    set_trigger(pool, "apalis.jobs", "notify_workers", listen).await
+}
+
+/// `ALTER TABLE table ENABLE|DISABLE TRIGGER trigger` (both names ours, not input).
+async fn set_trigger(pool: &PgPool, table: &str, trigger: &str, on: bool) -> anyhow::Result<()> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "ALTER TABLE apalis.jobs {verb} TRIGGER notify_workers"
+        "ALTER TABLE {table} {verb} TRIGGER {trigger}"
     )))
     .execute(pool)
     .await
-    .with_context(|| format!("{verb} TRIGGER notify_workers"))?;
+    .with_context(|| format!("{verb} TRIGGER {trigger}"))?;
     Ok(())
 }

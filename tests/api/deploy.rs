@@ -452,11 +452,11 @@ fn replicas_and_pools_fit_the_documented_connection_budget() {
         "{total} connections > the stated budget {budget}: {parts:#?}"
     );
     // Every pod's pool is at least the worker's minimum.
-    let deployment = all
-        .iter()
-        .find(|(_, v)| v["kind"] == "Deployment")
-        .unwrap();
-    let min = embed_worker::config::Settings::load(None).unwrap().min_pool().total() as u64;
+    let deployment = all.iter().find(|(_, v)| v["kind"] == "Deployment").unwrap();
+    let min = embed_worker::config::Settings::load(None)
+        .unwrap()
+        .min_pool()
+        .total() as u64;
     for c in containers(&deployment.1) {
         assert!(container_pool(&c, default) >= min);
     }

@@ -30,7 +30,12 @@ fn run_with_deadline(mut cmd: std::process::Command, deadline: Duration) -> (Opt
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             return (status.code(), err);
         }
         if start.elapsed() > deadline {
@@ -60,7 +65,11 @@ async fn a_transaction_pooler_is_refused_by_run_and_migrate_having_done_nothing(
             tokio::task::spawn_blocking(move || run_with_deadline(cmd, Duration::from_secs(15)))
                 .await
                 .unwrap();
-        assert_ne!(code, Some(0), "{args:?} went through a transaction pooler: {err}");
+        assert_ne!(
+            code,
+            Some(0),
+            "{args:?} went through a transaction pooler: {err}"
+        );
         assert!(
             err.contains("transaction-mode connection pooler")
                 && err.contains("Nothing was queued, claimed or written")
@@ -68,9 +77,19 @@ async fn a_transaction_pooler_is_refused_by_run_and_migrate_having_done_nothing(
             "{args:?}: {err}"
         );
     }
-    assert_eq!(jobs_snapshot(&t).await, jobs_before, "a job was claimed or changed");
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM rag_embeddings").await, 0);
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM apalis.workers").await, 0);
+    assert_eq!(
+        jobs_snapshot(&t).await,
+        jobs_before,
+        "a job was claimed or changed"
+    );
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM rag_embeddings").await,
+        0
+    );
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM apalis.workers").await,
+        0
+    );
     assert_eq!(
         count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
         captured_before
@@ -107,7 +126,9 @@ async fn three_workers_with_pools_of_two_drain_1000_sources_through_a_session_po
             "SELECT count(DISTINCT source_id) FROM rag_embeddings WHERE source_type = 'session'",
         )
         .await;
-        let open = embed_worker::queue::open_jobs(&t.admin, "embed").await.unwrap();
+        let open = embed_worker::queue::open_jobs(&t.admin, "embed")
+            .await
+            .unwrap();
         if written == sources.len() as i64 && open == 0 {
             break;
         }
@@ -179,7 +200,10 @@ async fn a_worker_refuses_a_pool_below_its_minimum_naming_it() {
             "{err}"
         );
     }
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM apalis.workers").await, 0);
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM apalis.workers").await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -225,13 +249,12 @@ async fn a_non_superuser_owner_migrates_and_runs_with_the_extension_made_beforeh
     };
     let (ok, out, err) = cli(&["migrate"]);
     assert!(ok, "migrate as a non-superuser owner failed:\n{out}\n{err}");
-    let (super_, bypass): (bool, bool) = sqlx::query_as(
-        "SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1",
-    )
-    .bind(&owner)
-    .fetch_one(&t.admin)
-    .await
-    .unwrap();
+    let (super_, bypass): (bool, bool) =
+        sqlx::query_as("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = $1")
+            .bind(&owner)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
     assert!(!super_ && !bypass);
     let (ok, out, err) = cli(&["verify"]);
     assert!(ok && out.contains("verify: OK"), "{out}\n{err}");
@@ -244,7 +267,11 @@ async fn a_non_superuser_owner_migrates_and_runs_with_the_extension_made_beforeh
     let (ok, out, err) = cli(&["run", "--until-empty"]);
     assert!(ok, "{out}\n{err}");
     assert_eq!(
-        count(&t.admin, "SELECT count(DISTINCT source_id) FROM rag_embeddings").await,
+        count(
+            &t.admin,
+            "SELECT count(DISTINCT source_id) FROM rag_embeddings"
+        )
+        .await,
         sources.len() as i64
     );
     let (ok, out, err) = cli(&["status"]);
@@ -299,15 +326,24 @@ async fn an_app_write_queues_no_job_itself_and_no_change_is_lost_to_concurrent_d
         .execute(&t.admin)
         .await
         .unwrap();
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM apalis.jobs").await, jobs);
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await, 1);
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM apalis.jobs").await,
+        jobs
+    );
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
+        1
+    );
     // Usage-only updates record nothing.
     sqlx::query("UPDATE sessions SET created_at = created_at WHERE id = $1")
         .bind(sources[1].source_id)
         .execute(&t.admin)
         .await
         .unwrap();
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await, 1);
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
+        1
+    );
     // Eight writers edit 150 of the sessions while two drainers move changes into the queue.
     let edited: Vec<uuid::Uuid> = sources[..150].iter().map(|s| s.source_id).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -360,7 +396,10 @@ async fn an_app_write_queues_no_job_itself_and_no_change_is_lost_to_concurrent_d
     embed_worker::queue::drain_captured(&t.admin, "embed", 10, 10_000)
         .await
         .unwrap();
-    assert_eq!(count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await, 0);
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
+        0
+    );
     // Every edited session's last edit has a job after it: a pending one, or a job done after
     // the edit (its worker would have loaded the edited text).
     let lost: Vec<uuid::Uuid> = sqlx::query_scalar(
@@ -374,7 +413,11 @@ async fn an_app_write_queues_no_job_itself_and_no_change_is_lost_to_concurrent_d
     .fetch_all(&t.admin)
     .await
     .unwrap();
-    assert!(lost.is_empty(), "{} edits have no job: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} edits have no job: {lost:?}",
+        lost.len()
+    );
     // And one pending job per source at most.
     let doubled = count(
         &t.admin,
