@@ -461,13 +461,15 @@ pub fn queue_sample(by_state: &[(String, i64)], dead: i64, oldest_pending: f64) 
 }
 
 /// Sets the connection gauges (`crate::db::connections`).
-pub fn connections(in_use: u32, idle: u32, pool_max: u32, usage: &crate::db::connections::Usage) {
+/// `server`: (usable, open, the live workers' pools).
+pub fn connections(in_use: u32, idle: u32, pool_max: u32, server: (i64, i64, i64)) {
+    let (usable, open, worker_pools) = server;
     gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(f64::from(in_use));
     gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(idle));
     gauge!(DB_POOL_MAX).set(f64::from(pool_max));
-    gauge!(DB_SERVER_MAX).set(usage.usable as f64);
-    gauge!(DB_SERVER_OPEN).set(usage.open as f64);
-    gauge!(DB_WORKER_POOLS).set(usage.worker_pools() as f64);
+    gauge!(DB_SERVER_MAX).set(usable as f64);
+    gauge!(DB_SERVER_OPEN).set(open as f64);
+    gauge!(DB_WORKER_POOLS).set(worker_pools as f64);
 }
 
 /// Counts changes moved from `embed_worker.captured` into the queue.

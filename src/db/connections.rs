@@ -142,7 +142,8 @@ pub async fn sample(pool: &PgPool) -> sqlx::Result<Usage> {
     let usage = usage(pool).await?;
     let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX);
     let in_use = pool.size().saturating_sub(idle);
-    crate::meter::connections(in_use, idle, pool.options().get_max_connections(), &usage);
+    let server = (usage.usable, usage.open, usage.worker_pools());
+    crate::meter::connections(in_use, idle, pool.options().get_max_connections(), server);
     Ok(usage)
 }
 
