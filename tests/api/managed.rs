@@ -206,7 +206,8 @@ async fn a_worker_refuses_a_pool_below_its_minimum_naming_it() {
     );
 }
 
-#[tokio::test]
+// Multi-threaded: the CLI runs blocking (`output()`) while the in-process fake serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_superuser_owner_migrates_and_runs_with_the_extension_made_beforehand() {
     let t = TestDb::empty().await;
     let owner = format!("owner_{}", &t.name[2..14]);
@@ -285,6 +286,10 @@ async fn a_non_superuser_owner_migrates_and_runs_with_the_extension_made_beforeh
 async fn verify_notes_a_login_that_bypasses_rls_and_the_connection_budget() {
     let t = TestDb::migrated().await;
     let s = t.settings();
+    // As the first worker would: its model becomes writing and serving.
+    embed_worker::model_index::lifecycle::ensure_for_run(&t.admin, &s)
+        .await
+        .unwrap();
     let report = embed_worker::verify::verify(&t.admin, &s).await.unwrap();
     let notes = report.notes.join("\n");
     // The dev server's login is a superuser, as Neon's owner has BYPASSRLS.
