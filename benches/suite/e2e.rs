@@ -39,7 +39,7 @@ pub(crate) async fn bench_e2e(
         }
         (false, model_index::IndexState::Missing) => {
             let cfg = Settings::load(None).unwrap().index;
-            model_index::build::build(url, &spec, &cfg, None)
+            model_index::build::build(pool, &spec, &cfg, None)
                 .await
                 .unwrap();
         }

@@ -13,12 +13,12 @@ fn users(n: usize) -> Vec<Uuid> {
 
 /// The worker's build (its own connection, the build lock, memory sized to the graph,
 /// `min_parallel_table_scan_size = 0`) with `workers` parallel maintenance workers: seconds.
-async fn build(url: &str, spec: &model_index::IndexSpec, workers: Option<u32>) -> f64 {
+async fn build(pool: &PgPool, spec: &model_index::IndexSpec, workers: Option<u32>) -> f64 {
     let mut cfg = Settings::load(None).unwrap().index;
     if let Some(w) = workers {
         cfg.build_parallel_workers = embed_worker::config::BuildWorkers::Fixed(w);
     }
-    match model_index::build::build(url, spec, &cfg, None)
+    match model_index::build::build(pool, spec, &cfg, None)
         .await
         .unwrap()
     {
@@ -40,13 +40,7 @@ async fn drop_model_indexes(pool: &PgPool) {
 /// (9) The deferred build alone over `n` rows of the fake provider's vectors (uniform on the
 /// sphere: HNSW's worst case, what the e2e and switch runs write), `vector` and `halfvec`, with
 /// 0 (serial), 1 and 2 parallel maintenance workers (`workers`).
-pub(crate) async fn bench_build(
-    report: &mut Report,
-    url: &str,
-    pool: &PgPool,
-    n: usize,
-    workers: &[u32],
-) {
+pub(crate) async fn bench_build(report: &mut Report, pool: &PgPool, n: usize, workers: &[u32]) {
     let section = format!("build {}K", n / 1000);
     let ids = sessions(pool, &users(n)).await;
     drop_model_indexes(pool).await;
@@ -64,7 +58,7 @@ pub(crate) async fn bench_build(
     for precision in [IndexPrecision::Full, IndexPrecision::Half] {
         let spec = model_index::IndexSpec::new(MODEL, DIMS, precision).unwrap();
         for &w in workers {
-            let secs = build(url, &spec, Some(w)).await;
+            let secs = build(pool, &spec, Some(w)).await;
             report.add(
                 &section,
                 format!(
@@ -84,7 +78,7 @@ pub(crate) async fn bench_build(
 /// index, through the worker's write path with 1, 2 and 4 streams, and by one raw COPY;
 /// `vector` then `halfvec`. Fresh clustered vectors each time (a vector already in the graph
 /// takes pgvector's duplicate shortcut).
-pub(crate) async fn bench_insert(report: &mut Report, url: &str, pool: &PgPool, n: usize) {
+pub(crate) async fn bench_insert(report: &mut Report, pool: &PgPool, n: usize) {
     let section = format!("insert {}K", n / 1000);
     let ids = sessions(pool, &users(n + 100)).await;
     let (ids, new_ids) = ids.split_at(n);
@@ -125,7 +119,7 @@ pub(crate) async fn bench_insert(report: &mut Report, url: &str, pool: &PgPool, 
     for precision in [IndexPrecision::Full, IndexPrecision::Half] {
         let spec = model_index::IndexSpec::new(MODEL, DIMS, precision).unwrap();
         let ty = spec.index_type();
-        let secs = build(url, &spec, None).await;
+        let secs = build(pool, &spec, None).await;
         report.add(
             &section,
             format!("{ty} build (the worker's, index.build_parallel_workers as shipped)"),

@@ -217,7 +217,7 @@ async fn main() {
             eprintln!("build {n} …");
             let (url, pool) = fresh_db("build").await;
             let workers: &[u32] = if n <= 20_000 { &[0, 1, 2] } else { &[1, 2] };
-            bench_build(&mut report, &url, &pool, n, workers).await;
+            bench_build(&mut report, &pool, n, workers).await;
             pool.close().await;
             drop_db(&url).await;
         }
@@ -226,7 +226,7 @@ async fn main() {
         for &n in &a.insert_rows {
             eprintln!("insert into {n} …");
             let (url, pool) = fresh_db("insert").await;
-            bench_insert(&mut report, &url, &pool, n).await;
+            bench_insert(&mut report, &pool, n).await;
             pool.close().await;
             drop_db(&url).await;
         }

@@ -103,10 +103,10 @@ pub(crate) async fn bench_replicas(
 
     // The old model serves through its index; a standby of the whole dev cluster streams it.
     let cfg = Settings::load(None).unwrap().index;
-    model_index::build::build(url, &ada, &cfg, None)
+    model_index::build::build(pool, &ada, &cfg, None)
         .await
         .unwrap();
-    model_index::lifecycle::on_migrate(pool, &ada)
+    model_index::lifecycle::on_migrate(&mut *pool.acquire().await.unwrap(), &ada)
         .await
         .unwrap();
     let standby_dir = std::env::temp_dir().join(format!("bench-standby-{}", std::process::id()));

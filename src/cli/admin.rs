@@ -22,7 +22,7 @@ pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
     let spec = model_index::IndexSpec::from_settings(settings)?;
-    let roles = model_index::lifecycle::on_migrate(&pool, &spec).await?;
+    let roles = model_index::lifecycle::on_migrate(&mut *pool.acquire().await?, &spec).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(
         "migrations applied; change capture sessions={} templates={}; notify={}; {roles}; {index}",
@@ -69,7 +69,9 @@ pub(crate) async fn models(
             );
         }
         ModelsAction::Promote { model, force } => {
-            match model_index::lifecycle::promote(&pool, &model, force, false).await? {
+            match model_index::lifecycle::promote(&mut *pool.acquire().await?, &model, force, false)
+                .await?
+            {
                 Some(p) => println!("{p}"),
                 None => println!("{model} is already the serving model"),
             }

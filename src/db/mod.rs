@@ -124,6 +124,18 @@ fn describe_db_error(e: &sqlx::Error) -> String {
     }
 }
 
+/// A connection of `pool` acting as the login role (`RESET ROLE`), for what the worker role may
+/// not do: the owner's `CREATE INDEX`, changes to the model registry. Taken from the pool, not
+/// opened beside it, so `database.max_connections` stays the process's whole budget (a session
+/// pooler of exactly that many server connections is never asked for one more); closed when
+/// dropped, so it never goes back to the pool as the login.
+pub async fn login_conn(pool: &PgPool) -> sqlx::Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    let mut conn = pool.acquire().await?;
+    conn.close_on_drop();
+    conn.execute("RESET ROLE").await?;
+    Ok(conn)
+}
+
 /// A pool as the login role, for migrations and administration.
 pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
     let settings = DatabaseSettings {

@@ -15,11 +15,11 @@
 //! (not the worker's `SET ROLE`); a login that is not the owner is told so and the operator runs
 //! `models build-index` as the owner (deploy/base has a CronJob for that).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection, PgPool};
 
 use super::{IndexSpec, IndexState};
 use crate::config::{IndexSettings, Settings};
@@ -120,7 +120,7 @@ pub(crate) async fn not_due(
 }
 
 /// `run`'s periodic check (`force` = false) and `models build-index` (`force`): builds the active
-/// model's index if it is missing and due. `pool` is only read; the build has its own connection.
+/// model's index if it is missing and due; the build takes one of `pool`'s connections as the login.
 pub async fn build_if_due(
     pool: &PgPool,
     s: &Settings,
@@ -141,7 +141,7 @@ pub async fn build_if_due(
             return Ok(BuildOutcome::Deferred(why));
         }
     }
-    let outcome = build(&s.database.url, &spec, &s.index, stop).await?;
+    let outcome = build(pool, &spec, &s.index, stop).await?;
     crate::meter::index_ready(&spec.model, matches!(outcome, BuildOutcome::Built(..)));
     Ok(outcome)
 }
@@ -187,7 +187,7 @@ pub async fn on_migrate(pool: &PgPool, s: &Settings) -> anyhow::Result<BuildOutc
         }
         _ => match backfill_under_way(pool, s, &spec.model).await? {
             Some(why) => Ok(BuildOutcome::Deferred(why)),
-            None => build(&s.database.url, &spec, &s.index, None).await,
+            None => build(pool, &spec, &s.index, None).await,
         },
     }
 }
@@ -225,33 +225,38 @@ pub fn parallel_workers(
 /// leftover, sizes `maintenance_work_mem`, lets pgvector use parallel workers, `CREATE INDEX
 /// CONCURRENTLY`, then drops the model's superseded indexes (another precision or size).
 pub async fn build(
-    url: &str,
+    pool: &PgPool,
     spec: &IndexSpec,
     cfg: &IndexSettings,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> anyhow::Result<BuildOutcome> {
-    let opts: PgConnectOptions = url.parse().context("database.url")?;
-    let opts = opts.application_name("embed-worker index build");
-    let mut conn = opts.connect().await.context("index build: connecting")?;
+    let mut conn = crate::db::login_conn(pool)
+        .await
+        .context("index build: a connection")?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(BUILD_LOCK)
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await?;
     if !locked {
         return Ok(BuildOutcome::Busy);
     }
-    let result = build_locked(&mut conn, opts, spec, cfg, stop).await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(BUILD_LOCK)
-        .execute(&mut conn)
-        .await;
-    let _ = conn.close().await;
+    let local = parallel_workers(cfg.build_parallel_workers, &pool.connect_options());
+    let result = build_locked(&mut conn, local, spec, cfg, stop).await;
+    // A cancelled build's connection is mid-statement: closed on drop, which ends the session
+    // and its lock (through a session pooler too: PgBouncer drops a server link whose client
+    // left mid-query, and its reset `DISCARD ALL` unlocks an idle one).
+    if !matches!(result, Ok(BuildOutcome::Cancelled)) {
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(BUILD_LOCK)
+            .execute(&mut *conn)
+            .await;
+    }
     result
 }
 
 async fn build_locked(
     conn: &mut PgConnection,
-    opts: PgConnectOptions,
+    workers: Option<u32>,
     spec: &IndexSpec,
     cfg: &IndexSettings,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
@@ -275,7 +280,7 @@ async fn build_locked(
             .fetch_one(&mut *conn)
             .await?;
     let mem = build_memory_mb(spec, rows, cfg.max_build_memory_mb);
-    let workers = match parallel_workers(cfg.build_parallel_workers, &opts) {
+    let workers = match workers {
         Some(n) => format!("SET max_parallel_maintenance_workers = {n};"),
         None => String::new(),
     };
@@ -307,13 +312,10 @@ async fn build_locked(
             tokio::select! {
                 r = &mut create => Some(r),
                 _ = stopped => {
-                    // Cancel from a second connection of the same login, then let the statement
-                    // end: the connection stays usable for the unlock.
-                    if let Ok(mut c) = opts.connect().await {
-                        let _ = sqlx::query("SELECT pg_cancel_backend($1)").bind(pid).execute(&mut c).await;
-                        let _ = c.close().await;
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(5), create).await;
+                    // No second connection to cancel from (the budget has none to spare): the
+                    // caller drops this one mid-statement, and the server, checking its client
+                    // every second (`client_connection_check_interval` above), ends the build.
+                    tracing::debug!(backend = pid, "index build stopped: closing its connection");
                     None
                 }
             }

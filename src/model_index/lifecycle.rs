@@ -15,7 +15,7 @@
 //! and `DROP TABLE` remove them in constant time without writing their WAL.
 
 use anyhow::Context;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::{IndexSpec, IndexState};
 
@@ -97,8 +97,8 @@ pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>, spec: &IndexSpec) -> anyh
 /// model serves yet (a fresh install, or the upgrade from one table), the model covering the
 /// most sources serves (the config's on a tie or with no rows), recorded as `install`.
 /// Returns what changed, in words.
-pub async fn on_migrate(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<String> {
-    let mut tx = pool.begin().await?;
+pub async fn on_migrate(conn: &mut PgConnection, spec: &IndexSpec) -> anyhow::Result<String> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("LOCK TABLE embed_worker.models IN EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
@@ -303,20 +303,20 @@ pub async fn analyze(conn: &mut sqlx::PgConnection, spec: &IndexSpec) -> anyhow:
 /// concurrent promotion). Refused with the reason while it is not ready, unless `force`.
 /// `auto` marks the worker's own promotion. Returns `None` when it already serves.
 pub async fn promote(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     model: &str,
     force: bool,
     auto: bool,
 ) -> anyhow::Result<Option<Promotion>> {
-    if let Some(m) = models(pool)
+    if let Some(m) = models(&mut *conn)
         .await?
         .into_iter()
         .find(|m| m.name == model && !m.serving)
     {
         // Fresh statistics first: searches switch to it at the commit.
-        analyze(&mut *pool.acquire().await?, &IndexSpec::of(&m)).await?;
+        analyze(&mut *conn, &IndexSpec::of(&m)).await?;
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     sqlx::query("LOCK TABLE embed_worker.models IN EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
@@ -390,9 +390,9 @@ pub async fn promote_if_due(
     drop(conn);
     // Checked again under the lock, in the promotion's own transaction, as the login (the
     // table's owner, as for index builds): the worker role may read the registry, not change it.
-    let admin = crate::db::connect_as_login(&s.database.url).await?;
-    let promoted = promote(&admin, &writing.name, false, true).await;
-    admin.close().await;
+    let mut admin = crate::db::login_conn(pool).await?;
+    let promoted = promote(&mut admin, &writing.name, false, true).await;
+    drop(admin);
     match promoted {
         Ok(p) => Ok(p),
         // Another replica promoted it, or a source arrived since the check: next time.
@@ -470,15 +470,15 @@ pub async fn ensure_for_run(pool: &PgPool, s: &crate::config::Settings) -> anyho
     let exists = partition_exists(pool, &spec.model).await?;
     let install = !all.iter().any(|m| m.serving);
     if !exists || install {
-        let admin = crate::db::connect_as_login(&s.database.url).await?;
+        let mut admin = crate::db::login_conn(pool).await?;
         let made = if install {
-            on_migrate(&admin, &spec).await.map(|said| {
+            on_migrate(&mut admin, &spec).await.map(|said| {
                 tracing::info!(%said, "no serving model was registered");
             })
         } else {
-            ensure(&admin, &spec).await.map(|_| ())
+            ensure(&mut *admin, &spec).await.map(|_| ())
         };
-        admin.close().await;
+        drop(admin);
         made.with_context(|| {
             format!(
                 "model.name = {} has no partition of rag_embeddings yet",

@@ -236,9 +236,12 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     b.model.name = "text-embedding-3-large".into();
     b.model.dimensions = 512;
     b.models.auto_promote = false;
-    let said = lifecycle::on_migrate(&t.admin, &spec(&b.model.name, 512))
-        .await
-        .unwrap();
+    let said = lifecycle::on_migrate(
+        &mut *t.admin.acquire().await.unwrap(),
+        &spec(&b.model.name, 512),
+    )
+    .await
+    .unwrap();
     assert!(said.contains("was text-embedding-3-small"), "{said}");
     build_index(&t, &b.model.name, 512).await;
     let st = model_index::status(&t.admin, &spec(&b.model.name, 512))
@@ -254,23 +257,38 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     assert_eq!(new.role, "writing");
 
     // Promotion below 100% is refused and says the coverage; forced, it works; rollback works.
-    let err = lifecycle::promote(&t.admin, &b.model.name, false, false)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = lifecycle::promote(
+        &mut *t.admin.acquire().await.unwrap(),
+        &b.model.name,
+        false,
+        false,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("0 of 30 sources (0.0% coverage)"), "{err}");
-    let forced = lifecycle::promote(&t.admin, &b.model.name, true, false)
-        .await
-        .unwrap()
-        .unwrap();
+    let forced = lifecycle::promote(
+        &mut *t.admin.acquire().await.unwrap(),
+        &b.model.name,
+        true,
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(
         (forced.how, forced.previous.as_deref()),
         ("forced", Some(a.model.name.as_str()))
     );
-    let back = lifecycle::promote(&t.admin, &a.model.name, false, false)
-        .await
-        .unwrap()
-        .unwrap();
+    let back = lifecycle::promote(
+        &mut *t.admin.acquire().await.unwrap(),
+        &a.model.name,
+        false,
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(back.how, "manual");
     assert_eq!(
         lifecycle::serving(&t.admin).await.unwrap().unwrap().name,
@@ -334,10 +352,15 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         lifecycle::serving(&t.admin).await.unwrap().unwrap().name,
         a.model.name
     );
-    let p = lifecycle::promote(&t.admin, &b.model.name, false, false)
-        .await
-        .unwrap()
-        .unwrap();
+    let p = lifecycle::promote(
+        &mut *t.admin.acquire().await.unwrap(),
+        &b.model.name,
+        false,
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!((p.how, p.coverage), ("manual", 1.0));
     let plan = explain(
         &t.admin,
@@ -398,10 +421,15 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         .unwrap();
     assert_eq!(part, None, "partition dropped");
     // No way back to a pruned model.
-    let err = lifecycle::promote(&t.admin, &a.model.name, true, false)
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = lifecycle::promote(
+        &mut *t.admin.acquire().await.unwrap(),
+        &a.model.name,
+        true,
+        false,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("not a registered model"), "{err}");
     assert_eq!(sources.len(), 30);
 }

@@ -92,9 +92,12 @@ async fn migrate_with_default_model(t: &TestDb, roles: bool) {
     let s = t.settings();
     let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
     if roles {
-        embed_worker::model_index::lifecycle::on_migrate(&t.admin, &spec)
-            .await
-            .expect("registering the model");
+        embed_worker::model_index::lifecycle::on_migrate(
+            &mut *t.admin.acquire().await.unwrap(),
+            &spec,
+        )
+        .await
+        .expect("registering the model");
     } else {
         embed_worker::model_index::lifecycle::ensure(&t.admin, &spec)
             .await
@@ -342,7 +345,7 @@ pub fn spec(model: &str, dims: usize) -> embed_worker::model_index::IndexSpec {
 /// Builds `model`'s index now, as `models build-index` would.
 pub async fn build_index(t: &TestDb, model: &str, dims: usize) {
     let cfg = embed_worker::config::Settings::load(None).unwrap().index;
-    let outcome = embed_worker::model_index::build::build(&t.url, &spec(model, dims), &cfg, None)
+    let outcome = embed_worker::model_index::build::build(&t.admin, &spec(model, dims), &cfg, None)
         .await
         .unwrap();
     assert!(
