@@ -10,7 +10,9 @@ use embed_worker::source::SourceType;
 use embed_worker::{model_index, search};
 use uuid::Uuid;
 
+/// Pending jobs once the app's captured changes are drained (the worker's chore).
 async fn pending(t: &TestDb) -> i64 {
+    drain(&t.admin).await;
     sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE status = 'Pending'")
         .fetch_one(&t.admin)
         .await

@@ -220,10 +220,23 @@ pub async fn wait_drained(pool: &PgPool, limit: Duration) {
     }
 }
 
+/// Queues `sources` as the worker role would (`enqueue-stale`, the app's function): jobs made.
+/// The app's writes before it are drained into jobs first, as a running worker's chore would
+/// have done by then: what this returns is then only what capture had not queued.
 pub async fn enqueue(pool: &PgPool, sources: &[EmbedSource]) -> i64 {
+    drain(pool).await;
     embed_worker::queue::enqueue_many(pool, "embed", 10, sources)
         .await
         .unwrap()
+}
+
+/// The worker's capture chore, once: the app's recorded changes become jobs. Returns how many
+/// jobs it queued.
+pub async fn drain(pool: &PgPool) -> i32 {
+    embed_worker::queue::drain_captured(pool, "embed", 10, 10_000)
+        .await
+        .unwrap()
+        .1
 }
 
 /// Inserts `n` sessions for `user` with notes of `words(i)` words, in one statement; returns their sources.

@@ -66,14 +66,22 @@ async fn the_budget_guard_stops_at_the_budget_and_resumes_when_raised() {
         .await
         .unwrap();
     assert!(metrics.contains("embed_worker_api_stopped 1"), "{metrics}");
-    // Queueing still works.
+    // Queueing still works: the stopped worker's capture chore still turns the app's write
+    // into a job (within capture.drain_ms; 10 s allowed).
     let extra = insert_session(&t.admin, Uuid::new_v4(), "late", "queued while stopped").await;
-    let queued: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM embed_worker.jobs WHERE source_id = $1")
-            .bind(extra.to_string())
-            .fetch_one(&t.admin)
-            .await
-            .unwrap();
+    let start = std::time::Instant::now();
+    let queued = loop {
+        let queued: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM embed_worker.jobs WHERE source_id = $1")
+                .bind(extra.to_string())
+                .fetch_one(&t.admin)
+                .await
+                .unwrap();
+        if queued > 0 || start.elapsed() > Duration::from_secs(10) {
+            break queued;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(queued, 1);
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM embed_worker.failed_jobs")
         .fetch_one(&t.admin)
