@@ -27,15 +27,21 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- An UPDATE is captured per row, before it is written, by one trigger that also does the
+-- touch (updated_at moves with the text): the WHEN clause is evaluated by the executor itself,
+-- so an update that leaves the text alone (usage counters) runs no function at all, and one
+-- that changes it runs one PL/pgSQL call with one single-row INSERT. (Measured: a statement
+-- trigger with transition tables plus the separate touch trigger cost the app more.) While
+-- capture is on, `embed-worker migrate` disables the touch trigger, which this one replaces;
+-- with capture off the touch trigger runs alone (db::apply_capture).
 CREATE OR REPLACE FUNCTION embed_worker.capture_session_update() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 BEGIN
-    INSERT INTO embed_worker.captured (source_type, source_id)
-    SELECT 'session', n.id
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE (n.title, n.focus, n.depth, n.notes, n.transcript)
-           IS DISTINCT FROM (o.title, o.focus, o.depth, o.notes, o.transcript);
-    RETURN NULL;
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := clock_timestamp();
+    END IF;
+    INSERT INTO embed_worker.captured (source_type, source_id) VALUES ('session', NEW.id);
+    RETURN NEW;
 END $$;
 
 CREATE OR REPLACE FUNCTION embed_worker.capture_template_insert() RETURNS trigger
@@ -49,13 +55,34 @@ END $$;
 CREATE OR REPLACE FUNCTION embed_worker.capture_template_update() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp AS $$
 BEGIN
-    INSERT INTO embed_worker.captured (source_type, source_id)
-    SELECT 'template', n.id
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE (n.body, n.focus, n.depth, n.category, n.placeholders)
-           IS DISTINCT FROM (o.body, o.focus, o.depth, o.category, o.placeholders);
-    RETURN NULL;
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := clock_timestamp();
+    END IF;
+    INSERT INTO embed_worker.captured (source_type, source_id) VALUES ('template', NEW.id);
+    RETURN NEW;
 END $$;
+
+DROP TRIGGER IF EXISTS trg_sessions_capture_update ON sessions;
+CREATE TRIGGER trg_sessions_capture_update BEFORE UPDATE ON sessions FOR EACH ROW
+    WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
+          IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
+    EXECUTE FUNCTION embed_worker.capture_session_update();
+DROP TRIGGER IF EXISTS trg_question_templates_capture_update ON question_templates;
+CREATE TRIGGER trg_question_templates_capture_update BEFORE UPDATE ON question_templates FOR EACH ROW
+    WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
+          IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
+    EXECUTE FUNCTION embed_worker.capture_template_update();
+-- The touch triggers get the same WHEN: no function call for an update of other columns.
+DROP TRIGGER IF EXISTS trg_sessions_touch ON sessions;
+CREATE TRIGGER trg_sessions_touch BEFORE UPDATE ON sessions FOR EACH ROW
+    WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
+          IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
+    EXECUTE FUNCTION embed_worker.touch_session();
+DROP TRIGGER IF EXISTS trg_question_templates_touch ON question_templates;
+CREATE TRIGGER trg_question_templates_touch BEFORE UPDATE ON question_templates FOR EACH ROW
+    WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
+          IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
+    EXECUTE FUNCTION embed_worker.touch_template();
 
 -- Moves up to max_rows recorded changes into the queue: the rows are deleted and their jobs
 -- inserted by one transaction (enqueue_jobs dedups sources and skips those with a pending job).
@@ -76,17 +103,25 @@ BEGIN
         RAISE EXCEPTION 'drain_captured: max_rows must be 1..100000, got %', coalesce(max_rows::text, 'NULL')
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- A source edited again while its job waits (an app's autosave) needs no second job: those
+    -- are dropped here by one index probe each, before enqueue_jobs makes ids for them.
     WITH taken AS (
         DELETE FROM embed_worker.captured c
          WHERE c.ctid = ANY (ARRAY(SELECT x.ctid FROM embed_worker.captured x
                                     LIMIT max_rows FOR UPDATE SKIP LOCKED))
         RETURNING c.source_type, c.source_id
+    ), fresh AS (
+        SELECT DISTINCT t.source_type, t.source_id FROM taken t
+         WHERE NOT EXISTS (SELECT 1 FROM apalis.jobs j
+                            WHERE j.job_type = queue
+                              AND j.idempotency_key = t.source_type::text || ':' || t.source_id::text
+                              AND j.status = 'Pending' AND j.priority >= 0)
     )
-    SELECT array_agg(t.source_type), array_agg(t.source_id), count(*)
-      INTO types, ids, changes
-      FROM taken t;
+    SELECT (SELECT count(*) FROM taken), array_agg(f.source_type), array_agg(f.source_id)
+      INTO changes, types, ids
+      FROM fresh f;
     queued := 0;
-    IF changes > 0 THEN
+    IF types IS NOT NULL THEN
         queued := embed_worker.enqueue_jobs(types, ids, queue, max_attempts, 0);
     END IF;
 END $$;

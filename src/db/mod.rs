@@ -288,26 +288,18 @@ pub async fn register_queue(pool: &PgPool, queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Enables or disables the change-capture triggers per source (config `capture.*`).
+/// Enables or disables the change-capture triggers per source (config `capture.*`). The
+/// update capture also moves `updated_at` (migration 17): on, it replaces the touch trigger,
+/// which is disabled; off, the touch trigger runs alone. Either way one function per changed row.
 pub async fn apply_capture(pool: &PgPool, sessions: bool, templates: bool) -> anyhow::Result<()> {
-    for (table, on, triggers) in [
-        (
-            "sessions",
-            sessions,
-            ["trg_sessions_capture_insert", "trg_sessions_capture_update"],
-        ),
-        (
-            "question_templates",
-            templates,
-            [
-                "trg_question_templates_capture_insert",
-                "trg_question_templates_capture_update",
-            ],
-        ),
+    for (table, on, prefix) in [
+        ("sessions", sessions, "trg_sessions"),
+        ("question_templates", templates, "trg_question_templates"),
     ] {
-        for trg in triggers {
-            set_trigger(pool, table, trg, on).await?;
+        for trg in ["capture_insert", "capture_update"] {
+            set_trigger(pool, table, &format!("{prefix}_{trg}"), on).await?;
         }
+        set_trigger(pool, table, &format!("{prefix}_touch"), !on).await?;
     }
     Ok(())
 }
@@ -319,7 +311,20 @@ pub async fn apply_listen(pool: &PgPool, listen: bool) -> anyhow::Result<()> {
 }
 
 /// `ALTER TABLE table ENABLE|DISABLE TRIGGER trigger` (both names ours, not input).
+/// Nothing when it already is so: `ALTER TABLE` takes a lock on the app's table that queues
+/// the app's writes behind any long transaction of its own, at every `migrate`.
 async fn set_trigger(pool: &PgPool, table: &str, trigger: &str, on: bool) -> anyhow::Result<()> {
+    let enabled: Option<bool> = sqlx::query_scalar(
+        "SELECT tgenabled <> 'D' FROM pg_trigger WHERE tgrelid = $1::regclass AND tgname = $2",
+    )
+    .bind(table)
+    .bind(trigger)
+    .fetch_optional(pool)
+    .await
+    .with_context(|| format!("reading trigger {trigger} on {table}"))?;
+    if enabled == Some(on) {
+        return Ok(());
+    }
     let verb = if on { "ENABLE" } else { "DISABLE" };
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE {table} {verb} TRIGGER {trigger}"

@@ -36,12 +36,17 @@ async fn text_changes_queue_one_job_and_usage_updates_queue_none() {
     assert_eq!(pending(&t).await, 21);
     settle(&t).await;
 
+    let before = updated_at(&t, s).await;
     sqlx::query("UPDATE sessions SET notes = 'slow, then fast' WHERE id = $1")
         .bind(s)
         .execute(&t.admin)
         .await
         .unwrap();
     assert_eq!(pending(&t).await, 1, "a notes change queues one job");
+    assert!(
+        updated_at(&t, s).await > before,
+        "the capture trigger moves updated_at (the app did not)"
+    );
     sqlx::query("UPDATE sessions SET notes = 'slow, then faster' WHERE id = $1")
         .bind(s)
         .execute(&t.admin)
@@ -71,12 +76,25 @@ async fn text_changes_queue_one_job_and_usage_updates_queue_none() {
     embed_worker::db::apply_capture(&t.admin, false, true)
         .await
         .unwrap();
+    let before = updated_at(&t, s).await;
     sqlx::query("UPDATE sessions SET notes = 'off' WHERE id = $1")
         .bind(s)
         .execute(&t.admin)
         .await
         .unwrap();
     assert_eq!(pending(&t).await, 0, "capture switched off for sessions");
+    assert!(
+        updated_at(&t, s).await > before,
+        "with capture off the touch trigger still moves updated_at"
+    );
+}
+
+async fn updated_at(t: &TestDb, id: Uuid) -> chrono::DateTime<chrono::Utc> {
+    sqlx::query_scalar("SELECT updated_at FROM sessions WHERE id = $1")
+        .bind(id)
+        .fetch_one(&t.admin)
+        .await
+        .unwrap()
 }
 
 async fn put_rows(t: &TestDb, id: Uuid, model: &str, dims: usize, age_days: i32) {
