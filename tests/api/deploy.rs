@@ -436,15 +436,13 @@ fn replicas_and_pools_fit_the_documented_connection_budget() {
     for (file, v) in &all {
         for c in containers(v) {
             let pool = container_pool(&c, default);
-            let (n, builds) = match v["kind"].as_str() {
-                // The pods, and one index build among them (outside the pool).
-                Some("Deployment") => (replicas * pool, 1),
-                // `models build-index` builds on a connection of its own.
-                _ if c["args"][0] == "models" => (pool, 1),
-                _ => (pool, 0),
+            // Index builds and promotions borrow a connection of their process's pool.
+            let n = match v["kind"].as_str() {
+                Some("Deployment") => replicas * pool,
+                _ => pool,
             };
-            parts.push(format!("{}: {n} + {builds}", file.display()));
-            total += n + builds;
+            parts.push(format!("{}: {n}", file.display()));
+            total += n;
         }
     }
     assert!(
