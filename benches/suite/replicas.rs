@@ -106,7 +106,7 @@ pub(crate) async fn bench_replicas(
     model_index::build::build(pool, &ada, &cfg, None)
         .await
         .unwrap();
-    model_index::lifecycle::on_migrate(&mut *pool.acquire().await.unwrap(), &ada)
+    model_index::lifecycle::on_migrate(&mut pool.acquire().await.unwrap(), &ada)
         .await
         .unwrap();
     let standby_dir = std::env::temp_dir().join(format!("bench-standby-{}", std::process::id()));

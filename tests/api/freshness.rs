@@ -257,7 +257,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     b.model.dimensions = 512;
     b.models.auto_promote = false;
     let said = lifecycle::on_migrate(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &spec(&b.model.name, 512),
     )
     .await
@@ -278,7 +278,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
 
     // Promotion below 100% is refused and says the coverage; forced, it works; rollback works.
     let err = lifecycle::promote(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &b.model.name,
         false,
         false,
@@ -288,7 +288,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     .to_string();
     assert!(err.contains("0 of 30 sources (0.0% coverage)"), "{err}");
     let forced = lifecycle::promote(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &b.model.name,
         true,
         false,
@@ -301,7 +301,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         ("forced", Some(a.model.name.as_str()))
     );
     let back = lifecycle::promote(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &a.model.name,
         false,
         false,
@@ -373,7 +373,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
         a.model.name
     );
     let p = lifecycle::promote(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &b.model.name,
         false,
         false,
@@ -442,7 +442,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
     assert_eq!(part, None, "partition dropped");
     // No way back to a pruned model.
     let err = lifecycle::promote(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &a.model.name,
         true,
         false,

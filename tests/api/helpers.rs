@@ -93,7 +93,7 @@ async fn migrate_with_default_model(t: &TestDb, roles: bool) {
     let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
     if roles {
         embed_worker::model_index::lifecycle::on_migrate(
-            &mut *t.admin.acquire().await.unwrap(),
+            &mut t.admin.acquire().await.unwrap(),
             &spec,
         )
         .await

@@ -119,7 +119,7 @@ async fn a_model_switch_is_written_without_its_index_and_indexed_once_the_queue_
     let spec = model_index::IndexSpec::from_settings(&b).unwrap();
 
     // migrate: the new model has no rows and 300 sources ahead: no index yet.
-    model_index::lifecycle::on_migrate(&mut *t.admin.acquire().await.unwrap(), &spec)
+    model_index::lifecycle::on_migrate(&mut t.admin.acquire().await.unwrap(), &spec)
         .await
         .unwrap();
     let outcome = model_index::build::on_migrate(&t.admin, &b).await.unwrap();
@@ -220,7 +220,7 @@ async fn a_build_killed_midway_leaves_a_leftover_that_the_next_build_replaces() 
     s.model.dimensions = 3072;
     let spec = model_index::IndexSpec::from_settings(&s).unwrap();
     // 6,000 rows of random 3,072-d vectors: a build of several seconds.
-    model_index::lifecycle::on_migrate(&mut *t.admin.acquire().await.unwrap(), &spec)
+    model_index::lifecycle::on_migrate(&mut t.admin.acquire().await.unwrap(), &spec)
         .await
         .unwrap();
     sqlx::raw_sql(

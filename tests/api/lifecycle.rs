@@ -75,7 +75,7 @@ async fn a_20000_source_switch_under_four_workers_serves_from_an_index_and_flips
     b.model.dimensions = NEW_DIMS;
     b.model.send_dimensions = true;
     let new = spec(NEW, NEW_DIMS);
-    lifecycle::on_migrate(&mut *t.admin.acquire().await.unwrap(), &new)
+    lifecycle::on_migrate(&mut t.admin.acquire().await.unwrap(), &new)
         .await
         .unwrap();
     let outcome = model_index::build::on_migrate(&t.admin, &b).await.unwrap();
@@ -319,7 +319,7 @@ async fn migration_from_the_single_table_keeps_rows_rls_trigger_grants_and_verif
     s.model.name = "text-embedding-3-small".into();
     s.model.dimensions = 4;
     let said = lifecycle::on_migrate(
-        &mut *t.admin.acquire().await.unwrap(),
+        &mut t.admin.acquire().await.unwrap(),
         &spec("text-embedding-3-small", 4),
     )
     .await
