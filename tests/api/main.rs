@@ -10,6 +10,7 @@ mod demo;
 mod deploy;
 mod freshness;
 mod hostile;
+mod house;
 mod index;
 mod lifecycle;
 mod local_model;
