@@ -16,12 +16,13 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// `embed-worker migrate`.
 pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
+    let spec = model_index::IndexSpec::from_settings(settings)?;
+    model_index::lifecycle::check_dimensions(&pool, &spec).await?;
     db::migrate(&pool).await?;
     db::register_queue(&pool, &settings.queue.name).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
-    let spec = model_index::IndexSpec::from_settings(settings)?;
     let roles = model_index::lifecycle::on_migrate(&mut *pool.acquire().await?, &spec).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(

@@ -76,6 +76,50 @@ pub async fn serving_spec(pool: &PgPool) -> anyhow::Result<IndexSpec> {
     Ok(IndexSpec::of(&m))
 }
 
+/// `migrate`'s first check, before it changes anything: the configured model, when registered
+/// with rows, keeps its dimensions. A new size under the same name would cast every stored row
+/// to the wrong size (every search fails) and leave the new index build INVALID.
+pub async fn check_dimensions(pool: &PgPool, spec: &IndexSpec) -> anyhow::Result<()> {
+    let registered: Option<(i32, String)> = sqlx::query_as(
+        "SELECT m.dimensions, m.partition FROM embed_worker.models m
+          WHERE to_regclass('embed_worker.models') IS NOT NULL AND m.name = $1",
+    )
+    .bind(&spec.model)
+    .fetch_optional(pool)
+    .await
+    .or_else(|e| match &e {
+        // A database `migrate` has not yet made: nothing registered.
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("42P01") => Ok(None),
+        _ => Err(e),
+    })?;
+    let Some((dims, partition)) = registered else {
+        return Ok(());
+    };
+    if dims as usize == spec.dimensions || !partition_exists(pool, &spec.model).await? {
+        return Ok(());
+    }
+    let has_rows: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT EXISTS (SELECT 1 FROM {})",
+        crate::db::quote_ident(&partition)
+    )))
+    .fetch_one(pool)
+    .await?;
+    anyhow::ensure!(
+        !has_rows,
+        "refusing model.dimensions = {}: model {} is registered with {dims} dimensions and has \
+         rows at that size; nothing was changed. A new size is a new model in the registry: \
+         switch to a model name of its own (EMBED_WORKER__MODEL__NAME: another model, or this \
+         one under another name where the provider serves one, such as an Azure deployment; \
+         README, switching model without downtime), or, once {model} neither serves nor writes, \
+         `embed-worker models prune {model}` and register it anew; or set model.dimensions = \
+         {dims} back",
+        spec.dimensions,
+        spec.model,
+        model = spec.model,
+    );
+    Ok(())
+}
+
 /// Registers `spec`'s model and creates its partition; needs the table's owner.
 pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>, spec: &IndexSpec) -> anyhow::Result<String> {
     sqlx::query_scalar("SELECT embed_worker.ensure_model($1, $2, $3)")

@@ -536,3 +536,81 @@ async fn prune_of_a_100k_row_model_detaches_and_drops_its_partition_in_under_a_s
     assert_eq!(gone, None);
     assert_eq!(users.len(), 1_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_new_dimensions_under_a_registered_name_having_changed_nothing() {
+    let t = TestDb::migrated().await;
+    let model = "text-embedding-3-small";
+    register(&t, model, 8).await;
+    let s = insert_session(&t.admin, Uuid::new_v4(), "scales", "slow").await;
+    sqlx::query(
+        "INSERT INTO rag_embeddings (source_type, source_id, chunk_index, content_hash, embedding,
+                                     embedding_model, dimensions, token_count)
+         VALUES ('session', $1, 0, 'h', '[1,0,0,0,0,0,0,1]', $2, 8, 5)",
+    )
+    .bind(s)
+    .bind(model)
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    let catalog = || async {
+        count(
+            &t.admin,
+            "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+              WHERE c.relname IN ('sessions', 'question_templates') AND t.tgenabled <> 'D'",
+        )
+        .await
+    };
+    let triggers = catalog().await;
+    let out = worker_command(&t, "http://127.0.0.1:9/v1")
+        .env("EMBED_WORKER__MODEL__NAME", model)
+        .env("EMBED_WORKER__MODEL__DIMENSIONS", "4")
+        .env("EMBED_WORKER__CAPTURE__SESSIONS", "false")
+        .arg("migrate")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{err}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains("refusing model.dimensions = 4")
+            && err.contains("registered with 8 dimensions")
+            && err.contains("nothing was changed"),
+        "{err}"
+    );
+    let dims: i32 =
+        sqlx::query_scalar("SELECT dimensions FROM embed_worker.models WHERE name = $1")
+            .bind(model)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(dims, 8, "the registry keeps the rows' size");
+    // Refused before anything: the capture switch in the same run was not applied either.
+    assert_eq!(catalog().await, triggers);
+    // The SQL function refuses it too, for any other caller.
+    let direct = sqlx::query("SELECT embed_worker.ensure_model($1, 4, 'vector')")
+        .bind(model)
+        .execute(&t.admin)
+        .await
+        .unwrap_err();
+    assert!(
+        direct.to_string().contains("registered with 8 dimensions"),
+        "{direct}"
+    );
+    // Without rows a model may still change size.
+    sqlx::query("DELETE FROM rag_embeddings WHERE embedding_model = $1")
+        .bind(model)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    sqlx::query("SELECT embed_worker.ensure_model($1, 4, 'vector')")
+        .bind(model)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+}
