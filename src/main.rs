@@ -24,11 +24,18 @@ async fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format.unwrap_or(settings.log.format));
     let json_logs = cli.log_format.unwrap_or(settings.log.format) == LogFormat::Json;
+    let migrating = matches!(cli.command, cli::Command::Migrate);
     match cli::dispatch(cli.command, settings).await {
         Ok(code) => code,
         Err(e) => {
             // Once: as a JSON log event where logs are JSON, else as a plain line.
-            let message = embed_worker::redact::error(&e);
+            let mut message = embed_worker::redact::error(&e);
+            if !migrating && embed_worker::db::needs_migrate(&e) {
+                message.push_str(
+                    "; this database lacks embed-worker's schema (or has an older one): run \
+                     `embed-worker migrate` first, as the login that owns the tables",
+                );
+            }
             if json_logs {
                 tracing::error!(error = %message, "command failed");
             } else {

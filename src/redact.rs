@@ -141,7 +141,7 @@ fn percent_decoded_lower(s: &str) -> String {
 /// (sqlx and our context often repeat the database's words), secrets masked.
 pub fn error(e: &anyhow::Error) -> String {
     let mut line = String::new();
-    for part in e.chain().map(|c| c.to_string()) {
+    for part in e.chain().map(database_error) {
         if part.is_empty() || line.contains(&part) {
             continue;
         }
@@ -151,6 +151,41 @@ pub fn error(e: &anyhow::Error) -> String {
         line.push_str(&part);
     }
     secrets(&line, None)
+}
+
+/// The PostgreSQL error in one link of an error chain: sqlx's `Error::Database`, its boxed
+/// source, or the error itself.
+pub fn pg_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a sqlx::postgres::PgDatabaseError> {
+    use sqlx::error::DatabaseError;
+    if let Some(pg) = e.downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return Some(pg);
+    }
+    if let Some(boxed) = e.downcast_ref::<Box<dyn DatabaseError>>() {
+        return boxed.try_downcast_ref();
+    }
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(d)) => d.try_downcast_ref(),
+        _ => None,
+    }
+}
+
+/// One link of an error chain in words. A PostgreSQL error prints its message with its detail
+/// and hint, not sqlx's ` at line 1477` (the line of PostgreSQL's own C source that raised it,
+/// which reads as a line of the user's SQL).
+fn database_error(e: &(dyn std::error::Error + 'static)) -> String {
+    let Some(pg) = pg_error(e) else {
+        return e.to_string();
+    };
+    let mut out = format!("database error: {}", pg.message());
+    if let Some(detail) = pg.detail() {
+        out.push_str(&format!(" (detail: {detail})"));
+    }
+    if let Some(hint) = pg.hint() {
+        out.push_str(&format!(" (hint: {hint})"));
+    }
+    out
 }
 
 /// `scheme://user:pass@host` anywhere in `text` → `scheme://user:***@host`.

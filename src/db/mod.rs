@@ -136,6 +136,28 @@ pub async fn login_conn(pool: &PgPool) -> sqlx::Result<sqlx::pool::PoolConnectio
     Ok(conn)
 }
 
+/// Whether `e` is a database error for a relation, schema or function of embed-worker's that
+/// does not exist: a database `migrate` has not made (or an older version made). The command
+/// line then says to run `migrate` instead of only PostgreSQL's "relation … does not exist".
+pub fn needs_migrate(e: &anyhow::Error) -> bool {
+    const OURS: [&str; 5] = [
+        "\"apalis.",
+        "\"embed_worker.",
+        "rag_embeddings",
+        "\"sessions\"",
+        "\"question_templates\"",
+    ];
+    e.chain().any(|c| {
+        crate::redact::pg_error(c).is_some_and(|pg| {
+            // undefined_table, invalid_schema_name, undefined_function
+            matches!(pg.code(), "42P01" | "3F000" | "42883")
+                && (OURS.iter().any(|o| pg.message().contains(o))
+                    || pg.message().contains("schema \"embed_worker\"")
+                    || pg.message().contains("schema \"apalis\""))
+        })
+    })
+}
+
 /// A pool as the login role, for migrations and administration.
 pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
     let settings = DatabaseSettings {

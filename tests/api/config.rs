@@ -217,3 +217,28 @@ async fn a_role_that_cannot_be_used_is_named_with_its_key_at_once() {
     );
     assert_eq!(out.matches("does not exist").count(), 1, "said once: {out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_an_unmigrated_database_say_to_migrate_without_postgres_source_lines() {
+    let t = TestDb::empty().await;
+    for args in [
+        &["status"][..],
+        &["models"],
+        &["verify"],
+        &["search", "scales"],
+        &["enqueue-stale", "--dry-run"],
+        &["run", "--until-empty"],
+    ] {
+        let (code, out) = cli(
+            args,
+            &[("DATABASE_URL", &t.url), ("OPENAI_API_KEY", "sk-x")],
+        );
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            out.contains("run `embed-worker migrate` first") && out.contains("does not exist"),
+            "{args:?}: {out}"
+        );
+        // sqlx appends the line of PostgreSQL's C source that raised the error.
+        assert!(!out.contains(" at line "), "{args:?}: {out}");
+    }
+}
