@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use secrecy::SecretString;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// Everything the worker reads at start, section by section as in `config/default.toml`.
 pub struct Settings {
@@ -60,13 +60,14 @@ pub struct Settings {
     pub write: WriteSettings,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[search]`: reads past the primary.
 pub struct SearchSettings {
     /// Where `search` and the read-only reports (`models`, `status`) connect: a streaming standby,
     /// say (`EMBED_WORKER__SEARCH__DATABASE_URL`). Empty: the primary (`database.url`). The
     /// worker's writes, queue and locks always stay on the primary.
+    #[serde(serialize_with = "redacted_url")]
     pub database_url: String,
 }
 
@@ -89,7 +90,7 @@ impl std::fmt::Debug for SearchSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[write]`: how a batch's rows reach `rag_embeddings`.
 pub struct WriteSettings {
@@ -98,7 +99,7 @@ pub struct WriteSettings {
     pub streams: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[alerts]`: exported as gauges, so the shipped alert rules follow the configuration.
 pub struct AlertsSettings {
@@ -107,7 +108,7 @@ pub struct AlertsSettings {
     pub replica_lag_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[models]`: how the serving model follows the writing one (`embed_worker.models`).
 pub struct ModelsSettings {
@@ -116,7 +117,7 @@ pub struct ModelsSettings {
     pub auto_promote: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[bulk]`.
 pub struct BulkSettings {
@@ -182,7 +183,7 @@ impl BulkSettings {
 }
 
 /// `bulk.mode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BulkMode {
     /// The embeddings endpoint, at a lower queue priority than interactive jobs.
@@ -191,7 +192,7 @@ pub enum BulkMode {
     Batch,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[index]`.
 pub struct IndexSettings {
@@ -222,6 +223,15 @@ pub enum BuildWorkers {
     Auto,
     /// This many (0: a serial build).
     Fixed(u32),
+}
+
+impl Serialize for BuildWorkers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BuildWorkers::Auto => s.serialize_str("auto"),
+            BuildWorkers::Fixed(n) => s.serialize_u32(*n),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for BuildWorkers {
@@ -266,7 +276,7 @@ impl IndexSettings {
 }
 
 /// The type the HNSW index stores (`index.precision`); the column always keeps full precision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IndexPrecision {
     /// `full` up to 2,000 dimensions (pgvector's `vector` HNSW limit), `half` above.
@@ -284,7 +294,7 @@ impl IndexPrecision {
     pub const MAX_HALF_DIMS: usize = 4000;
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[budget]`.
 pub struct BudgetSettings {
@@ -306,7 +316,7 @@ impl BudgetSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[capture]`: which change-capture triggers `migrate` enables.
 pub struct CaptureSettings {
@@ -324,7 +334,7 @@ fn default_drain_ms() -> u64 {
     200
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[freshness]`.
 pub struct FreshnessSettings {
@@ -348,7 +358,7 @@ impl FreshnessSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[http]`.
 pub struct HttpSettings {
@@ -369,7 +379,7 @@ impl HttpSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[retention]`.
 pub struct RetentionSettings {
@@ -401,7 +411,7 @@ impl RetentionSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[rate_limit]`: the provider's limits for this organisation (0 = unlimited).
 pub struct RateLimitSettings {
@@ -420,7 +430,7 @@ impl RateLimitSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[retry]`.
 pub struct RetrySettings {
@@ -470,11 +480,12 @@ impl RetrySettings {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[database]`.
 pub struct DatabaseSettings {
     /// `DATABASE_URL`: where to connect.
+    #[serde(serialize_with = "redacted_url")]
     pub url: String,
     /// Pool size.
     pub max_connections: u32,
@@ -520,7 +531,7 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[queue]`.
 pub struct QueueSettings {
@@ -569,7 +580,7 @@ impl QueueSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[batch]`.
 pub struct BatchSettings {
@@ -590,11 +601,12 @@ impl BatchSettings {
     }
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[api]`.
 pub struct ApiSettings {
     /// The OpenAI-compatible endpoint.
+    #[serde(serialize_with = "redacted_url")]
     pub base_url: String,
     /// A request with no answer after this long is a transient error.
     pub timeout_secs: u64,
@@ -602,7 +614,8 @@ pub struct ApiSettings {
     pub max_inputs_per_request: usize,
     /// Budgeted tokens per request (OpenAI: 300,000).
     pub max_tokens_per_request: usize,
-    /// Never from the file: filled from the environment by [`Settings::load`].
+    /// Never from the file: filled from the environment by [`Settings::load`] (`embed-worker
+    /// config` says whether it is set, never what it is).
     #[serde(skip)]
     pub api_key: Option<SecretString>,
 }
@@ -639,7 +652,7 @@ impl std::fmt::Debug for ApiSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[model]`.
 pub struct ModelSettings {
@@ -738,7 +751,7 @@ impl ModelSettings {
 
 /// Who computes the embeddings (`model.provider`); anything else is refused when the
 /// configuration is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
     /// Any OpenAI-compatible `/v1/embeddings` (OpenAI, Azure, vLLM, TEI, Ollama, the fake).
@@ -747,7 +760,7 @@ pub enum Provider {
     Local,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[render]`: `{field}` placeholders; empty lines are dropped.
 pub struct RenderSettings {
@@ -757,7 +770,7 @@ pub struct RenderSettings {
     pub template: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[shutdown]`.
 pub struct ShutdownSettings {
@@ -772,7 +785,7 @@ impl ShutdownSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 /// `[log]`.
 pub struct LogSettings {
@@ -1031,6 +1044,11 @@ fn refuse_non_integers(defaults: &config::Config, raw: &config::Config) -> anyho
 }
 
 /// `OPENAI_API_KEY`, or the trimmed contents of the file named by `OPENAI_API_KEY_FILE`.
+/// A URL as `embed-worker config` prints it: its password masked (`crate::redact::url`).
+fn redacted_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&crate::redact::url(url))
+}
+
 fn api_key_from_env() -> anyhow::Result<Option<SecretString>> {
     if let Ok(path) = std::env::var("OPENAI_API_KEY_FILE") {
         let key = std::fs::read_to_string(&path)

@@ -7,7 +7,9 @@
 use tracing_subscriber::{EnvFilter, fmt};
 
 /// How log lines are written (`log.format`, or `--log-format`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One plain line per event, for a terminal.

@@ -7,9 +7,16 @@ use embed_worker::{db, model_index};
 
 use super::{BudgetAction, ModelsAction};
 
-/// `embed-worker config`.
+/// `embed-worker config`: the settings in effect (defaults, the file, the environment, and what
+/// is derived from them), as TOML, the form `config/` holds, so it can be read back with
+/// `--config`; passwords masked, the API key only said to be set.
 pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
-    println!("{settings:#?}");
+    print!("{}", toml::to_string(settings)?);
+    let key = match settings.api.api_key {
+        Some(_) => "[REDACTED]",
+        None => "not set",
+    };
+    println!("\n# api key (OPENAI_API_KEY or OPENAI_API_KEY_FILE, never from a file): {key}");
     Ok(ExitCode::SUCCESS)
 }
 

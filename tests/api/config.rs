@@ -160,7 +160,10 @@ fn the_batch_price_defaults_to_half_the_sync_price() {
         &[("EMBED_WORKER__MODEL__USD_PER_MILLION_TOKENS", "0.02")],
     );
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("batch_usd_per_million_tokens: 0.01,"), "{out}");
+    assert!(
+        out.contains("batch_usd_per_million_tokens = 0.01\n"),
+        "{out}"
+    );
     let (_, out) = cli(
         &["config"],
         &[
@@ -169,8 +172,36 @@ fn the_batch_price_defaults_to_half_the_sync_price() {
         ],
     );
     assert!(
-        out.contains("batch_usd_per_million_tokens: 0.015,"),
+        out.contains("batch_usd_per_million_tokens = 0.015\n"),
         "set explicitly: {out}"
+    );
+}
+
+#[test]
+fn config_prints_toml_that_reads_back_as_the_same_settings() {
+    let env = [
+        ("OPENAI_API_KEY", "sk-never-printed"),
+        ("EMBED_WORKER__QUEUE__FETCH_BATCH", "77"),
+        ("EMBED_WORKER__INDEX__BUILD_PARALLEL_WORKERS", "auto"),
+    ];
+    let (code, first) = cli(&["config"], &env);
+    assert_eq!(code, 0, "{first}");
+    assert!(!first.contains("sk-never-printed"), "{first}");
+    assert!(first.contains("[REDACTED]"), "says the key is set: {first}");
+    assert!(
+        first.contains("[queue]\n") && first.contains("fetch_batch = 77\n"),
+        "{first}"
+    );
+    let file = tempdir().join("printed.toml");
+    std::fs::write(&file, &first).unwrap();
+    let (code, second) = cli(
+        &["--config", file.to_str().unwrap(), "config"],
+        &[("OPENAI_API_KEY", "sk-never-printed")],
+    );
+    assert_eq!(code, 0, "read back: {second}");
+    assert_eq!(
+        first, second,
+        "the printed settings read back as themselves"
     );
 }
 

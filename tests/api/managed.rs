@@ -433,12 +433,6 @@ async fn an_app_write_queues_no_job_itself_and_no_change_is_lost_to_concurrent_d
     assert_eq!(doubled, 0);
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("managed-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn unsafe_sigterm(pid: u32) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
