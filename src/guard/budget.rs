@@ -173,7 +173,10 @@ pub async fn month(pool: &PgPool) -> sqlx::Result<(f64, f64)> {
 /// Sets the monthly budget (0 = none). Needs the owner's rights (migrate, or an operator).
 pub async fn set(pool: &PgPool, usd: f64) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE embed_worker.budget SET monthly_usd = $1::float8::numeric, updated_at = now()",
+        // Unchanged, no write: `migrate` neither moves `updated_at` nor waits on the row lock
+        // every request's reservation takes.
+        "UPDATE embed_worker.budget SET monthly_usd = $1::float8::numeric, updated_at = now()
+          WHERE monthly_usd IS DISTINCT FROM $1::float8::numeric",
     )
     .bind(usd)
     .execute(pool)
