@@ -2,7 +2,6 @@
 //! placeholders, RLS, idempotent migrations and `verify`.
 
 use crate::helpers::*;
-use embed_worker::db;
 use uuid::Uuid;
 
 /// A migrated database where the tests' 3-dimensional `test-model` has its partition.
