@@ -58,7 +58,7 @@ pub(crate) async fn models(
 ) -> anyhow::Result<ExitCode> {
     let Some(action) = action else {
         // Only reads: from search.database_url when set (a standby), as `search` does.
-        let pool = db::connect_as_login(settings.search.url(&settings.database)).await?;
+        let pool = db::connect_reads(settings, false).await?;
         let spec = model_index::IndexSpec::from_settings(settings)?;
         print!(
             "{}",

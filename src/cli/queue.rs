@@ -108,11 +108,7 @@ pub(crate) async fn enqueue(
 /// `embed-worker status`.
 pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result<ExitCode> {
     // Only reads: from search.database_url when set (a standby), as the worker's role.
-    let pool = db::connect(&embed_worker::config::DatabaseSettings {
-        url: settings.search.url(&settings.database).to_string(),
-        ..settings.database.clone()
-    })
-    .await?;
+    let pool = db::connect_reads(settings, true).await?;
     let queue = &settings.queue.name;
     println!("queue {queue}: jobs by state");
     for (state, n) in embed_worker::queue::counts_by_state(&pool, queue).await? {

@@ -19,7 +19,7 @@ pub(crate) async fn search(
     ef_search: u32,
 ) -> anyhow::Result<ExitCode> {
     // The read URL (a standby, say) when one is configured; nothing here writes.
-    let pool = db::connect_as_login(settings.search.url(&settings.database)).await?;
+    let pool = db::connect_reads(settings, false).await?;
     let server = embed_worker::replica::describe(&pool).await?;
     let spec = embed_worker::model_index::lifecycle::serving_spec(&pool).await?;
     let model = settings.model.for_model(&spec.model, spec.dimensions);

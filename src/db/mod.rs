@@ -27,9 +27,42 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool whose connections run as `settings.role` (when set), so the worker's queries are
 /// checked by the same privileges and RLS policies in tests as in production.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    connect_keyed(settings, PRIMARY_KEY).await
+}
+
+/// The setting that names the primary, as errors cite it.
+const PRIMARY_KEY: &str = "database.url / DATABASE_URL";
+
+/// A pool for reads only (`search`, `models`, `status`): to `search.database_url` when set (a
+/// standby, say), else the primary; as the worker's role when `as_worker`, else as the login.
+/// Errors name the setting the URL came from.
+pub async fn connect_reads(
+    settings: &crate::config::Settings,
+    as_worker: bool,
+) -> anyhow::Result<PgPool> {
+    let (url, key) = if settings.search.database_url.is_empty() {
+        (settings.database.url.clone(), PRIMARY_KEY)
+    } else {
+        (
+            settings.search.database_url.clone(),
+            "search.database_url / EMBED_WORKER__SEARCH__DATABASE_URL",
+        )
+    };
+    let db = if as_worker {
+        DatabaseSettings {
+            url,
+            ..settings.database.clone()
+        }
+    } else {
+        login_settings(&url)
+    };
+    connect_keyed(&db, key).await
+}
+
+async fn connect_keyed(settings: &DatabaseSettings, key: &str) -> anyhow::Result<PgPool> {
     let opts: PgConnectOptions = settings.url.parse().map_err(|e: sqlx::Error| {
         anyhow::anyhow!(
-            "invalid database.url / DATABASE_URL {}: {}",
+            "invalid {key} {}: {}",
             crate::redact::url(&settings.url),
             crate::redact::secrets(&e.to_string(), None)
         )
@@ -78,12 +111,10 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
             let _ = sqlx::Connection::close(conn).await;
         }
         Ok(Err(e)) => anyhow::bail!(
-            "cannot connect to the database at {target} (database.url / DATABASE_URL): {}",
+            "cannot connect to the database at {target} ({key}): {}",
             crate::redact::secrets(&describe_db_error(&e), None)
         ),
-        Err(_) => anyhow::bail!(
-            "no answer from the database at {target} within 10 s (database.url / DATABASE_URL)"
-        ),
+        Err(_) => anyhow::bail!("no answer from the database at {target} within 10 s ({key})"),
     }
     let role = settings.role.clone();
     PgPoolOptions::new()
@@ -160,13 +191,16 @@ pub fn needs_migrate(e: &anyhow::Error) -> bool {
 
 /// A pool as the login role, for migrations and administration.
 pub async fn connect_as_login(url: &str) -> anyhow::Result<PgPool> {
-    let settings = DatabaseSettings {
+    connect(&login_settings(url)).await
+}
+
+fn login_settings(url: &str) -> DatabaseSettings {
+    DatabaseSettings {
         url: url.to_string(),
         max_connections: 4,
         role: String::new(),
         acquire_timeout_secs: 30,
-    };
-    connect(&settings).await
+    }
 }
 
 /// What this process's connections are for: `run` for a worker, else the command's name.

@@ -273,3 +273,24 @@ async fn commands_on_an_unmigrated_database_say_to_migrate_without_postgres_sour
         assert!(!out.contains(" at line "), "{args:?}: {out}");
     }
 }
+
+#[test]
+fn a_read_url_that_fails_is_named_as_search_database_url() {
+    let port = free_port();
+    let url = format!("postgres://reader:pw@127.0.0.1:{port}/app");
+    for args in [&["search", "scales"][..], &["models"], &["status"]] {
+        let (code, out) = cli(
+            args,
+            &[
+                ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/unused"),
+                ("EMBED_WORKER__SEARCH__DATABASE_URL", &url),
+            ],
+        );
+        assert_ne!(code, 0, "{args:?}: {out}");
+        assert!(
+            out.contains("search.database_url / EMBED_WORKER__SEARCH__DATABASE_URL")
+                && !out.contains("(database.url"),
+            "{args:?} names the setting the URL came from: {out}"
+        );
+    }
+}
