@@ -270,7 +270,7 @@ pub fn describe() {
     describe_gauge!(
         REPLICA_LAG_SECONDS,
         Unit::Seconds,
-        "Replay lag of each streaming replica, from the primary (0 when it has replayed all WAL; NaN when the migrating login may not read it)"
+        "Replay lag of each streaming replica, from the primary (0 when it has replayed all WAL; NaN when the migrating login may not read it; +Inf once a replica seen streaming has disconnected)"
     );
     describe_gauge!(
         REPLICA_LAG_BYTES,
@@ -300,18 +300,39 @@ impl Family {
     }
 
     fn sample(&self, name: &'static str, now: Vec<(Vec<(&'static str, String)>, f64)>) {
+        self.sample_keeping(name, now, f64::NAN);
+    }
+
+    /// As `sample`, but a label set gone since an earlier sample reads `gone`, and, unless that
+    /// is NaN, keeps reading it at every later sample until it is back.
+    fn sample_keeping(
+        &self,
+        name: &'static str,
+        now: Vec<(Vec<(&'static str, String)>, f64)>,
+        gone: f64,
+    ) {
         let mut seen = self.0.lock().unwrap();
-        for gone in seen.iter().filter(|l| !now.iter().any(|(n, _)| n == *l)) {
-            gauge!(name, gone.as_slice()).set(f64::NAN);
+        let missing: Vec<_> = seen
+            .iter()
+            .filter(|l| !now.iter().any(|(n, _)| n == *l))
+            .cloned()
+            .collect();
+        for labels in &missing {
+            gauge!(name, labels.as_slice()).set(gone);
         }
         for (labels, value) in &now {
             gauge!(name, labels.as_slice()).set(*value);
         }
         *seen = now.into_iter().map(|(l, _)| l).collect();
+        if !gone.is_nan() {
+            seen.extend(missing);
+        }
     }
 }
 
-/// The streaming replicas' lag (a replica that went away reads NaN), and the alert threshold.
+/// The streaming replicas' lag, and the alert threshold. A replica seen streaming that has left
+/// `pg_stat_replication` reads +Inf seconds until it is back: a standby cut off from the primary
+/// still answers searches, ever further behind, and its alert must fire, not lose its series.
 pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
     static SECONDS: Family = Family::new();
     static BYTES: Family = Family::new();
@@ -324,7 +345,11 @@ pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
             })
             .collect()
     };
-    SECONDS.sample(REPLICA_LAG_SECONDS, by_name(|r| r.replay_lag_seconds));
+    SECONDS.sample_keeping(
+        REPLICA_LAG_SECONDS,
+        by_name(|r| r.replay_lag_seconds),
+        f64::INFINITY,
+    );
     BYTES.sample(REPLICA_LAG_BYTES, by_name(|r| r.lag_bytes));
     gauge!(REPLICA_LAG_ALERT).set(alert_secs as f64);
 }

@@ -40,22 +40,30 @@ pub async fn lag(pool: &PgPool) -> anyhow::Result<Vec<ReplicaLag>> {
 }
 
 /// Which server a connection reads: `primary`, or `standby (replay lag X s)`, measured there:
-/// 0 when it has replayed all it received, else the age of the last transaction it replayed.
+/// 0 when it has replayed all it received and is receiving, else the age of the last
+/// transaction it replayed. A standby with no WAL receiver streaming (cut off from the primary)
+/// says so: what it received it has replayed, but it receives nothing, so "0" would be false.
 pub async fn describe(pool: &PgPool) -> anyhow::Result<String> {
-    let (standby, lag): (bool, Option<f64>) = sqlx::query_as(
+    let (standby, streaming, caught_up, age): (bool, bool, bool, Option<f64>) = sqlx::query_as(
         "SELECT pg_is_in_recovery(),
-                CASE WHEN NOT pg_is_in_recovery() THEN NULL
-                     WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0
-                     ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END",
+                -- Without pg_read_all_stats only the receiver's pid is visible: a receiver
+                -- running counts as receiving then.
+                coalesce((SELECT pid IS NOT NULL AND coalesce(status = 'streaming', true)
+                            FROM pg_stat_wal_receiver), false),
+                coalesce(pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn(), false),
+                extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
     )
     .fetch_one(pool)
     .await?;
-    Ok(if standby {
-        format!(
-            "standby (replay lag {})",
-            lag.map_or("unknown".to_string(), |s| format!("{s:.2} s"))
-        )
-    } else {
-        "primary".to_string()
+    let secs = |s: Option<f64>| s.map_or("unknown".to_string(), |s| format!("{s:.2} s"));
+    Ok(match (standby, streaming, caught_up) {
+        (false, ..) => "primary".to_string(),
+        (true, true, true) => "standby (replay lag 0.00 s)".to_string(),
+        (true, true, false) => format!("standby (replay lag {})", secs(age)),
+        (true, false, _) => format!(
+            "standby NOT RECEIVING from the primary (its last replayed transaction is {} old; \
+             it answers as of then)",
+            secs(age)
+        ),
     })
 }

@@ -151,12 +151,32 @@ tests:
           - exp_labels: {severity: warning, application_name: standby}
             exp_annotations:
               summary: "Replica standby is 5m 40s behind the primary"
-              description: "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag."
+              description: "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag. +Inf: a replica seen streaming has disconnected and answers as of its last replay (if it was removed on purpose, restart the workers)."
       - eval_time: 25m
         alertname: EmbedWorkerReplicaLagging
         exp_alerts: []
+  # A standby cut off from the primary: the worker exports +Inf for it (it left
+  # pg_stat_replication); the alert fires after 2 minutes instead of losing its series.
+  - interval: 30s
+    input_series:
+      - series: 'embed_worker_replica_lag_alert_seconds{instance="w1"}'
+        values: '30x20'
+      - series: 'embed_worker_replica_lag_seconds{application_name="standby",instance="w1"}'
+        values: '0x4 Inf x15'
+    alert_rule_test:
+      - eval_time: 3m
+        alertname: EmbedWorkerReplicaLagging
+        exp_alerts: []
+      - eval_time: 6m
+        alertname: EmbedWorkerReplicaLagging
+        exp_alerts:
+          - exp_labels: {severity: warning, application_name: standby}
+            exp_annotations:
+              summary: "Replica standby is +Inf behind the primary"
+              description: "DESCRIPTION"
 "#;
     let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 1561].join(" "));
+    let cases = cases.replace("DESCRIPTION", "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag. +Inf: a replica seen streaming has disconnected and answers as of its last replay (if it was removed on purpose, restart the workers).");
     std::fs::write(dir.join("tests.yaml"), cases).unwrap();
     let out = Command::new("promtool")
         .current_dir(&dir)

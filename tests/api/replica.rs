@@ -188,6 +188,43 @@ async fn a_standby_answers_searches_of_what_the_primary_wrote_and_its_lag_is_mea
         text.contains("embed_worker_replica_lag_alert_seconds 2"),
         "the threshold is exported"
     );
+    // Cut off from the primary (its WAL receiver pointed at nothing): it still answers, as of
+    // what it last replayed, and says so; the primary no longer lists it, and the exported lag
+    // reads +Inf (its alert fires) instead of the series vanishing.
+    let conninfo: String = sqlx::query_scalar("SHOW primary_conninfo")
+        .fetch_one(&standby)
+        .await
+        .unwrap();
+    for sql in [
+        "ALTER SYSTEM SET primary_conninfo = 'host=127.0.0.1 port=1 connect_timeout=1'",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::raw_sql(sql).execute(&standby).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let said = embed_worker::replica::describe(&standby).await.unwrap();
+        let exported = exported_lag(addr, "embed_worker_standby").await;
+        if said.contains("NOT RECEIVING") && exported == Some(f64::INFINITY) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cut off: the standby says {said:?}, the worker exports {exported:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER SYSTEM SET primary_conninfo = '{}'",
+        conninfo.replace('\'', "''")
+    )))
+    .execute(&standby)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&standby)
+        .await
+        .unwrap();
     w.stop().await;
     standby.close().await;
     t.admin.close().await;
