@@ -121,7 +121,8 @@ async fn a_job_update_never_waits_on_a_row_while_holding_another() {
 async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
     // apalis's claim runs concurrently with the worker's own job updates even in one process;
     // a deadlock between them parked the claimed jobs until the heartbeat rescue (34-38 s
-    // instead of 5-6 s in 2 of 4 runs).
+    // instead of 5-6 s in 2 of 4 runs): asserted by what it leaves, a deadlock counted by the
+    // server and jobs claimed twice.
     let t = TestDb::migrated().await;
     let fake = fake(FakeConfig::default()).await;
     drop_default_index(&t).await;
@@ -145,10 +146,12 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
         } else {
             &sources[..]
         };
-        sqlx::raw_sql("TRUNCATE rag_embeddings; DELETE FROM apalis.jobs;")
-            .execute(&t.admin)
-            .await
-            .unwrap();
+        sqlx::raw_sql(
+            "TRUNCATE rag_embeddings; DELETE FROM apalis.jobs; DELETE FROM embed_worker.captured;",
+        )
+        .execute(&t.admin)
+        .await
+        .unwrap();
         enqueue(&t.admin, sources).await;
         let started = Instant::now();
         let w = RunningWorker::start(s.clone()).await;
@@ -157,17 +160,22 @@ async fn one_worker_drains_20000_jobs_five_times_without_a_stall() {
             runs.push(started.elapsed());
         }
         w.stop().await;
-    }
-    let fastest = runs.iter().min().unwrap().as_secs_f64();
-    eprintln!("20,000 jobs, one worker, five runs: {runs:?}");
-    for r in &runs {
-        assert!(
-            // 3 s of slack for a checkpoint landing in one run (seen: 9.2-11.5 s); a claim
-            // deadlock parks its jobs for the heartbeat rescue, 30 s with the shipped settings.
-            r.as_secs_f64() <= fastest * 1.2 + 3.0,
-            "a run stalled: {runs:?}"
+        // A stall is a claim deadlock parking its jobs until the heartbeat rescue: they are
+        // claimed again, a second attempt. Counted, not timed (a loaded machine slows every run).
+        let (done, again): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'Done'), count(*) FILTER (WHERE attempts > 1)
+               FROM apalis.jobs",
+        )
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+        assert_eq!(
+            (done, again),
+            (sources.len() as i64, 0),
+            "round {round}: every job done at its first attempt"
         );
     }
+    eprintln!("20,000 jobs, one worker, five runs: {runs:?}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(deadlocks(&t).await - before, 0);
 }
