@@ -71,13 +71,24 @@ pub struct SearchSettings {
     pub database_url: String,
 }
 
+/// The setting that names the primary, as errors cite it.
+pub const PRIMARY_URL_KEY: &str = "database.url / DATABASE_URL";
+
 impl SearchSettings {
     /// The URL reads go to: `database_url`, or the primary's.
     pub fn url<'a>(&'a self, primary: &'a DatabaseSettings) -> &'a str {
+        self.source(primary).0
+    }
+
+    /// The URL reads go to and the setting it came from, as errors name it.
+    pub fn source<'a>(&'a self, primary: &'a DatabaseSettings) -> (&'a str, &'static str) {
         if self.database_url.is_empty() {
-            &primary.url
+            (&primary.url, PRIMARY_URL_KEY)
         } else {
-            &self.database_url
+            (
+                &self.database_url,
+                "search.database_url / EMBED_WORKER__SEARCH__DATABASE_URL",
+            )
         }
     }
 }

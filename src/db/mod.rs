@@ -27,11 +27,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// A pool whose connections run as `settings.role` (when set), so the worker's queries are
 /// checked by the same privileges and RLS policies in tests as in production.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
-    connect_keyed(settings, PRIMARY_KEY).await
+    connect_keyed(settings, crate::config::PRIMARY_URL_KEY).await
 }
-
-/// The setting that names the primary, as errors cite it.
-const PRIMARY_KEY: &str = "database.url / DATABASE_URL";
 
 /// A pool for reads only (`search`, `models`, `status`): to `search.database_url` when set (a
 /// standby, say), else the primary; as the worker's role when `as_worker`, else as the login.
@@ -40,21 +37,14 @@ pub async fn connect_reads(
     settings: &crate::config::Settings,
     as_worker: bool,
 ) -> anyhow::Result<PgPool> {
-    let (url, key) = if settings.search.database_url.is_empty() {
-        (settings.database.url.clone(), PRIMARY_KEY)
-    } else {
-        (
-            settings.search.database_url.clone(),
-            "search.database_url / EMBED_WORKER__SEARCH__DATABASE_URL",
-        )
-    };
+    let (url, key) = settings.search.source(&settings.database);
     let db = if as_worker {
         DatabaseSettings {
-            url,
+            url: url.to_string(),
             ..settings.database.clone()
         }
     } else {
-        login_settings(&url)
+        login_settings(url)
     };
     connect_keyed(&db, key).await
 }
@@ -171,9 +161,11 @@ pub async fn login_conn(pool: &PgPool) -> sqlx::Result<sqlx::pool::PoolConnectio
 /// does not exist: a database `migrate` has not made (or an older version made). The command
 /// line then says to run `migrate` instead of only PostgreSQL's "relation … does not exist".
 pub fn needs_migrate(e: &anyhow::Error) -> bool {
-    const OURS: [&str; 5] = [
+    const OURS: [&str; 7] = [
         "\"apalis.",
         "\"embed_worker.",
+        "schema \"apalis\"",
+        "schema \"embed_worker\"",
         "rag_embeddings",
         "\"sessions\"",
         "\"question_templates\"",
@@ -182,9 +174,7 @@ pub fn needs_migrate(e: &anyhow::Error) -> bool {
         crate::redact::pg_error(c).is_some_and(|pg| {
             // undefined_table, invalid_schema_name, undefined_function
             matches!(pg.code(), "42P01" | "3F000" | "42883")
-                && (OURS.iter().any(|o| pg.message().contains(o))
-                    || pg.message().contains("schema \"embed_worker\"")
-                    || pg.message().contains("schema \"apalis\""))
+                && OURS.iter().any(|o| pg.message().contains(o))
         })
     })
 }
