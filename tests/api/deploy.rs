@@ -162,7 +162,7 @@ tests:
       - series: 'embed_worker_replica_lag_alert_seconds{instance="w1"}'
         values: '30x20'
       - series: 'embed_worker_replica_lag_seconds{application_name="standby",instance="w1"}'
-        values: '0x4 Inf x15'
+        values: '0x4 INF_SERIES'
     alert_rule_test:
       - eval_time: 3m
         alertname: EmbedWorkerReplicaLagging
@@ -176,6 +176,7 @@ tests:
               description: "DESCRIPTION"
 "#;
     let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 1561].join(" "));
+    let cases = cases.replace("INF_SERIES", &vec!["+Inf"; 16].join(" "));
     let cases = cases.replace("DESCRIPTION", "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag. +Inf: a replica seen streaming has disconnected and answers as of its last replay (if it was removed on purpose, restart the workers).");
     std::fs::write(dir.join("tests.yaml"), cases).unwrap();
     let out = Command::new("promtool")
@@ -323,7 +324,7 @@ async fn manifests_agree_with_the_binary() {
             );
             if doc["kind"] == "Deployment" {
                 let printed = String::from_utf8_lossy(&out.stdout);
-                assert!(printed.contains("addr: \"0.0.0.0:9898\""), "{printed}");
+                assert!(printed.contains("addr = \"0.0.0.0:9898\""), "{printed}");
                 assert_eq!(c["ports"][0]["containerPort"].as_u64(), Some(9898));
                 assert_eq!(
                     c["livenessProbe"]["httpGet"]["path"].as_str(),
