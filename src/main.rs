@@ -24,7 +24,7 @@ async fn main() -> ExitCode {
     };
     telemetry::init(cli.log_format.unwrap_or(settings.log.format));
     let json_logs = cli.log_format.unwrap_or(settings.log.format) == LogFormat::Json;
-    let migrating = matches!(cli.command, cli::Command::Migrate);
+    let migrating = matches!(cli.command, cli::Command::Migrate { .. });
     match cli::dispatch(cli.command, settings).await {
         Ok(code) => code,
         Err(e) => {

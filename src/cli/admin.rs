@@ -20,9 +20,23 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `embed-worker migrate`.
-pub(crate) async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
+/// `embed-worker migrate [--plan]`: the plan first (read from the catalog, printed), then,
+/// unless `--plan` or a conflict stops it, the migrations.
+pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
+    let plan = db::plan::plan(&mut *pool.acquire().await?).await?;
+    print!("{plan}");
+    if plan_only {
+        println!("nothing changed (--plan)");
+        return Ok(if plan.conflicts.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if let Some(refusal) = plan.refusal() {
+        anyhow::bail!(refusal);
+    }
     let spec = model_index::IndexSpec::from_settings(settings)?;
     model_index::lifecycle::check_dimensions(&pool, &spec).await?;
     db::migrate(&pool).await?;

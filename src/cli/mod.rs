@@ -39,8 +39,13 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Print the effective configuration (file + environment), secrets redacted.
     Config,
-    /// Apply apalis-postgres's and embed-worker's migrations (idempotent).
-    Migrate,
+    /// Apply apalis-postgres's and embed-worker's migrations (idempotent), after printing the
+    /// plan read from the catalog; refuses, changing nothing, when the database conflicts.
+    Migrate {
+        /// Print the plan (and any conflicts) and change nothing; exits 1 on a conflict.
+        #[arg(long)]
+        plan: bool,
+    },
     /// Check the schema: vector indexes (HNSW, m=16, ef_construction=64), RLS, source trigger.
     Verify,
     /// Load the question templates from a TOML file (idempotent).
@@ -189,7 +194,7 @@ pub(crate) enum BatchesAction {
 pub(crate) async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Config => admin::config(&settings).await,
-        Command::Migrate => admin::migrate(&settings).await,
+        Command::Migrate { plan } => admin::migrate(&settings, plan).await,
         Command::Verify => admin::verify(&settings).await,
         Command::Run { until_empty } => queue::run(settings, until_empty).await,
         Command::Enqueue {

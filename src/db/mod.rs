@@ -20,6 +20,7 @@ use sqlx::{Executor, PgPool};
 use crate::config::DatabaseSettings;
 
 pub mod connections;
+pub mod plan;
 
 /// This project's migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -716,3 +716,75 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The database's whole catalog outside the system schemas, one line each: schemas,
+/// extensions, types (ENUM labels), relations (kind, RLS, options, rights, relfilenode),
+/// columns, indexes, constraints, triggers, policies and functions; plus each table's row
+/// count. Two snapshots compare equal only if nothing was changed.
+pub async fn whole_catalog(pool: &PgPool) -> Vec<String> {
+    let mut lines: Vec<String> = sqlx::query_scalar(
+        "WITH ns AS (SELECT oid, nspname FROM pg_namespace
+                      WHERE nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+                        AND nspname NOT LIKE 'pg_temp%' AND nspname NOT LIKE 'pg_toast_temp%')
+         SELECT 'schema ' || nspname FROM ns
+         UNION ALL SELECT 'extension ' || extname || ' ' || extversion FROM pg_extension
+         UNION ALL
+         SELECT 'type ' || t.oid::regtype || ' ' || t.typtype::text || ' '
+                || coalesce((SELECT string_agg(e.enumlabel, ',' ORDER BY e.enumsortorder)
+                               FROM pg_enum e WHERE e.enumtypid = t.oid), '')
+           FROM pg_type t WHERE t.typnamespace IN (SELECT oid FROM ns) AND t.typrelid = 0
+         UNION ALL
+         SELECT 'rel ' || c.oid::regclass || ' ' || c.relkind::text || ' ' || c.relrowsecurity
+                || ' ' || coalesce(c.reloptions::text, '') || ' ' || coalesce(c.relacl::text, '')
+                || ' ' || c.relfilenode || ' ' || pg_get_userbyid(c.relowner)
+           FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns)
+         UNION ALL
+         SELECT 'col ' || a.attrelid::regclass || '.' || a.attname || ' '
+                || format_type(a.atttypid, a.atttypmod) || ' ' || a.attnotnull || ' '
+                || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+           FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+           LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+          WHERE c.relnamespace IN (SELECT oid FROM ns) AND a.attnum > 0 AND NOT a.attisdropped
+         UNION ALL
+         SELECT 'index ' || pg_get_indexdef(i.indexrelid) || ' ' || i.indisvalid
+           FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+          WHERE c.relnamespace IN (SELECT oid FROM ns)
+         UNION ALL
+         SELECT 'constraint ' || k.conrelid::regclass || ' ' || k.conname || ' '
+                || pg_get_constraintdef(k.oid) || ' ' || k.convalidated
+           FROM pg_constraint k WHERE k.connamespace IN (SELECT oid FROM ns)
+         UNION ALL
+         SELECT 'trigger ' || pg_get_triggerdef(g.oid) || ' ' || g.tgenabled::text
+           FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid
+          WHERE NOT g.tgisinternal AND c.relnamespace IN (SELECT oid FROM ns)
+         UNION ALL
+         SELECT 'policy ' || pol.polrelid::regclass || ' ' || pol.polname || ' '
+                || coalesce(pg_get_expr(pol.polqual, pol.polrelid), '') || ' '
+                || coalesce(pg_get_expr(pol.polwithcheck, pol.polrelid), '') || ' ' || pol.polroles::text
+           FROM pg_policy pol
+         UNION ALL
+         SELECT 'fn ' || p.oid::regprocedure || ' ' || md5(p.prosrc) || ' ' || p.prosecdef
+                || ' ' || coalesce(p.proconfig::text, '') || ' ' || coalesce(p.proacl::text, '')
+           FROM pg_proc p WHERE p.pronamespace IN (SELECT oid FROM ns)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT c.oid::regclass::text FROM pg_class c
+          WHERE c.relkind IN ('r', 'p')
+            AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for t in tables {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {t}")))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        lines.push(format!("rows {t} {n}"));
+    }
+    lines.sort();
+    lines
+}

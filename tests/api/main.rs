@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod adopt;
 mod bulk;
 mod config;
 mod demo;

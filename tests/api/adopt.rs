@@ -1,0 +1,226 @@
+//! `migrate` on a database that is not a fresh one: it reads the catalog, prints its plan, and
+//! refuses a database it cannot use with every conflict listed and nothing changed. The app's
+//! schema is `tests/data/app_schema_0012_0014.sql`, written from the design review.
+
+use std::process::{Command, Stdio};
+
+use crate::helpers::*;
+
+const APP_SCHEMA: &str = include_str!("../data/app_schema_0012_0014.sql");
+
+/// `embed-worker <args>` against `t`: (exit code, stdout, stderr).
+fn cli(t: &TestDb, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+        .env("DATABASE_URL", &t.url)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+async fn with_schema(sql: &str) -> TestDb {
+    let t = TestDb::empty().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    t
+}
+
+/// `migrate --plan` and `migrate` both refuse, naming each of `expected` (a conflict's place),
+/// and the catalog and every table's rows are what they were.
+async fn refused_untouched(t: &TestDb, expected: &[&str]) -> String {
+    let before = whole_catalog(&t.admin).await;
+    let (code, plan, _) = cli(t, &["migrate", "--plan"]);
+    assert_eq!(code, 1, "--plan exits 1 on a conflict:\n{plan}");
+    assert!(plan.contains("nothing changed (--plan)"), "{plan}");
+    let (code, out, err) = cli(t, &["migrate"]);
+    assert_ne!(code, 0, "migrate must refuse:\n{out}\n{err}");
+    assert!(
+        err.contains("nothing was changed"),
+        "the refusal says so:\n{err}"
+    );
+    for place in expected {
+        assert!(
+            err.contains(&format!("  - {place}: ")),
+            "the refusal names {place}:\n{err}"
+        );
+        assert!(
+            plan.contains(&format!("    - {place}: ")),
+            "the plan names {place}:\n{plan}"
+        );
+    }
+    let listed = err.lines().filter(|l| l.starts_with("  - ")).count();
+    assert_eq!(
+        listed,
+        expected.len(),
+        "exactly the expected conflicts:\n{err}"
+    );
+    assert_eq!(
+        whole_catalog(&t.admin).await,
+        before,
+        "a refused migrate changed the database"
+    );
+    err
+}
+
+#[tokio::test]
+async fn the_reviews_schema_is_refused_with_every_conflict_and_nothing_changed() {
+    let t = with_schema(APP_SCHEMA).await;
+    let err = refused_untouched(
+        &t,
+        &[
+            "question_templates.body",
+            "question_templates.placeholders",
+            "table rag_embeddings",
+        ],
+    )
+    .await;
+    // What is there and what is needed, in the app's own terms.
+    assert!(
+        err.contains("table rag_embeddings: the app's own (one table"),
+        "{err}"
+    );
+    assert!(
+        err.contains("question_templates.body: no such column; needed: text or varchar"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn tables_the_worker_cannot_use_are_refused_untouched() {
+    // No source_id; the embedding as real[]; a table of another shape altogether.
+    let sessions = "CREATE EXTENSION IF NOT EXISTS vector;
+        CREATE TABLE sessions (id uuid PRIMARY KEY, user_id uuid NOT NULL, focus text, depth text,
+            title text, notes text, transcript text, updated_at timestamptz NOT NULL DEFAULT now());";
+    let t = with_schema(&format!(
+        "{sessions}
+         CREATE TABLE rag_embeddings (id bigint PRIMARY KEY, source_type text NOT NULL,
+             embedding vector(1536) NOT NULL);
+         INSERT INTO rag_embeddings VALUES (1, 'session', array_fill(0.1::real, ARRAY[1536])::vector);"
+    ))
+    .await;
+    let err = refused_untouched(&t, &["rag_embeddings.source_id", "table rag_embeddings"]).await;
+    assert!(
+        err.contains("rag_embeddings.source_id: no such column; needed: uuid"),
+        "{err}"
+    );
+
+    let t = with_schema(&format!(
+        "{sessions}
+         CREATE TABLE rag_embeddings (id uuid PRIMARY KEY, source_type text NOT NULL,
+             source_id uuid NOT NULL, embedding real[] NOT NULL);"
+    ))
+    .await;
+    let err = refused_untouched(&t, &["rag_embeddings.embedding", "table rag_embeddings"]).await;
+    assert!(
+        err.contains("rag_embeddings.embedding: of type real[]"),
+        "{err}"
+    );
+
+    let t = with_schema("CREATE TABLE rag_embeddings (id serial, doc text, vec real[]);").await;
+    refused_untouched(
+        &t,
+        &[
+            "rag_embeddings.source_type",
+            "rag_embeddings.source_id",
+            "rag_embeddings.embedding",
+            "table rag_embeddings",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_enum_without_the_workers_labels_and_a_table_of_another_owner_are_refused_untouched() {
+    let t = with_schema(
+        "CREATE TYPE embedding_source AS ENUM ('session');
+         CREATE TABLE sessions (id uuid PRIMARY KEY, user_id uuid NOT NULL, focus text, depth text,
+             title text, notes text, transcript text, updated_at timestamptz NOT NULL DEFAULT now());",
+    )
+    .await;
+    let err = refused_untouched(&t, &["type embedding_source"]).await;
+    assert!(
+        err.contains("an ENUM with labels session; needed: the labels template too"),
+        "{err}"
+    );
+
+    // The app's sessions belong to the app's role; migrate runs as another login.
+    let owner = format!("app_{}", &t.name[2..14]);
+    let login = format!("mig_{}", &t.name[2..14]);
+    let t = with_schema(&format!(
+        "CREATE EXTENSION IF NOT EXISTS vector;
+         CREATE ROLE {owner} NOLOGIN;
+         CREATE ROLE {login} LOGIN CREATEROLE;
+         CREATE TABLE sessions (id uuid PRIMARY KEY, user_id uuid NOT NULL, focus text,
+             depth text, title text, notes text, transcript text,
+             updated_at timestamptz NOT NULL DEFAULT now());
+         ALTER TABLE sessions OWNER TO {owner};"
+    ))
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "GRANT CREATE ON DATABASE {} TO {login}; GRANT CREATE ON SCHEMA public TO {login};",
+        t.name
+    )))
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    let as_login = TestDb {
+        name: t.name.clone(),
+        url: t.url.replacen("://postgres@", &format!("://{login}@"), 1),
+        admin: t.admin.clone(),
+    };
+    let err = refused_untouched(&as_login, &["table sessions"]).await;
+    assert!(
+        err.contains(&format!(
+            "table sessions: owned by {owner}, and {login} is not a member of that role"
+        )),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_plan_changes_nothing_and_migrate_follows_it_on_a_fresh_database() {
+    let t = TestDb::empty().await;
+    let before = whole_catalog(&t.admin).await;
+    let (code, plan, err) = cli(&t, &["migrate", "--plan"]);
+    assert_eq!(code, 0, "{plan}\n{err}");
+    let total = embed_worker::db::MIGRATOR.iter().count();
+    assert!(
+        plan.contains(&format!("migrations: {total} of {total} to apply")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("table rag_embeddings: create, LIST-partitioned"),
+        "{plan}"
+    );
+    assert!(plan.contains("conflicts: none"), "{plan}");
+    assert_eq!(
+        whole_catalog(&t.admin).await,
+        before,
+        "--plan changed the database"
+    );
+
+    let (code, out, err) = cli(&t, &["migrate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.starts_with("plan for database"),
+        "migrate prints its plan first:\n{out}"
+    );
+    let (code, plan, err) = cli(&t, &["migrate", "--plan"]);
+    assert_eq!(code, 0, "{plan}\n{err}");
+    assert!(
+        plan.contains(&format!("migrations: all {total} applied")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("table rag_embeddings: the worker's (partitioned by model)"),
+        "{plan}"
+    );
+}
