@@ -67,27 +67,58 @@ BEGIN
     RETURN NEW;
 END $$;
 
+-- The touch functions without their column lists: which columns are embedded is the render
+-- settings' decision, and the triggers' WHEN clauses say it.
+CREATE OR REPLACE FUNCTION embed_worker.touch_session() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := clock_timestamp();
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE OR REPLACE FUNCTION embed_worker.touch_template() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.updated_at IS NOT DISTINCT FROM OLD.updated_at THEN
+        NEW.updated_at := clock_timestamp();
+    END IF;
+    RETURN NEW;
+END $$;
+
+-- The per-row triggers, WHEN the default render's columns change. The statement triggers they
+-- replace go in any case. Where the app's table has other columns, none is made here:
+-- `embed-worker migrate` makes them from render.* (db::follow_render), and re-makes them
+-- whenever the render settings name other columns.
 DROP TRIGGER IF EXISTS trg_sessions_capture_update ON sessions;
-CREATE TRIGGER trg_sessions_capture_update BEFORE UPDATE ON sessions FOR EACH ROW
-    WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
-          IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
-    EXECUTE FUNCTION embed_worker.capture_session_update();
 DROP TRIGGER IF EXISTS trg_question_templates_capture_update ON question_templates;
-CREATE TRIGGER trg_question_templates_capture_update BEFORE UPDATE ON question_templates FOR EACH ROW
-    WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
-          IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
-    EXECUTE FUNCTION embed_worker.capture_template_update();
--- The touch triggers get the same WHEN: no function call for an update of other columns.
 DROP TRIGGER IF EXISTS trg_sessions_touch ON sessions;
-CREATE TRIGGER trg_sessions_touch BEFORE UPDATE ON sessions FOR EACH ROW
-    WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
-          IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
-    EXECUTE FUNCTION embed_worker.touch_session();
 DROP TRIGGER IF EXISTS trg_question_templates_touch ON question_templates;
-CREATE TRIGGER trg_question_templates_touch BEFORE UPDATE ON question_templates FOR EACH ROW
-    WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
-          IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
-    EXECUTE FUNCTION embed_worker.touch_template();
+DO $$
+BEGIN
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.sessions'::regclass
+           AND attname IN ('title', 'focus', 'depth', 'notes', 'transcript') AND NOT attisdropped) = 5 THEN
+        CREATE TRIGGER trg_sessions_capture_update BEFORE UPDATE ON sessions FOR EACH ROW
+            WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
+                  IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
+            EXECUTE FUNCTION embed_worker.capture_session_update();
+        CREATE TRIGGER trg_sessions_touch BEFORE UPDATE ON sessions FOR EACH ROW
+            WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
+                  IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
+            EXECUTE FUNCTION embed_worker.touch_session();
+    END IF;
+    IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.question_templates'::regclass
+           AND attname IN ('body', 'focus', 'depth', 'category', 'placeholders') AND NOT attisdropped) = 5 THEN
+        CREATE TRIGGER trg_question_templates_capture_update BEFORE UPDATE ON question_templates FOR EACH ROW
+            WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
+                  IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
+            EXECUTE FUNCTION embed_worker.capture_template_update();
+        CREATE TRIGGER trg_question_templates_touch BEFORE UPDATE ON question_templates FOR EACH ROW
+            WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
+                  IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
+            EXECUTE FUNCTION embed_worker.touch_template();
+    END IF;
+END $$;
 
 -- Moves up to max_rows recorded changes into the queue: the rows are deleted and their jobs
 -- inserted by one transaction (enqueue_jobs dedups sources and skips those with a pending job).

@@ -773,12 +773,53 @@ pub enum Provider {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-/// `[render]`: `{field}` placeholders; empty lines are dropped.
+/// `[render]`: `{field}` placeholders, each a column of the app's table (any column, any
+/// type: the loader reads exactly those, change capture fires on exactly those); empty lines
+/// are dropped.
 pub struct RenderSettings {
     /// How a session becomes text.
     pub session: String,
     /// How a template becomes text.
     pub template: String,
+}
+
+impl RenderSettings {
+    fn check(&self, c: &mut Checks) {
+        for (key, format) in [
+            ("render.session", &self.session),
+            ("render.template", &self.template),
+        ] {
+            c.check(
+                !render_fields(format).is_empty(),
+                key,
+                &format!("{format:?}"),
+                "a format naming at least one column as {column}",
+            );
+        }
+    }
+}
+
+/// The `{field}` names in a render format, each once, in order of first use. A field is a
+/// column name: `{` then a letter or `_`, then letters, digits or `_`, then `}`; other braces
+/// are text.
+pub fn render_fields(format: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = format;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        let end = rest
+            .find(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_'))
+            .unwrap_or(rest.len());
+        let name = &rest[..end];
+        let starts_well = name
+            .chars()
+            .next()
+            .is_some_and(|ch| ch.is_ascii_alphabetic() || ch == '_');
+        if starts_well && rest[end..].starts_with('}') && !out.iter().any(|f| f == name) {
+            out.push(name.to_string());
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -921,6 +962,7 @@ impl Settings {
             &format!("\"full\" with model.dimensions = {}", m.dimensions),
             "\"half\" or \"auto\" over 2,000 dimensions (pgvector's HNSW `vector` limit)",
         );
+        self.render.check(&mut c);
         self.shutdown.check(&mut c);
         self.rate_limit.check(&mut c);
         self.retry.check(&mut c);
@@ -1075,6 +1117,17 @@ fn api_key_from_env() -> anyhow::Result<Option<SecretString>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn render_fields_are_the_column_names_in_braces() {
+        assert_eq!(
+            render_fields(
+                "Q ({category}): {question_text}\nVars: {variables} {category} {1x} {a b} {}"
+            ),
+            ["category", "question_text", "variables"]
+        );
+        assert!(render_fields("no fields at all").is_empty());
+    }
 
     #[test]
     fn api_key_never_in_debug() {

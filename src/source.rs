@@ -36,22 +36,23 @@ impl SourceType {
         }
     }
 
-    /// SQL that is true when row `alias` of [`SourceType::table`] has text to embed (its
-    /// embedded columns are not all empty or whitespace). Rows without text get no job.
-    ///
-    /// Column by column, shortest first, so a session with a title never reads its notes or
-    /// transcript here: trimming their concatenation detoasted and copied every session's whole
-    /// text, 208 of the 555 ms a 20,000-session backfill spent queueing (issue 23).
+    /// SQL that is true when row `alias` of [`SourceType::table`] has text to embed (one of its
+    /// text columns named by the render settings is not empty or whitespace). Rows without
+    /// text get no job. The test is a function `migrate` makes from the render settings
+    /// (migration 19, `db::follow_render`); the planner inlines it into column tests, each
+    /// column alone, shortest first: trimming their concatenation detoasted and copied every
+    /// session's whole text, 208 of the 555 ms a 20,000-session backfill spent queueing
+    /// (issue 23).
     pub fn has_text_sql(self, alias: &str) -> String {
-        let columns: &[&str] = match self {
-            SourceType::Session => &["title", "notes", "transcript"],
-            SourceType::Template => &["body"],
-        };
-        let tests: Vec<String> = columns
-            .iter()
-            .map(|c| format!("btrim({alias}.{c}, E' \\t\\n\\r') <> ''"))
-            .collect();
-        format!("({})", tests.join(" OR "))
+        format!("embed_worker.{}({alias})", self.has_text_function())
+    }
+
+    /// The name of [`SourceType::has_text_sql`]'s function in schema `embed_worker`.
+    pub fn has_text_function(self) -> &'static str {
+        match self {
+            SourceType::Session => "session_has_text",
+            SourceType::Template => "template_has_text",
+        }
     }
 }
 

@@ -82,6 +82,17 @@ impl Worker {
         crate::db::set_process_kind("run");
         let pool = crate::db::connect(&settings.database).await?;
         crate::db::connections::warn_at_start(&pool, &settings).await;
+        // The render settings name columns of the app's tables: a name they lack stops the
+        // worker here, naming it, instead of failing every batch.
+        let missing =
+            crate::db::render::missing_columns(&mut *pool.acquire().await?, &settings.render)
+                .await?;
+        anyhow::ensure!(
+            missing.is_empty(),
+            "{}; nothing was queued or written (render.*, README \"Adding embed-worker to an \
+             existing database\")",
+            missing.join("; ")
+        );
         crate::model_index::lifecycle::ensure_for_run(&pool, &settings).await?;
         let embedder = crate::embed::Embedder::from_settings(&settings.api, &settings.model)?;
         let health = Arc::new(crate::guard::health::Health::default());

@@ -24,7 +24,7 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// unless `--plan` or a conflict stops it, the migrations.
 pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
-    let plan = db::plan::plan(&mut *pool.acquire().await?).await?;
+    let plan = db::plan::plan(&mut *pool.acquire().await?, &settings.render).await?;
     print!("{plan}");
     if plan_only {
         println!("nothing changed (--plan)");
@@ -41,6 +41,9 @@ pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Res
     model_index::lifecycle::check_dimensions(&pool, &spec).await?;
     db::migrate(&pool).await?;
     db::register_queue(&pool, &settings.queue.name).await?;
+    for line in db::render::follow_render(&pool, &settings.render).await? {
+        println!("{line}");
+    }
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;

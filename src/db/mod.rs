@@ -21,6 +21,7 @@ use crate::config::DatabaseSettings;
 
 pub mod connections;
 pub mod plan;
+pub mod render;
 
 /// This project's migrations (`migrations/`).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -19,6 +19,9 @@ use std::fmt;
 
 use sqlx::PgConnection;
 
+use crate::config::{RenderSettings, render_fields};
+use crate::source::SourceType;
+
 /// The first migration's version: recorded once the worker's own schema exists.
 const FIRST_VERSION: i64 = 20261126000001;
 
@@ -33,11 +36,8 @@ struct Need {
 #[derive(Clone, Copy)]
 enum Kind {
     Uuid,
-    /// text or varchar.
-    Text,
     /// text, varchar or any ENUM (read as `::text`).
     Label,
-    Jsonb,
     Bool,
     /// timestamptz or timestamp.
     Time,
@@ -47,9 +47,7 @@ impl Kind {
     fn accepts(self, c: &Column) -> bool {
         match self {
             Kind::Uuid => c.type_name == "uuid",
-            Kind::Text => matches!(c.type_name.as_str(), "text" | "varchar"),
             Kind::Label => matches!(c.type_name.as_str(), "text" | "varchar") || c.type_type == "e",
-            Kind::Jsonb => c.type_name == "jsonb",
             Kind::Bool => c.type_name == "bool",
             Kind::Time => matches!(c.type_name.as_str(), "timestamptz" | "timestamp"),
         }
@@ -58,9 +56,7 @@ impl Kind {
     fn describe(self) -> &'static str {
         match self {
             Kind::Uuid => "uuid",
-            Kind::Text => "text or varchar",
             Kind::Label => "text, varchar or an ENUM",
-            Kind::Jsonb => "jsonb",
             Kind::Bool => "boolean",
             Kind::Time => "timestamptz",
         }
@@ -79,31 +75,6 @@ const SESSIONS: &[Need] = &[
         why: "the owner, for row-level security and the app's enqueue checks",
     },
     Need {
-        column: "title",
-        kind: Kind::Text,
-        why: "rendered into the embedded text (render.session)",
-    },
-    Need {
-        column: "focus",
-        kind: Kind::Label,
-        why: "rendered into the embedded text (render.session)",
-    },
-    Need {
-        column: "depth",
-        kind: Kind::Label,
-        why: "rendered into the embedded text (render.session)",
-    },
-    Need {
-        column: "notes",
-        kind: Kind::Text,
-        why: "rendered into the embedded text (render.session)",
-    },
-    Need {
-        column: "transcript",
-        kind: Kind::Text,
-        why: "rendered into the embedded text (render.session)",
-    },
-    Need {
         column: "updated_at",
         kind: Kind::Time,
         why: "when the text last changed: staleness and change capture",
@@ -117,29 +88,9 @@ const TEMPLATES: &[Need] = &[
         why: "the source id in jobs and in rag_embeddings.source_id",
     },
     Need {
-        column: "body",
-        kind: Kind::Text,
-        why: "rendered into the embedded text (render.template)",
-    },
-    Need {
         column: "focus",
         kind: Kind::Label,
-        why: "rendered into the embedded text (render.template)",
-    },
-    Need {
-        column: "depth",
-        kind: Kind::Label,
-        why: "rendered into the embedded text (render.template)",
-    },
-    Need {
-        column: "category",
-        kind: Kind::Label,
-        why: "rendered into the embedded text (render.template)",
-    },
-    Need {
-        column: "placeholders",
-        kind: Kind::Jsonb,
-        why: "rendered into the embedded text and checked by the worker's constraint",
+        why: "indexed for the app's lookups by focus (idx_question_templates_focus)",
     },
     Need {
         column: "enabled",
@@ -274,7 +225,7 @@ impl fmt::Display for Plan {
 }
 
 /// Reads the catalog and decides. Changes nothing (only SELECTs).
-pub async fn plan(conn: &mut PgConnection) -> sqlx::Result<Plan> {
+pub async fn plan(conn: &mut PgConnection, render: &RenderSettings) -> sqlx::Result<Plan> {
     let mut plan = Plan::default();
     let (user, db, superuser, createrole, can_create): (String, String, bool, bool, bool) =
         sqlx::query_as(
@@ -433,32 +384,61 @@ pub async fn plan(conn: &mut PgConnection) -> sqlx::Result<Plan> {
         .collect();
 
     // The app's tables.
-    for (table, needs, kept) in [
+    for (ty, needs, kept) in [
         (
-            "sessions",
+            SourceType::Session,
             SESSIONS,
             "kept; adds triggers (updated_at, change capture, deleting its embeddings) and \
              SELECT for embed_worker; row-level security left as it is",
         ),
         (
-            "question_templates",
+            SourceType::Template,
             TEMPLATES,
             "kept; adds triggers (updated_at, change capture, deleting its embeddings), \
              SELECT for embed_worker and app_user, and turns row-level security on with \
              policies for app_user (enabled templates) and embed_worker",
         ),
     ] {
+        let table = ty.table();
+        let (key, format) = super::render::format_of(render, ty);
+        let fields = render_fields(format);
         let Some(t) = table_of(conn, table).await? else {
             plan.steps.push(format!("table {table}: create"));
+            plan.steps.push(format!(
+                "change capture on {table}: fires when {} change ({key})",
+                fields.join(", ")
+            ));
             continue;
         };
         let columns = columns_of(conn, table).await?;
         check_columns(&mut plan, table, &columns, needs);
+        for f in &fields {
+            if !columns.iter().any(|c| c.name == *f) {
+                plan.conflicts.push(Conflict {
+                    place: format!("{table}.{f}"),
+                    found: "no such column".into(),
+                    needed: format!(
+                        "{key} names {{{f}}}: set it to the app's columns (EMBED_WORKER__{}; \
+                         this table has {})",
+                        key.replace('.', "__").to_uppercase(),
+                        columns
+                            .iter()
+                            .map(|c| c.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        }
         check_owner(&mut plan, table, &t, &user);
         plan.steps.push(format!(
             "table {table}: present ({}, owner {}), {kept}",
             rows(&t),
             t.owner
+        ));
+        plan.steps.push(format!(
+            "change capture on {table}: fires when {} change ({key})",
+            fields.join(", ")
         ));
     }
 

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::config::RenderSettings;
+use crate::config::{RenderSettings, render_fields};
 use crate::source::{EmbedSource, SourceType};
 
 /// A source as read: its rendered text and the `updated_at` it was read at.
@@ -23,25 +23,11 @@ pub struct Loaded {
 }
 
 #[derive(sqlx::FromRow)]
-struct SessionRow {
+struct Row {
     id: Uuid,
     updated_at: DateTime<Utc>,
-    title: Option<String>,
-    focus: Option<String>,
-    depth: Option<String>,
-    notes: Option<String>,
-    transcript: Option<String>,
-}
-
-#[derive(sqlx::FromRow)]
-struct TemplateRow {
-    id: Uuid,
-    updated_at: DateTime<Utc>,
-    body: String,
-    focus: String,
-    depth: String,
-    category: Option<String>,
-    placeholders: serde_json::Value,
+    /// The render's columns, by name.
+    fields: sqlx::types::Json<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Loads every source of the batch that still exists. Missing ones are simply absent.
@@ -50,77 +36,80 @@ pub async fn load(
     render: &RenderSettings,
     sources: &[EmbedSource],
 ) -> sqlx::Result<HashMap<EmbedSource, Loaded>> {
-    let ids = |ty| crate::source::ids_of(sources, ty);
     let mut out = HashMap::with_capacity(sources.len());
-    let session_ids = ids(SourceType::Session);
-    if !session_ids.is_empty() {
-        let rows: Vec<SessionRow> = sqlx::query_as(
-            "SELECT id, updated_at, title, focus::text AS focus, depth::text AS depth, notes, transcript
-               FROM sessions WHERE id = ANY($1)",
-        )
-        .bind(&session_ids)
-        .fetch_all(pool)
-        .await?;
-        for r in rows {
-            let text = render_format(
-                &render.session,
-                &[
-                    ("title", r.title.as_deref().unwrap_or("")),
-                    ("focus", r.focus.as_deref().unwrap_or("")),
-                    ("depth", r.depth.as_deref().unwrap_or("")),
-                    ("notes", r.notes.as_deref().unwrap_or("")),
-                    ("transcript", r.transcript.as_deref().unwrap_or("")),
-                ],
-            );
-            let key = EmbedSource {
-                source_type: SourceType::Session,
-                source_id: r.id,
-            };
-            out.insert(
-                key,
-                Loaded {
-                    text,
-                    read_at: r.updated_at,
-                },
-            );
+    for ty in SourceType::ALL {
+        let ids = crate::source::ids_of(sources, ty);
+        if ids.is_empty() {
+            continue;
         }
-    }
-    let template_ids = ids(SourceType::Template);
-    if !template_ids.is_empty() {
-        let rows: Vec<TemplateRow> = sqlx::query_as(
-            "SELECT id, updated_at, body, focus::text AS focus, depth::text AS depth,
-                    category::text AS category, placeholders
-               FROM question_templates WHERE id = ANY($1)",
-        )
-        .bind(&template_ids)
-        .fetch_all(pool)
-        .await?;
+        let format = match ty {
+            SourceType::Session => &render.session,
+            SourceType::Template => &render.template,
+        };
+        let fields = render_fields(format);
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(select_sql(ty, &fields)))
+            .bind(&ids)
+            .fetch_all(pool)
+            .await?;
         for r in rows {
-            let descriptions = placeholder_descriptions(&r.placeholders);
-            let text = render_format(
-                &render.template,
-                &[
-                    ("body", r.body.as_str()),
-                    ("focus", r.focus.as_str()),
-                    ("depth", r.depth.as_str()),
-                    ("category", r.category.as_deref().unwrap_or("")),
-                    ("placeholders", descriptions.as_str()),
-                ],
-            );
-            let key = EmbedSource {
-                source_type: SourceType::Template,
-                source_id: r.id,
-            };
+            let values: Vec<(&str, String)> = fields
+                .iter()
+                .map(|f| (f.as_str(), field_text(r.fields.get(f))))
+                .collect();
+            let pairs: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
             out.insert(
-                key,
+                EmbedSource {
+                    source_type: ty,
+                    source_id: r.id,
+                },
                 Loaded {
-                    text,
+                    text: render_format(format, &pairs),
                     read_at: r.updated_at,
                 },
             );
         }
     }
     Ok(out)
+}
+
+/// Exactly the render's columns of the batch's rows, as one JSON object per row (so any column
+/// of any type reads the same way). The names come from the settings and are quoted.
+fn select_sql(ty: SourceType, fields: &[String]) -> String {
+    let pairs: Vec<String> = fields
+        .iter()
+        .map(|f| format!("'{f}', {}", crate::db::quote_ident(f)))
+        .collect();
+    format!(
+        "SELECT id, updated_at::timestamptz AS updated_at, jsonb_build_object({}) AS fields
+           FROM public.{} WHERE id = ANY($1)",
+        pairs.join(", "),
+        ty.table()
+    )
+}
+
+/// A column's value as text: strings as they are, NULL as nothing, the worker's structured
+/// placeholders as `key: description; …`, other JSON objects as `key: value; …`, arrays as
+/// `a, b`, numbers and booleans as written.
+fn field_text(v: Option<&serde_json::Value>) -> String {
+    use serde_json::Value;
+    match v {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) if o.get("placeholders").is_some_and(Value::is_array) => {
+            placeholder_descriptions(v.unwrap_or(&Value::Null))
+        }
+        Some(Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", field_text(Some(v))))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| field_text(Some(v)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Some(other) => other.to_string(),
+    }
 }
 
 /// `{key} (description); …` from the structured placeholders document.
@@ -182,6 +171,21 @@ mod tests {
     #[test]
     fn render_of_all_empty_fields_is_empty() {
         assert_eq!(render_format("Title: {title}", &[("title", "")]), "");
+    }
+
+    #[test]
+    fn fields_of_any_shape_become_text() {
+        let app_vars = serde_json::json!({"{chord}": "placeholder for chord name"});
+        assert_eq!(
+            field_text(Some(&app_vars)),
+            "{chord}: placeholder for chord name"
+        );
+        assert_eq!(
+            field_text(Some(&serde_json::json!(["a", 2, null]))),
+            "a, 2, "
+        );
+        assert_eq!(field_text(Some(&serde_json::json!(true))), "true");
+        assert_eq!(field_text(None), "");
     }
 
     #[test]

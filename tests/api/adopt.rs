@@ -88,7 +88,9 @@ async fn the_reviews_schema_is_refused_with_every_conflict_and_nothing_changed()
         "{err}"
     );
     assert!(
-        err.contains("question_templates.body: no such column; needed: text or varchar"),
+        err.contains(
+            "question_templates.body: no such column; needed: render.template names {body}"
+        ),
         "{err}"
     );
 }
@@ -222,5 +224,157 @@ async fn the_plan_changes_nothing_and_migrate_follows_it_on_a_fresh_database() {
     assert!(
         plan.contains("table rag_embeddings: the worker's (partitioned by model)"),
         "{plan}"
+    );
+}
+
+/// The review's sessions and templates (text in `question_text`, placeholders in `variables`),
+/// without its rag_embeddings.
+fn app_sources_only() -> String {
+    format!(
+        "{APP_SCHEMA}
+         DROP TABLE rag_embeddings;
+         DROP FUNCTION validate_rag_embedding_source();"
+    )
+}
+
+const APP_TEMPLATE: &str =
+    "Question ({category}, {focus}): {question_text}\nVariables: {variables}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_own_template_columns_are_served_by_configuration() {
+    let t = with_schema(&app_sources_only()).await;
+    let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
+    let cli = |args: &[&str], template: &str| {
+        let out = worker_command(&t, &fake.base_url())
+            .env("EMBED_WORKER__RENDER__TEMPLATE", template)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+
+    // A column the table lacks: the plan names it and the table's columns; `run` stops on it.
+    let (code, plan, _) = cli(&["migrate", "--plan"], "{question}");
+    assert_eq!(code, 1, "{plan}");
+    assert!(
+        plan.contains("    - question_templates.question: no such column; needed: render.template names {question}")
+            && plan.contains("this table has id, focus, depth, question_text, variables"),
+        "{plan}"
+    );
+
+    let (code, out, err) = cli(&["migrate"], APP_TEMPLATE);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("change capture on question_templates fires on category, focus, question_text, variables"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(&["run", "--until-empty"], "{question}");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(
+            "render.template names {question}, but table question_templates has no column question"
+        ),
+        "{err}"
+    );
+
+    // The text is the app's columns, its variables rendered as `key: description`.
+    let mut s = t.settings();
+    s.render.template = APP_TEMPLATE.into();
+    let id: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM question_templates WHERE question_text LIKE '% bar 1?'")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    let source = embed_worker::source::EmbedSource {
+        source_type: embed_worker::source::SourceType::Template,
+        source_id: id,
+    };
+    let loaded = embed_worker::pipeline::load::load(&t.admin, &s.render, &[source])
+        .await
+        .unwrap();
+    let text = &loaded[&source].text;
+    assert_eq!(
+        text,
+        "Question (technical, harmony): How would you voice {chord} in bar 1?\nVariables: {chord}: placeholder for chord name"
+    );
+
+    // Capture fires on exactly those columns, and moves updated_at with them.
+    sqlx::raw_sql(
+        "UPDATE question_templates SET usage_count = usage_count + 1, last_used_at = now()",
+    )
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
+        0
+    );
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM question_templates WHERE id = $1")
+            .bind(id)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    sqlx::query(
+        "UPDATE question_templates SET question_text = question_text || ' Why?' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&t.admin)
+    .await
+    .unwrap();
+    let after: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM question_templates WHERE id = $1")
+            .bind(id)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert!(after > before, "updated_at moved with the text");
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.captured").await,
+        1
+    );
+
+    // Every source embedded, the template's vector made from that text.
+    let (code, out, err) = cli(&["enqueue", "--all"], APP_TEMPLATE);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = cli(&["run", "--until-empty"], APP_TEMPLATE);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        count(
+            &t.admin,
+            "SELECT count(DISTINCT (source_type, source_id)) FROM rag_embeddings"
+        )
+        .await,
+        50
+    );
+    let hash: String = sqlx::query_scalar(
+        "SELECT content_hash FROM rag_embeddings WHERE source_type = 'template' AND source_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    let now = embed_worker::pipeline::load::load(&t.admin, &s.render, &[source])
+        .await
+        .unwrap();
+    assert!(
+        now[&source]
+            .text
+            .ends_with("bar 1? Why?\nVariables: {chord}: placeholder for chord name")
+    );
+    assert_eq!(
+        hash,
+        embed_worker::pipeline::chunk::content_hash(
+            &now[&source].text,
+            &s.model.name,
+            s.model.dimensions
+        )
     );
 }

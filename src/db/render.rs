@@ -1,0 +1,159 @@
+//! The parts of the schema that follow the render settings: which columns are a source's text.
+//!
+//! Why: `render.session` and `render.template` may name any column of the app's tables (an
+//! app keeps its templates' text in `question_text`, say), and three things must agree with
+//! them: the loader (it reads exactly those columns), change capture (its triggers fire when
+//! exactly those change: the WHEN clause the executor evaluates, so other updates run no
+//! function), and queueing's "has this row text" test. The first reads the settings at each
+//! batch; the other two are database objects, made here by `migrate` and re-made whenever the
+//! settings name other columns. A comment on the capture trigger records the columns it was
+//! made for, so an unchanged setting changes nothing (no lock on the app's table).
+
+use anyhow::Context;
+use sqlx::PgPool;
+
+use crate::config::{RenderSettings, render_fields};
+use crate::source::SourceType;
+
+/// The render setting's key and format for `ty`.
+pub fn format_of(render: &RenderSettings, ty: SourceType) -> (&'static str, &str) {
+    match ty {
+        SourceType::Session => ("render.session", &render.session),
+        SourceType::Template => ("render.template", &render.template),
+    }
+}
+
+/// Columns the render settings name that `ty`'s table lacks, as errors naming the setting,
+/// the column and the table (with the columns it has). Empty when all exist.
+pub async fn missing_columns(
+    conn: &mut sqlx::PgConnection,
+    render: &RenderSettings,
+) -> sqlx::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for ty in SourceType::ALL {
+        let (key, format) = format_of(render, ty);
+        let columns = columns(&mut *conn, ty).await?;
+        if columns.is_empty() {
+            continue; // no table yet: migration 1 makes it with the default columns
+        }
+        for f in render_fields(format) {
+            if !columns.iter().any(|(c, _)| *c == f) {
+                out.push(format!(
+                    "{key} names {{{f}}}, but table {} has no column {f} (its columns: {})",
+                    ty.table(),
+                    columns
+                        .iter()
+                        .map(|(c, _)| c.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The render columns' capture triggers and has-text functions, re-made where the settings
+/// name other columns than they were made for. Returns one line per table re-made.
+pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Result<Vec<String>> {
+    let mut conn = pool.acquire().await?;
+    let missing = missing_columns(&mut conn, render).await?;
+    anyhow::ensure!(missing.is_empty(), "{}", missing.join("\n"));
+    let mut changed = Vec::new();
+    for ty in SourceType::ALL {
+        let (_, format) = format_of(render, ty);
+        let fields = render_fields(format);
+        let signature = format!("embed-worker render columns: {}", fields.join(", "));
+        // The parameter's name is migration 19's (a function's is kept when it is replaced).
+        let (prefix, kind, x) = match ty {
+            SourceType::Session => ("trg_sessions", "session", "s"),
+            SourceType::Template => ("trg_question_templates", "template", "q"),
+        };
+        let table = ty.table();
+        let function = ty.has_text_function();
+        let (made_for, has_fn): (Option<String>, bool) =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT (SELECT obj_description(g.oid, 'pg_trigger') FROM pg_trigger g
+                      WHERE g.tgrelid = 'public.{table}'::regclass
+                        AND g.tgname = '{prefix}_capture_update'),
+                    to_regprocedure('embed_worker.{function}(public.{table})') IS NOT NULL"
+            )))
+            .fetch_one(&mut *conn)
+            .await?;
+        if made_for.as_deref() == Some(signature.as_str()) && has_fn {
+            continue;
+        }
+        let columns = columns(&mut conn, ty).await?;
+        let q = |f: &String| super::quote_ident(f);
+        let new: Vec<String> = fields.iter().map(|f| format!("NEW.{}", q(f))).collect();
+        let old: Vec<String> = fields.iter().map(|f| format!("OLD.{}", q(f))).collect();
+        let when = format!(
+            "(({}) IS DISTINCT FROM ({}))",
+            new.join(", "),
+            old.join(", ")
+        );
+        // Text columns are tested as they are; with none named, every named column as text.
+        let text: Vec<&String> = fields
+            .iter()
+            .filter(|f| {
+                columns
+                    .iter()
+                    .any(|(c, t)| c == *f && matches!(t.as_str(), "text" | "varchar" | "bpchar"))
+            })
+            .collect();
+        let tests: Vec<String> = if text.is_empty() {
+            fields.iter().collect::<Vec<_>>()
+        } else {
+            text
+        }
+        .into_iter()
+        .map(|f| format!("btrim({x}.{}::text, E' \\t\\n\\r') <> ''", q(f)))
+        .collect();
+        let sql = format!(
+            "CREATE OR REPLACE TRIGGER {prefix}_capture_update BEFORE UPDATE ON public.{table}
+                 FOR EACH ROW WHEN {when} EXECUTE FUNCTION embed_worker.capture_{kind}_update();
+             CREATE OR REPLACE TRIGGER {prefix}_touch BEFORE UPDATE ON public.{table}
+                 FOR EACH ROW WHEN {when} EXECUTE FUNCTION embed_worker.touch_{kind}();
+             COMMENT ON TRIGGER {prefix}_capture_update ON public.{table} IS '{signature}';
+             CREATE OR REPLACE FUNCTION embed_worker.{function}({x} public.{table})
+                 RETURNS boolean LANGUAGE sql STABLE AS $f$ SELECT {tests} $f$;
+             GRANT EXECUTE ON FUNCTION embed_worker.{function}(public.{table}) TO embed_worker;",
+            tests = tests.join(" OR "),
+        );
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| {
+                format!(
+                    "making {table}'s capture triggers for {}",
+                    fields.join(", ")
+                )
+            })?;
+        tx.commit().await?;
+        changed.push(format!(
+            "change capture on {table} fires on {}",
+            fields.join(", ")
+        ));
+    }
+    Ok(changed)
+}
+
+/// `(name, type name)` of each column of `ty`'s table; empty when there is no table.
+async fn columns(
+    conn: &mut sqlx::PgConnection,
+    ty: SourceType,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT a.attname::text, t.typname::text
+           FROM pg_attribute a
+           JOIN pg_class c ON c.oid = a.attrelid
+           JOIN pg_type t ON t.oid = a.atttypid
+          WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1
+            AND a.attnum > 0 AND NOT a.attisdropped
+          ORDER BY a.attnum",
+    )
+    .bind(ty.table())
+    .fetch_all(&mut *conn)
+    .await
+}
