@@ -117,6 +117,7 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
              COMMENT ON TRIGGER {prefix}_capture_update ON public.{table} IS '{signature}';
              CREATE OR REPLACE FUNCTION embed_worker.{function}({x} public.{table})
                  RETURNS boolean LANGUAGE sql STABLE AS $f$ SELECT {tests} $f$;
+             REVOKE EXECUTE ON FUNCTION embed_worker.{function}(public.{table}) FROM PUBLIC;
              GRANT EXECUTE ON FUNCTION embed_worker.{function}(public.{table}) TO embed_worker;",
             tests = tests.join(" OR "),
         );

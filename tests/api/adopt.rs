@@ -275,6 +275,19 @@ async fn the_apps_own_template_columns_are_served_by_configuration() {
         "{out}"
     );
 
+    let (app, worker): (bool, bool) = sqlx::query_as(
+        "SELECT has_function_privilege('app_user', 'embed_worker.template_has_text(question_templates)', 'EXECUTE'),
+                has_function_privilege('embed_worker', 'embed_worker.template_has_text(question_templates)', 'EXECUTE')",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        (app, worker),
+        (false, true),
+        "the re-made test is the worker's alone"
+    );
+
     let (code, _, err) = cli(&["run", "--until-empty"], "{question}");
     assert_ne!(code, 0);
     assert!(
