@@ -106,6 +106,9 @@ BEGIN
             WHEN ((NEW.title, NEW.focus, NEW.depth, NEW.notes, NEW.transcript)
                   IS DISTINCT FROM (OLD.title, OLD.focus, OLD.depth, OLD.notes, OLD.transcript))
             EXECUTE FUNCTION embed_worker.touch_session();
+        -- The columns it fires on, sorted, as db::render records them.
+        COMMENT ON TRIGGER trg_sessions_capture_update ON sessions
+            IS 'embed-worker render columns: depth, focus, notes, title, transcript';
     END IF;
     IF (SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.question_templates'::regclass
            AND attname IN ('body', 'focus', 'depth', 'category', 'placeholders') AND NOT attisdropped) = 5 THEN
@@ -117,6 +120,8 @@ BEGIN
             WHEN ((NEW.body, NEW.focus, NEW.depth, NEW.category, NEW.placeholders)
                   IS DISTINCT FROM (OLD.body, OLD.focus, OLD.depth, OLD.category, OLD.placeholders))
             EXECUTE FUNCTION embed_worker.touch_template();
+        COMMENT ON TRIGGER trg_question_templates_capture_update ON question_templates
+            IS 'embed-worker render columns: body, category, depth, focus, placeholders';
     END IF;
 END $$;
 

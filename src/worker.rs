@@ -83,10 +83,14 @@ impl Worker {
         let pool = crate::db::connect(&settings.database).await?;
         crate::db::connections::warn_at_start(&pool, &settings).await;
         // The render settings name columns of the app's tables: a name they lack stops the
-        // worker here, naming it, instead of failing every batch.
-        let missing =
-            crate::db::render::missing_columns(&mut *pool.acquire().await?, &settings.render)
-                .await?;
+        // worker here, naming it, instead of failing every batch; so does change capture still
+        // firing on the columns of an earlier setting (edits to the new ones would be missed).
+        let mut conn = pool.acquire().await?;
+        let mut missing = crate::db::render::missing_columns(&mut conn, &settings.render).await?;
+        if missing.is_empty() {
+            missing = crate::db::render::capture_behind(&mut conn, &settings.render).await?;
+        }
+        drop(conn);
         anyhow::ensure!(
             missing.is_empty(),
             "{}; nothing was queued or written (render.*, README \"Adding embed-worker to an \

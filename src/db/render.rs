@@ -23,6 +23,16 @@ pub fn format_of(render: &RenderSettings, ty: SourceType) -> (&'static str, &str
     }
 }
 
+/// Each source type with its render setting's key and the columns that setting names.
+pub fn named(
+    render: &RenderSettings,
+) -> impl Iterator<Item = (SourceType, &'static str, Vec<String>)> + '_ {
+    SourceType::ALL.into_iter().map(|ty| {
+        let (key, format) = format_of(render, ty);
+        (ty, key, render_fields(format))
+    })
+}
+
 /// Columns the render settings name that `ty`'s table lacks, as errors naming the setting,
 /// the column and the table (with the columns it has). Empty when all exist.
 pub async fn missing_columns(
@@ -30,13 +40,12 @@ pub async fn missing_columns(
     render: &RenderSettings,
 ) -> sqlx::Result<Vec<String>> {
     let mut out = Vec::new();
-    for ty in SourceType::ALL {
-        let (key, format) = format_of(render, ty);
+    for (ty, key, fields) in named(render) {
         let columns = columns(&mut *conn, ty).await?;
         if columns.is_empty() {
             continue; // no table yet: migration 1 makes it with the default columns
         }
-        for f in render_fields(format) {
+        for f in fields {
             if !columns.iter().any(|(c, _)| *c == f) {
                 out.push(format!(
                     "{key} names {{{f}}}, but table {} has no column {f} (its columns: {})",
@@ -53,6 +62,55 @@ pub async fn missing_columns(
     Ok(out)
 }
 
+/// What the capture trigger's comment says it was made for: the columns, sorted (the order
+/// of the format does not matter to a WHEN clause). Migration 17 writes the default's.
+fn signature(fields: &[String]) -> String {
+    let mut sorted: Vec<&str> = fields.iter().map(String::as_str).collect();
+    sorted.sort_unstable();
+    format!("embed-worker render columns: {}", sorted.join(", "))
+}
+
+/// Where change capture fires on other columns than the render settings name (they changed
+/// and `migrate` has not re-made the triggers since), one line each naming both and the fix.
+pub async fn capture_behind(
+    conn: &mut sqlx::PgConnection,
+    render: &RenderSettings,
+) -> sqlx::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (ty, key, fields) in named(render) {
+        let want = signature(&fields);
+        let made_for: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT obj_description(g.oid, 'pg_trigger') FROM pg_trigger g
+              WHERE g.tgrelid = to_regclass('public.' || $1) AND g.tgname = $2",
+        )
+        .bind(ty.table())
+        .bind(format!("{}_capture_update", trigger_prefix(ty)))
+        .fetch_optional(&mut *conn)
+        .await?;
+        let made_for = made_for.flatten();
+        if made_for.as_deref() != Some(want.as_str()) {
+            let was = made_for
+                .as_deref()
+                .and_then(|c| c.strip_prefix("embed-worker render columns: "))
+                .unwrap_or("columns it does not record");
+            out.push(format!(
+                "change capture on {} fires on {was}, but {key} names {}: run `embed-worker \
+                 migrate` to re-make it",
+                ty.table(),
+                fields.join(", ")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn trigger_prefix(ty: SourceType) -> &'static str {
+    match ty {
+        SourceType::Session => "trg_sessions",
+        SourceType::Template => "trg_question_templates",
+    }
+}
+
 /// The render columns' capture triggers and has-text functions, re-made where the settings
 /// name other columns than they were made for. Returns one line per table re-made.
 pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Result<Vec<String>> {
@@ -60,14 +118,13 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
     let missing = missing_columns(&mut conn, render).await?;
     anyhow::ensure!(missing.is_empty(), "{}", missing.join("\n"));
     let mut changed = Vec::new();
-    for ty in SourceType::ALL {
-        let (_, format) = format_of(render, ty);
-        let fields = render_fields(format);
-        let signature = format!("embed-worker render columns: {}", fields.join(", "));
+    for (ty, _, fields) in named(render) {
+        let signature = signature(&fields);
         // The parameter's name is migration 19's (a function's is kept when it is replaced).
-        let (prefix, kind, x) = match ty {
-            SourceType::Session => ("trg_sessions", "session", "s"),
-            SourceType::Template => ("trg_question_templates", "template", "q"),
+        let prefix = trigger_prefix(ty);
+        let (kind, x) = match ty {
+            SourceType::Session => ("session", "s"),
+            SourceType::Template => ("template", "q"),
         };
         let table = ty.table();
         let function = ty.has_text_function();

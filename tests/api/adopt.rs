@@ -297,6 +297,17 @@ async fn the_apps_own_template_columns_are_served_by_configuration() {
         "{err}"
     );
 
+    // Columns that exist but that capture was not made for: `run` asks for `migrate` first.
+    let (code, _, err) = cli(&["run", "--until-empty"], "{question_text}");
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(
+            "change capture on question_templates fires on category, focus, question_text, \
+             variables, but render.template names question_text: run `embed-worker migrate`"
+        ),
+        "{err}"
+    );
+
     // The text is the app's columns, its variables rendered as `key: description`.
     let mut s = t.settings();
     s.render.template = APP_TEMPLATE.into();
