@@ -301,10 +301,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     // Migration 7 turns row-level security on for `sessions` only where this project creates
     // the table; whether it will is known only before migration 1 runs.
     let mut conn = pool.acquire().await?;
-    let creating_sessions: bool =
-        sqlx::query_scalar("SELECT to_regclass('public.sessions') IS NULL")
-            .fetch_one(&mut *conn)
-            .await?;
+    let creating_sessions = creating_sessions(&mut conn).await?;
     if creating_sessions {
         conn.execute("SET embed_worker.creating_sessions = on")
             .await?;
@@ -323,6 +320,38 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     .await
     .context("granting embed_worker the apalis schema")?;
     Ok(())
+}
+
+/// Whether `sessions` is this project's to secure (migration 7): absent before migration 1,
+/// or made by migration 1 in a run that was stopped before migration 7. The second is read
+/// from the catalog, so a run killed in between and run again decides as the first would
+/// have: migration 1 made the table's row type in the transaction that made its
+/// `trg_sessions_delete_embeddings` trigger (same `xmin`; migration 1 makes that trigger on
+/// the app's own table too, in a later transaction than the app's CREATE TABLE). The
+/// migration record itself cannot tell: sqlx updates its row after the commit.
+async fn creating_sessions(conn: &mut sqlx::PgConnection) -> anyhow::Result<bool> {
+    let (absent, recorded): (bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('public.sessions') IS NULL,
+                to_regclass('public._sqlx_migrations') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if absent || !recorded {
+        return Ok(absent);
+    }
+    let made_by_1_before_7: Option<bool> = sqlx::query_scalar(
+        "SELECT (SELECT xmin::text FROM pg_type WHERE oid = 'public.sessions'::regtype)
+                = (SELECT xmin::text FROM pg_trigger
+                    WHERE tgrelid = 'public.sessions'::regclass
+                      AND tgname = 'trg_sessions_delete_embeddings')
+           FROM public._sqlx_migrations m
+          WHERE m.version = 20261126000001 AND m.success
+            AND NOT EXISTS (SELECT 1 FROM public._sqlx_migrations
+                             WHERE version = 20261127000007 AND success)",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(made_by_1_before_7 == Some(true))
 }
 
 /// Registers `queue` as the worker's: the only queues the app's `embed_worker.enqueue_many`

@@ -87,7 +87,8 @@ pub async fn capture_behind(
         .bind(format!("{}_capture_update", trigger_prefix(ty)))
         .fetch_optional(&mut *conn)
         .await?;
-        let made_for = made_for.flatten();
+        // No trigger (no table, or not migrated): `migrate` has not run, which is said elsewhere.
+        let Some(made_for) = made_for else { continue };
         if made_for.as_deref() != Some(want.as_str()) {
             let was = made_for
                 .as_deref()

@@ -402,3 +402,66 @@ async fn the_apps_own_template_columns_are_served_by_configuration() {
         )
     );
 }
+
+#[tokio::test]
+async fn migrate_killed_at_any_point_finishes_when_run_again() {
+    // A reference: one uninterrupted migrate.
+    let clean = TestDb::empty().await;
+    let (code, out, err) = cli(&clean, &["migrate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let want = catalog_shape(&clean.admin).await;
+
+    let t = TestDb::empty().await;
+    let total = embed_worker::db::MIGRATOR.iter().count() as i64;
+    let applied = || async {
+        let table: bool =
+            sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations') IS NOT NULL")
+                .fetch_one(&t.admin)
+                .await
+                .unwrap();
+        if table {
+            count(
+                &t.admin,
+                "SELECT count(*) FROM public._sqlx_migrations WHERE success",
+            )
+            .await
+        } else {
+            0
+        }
+    };
+    // SIGKILL as soon as `target` migrations are recorded (between two migrations, or in one),
+    // the last one in the steps after the migrations (queue, capture, roles, the index).
+    let mut partial = Vec::new();
+    for target in [1, 3, 6, 9, 12, 15, total] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+            .env("DATABASE_URL", &t.url)
+            .arg("migrate")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while applied().await < target && child.try_wait().unwrap().is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        partial.push(applied().await);
+    }
+    assert!(
+        partial.iter().any(|&n| n > 0 && n < total),
+        "no kill landed before the last migration ({partial:?}); nothing was tested"
+    );
+    let (code, out, err) = cli(&t, &["migrate"]);
+    assert_eq!(
+        code, 0,
+        "after kills at {partial:?} migrations applied:\n{out}\n{err}"
+    );
+    let got = catalog_shape(&t.admin).await;
+    let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).collect();
+    let lacking: Vec<&String> = want.iter().filter(|l| !got.contains(l)).collect();
+    assert!(
+        extra.is_empty() && lacking.is_empty(),
+        "killed after {partial:?} of {total} migrations, then run again: not the clean \
+         result.\nonly after the kills: {extra:#?}\nonly in the clean one: {lacking:#?}"
+    );
+}
