@@ -19,6 +19,7 @@ use std::fmt;
 
 use sqlx::PgConnection;
 
+use super::render::{Column, columns_of};
 use crate::config::{RenderSettings, render_fields};
 use crate::source::SourceType;
 
@@ -111,17 +112,6 @@ const ENUMS: &[(&str, &[&str])] = &[
     ("template_category", &[]),
     ("embedding_source", &["session", "template"]),
 ];
-
-#[derive(sqlx::FromRow)]
-struct Column {
-    name: String,
-    /// `format_type`: what the error shows.
-    shown: String,
-    /// pg_type.typname (`varchar`, `timestamptz`, an ENUM's own name).
-    type_name: String,
-    /// pg_type.typtype: `e` for an ENUM.
-    type_type: String,
-}
 
 #[derive(sqlx::FromRow)]
 struct Table {
@@ -561,21 +551,6 @@ async fn table_of(conn: &mut PgConnection, table: &str) -> sqlx::Result<Option<T
     )
     .bind(table)
     .fetch_optional(&mut *conn)
-    .await
-}
-
-async fn columns_of(conn: &mut PgConnection, table: &str) -> sqlx::Result<Vec<Column>> {
-    sqlx::query_as(
-        "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS shown,
-                t.typname::text AS type_name, t.typtype::text AS type_type
-           FROM pg_attribute a
-           JOIN pg_class c ON c.oid = a.attrelid
-           JOIN pg_type t ON t.oid = a.atttypid
-          WHERE c.relnamespace = 'public'::regnamespace AND c.relname = $1
-            AND a.attnum > 0 AND NOT a.attisdropped",
-    )
-    .bind(table)
-    .fetch_all(&mut *conn)
     .await
 }
 

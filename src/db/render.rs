@@ -41,18 +41,18 @@ pub async fn missing_columns(
 ) -> sqlx::Result<Vec<String>> {
     let mut out = Vec::new();
     for (ty, key, fields) in named(render) {
-        let columns = columns(&mut *conn, ty).await?;
+        let columns = columns_of(&mut *conn, ty.table()).await?;
         if columns.is_empty() {
             continue; // no table yet: migration 1 makes it with the default columns
         }
         for f in fields {
-            if !columns.iter().any(|(c, _)| *c == f) {
+            if !columns.iter().any(|c| c.name == f) {
                 out.push(format!(
                     "{key} names {{{f}}}, but table {} has no column {f} (its columns: {})",
                     ty.table(),
                     columns
                         .iter()
-                        .map(|(c, _)| c.as_str())
+                        .map(|c| c.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ));
@@ -141,7 +141,7 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
         if made_for.as_deref() == Some(signature.as_str()) && has_fn {
             continue;
         }
-        let columns = columns(&mut conn, ty).await?;
+        let columns = columns_of(&mut conn, ty.table()).await?;
         let q = |f: &String| super::quote_ident(f);
         let new: Vec<String> = fields.iter().map(|f| format!("NEW.{}", q(f))).collect();
         let old: Vec<String> = fields.iter().map(|f| format!("OLD.{}", q(f))).collect();
@@ -154,9 +154,9 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
         let text: Vec<&String> = fields
             .iter()
             .filter(|f| {
-                columns
-                    .iter()
-                    .any(|(c, t)| c == *f && matches!(t.as_str(), "text" | "varchar" | "bpchar"))
+                columns.iter().any(|c| {
+                    c.name == **f && matches!(c.type_name.as_str(), "text" | "varchar" | "bpchar")
+                })
             })
             .collect();
         let tests: Vec<String> = if text.is_empty() {
@@ -198,13 +198,26 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
     Ok(changed)
 }
 
-/// `(name, type name)` of each column of `ty`'s table; empty when there is no table.
-async fn columns(
+/// A column of one of the app's tables, as the catalog has it.
+#[derive(sqlx::FromRow)]
+pub(super) struct Column {
+    pub(super) name: String,
+    /// `format_type`: what the error shows.
+    pub(super) shown: String,
+    /// pg_type.typname (`varchar`, `timestamptz`, an ENUM's own name).
+    pub(super) type_name: String,
+    /// pg_type.typtype: `e` for an ENUM.
+    pub(super) type_type: String,
+}
+
+/// The columns of `public.<table>` in their order; empty when there is no such table.
+pub(super) async fn columns_of(
     conn: &mut sqlx::PgConnection,
-    ty: SourceType,
-) -> sqlx::Result<Vec<(String, String)>> {
+    table: &str,
+) -> sqlx::Result<Vec<Column>> {
     sqlx::query_as(
-        "SELECT a.attname::text, t.typname::text
+        "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS shown,
+                t.typname::text AS type_name, t.typtype::text AS type_type
            FROM pg_attribute a
            JOIN pg_class c ON c.oid = a.attrelid
            JOIN pg_type t ON t.oid = a.atttypid
@@ -212,7 +225,7 @@ async fn columns(
             AND a.attnum > 0 AND NOT a.attisdropped
           ORDER BY a.attnum",
     )
-    .bind(ty.table())
+    .bind(table)
     .fetch_all(&mut *conn)
     .await
 }

@@ -10,9 +10,16 @@ const APP_SCHEMA: &str = include_str!("../data/app_schema_0012_0014.sql");
 
 /// `embed-worker <args>` against `t`: (exit code, stdout, stderr).
 fn cli(t: &TestDb, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_embed-worker"))
-        .env("DATABASE_URL", &t.url)
-        .args(args)
+    output(
+        Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+            .env("DATABASE_URL", &t.url)
+            .args(args),
+    )
+}
+
+/// Runs `cmd` to its end: (exit code, stdout, stderr).
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()
@@ -245,17 +252,10 @@ async fn the_apps_own_template_columns_are_served_by_configuration() {
     let t = with_schema(&app_sources_only()).await;
     let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
     let cli = |args: &[&str], template: &str| {
-        let out = worker_command(&t, &fake.base_url())
-            .env("EMBED_WORKER__RENDER__TEMPLATE", template)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
+        output(
+            worker_command(&t, &fake.base_url())
+                .env("EMBED_WORKER__RENDER__TEMPLATE", template)
+                .args(args),
         )
     };
 
