@@ -488,8 +488,20 @@ async fn the_app_role_reads_the_serving_model_from_sql_and_nothing_more() {
     assert_eq!(rights, vec!["embed_worker.serving_model()"]);
 }
 
+/// WAL bytes this pool's one connection has written, its statistics flushed first.
+async fn backend_wal_bytes(one: &sqlx::PgPool) -> f64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(one)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT wal_bytes::float8 FROM pg_stat_get_backend_wal(pg_backend_pid())")
+        .fetch_one(one)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn prune_of_a_100k_row_model_detaches_and_drops_its_partition_in_under_a_second() {
+async fn prune_of_a_100k_row_model_detaches_and_drops_its_partition_writing_catalog_wal_only() {
     let t = quiet_db().await;
     migrate_as_the_cli(&t).await;
     register(&t, "old-model", 8).await;
@@ -511,22 +523,22 @@ async fn prune_of_a_100k_row_model_detaches_and_drops_its_partition_in_under_a_s
         .to_string();
     assert!(err.contains("it is the serving model"), "{err}");
 
-    let wal = "SELECT pg_current_wal_insert_lsn()::text";
-    let lsn_before: String = sqlx::query_scalar(wal).fetch_one(&t.admin).await.unwrap();
-    let started = Instant::now();
-    let pruned = model_index::prune(&t.admin, "old-model").await.unwrap();
-    let took = started.elapsed();
-    let lsn_after: String = sqlx::query_scalar(wal).fetch_one(&t.admin).await.unwrap();
-    let wal_bytes: f64 = sqlx::query_scalar("SELECT ($1::pg_lsn - $2::pg_lsn)::float8")
-        .bind(&lsn_after)
-        .bind(&lsn_before)
-        .fetch_one(&t.admin)
+    // WAL written by the prune's own connection (PG 18's per-backend statistics): the cluster's
+    // WAL position also moves with every other test running beside this one.
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&t.url)
         .await
         .unwrap();
+    let before = backend_wal_bytes(&one).await;
+    let pruned = model_index::prune(&one, "old-model").await.unwrap();
+    let wal_bytes = backend_wal_bytes(&one).await - before;
     assert_eq!(pruned, 100_000);
-    assert!(took < Duration::from_secs(1), "prune took {took:?}");
-    // Catalog changes only: kilobytes, not the rows (a DELETE writes ~50 bytes a row).
-    assert!(wal_bytes < 1_000_000.0, "{wal_bytes} bytes of WAL");
+    // Catalog changes only: kilobytes, not the rows (a DELETE writes ~50 bytes a row: ~5 MB).
+    assert!(
+        wal_bytes > 0.0 && wal_bytes < 200_000.0,
+        "{wal_bytes} bytes of WAL"
+    );
     assert_eq!(rows_of(&t, "old-model").await, 0);
     let gone: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
         .bind(model_index::partition_name("old-model"))
