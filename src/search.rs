@@ -179,18 +179,22 @@ async fn visible(
 /// partition at planning time, and the expression of that partition's index, so the planner can
 /// use it; `exact` ranks at full precision instead (no index applies). `k` and the source-type filter are written into the statement, not bound:
 /// with a bound LIMIT, a cached generic plan does not know the limit is small and prefers a
-/// sequential scan and sort (docs/decisions.md).
+/// sequential scan and sort (docs/decisions.md). `plain`: the model's index is on the column
+/// itself (an adopted table's), so the distance is written on the column.
 pub fn search_sql(
     spec: &IndexSpec,
     k: i64,
     source_type: Option<SourceType>,
     exact: bool,
+    plain: bool,
 ) -> String {
     let filter = source_type
         .map(|t| format!(" AND source_type = '{}'", t.as_str()))
         .unwrap_or_default();
     let distance = if exact {
         format!("embedding::vector({}) <=> $1", spec.dimensions)
+    } else if plain {
+        "embedding <=> $1".to_string()
     } else {
         format!("{} <=> {}", spec.key(), spec.query_param())
     };
@@ -247,10 +251,11 @@ pub async fn search(
         }
         None => (false, Vec::new(), 0),
     };
+    let indexes = crate::model_index::vector_indexes(pool).await?;
     let path = if exact {
         SearchPath::ExactVisible(seen)
     } else {
-        match crate::model_index::state(pool, spec).await? {
+        match crate::model_index::find(&indexes, spec) {
             crate::model_index::IndexState::Ready(name) => SearchPath::Index(name),
             crate::model_index::IndexState::Building(name) => {
                 SearchPath::ExactNoIndex(format!("{name} is being built"))
@@ -289,11 +294,14 @@ pub async fn search(
         }
         exact_visible_sql(spec, opts.k, sessions, !template_ids.is_empty())
     } else {
+        let plain = matches!(&path, SearchPath::Index(name)
+            if indexes.iter().any(|ix| &ix.name == name && crate::model_index::is_plain(ix)));
         search_sql(
             spec,
             opts.k,
             opts.source_type,
             matches!(path, SearchPath::ExactNoIndex(_)),
+            plain,
         )
     };
     let mut q = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(sql)).bind(Vector::from(query));

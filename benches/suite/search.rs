@@ -86,7 +86,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
     let queries: Vec<Vec<f32>> = (0..100).map(|i| clustered(10_000_000 + i)).collect();
     let mut exact: Vec<HashSet<Uuid>> = Vec::new();
     {
-        let sql = embed_worker::search::search_sql(&full, 5, None, true);
+        let sql = embed_worker::search::search_sql(&full, 5, None, true, false);
         let mut conn = pool.acquire().await.unwrap();
         sqlx::raw_sql("SET enable_indexscan = off; SET enable_bitmapscan = off; SET max_parallel_workers_per_gather = 2").execute(&mut *conn).await.unwrap();
         for q in &queries {
@@ -182,7 +182,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         warm(name.clone()).await;
         // The model's partition (a partitioned table has no storage of its own).
         warm(model_index::partition_name(&spec.model)).await;
-        let sql = embed_worker::search::search_sql(&spec, 5, None, false);
+        let sql = embed_worker::search::search_sql(&spec, 5, None, false, false);
         let _ = run(sql.clone(), 200, 1).await;
         for ef in [40u32, 100, 200, 400, 800] {
             for clients in [1usize, 4] {
@@ -225,7 +225,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             None,
         );
         warm(name).await;
-        let sql = embed_worker::search::search_sql(&full, 5, None, false);
+        let sql = embed_worker::search::search_sql(&full, 5, None, false, false);
         let _ = run(sql.clone(), 200, 1).await;
         let (lat, found) = run(sql, 100, 1).await;
         let (_, p95, _) = ms_stats(lat);

@@ -24,7 +24,13 @@ pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
 /// unless `--plan` or a conflict stops it, the migrations.
 pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Result<ExitCode> {
     let pool = db::connect_as_login(&settings.database.url).await?;
-    let plan = db::plan::plan(&mut *pool.acquire().await?, &settings.render).await?;
+    let plan = db::plan::plan(
+        &mut *pool.acquire().await?,
+        &settings.render,
+        &settings.model.name,
+        settings.model.dimensions,
+    )
+    .await?;
     print!("{plan}");
     if plan_only {
         println!("nothing changed (--plan)");
@@ -39,7 +45,7 @@ pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Res
     }
     let spec = model_index::IndexSpec::from_settings(settings)?;
     model_index::lifecycle::check_dimensions(&pool, &spec).await?;
-    db::migrate(&pool).await?;
+    db::migrate_adopting(&pool, plan.adopt.as_ref()).await?;
     db::register_queue(&pool, &settings.queue.name).await?;
     for line in db::render::follow_render(&pool, &settings.render).await? {
         println!("{line}");

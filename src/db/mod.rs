@@ -19,6 +19,7 @@ use sqlx::{Executor, PgPool};
 
 use crate::config::DatabaseSettings;
 
+pub mod adopt;
 pub mod connections;
 pub mod plan;
 pub mod render;
@@ -295,6 +296,17 @@ pub fn quote_ident(s: &str) -> String {
 /// apalis-postgres's migrations (schema `apalis`), then ours, then the worker role's grants on
 /// the queue schema. Idempotent: a second run changes nothing.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    migrate_adopting(pool, None).await
+}
+
+/// [`migrate`], adopting the app's own `rag_embeddings` when `adopt` says what it is
+/// ([`adopt`]): its preparation first, then the migrations and the attach in one transaction
+/// (the app reads its table until the commit and the partitioned one after it; a run killed
+/// before the commit leaves the app's table as it was, prepared, and runs again the same way).
+pub async fn migrate_adopting(
+    pool: &PgPool,
+    adopt: Option<&adopt::AppTable>,
+) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
         .context("apalis-postgres migrations")?;
@@ -306,7 +318,20 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         conn.execute("SET embed_worker.creating_sessions = on")
             .await?;
     }
-    let migrated = MIGRATOR.run(&mut *conn).await;
+    let migrated = match adopt {
+        Some(t) if adopt::pending(&mut conn).await? => {
+            adopt::prepare(&mut conn, t).await?;
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let part = adopt::set_aside(&mut tx, t).await?;
+            MIGRATOR
+                .run(&mut *tx)
+                .await
+                .context("embed-worker migrations")?;
+            adopt::attach(&mut tx, t, &part).await?;
+            tx.commit().await.map_err(anyhow::Error::from)
+        }
+        _ => MIGRATOR.run(&mut *conn).await.map_err(anyhow::Error::from),
+    };
     conn.execute("RESET embed_worker.creating_sessions").await?;
     migrated.context("embed-worker migrations")?;
     pool.execute(

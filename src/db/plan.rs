@@ -150,6 +150,8 @@ pub struct Plan {
     pub conflicts: Vec<Conflict>,
     /// Migrations not yet recorded, `version description`.
     pub pending: Vec<String>,
+    /// The app's own `rag_embeddings`, to be attached in place ([`super::adopt`]).
+    pub adopt: Option<super::adopt::AppTable>,
 }
 
 impl Plan {
@@ -215,7 +217,12 @@ impl fmt::Display for Plan {
 }
 
 /// Reads the catalog and decides. Changes nothing (only SELECTs).
-pub async fn plan(conn: &mut PgConnection, render: &RenderSettings) -> sqlx::Result<Plan> {
+pub async fn plan(
+    conn: &mut PgConnection,
+    render: &RenderSettings,
+    model: &str,
+    dimensions: usize,
+) -> anyhow::Result<Plan> {
     let mut plan = Plan::default();
     let (user, db, superuser, createrole, can_create): (String, String, bool, bool, bool) =
         sqlx::query_as(
@@ -447,6 +454,13 @@ pub async fn plan(conn: &mut PgConnection, render: &RenderSettings) -> sqlx::Res
                 }
             ));
         }
+        Some(t) if t.kind == "r" => {
+            check_owner(&mut plan, "rag_embeddings", &t, &user);
+            let (app, conflicts) = super::adopt::inspect(conn, model, dimensions).await?;
+            plan.conflicts.extend(conflicts);
+            plan.steps.extend(super::adopt::steps(&app));
+            plan.adopt = Some(app);
+        }
         Some(t) => {
             let columns = columns_of(conn, "rag_embeddings").await?;
             check_app_embeddings(&mut plan, &columns, &t);
@@ -455,8 +469,8 @@ pub async fn plan(conn: &mut PgConnection, render: &RenderSettings) -> sqlx::Res
     Ok(plan)
 }
 
-/// The app's own `rag_embeddings`: every column the worker would need, then the step this
-/// version cannot take yet (attaching it in place as its model's partition).
+/// The app's own partitioned `rag_embeddings`: every column the worker would need, then the
+/// step this version cannot take (a plain table is adopted; a partitioned one is not).
 fn check_app_embeddings(plan: &mut Plan, columns: &[Column], t: &Table) {
     let needs = [
         Need {
@@ -495,9 +509,9 @@ fn check_app_embeddings(plan: &mut Plan, columns: &[Column], t: &Table) {
             },
             rows(t)
         ),
-        needed: "adopting it in place (kept, its vectors attached as their model's partition) \
-                 is not in this version; until then embed-worker needs a database without it \
-                 or with its own"
+        needed: "a plain table (adopted in place as its model's partition); a partitioned one \
+                 of the app's own is not adopted: embed-worker needs a database without it or \
+                 with its own"
             .into(),
     });
 }

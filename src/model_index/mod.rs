@@ -210,16 +210,24 @@ impl IndexSpec {
     }
 
     /// Whether `ix` is this spec's index (whatever its name): HNSW on the model's partition, the
-    /// same cast and operator class.
+    /// same cast and operator class, or (full precision) the plain column's, as an adopted
+    /// table's own index is ([`is_plain`]; the partition holds one model's size).
     pub fn matches(&self, ix: &VectorIndex) -> bool {
         ix.access_method == "hnsw"
             && of_model(ix, &self.model)
-            && ix.definition.contains(&format!(
+            && (ix.definition.contains(&format!(
                 "((embedding)::{}) {}",
                 self.index_type(),
                 self.opclass()
-            ))
+            )) || (!self.half && is_plain(ix)))
     }
+}
+
+/// Whether `ix` is on the plain `embedding` column (an adopted table's own index): searched
+/// as `embedding <=> $1`, not through the cast the worker's own indexes are on.
+pub fn is_plain(ix: &VectorIndex) -> bool {
+    ix.definition
+        .contains("USING hnsw (embedding vector_cosine_ops)")
 }
 
 /// Whether `ix` indexes `model`'s rows (it is on the model's partition).

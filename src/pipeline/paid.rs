@@ -29,8 +29,8 @@ pub(crate) async fn stored_hashes(
     let rows: Vec<(String, Uuid, i32, String)> = sqlx::query_as(
         "SELECT e.source_type::text, e.source_id, e.chunk_index, e.content_hash
            FROM rag_embeddings e
-           JOIN unnest($1::text[]::embedding_source[], $2::uuid[]) AS s(t, id)
-             ON e.source_type = s.t AND e.source_id = s.id
+           JOIN unnest($1::text[], $2::uuid[]) AS s(t, id)
+             ON e.source_type = embed_worker.source_label(s.t) AND e.source_id = s.id
           WHERE e.embedding_model = $3",
     )
     .bind(&types)

@@ -77,7 +77,7 @@ fn lock_key(s: &EmbedSource) -> i64 {
 const COPY_TABLE: &str = "DO $$ BEGIN
     IF to_regclass('pg_temp.embed_copy') IS NULL THEN
         CREATE TEMP TABLE embed_copy (
-            source_type embedding_source NOT NULL,
+            source_type text NOT NULL,
             source_id   uuid NOT NULL,
             chunk_index integer NOT NULL,
             content_hash text NOT NULL,
@@ -369,7 +369,8 @@ async fn copy_new(
     sqlx::query(
         "INSERT INTO rag_embeddings AS e (source_type, source_id, chunk_index, content_hash,
                                           embedding, embedding_model, dimensions, token_count)
-         SELECT source_type, source_id, chunk_index, content_hash, embedding, $1, $2, token_count
+         SELECT embed_worker.source_label(source_type), source_id, chunk_index, content_hash,
+                embedding, $1, $2, token_count
            FROM pg_temp.embed_copy
          ON CONFLICT (source_type, source_id, embedding_model, chunk_index) DO UPDATE
             SET content_hash = EXCLUDED.content_hash, embedding = EXCLUDED.embedding,
@@ -400,8 +401,8 @@ async fn touch_unchanged(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -
     }
     sqlx::query(
         "UPDATE rag_embeddings e SET updated_at = now()
-           FROM unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, idx)
-          WHERE e.source_type = u.t AND e.source_id = u.id AND e.chunk_index = u.idx
+           FROM unnest($1::text[], $2::uuid[], $3::int[]) AS u(t, id, idx)
+          WHERE e.source_type = embed_worker.source_label(u.t) AND e.source_id = u.id AND e.chunk_index = u.idx
             AND e.embedding_model = $4",
     )
     .bind(&same_types)
@@ -426,8 +427,8 @@ async fn trim_tail(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx
     let del_counts: Vec<i32> = fresh.iter().map(|w| w.chunks.len() as i32).collect();
     sqlx::query(
         "DELETE FROM rag_embeddings e
-          USING unnest($1::text[]::embedding_source[], $2::uuid[], $3::int[]) AS u(t, id, n)
-          WHERE e.source_type = u.t AND e.source_id = u.id AND e.embedding_model = $4
+          USING unnest($1::text[], $2::uuid[], $3::int[]) AS u(t, id, n)
+          WHERE e.source_type = embed_worker.source_label(u.t) AND e.source_id = u.id AND e.embedding_model = $4
             AND e.chunk_index >= u.n",
     )
     .bind(&del_types)

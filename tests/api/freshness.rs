@@ -691,6 +691,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         5,
         None,
         false,
+        false,
     )))
     .bind(pgvector::Vector::from(q))
     .fetch_all(&mut *tx)

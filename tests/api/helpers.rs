@@ -404,7 +404,7 @@ pub async fn explain(
     }
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "EXPLAIN {}",
-        embed_worker::search::search_sql(spec, 5, None, false)
+        embed_worker::search::search_sql(spec, 5, None, false, false)
     )))
     .bind(pgvector::Vector::from(query))
     .fetch_all(&mut *tx)
