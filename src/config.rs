@@ -355,6 +355,8 @@ pub struct FreshnessSettings {
     pub scan_interval_secs: u64,
     /// Rows one scan queues at most (0 = no limit).
     pub scan_limit: i64,
+    /// Keep adopted vectors whose row has no `updated_at` (true), or embed their sources again.
+    pub adopt_untimed: bool,
 }
 
 impl FreshnessSettings {

@@ -32,6 +32,9 @@ pub enum StaleReason {
     Outdated,
     /// Older than `freshness.max_age_days`.
     TooOld,
+    /// A vector of the app's, adopted with its table and not yet verified against the current
+    /// text: its job costs no tokens when the source has not changed since (db::adopt).
+    Adopted,
     /// Current (listed only when a scan includes fresh sources).
     Fresh,
 }
@@ -44,6 +47,7 @@ impl StaleReason {
             StaleReason::OtherModel => "other_model",
             StaleReason::Outdated => "outdated",
             StaleReason::TooOld => "too_old",
+            StaleReason::Adopted => "adopted",
             StaleReason::Fresh => "fresh",
         }
     }
@@ -63,6 +67,7 @@ impl std::str::FromStr for StaleReason {
             StaleReason::OtherModel,
             StaleReason::Outdated,
             StaleReason::TooOld,
+            StaleReason::Adopted,
             StaleReason::Fresh,
         ]
         .into_iter()
@@ -115,7 +120,9 @@ WITH src AS (
 ), emb AS (
     SELECT e.source_type::text AS t, e.source_id AS id,
            bool_or(e.embedding_model = $1) AS has_active,
-           min(e.updated_at) FILTER (WHERE e.embedding_model = $1) AS oldest
+           min(e.updated_at) FILTER (WHERE e.embedding_model = $1) AS oldest,
+           bool_or(e.content_hash = '' OR e.updated_at IS NULL)
+               FILTER (WHERE e.embedding_model = $1) AS adopted
       FROM rag_embeddings e
      GROUP BY 1, 2
 )
@@ -124,6 +131,7 @@ SELECT src.t, src.id,
             WHEN NOT emb.has_active THEN 'other_model'
             WHEN src.updated_at > emb.oldest THEN 'outdated'
             WHEN $4::float8 > 0 AND emb.oldest < now() - make_interval(days => 1) * $4 THEN 'too_old'
+            WHEN emb.adopted THEN 'adopted'
             ELSE 'fresh' END AS reason
   FROM src LEFT JOIN emb ON emb.t = src.t AND emb.id = src.id
 "#,

@@ -85,11 +85,14 @@ pub const DB_SERVER_OPEN: &str = "embed_worker_db_server_connections";
 pub const DB_WORKER_POOLS: &str = "embed_worker_db_worker_pools_connections";
 /// Changes the app's writes recorded, moved into the queue by this process.
 pub const CAPTURED: &str = "embed_worker_captured_changes_total";
+/// Vectors of the app's adopted table kept for unchanged sources (no tokens paid), by model.
+pub const ADOPTED: &str = "embed_worker_adopted_vectors_total";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
 pub const ALL: &[&str] = &[
     TOKENS_EMBEDDED,
     TOKENS_SAVED,
+    ADOPTED,
     COST_USD,
     EMBEDDINGS_WRITTEN,
     API_REQUESTS,
@@ -168,6 +171,11 @@ pub fn describe() {
         TOKENS_SAVED,
         Unit::Count,
         "Tokens not sent because the stored content hash matched"
+    );
+    describe_counter!(
+        ADOPTED,
+        Unit::Count,
+        "Vectors the app paid for, adopted with its table and kept: their sources had not changed"
     );
     describe_counter!(
         EMBEDDINGS_WRITTEN,
@@ -426,6 +434,13 @@ pub fn batches(by_state: &[(String, i64)], oldest_open_secs: f64) {
 /// Counts tokens not sent.
 pub fn tokens_saved(model: &str, tokens: u64) {
     counter!(TOKENS_SAVED, "model" => model.to_string()).increment(tokens);
+}
+
+/// Counts adopted vectors kept.
+pub fn adopted(model: &str, n: u64) {
+    if n > 0 {
+        counter!(ADOPTED, "model" => model.to_string()).increment(n);
+    }
 }
 
 /// Counts vectors written.

@@ -468,14 +468,18 @@ pub async fn prepare(conn: &mut PgConnection, t: &AppTable) -> anyhow::Result<()
     Ok(())
 }
 
+/// Where the app's table waits while the migrations run: not yet its partition's name, which
+/// the migrations would take for a partition of their own (and build an index on).
+const ASIDE: &str = "embed_worker_adopting";
+
 /// Step 2, first half, inside the caller's transaction before the migrations: the app's table
-/// moves to its partition's name (and its indexes off the names the worker's parent takes).
+/// moves aside (and its indexes off the names the worker's parent takes). Returns the name of
+/// its partition-to-be.
 pub async fn set_aside(conn: &mut PgConnection, t: &AppTable) -> anyhow::Result<String> {
     let part = crate::model_index::partition_name(&t.model);
     conn.execute("SET LOCAL lock_timeout = '10s'").await?;
     conn.execute(sqlx::AssertSqlSafe(format!(
-        "ALTER TABLE public.rag_embeddings RENAME TO {}",
-        quote_ident(&part)
+        "ALTER TABLE public.rag_embeddings RENAME TO {ASIDE}"
     )))
     .await
     .context("renaming the app's rag_embeddings (is a long transaction holding it?)")?;
@@ -508,6 +512,11 @@ pub async fn set_aside(conn: &mut PgConnection, t: &AppTable) -> anyhow::Result<
 /// the app's types, columns, grants and policies, and the app's table is attached.
 pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow::Result<()> {
     let p = quote_ident(part);
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE public.{ASIDE} RENAME TO {p}"
+    )))
+    .await
+    .context("naming the app's table as its model's partition")?;
     let col = |n: &str| t.columns.iter().find(|c| c.name == n);
     let ddl = |sql: String| sqlx::AssertSqlSafe(sql);
     // The partition's column types, as the parent will have them.

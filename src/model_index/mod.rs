@@ -260,8 +260,12 @@ pub fn partition_name(model: &str) -> String {
     format!("rag_embeddings_{folded}_{hex}")
 }
 
-/// The stored type of an index, `vector(1536)` or `halfvec(3072)`, read from its definition.
+/// The stored type of an index, `vector(1536)` or `halfvec(3072)`, read from its definition
+/// (an adopted index on the plain column: `vector (the column)`).
 pub fn stored_type(ix: &VectorIndex) -> Option<String> {
+    if is_plain(ix) {
+        return Some("vector (the column)".into());
+    }
     let at = ix.definition.find("((embedding)::")? + "((embedding)::".len();
     let rest = &ix.definition[at..];
     Some(rest[..rest.find(')')? + 1].to_string())

@@ -447,9 +447,21 @@ impl Pipeline {
         let mut to_embed = HashSet::new();
         let mut kept_hashes: Vec<&str> = Vec::new();
         let mut saved_tokens = 0u64;
+        let untimed = self.settings.freshness.adopt_untimed;
+        let mut adopted = 0u64;
         for s in sources {
             for c in &s.chunks {
-                if stored.get(&(s.source, c.index)) == Some(&c.content_hash) {
+                let st = stored.get(&(s.source, c.index));
+                let kept = st.is_some_and(|st| st.hash == c.content_hash);
+                // The app's vector of an unchanged source: kept, and its hash recorded by the
+                // write (the unchanged chunks' touch).
+                let adopt = !kept
+                    && s.chunks.len() == 1
+                    && st.is_some_and(|st| st.adoptable(s.read_at, untimed));
+                if adopt {
+                    adopted += 1;
+                }
+                if kept || adopt {
                     saved_tokens += c.tokens as u64;
                 } else {
                     to_embed.insert((s.source, c.index));
@@ -479,6 +491,7 @@ impl Pipeline {
             .tokens_saved
             .fetch_add(saved_tokens, Ordering::Relaxed);
         crate::meter::tokens_saved(model, saved_tokens);
+        crate::meter::adopted(model, adopted);
         Ok((to_embed, vectors))
     }
 

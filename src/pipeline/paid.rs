@@ -18,16 +18,44 @@ use uuid::Uuid;
 
 use crate::source::EmbedSource;
 
+/// A stored chunk's content hash, and when its row was written. An empty hash is a vector
+/// adopted with the app's table and not yet verified (db::adopt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Stored {
+    pub hash: String,
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Stored {
+    /// Whether this is an adopted vector that may stand for `chunk`, the only chunk of a
+    /// source whose text was last changed at `read_at`: its row was written at or after
+    /// that (without a timestamp, as `untimed` says). Never for a source split in several.
+    pub fn adoptable(&self, read_at: chrono::DateTime<chrono::Utc>, untimed: bool) -> bool {
+        self.hash.is_empty()
+            && match self.updated_at {
+                Some(at) => at >= read_at,
+                None => untimed,
+            }
+    }
+}
+
 /// Stored content hashes by (source, chunk_index) for one model.
 pub(crate) async fn stored_hashes(
     pool: &PgPool,
     model: &str,
     sources: &[EmbedSource],
-) -> sqlx::Result<HashMap<(EmbedSource, usize), String>> {
+) -> sqlx::Result<HashMap<(EmbedSource, usize), Stored>> {
     let types: Vec<&str> = sources.iter().map(|s| s.source_type.as_str()).collect();
     let ids: Vec<Uuid> = sources.iter().map(|s| s.source_id).collect();
-    let rows: Vec<(String, Uuid, i32, String)> = sqlx::query_as(
-        "SELECT e.source_type::text, e.source_id, e.chunk_index, e.content_hash
+    type Row = (
+        String,
+        Uuid,
+        i32,
+        String,
+        Option<chrono::DateTime<chrono::Utc>>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT e.source_type::text, e.source_id, e.chunk_index, e.content_hash, e.updated_at
            FROM rag_embeddings e
            JOIN unnest($1::text[], $2::uuid[]) AS s(t, id)
              ON e.source_type = embed_worker.source_label(s.t) AND e.source_id = s.id
@@ -40,8 +68,11 @@ pub(crate) async fn stored_hashes(
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(t, id, idx, hash)| {
-            Some(((EmbedSource::from_row((t, id))?, idx as usize), hash))
+        .filter_map(|(t, id, idx, hash, updated_at)| {
+            Some((
+                (EmbedSource::from_row((t, id))?, idx as usize),
+                Stored { hash, updated_at },
+            ))
         })
         .collect())
 }

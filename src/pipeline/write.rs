@@ -384,31 +384,40 @@ async fn copy_new(
     Ok(())
 }
 
-/// Unchanged chunks: marked as verified now (their `updated_at` moves, the vector stays).
+/// Unchanged chunks: marked as verified now (their `updated_at` moves, the vector stays), with
+/// their content hash and tokens (an adopted vector's are recorded here, the first time).
 async fn touch_unchanged(tx: &mut Tx<'_>, model: &str, fresh: &[&SourceWrite]) -> sqlx::Result<()> {
     let mut same_types = Vec::new();
     let mut same_ids = Vec::new();
     let mut same_idxs = Vec::new();
+    let mut same_hashes = Vec::new();
+    let mut same_tokens = Vec::new();
     for w in fresh {
         for c in w.chunks.iter().filter(|c| c.vector.is_none()) {
             same_types.push(w.source.source_type.as_str());
             same_ids.push(w.source.source_id);
             same_idxs.push(c.index as i32);
+            same_hashes.push(c.content_hash.as_str());
+            same_tokens.push(c.tokens as i32);
         }
     }
     if same_ids.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "UPDATE rag_embeddings e SET updated_at = now()
-           FROM unnest($1::text[], $2::uuid[], $3::int[]) AS u(t, id, idx)
-          WHERE e.source_type = embed_worker.source_label(u.t) AND e.source_id = u.id AND e.chunk_index = u.idx
-            AND e.embedding_model = $4",
+        "UPDATE rag_embeddings e
+            SET updated_at = now(), content_hash = u.h, token_count = u.n
+           FROM unnest($1::text[], $2::uuid[], $3::int[], $5::text[], $6::int[])
+                AS u(t, id, idx, h, n)
+          WHERE e.source_type = embed_worker.source_label(u.t) AND e.source_id = u.id
+            AND e.chunk_index = u.idx AND e.embedding_model = $4",
     )
     .bind(&same_types)
     .bind(&same_ids)
     .bind(&same_idxs)
     .bind(model)
+    .bind(&same_hashes)
+    .bind(&same_tokens)
     .execute(&mut **tx)
     .await?;
     Ok(())

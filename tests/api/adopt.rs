@@ -465,3 +465,159 @@ async fn migrate_killed_at_any_point_finishes_when_run_again() {
          result.\nonly after the kills: {extra:#?}\nonly in the clean one: {lacking:#?}"
     );
 }
+
+/// The relfilenodes of the app's heap and HNSW index, by the name each has now.
+async fn files(t: &TestDb, table: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT relfilenode::int8 FROM pg_class WHERE oid = to_regclass($1)),
+                (SELECT relfilenode::int8 FROM pg_class WHERE oid = 'public.idx_rag_embeddings_vector'::regclass)",
+    )
+    .bind(format!("public.{table}"))
+    .fetch_one(&t.admin)
+    .await
+    .unwrap()
+}
+
+/// (source id, vector as text) of every row of `model`, ordered.
+async fn vectors(t: &TestDb) -> Vec<(uuid::Uuid, String)> {
+    sqlx::query_as("SELECT source_id, embedding::text FROM rag_embeddings ORDER BY 1")
+        .fetch_all(&t.admin)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothing() {
+    let t = with_schema(APP_SCHEMA).await;
+    let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
+    let cli = |args: &[&str]| {
+        output(
+            worker_command(&t, &fake.base_url())
+                .env("EMBED_WORKER__RENDER__TEMPLATE", APP_TEMPLATE)
+                .args(args),
+        )
+    };
+    let model = "text-embedding-ada-002";
+    let part = embed_worker::model_index::partition_name(model);
+    let before_files = files(&t, "rag_embeddings").await;
+    let before = vectors(&t).await;
+    assert_eq!(before.len(), 40);
+    // The app's vectors of sources not changed since: 30 sessions less the 5 edited, 10 templates.
+    let unchanged: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT e.source_id, e.embedding::text FROM rag_embeddings e
+          WHERE NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = e.source_id
+                                                       AND s.updated_at > e.updated_at)
+          ORDER BY 1",
+    )
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(unchanged.len(), 35);
+
+    let (code, plan, err) = cli(&["migrate", "--plan"]);
+    assert_eq!(code, 0, "{plan}\n{err}");
+    assert!(
+        plan.contains(
+            "table rag_embeddings: the app's (40 rows of text-embedding-ada-002, 1536 \
+             dimensions), adopted in place"
+        ) && plan.contains("keeps its HNSW index idx_rag_embeddings_vector"),
+        "{plan}"
+    );
+    let (code, out, err) = cli(&["migrate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("index idx_rag_embeddings_vector ready"),
+        "{out}"
+    );
+
+    // Attached, not copied or rebuilt: the same heap and index files, under the partition.
+    assert_eq!(files(&t, &part).await, before_files);
+    let (kind, parent): (String, String) = sqlx::query_as(
+        "SELECT c.relkind::text, i.inhparent::regclass::text FROM pg_class c
+           JOIN pg_inherits i ON i.inhrelid = c.oid WHERE c.oid = $1::regclass",
+    )
+    .bind(format!("public.{part}"))
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!((kind.as_str(), parent.as_str()), ("r", "rag_embeddings"));
+    assert_eq!(
+        count(
+            &t.admin,
+            "SELECT count(*) FROM pg_indexes WHERE indexdef LIKE '%USING hnsw%'"
+        )
+        .await,
+        1,
+        "no second HNSW index"
+    );
+    // The app's ids, extra columns and their values are read through rag_embeddings.
+    assert_eq!(
+        count(
+            &t.admin,
+            "SELECT count(*) FROM rag_embeddings WHERE content <> '' AND metadata = '{}'"
+        )
+        .await,
+        40
+    );
+
+    // Changed (5) and never embedded (10) sources are billed; the 35 others cost nothing.
+    let (code, out, err) = cli(&["enqueue-stale"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = cli(&["run", "--until-empty"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let inputs: usize = fake.requests().iter().map(|r| r.inputs).sum();
+    assert_eq!(
+        inputs, 15,
+        "exactly the changed and missing sources are sent"
+    );
+    let after = vectors(&t).await;
+    assert_eq!(after.len(), 50);
+    for (id, v) in &unchanged {
+        let now = after.iter().find(|(i, _)| i == id).unwrap();
+        assert_eq!(&now.1, v, "adopted vector of {id} changed");
+    }
+    assert_eq!(
+        count(
+            &t.admin,
+            "SELECT count(*) FROM rag_embeddings WHERE content_hash = '' OR token_count IS NULL"
+        )
+        .await,
+        0,
+        "every adopted vector verified: its hash and tokens recorded"
+    );
+    assert_eq!(files(&t, &part).await, before_files);
+
+    // verify names the app's index. The review's sessions have no row-level security, and
+    // the worker's app_user may read them: verify says so and how to fix it, as the owner.
+    let (code, out, err) = cli(&["verify"]);
+    assert!(
+        out.contains("idx_rag_embeddings_vector") && out.contains("vector (the column)"),
+        "{out}"
+    );
+    let problems: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("verify: FAIL"))
+        .collect();
+    assert_eq!(problems.len(), 1, "{out}\n{err}");
+    assert!(
+        problems[0].contains("row-level security is off on sessions"),
+        "{out}"
+    );
+    assert_ne!(code, 0);
+    let fix = problems[0]
+        .split("Fix (as the table's owner): ")
+        .nth(1)
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(fix.to_string()))
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let (code, out, err) = cli(&["verify"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    // A second migrate changes nothing.
+    let catalog = whole_catalog(&t.admin).await;
+    let (code, out, err) = cli(&["migrate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(whole_catalog(&t.admin).await, catalog);
+}
