@@ -199,7 +199,11 @@ pub async fn inspect(
             );
         }
     }
-    if !conflicts.is_empty() {
+    // The rows are read only where the columns to read them by exist.
+    if ["source_type", "source_id", "embedding"]
+        .iter()
+        .any(|n| col(n).is_none())
+    {
         let t = AppTable {
             columns,
             model: model.into(),
@@ -254,6 +258,17 @@ pub async fn inspect(
             format!("NULL in {n} rows"),
             "the model of every row (UPDATE rag_embeddings SET embedding_model = '<model>' \
              WHERE embedding_model IS NULL)",
+        );
+    }
+    if adopted_model == model && dimensions != dims as i32 {
+        conflict(
+            &mut conflicts,
+            "embedding",
+            format!("vector({dimensions}) for {model}"),
+            &format!(
+                "model.dimensions = {dims} is configured for {model}: set it to {dimensions} \
+                 (EMBED_WORKER__MODEL__DIMENSIONS), or name the model the rows are of"
+            ),
         );
     }
     let dupes: i64 = sqlx::query_scalar(

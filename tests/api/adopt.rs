@@ -78,22 +78,16 @@ async fn refused_untouched(t: &TestDb, expected: &[&str]) -> String {
 }
 
 #[tokio::test]
-async fn the_reviews_schema_is_refused_with_every_conflict_and_nothing_changed() {
+async fn the_reviews_schema_under_the_default_template_columns_is_refused_untouched() {
+    // The app's rag_embeddings is adoptable; its templates keep their text in other columns
+    // than render.template's default names.
     let t = with_schema(APP_SCHEMA).await;
     let err = refused_untouched(
         &t,
-        &[
-            "question_templates.body",
-            "question_templates.placeholders",
-            "table rag_embeddings",
-        ],
+        &["question_templates.body", "question_templates.placeholders"],
     )
     .await;
     // What is there and what is needed, in the app's own terms.
-    assert!(
-        err.contains("table rag_embeddings: the app's own (one table"),
-        "{err}"
-    );
     assert!(
         err.contains(
             "question_templates.body: no such column; needed: render.template names {body}"
@@ -115,7 +109,7 @@ async fn tables_the_worker_cannot_use_are_refused_untouched() {
          INSERT INTO rag_embeddings VALUES (1, 'session', array_fill(0.1::real, ARRAY[1536])::vector);"
     ))
     .await;
-    let err = refused_untouched(&t, &["rag_embeddings.source_id", "table rag_embeddings"]).await;
+    let err = refused_untouched(&t, &["rag_embeddings.source_id"]).await;
     assert!(
         err.contains("rag_embeddings.source_id: no such column; needed: uuid"),
         "{err}"
@@ -127,7 +121,7 @@ async fn tables_the_worker_cannot_use_are_refused_untouched() {
              source_id uuid NOT NULL, embedding real[] NOT NULL);"
     ))
     .await;
-    let err = refused_untouched(&t, &["rag_embeddings.embedding", "table rag_embeddings"]).await;
+    let err = refused_untouched(&t, &["rag_embeddings.embedding"]).await;
     assert!(
         err.contains("rag_embeddings.embedding: of type real[]"),
         "{err}"
@@ -137,13 +131,39 @@ async fn tables_the_worker_cannot_use_are_refused_untouched() {
     refused_untouched(
         &t,
         &[
+            "rag_embeddings.id",
             "rag_embeddings.source_type",
             "rag_embeddings.source_id",
             "rag_embeddings.embedding",
-            "table rag_embeddings",
         ],
     )
     .await;
+
+    // A source_type ENUM of the app's without 'template'; two rows of one source.
+    let t = with_schema(&format!(
+        "{sessions}
+         CREATE TYPE app_source AS ENUM ('session', 'note');
+         CREATE TABLE rag_embeddings (id uuid PRIMARY KEY, source_type app_source NOT NULL,
+             source_id uuid NOT NULL, embedding vector(3) NOT NULL);
+         INSERT INTO rag_embeddings SELECT gen_random_uuid(), 'session', u, '[1,2,3]'
+           FROM (SELECT gen_random_uuid() u) x, generate_series(1, 2);"
+    ))
+    .await;
+    let err = refused_untouched(
+        &t,
+        &[
+            "rag_embeddings.source_type",
+            "rag_embeddings.embedding",
+            "rag_embeddings.source_id",
+        ],
+    )
+    .await;
+    assert!(
+        err.contains("rag_embeddings.source_type: ENUM app_source without 'template' (has session, note)")
+            && err.contains("rag_embeddings.source_id: 1 sources with more than one row")
+            && err.contains("rag_embeddings.embedding: vector(3) for text-embedding-ada-002; needed: model.dimensions = 1536"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
