@@ -19,3 +19,5 @@ GRANT SELECT ON embed_worker.adoptions TO embed_worker;
 -- one set of statements serves both. One expression: the planner inlines it.
 CREATE OR REPLACE FUNCTION embed_worker.source_label(t text) RETURNS embedding_source
 LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT t::embedding_source $$;
+REVOKE EXECUTE ON FUNCTION embed_worker.source_label(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION embed_worker.source_label(text) TO embed_worker;

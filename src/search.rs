@@ -313,21 +313,43 @@ pub async fn search(
     Ok(Found { hits, path })
 }
 
-/// A short human label per hit: a template's focus and body, a session's owner, focus and title.
+/// A short human label per hit: a template's focus, a session's owner, and the head of the
+/// text as `render` makes it (so the app's own columns, whatever their names).
 pub async fn labels(
     pool: &PgPool,
+    render: &crate::config::RenderSettings,
     hits: &[Hit],
 ) -> sqlx::Result<std::collections::HashMap<Uuid, String>> {
     let ids: Vec<Uuid> = hits.iter().map(|h| h.source_id).collect();
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT id, '[template ' || focus || '] ' || left(body, 90) FROM question_templates WHERE id = ANY($1)
+    let sources: Vec<crate::source::EmbedSource> = hits
+        .iter()
+        .filter_map(|h| {
+            Some(crate::source::EmbedSource {
+                source_type: h.source_type.parse().ok()?,
+                source_id: h.source_id,
+            })
+        })
+        .collect();
+    let texts = crate::pipeline::load::load(pool, render, &sources).await?;
+    let heads: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, '[template ' || focus || ']' FROM question_templates WHERE id = ANY($1)
          UNION ALL
-         SELECT id, '[session ' || coalesce(focus::text, '-') || ', user …' || right(user_id::text, 4) || '] '
-                    || coalesce(title, '') || ': ' || left(coalesce(notes, ''), 60)
+         SELECT id, '[session, user …' || right(user_id::text, 4) || ']'
            FROM sessions WHERE id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().collect())
+    Ok(heads
+        .into_iter()
+        .map(|(id, head)| {
+            let text = texts
+                .iter()
+                .find(|(s, _)| s.source_id == id)
+                .map(|(_, l)| l.text.split_whitespace().collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            let text: String = text.chars().take(90).collect();
+            (id, format!("{head} {text}"))
+        })
+        .collect())
 }

@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace,capture]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace,capture,adopt]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -31,6 +31,7 @@ use uuid::Uuid;
 #[path = "../../tests/api/helpers.rs"]
 mod helpers;
 
+mod adopt;
 mod capture;
 mod collect;
 mod corpus;
@@ -46,6 +47,7 @@ mod search;
 mod switch;
 mod tokenizer;
 
+use adopt::*;
 use capture::*;
 use collect::*;
 use corpus::*;
@@ -71,6 +73,7 @@ struct Args {
     quota_secs: u64,
     collect_inputs: usize,
     prune_rows: usize,
+    adopt_rows: usize,
     build_rows: Vec<usize>,
     insert_rows: Vec<usize>,
 }
@@ -105,6 +108,9 @@ fn args() -> Args {
             .and_then(|v| v.parse().ok())
             .unwrap_or(50_000),
         prune_rows: get("--prune-rows")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(500_000),
+        adopt_rows: get("--adopt-rows")
             .and_then(|v| v.parse().ok())
             .unwrap_or(500_000),
         build_rows: list(get("--build-rows"), &[20_000, 100_000]),
@@ -273,6 +279,13 @@ async fn main() {
         eprintln!("prune of {} rows …", a.prune_rows);
         let (url, pool) = fresh_db("prune").await;
         bench_prune(&mut report, &pool, a.prune_rows).await;
+        pool.close().await;
+        drop_db(&url).await;
+    }
+    if want("adopt") {
+        eprintln!("adopt of {} rows …", a.adopt_rows);
+        let (url, pool) = fresh_db("adopt").await;
+        bench_adopt(&mut report, &url, &pool, a.adopt_rows).await;
         pool.close().await;
         drop_db(&url).await;
     }

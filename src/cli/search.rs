@@ -41,7 +41,7 @@ pub(crate) async fn search(
     let found = embed_worker::search::search(&pool, &spec, query, &opts).await?;
     let hits = found.hits;
     let took = started.elapsed();
-    let labels = embed_worker::search::labels(&pool, &hits).await?;
+    let labels = embed_worker::search::labels(&pool, &settings.render, &hits).await?;
     for h in &hits {
         let label = labels
             .get(&h.source_id)

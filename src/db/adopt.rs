@@ -24,30 +24,40 @@
 use anyhow::Context;
 use sqlx::{Executor, PgConnection};
 
-use super::plan::Conflict;
+use super::conflict::Conflict;
 use super::quote_ident;
 
 /// The app's `rag_embeddings`, as the catalog shows it.
 #[derive(Debug, Clone)]
 pub struct AppTable {
+    /// Its columns in order.
     pub columns: Vec<AppColumn>,
     /// The one model of its rows (`embedding_model`'s values, or its default when absent).
     pub model: String,
+    /// The vectors' size: the column's typmod, else `model.dimensions`.
     pub dimensions: i32,
+    /// Rows counted when planned.
     pub rows: i64,
     /// Its HNSW index on the plain column, kept as the model's index.
     pub hnsw: Option<String>,
 }
 
+/// One column of the app's table.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AppColumn {
+    /// Its name.
     pub name: String,
     /// `format_type` with the type modifier: what the parent's column is made as.
     pub shown: String,
+    /// pg_type.typname.
     pub type_name: String,
+    /// pg_type.typtype (`e`: an ENUM).
     pub type_type: String,
+    /// atttypmod (a vector's dimensions; -1 when none).
     pub typmod: i32,
+    /// NOT NULL.
     pub not_null: bool,
+    /// Its default expression.
     pub default: Option<String>,
 }
 
@@ -608,7 +618,9 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
         conn.execute(ddl(format!(
             "DROP FUNCTION IF EXISTS embed_worker.source_label(text);
              CREATE FUNCTION embed_worker.source_label(t text) RETURNS {0}
-             LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT t::{0} $$",
+             LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT t::{0} $$;
+             REVOKE EXECUTE ON FUNCTION embed_worker.source_label(text) FROM PUBLIC;
+             GRANT EXECUTE ON FUNCTION embed_worker.source_label(text) TO embed_worker",
             st.shown
         )))
         .await?;

@@ -20,6 +20,7 @@ use sqlx::{Executor, PgPool};
 use crate::config::DatabaseSettings;
 
 pub mod adopt;
+pub mod conflict;
 pub mod connections;
 pub mod plan;
 pub mod render;

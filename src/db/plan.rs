@@ -12,7 +12,8 @@
 //!
 //! What is applied after the plan passes: each migration in its own transaction (sqlx's
 //! bookkeeping), so a run killed at any point leaves the database at a migration boundary and
-//! the next `migrate` resumes after the last one recorded.
+//! the next `migrate` resumes after the last one recorded. Where the app's own `rag_embeddings`
+//! is adopted ([`super::adopt`]), the migrations and the attach are one transaction instead.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -122,22 +123,7 @@ struct Table {
     rows: Option<i64>,
 }
 
-/// A reason `migrate` refuses: where, what is there, what the worker needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Conflict {
-    /// The table and column, type, extension, schema or role.
-    pub place: String,
-    /// What the database has there.
-    pub found: String,
-    /// What the worker needs there, and why or how.
-    pub needed: String,
-}
-
-impl fmt::Display for Conflict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}; needed: {}", self.place, self.found, self.needed)
-    }
-}
+pub use super::conflict::Conflict;
 
 /// What `migrate` will do, step by step, and why it would refuse.
 #[derive(Debug, Default)]
@@ -189,10 +175,17 @@ impl fmt::Display for Plan {
                 super::MIGRATOR.iter().count()
             )?;
         } else {
+            let how = if self.adopt.is_some() {
+                "in one transaction with the attach (the app reads its table until the commit; \
+                 a run stopped before it leaves the table as it was, its preparation kept and \
+                 repeated)"
+            } else {
+                "each in its own transaction (a run stopped at any point resumes after the last \
+                 one recorded)"
+            };
             writeln!(
                 f,
-                "  migrations: {} of {} to apply, each in its own transaction (a run stopped \
-                 at any point resumes after the last one recorded):",
+                "  migrations: {} of {} to apply, {how}:",
                 self.pending.len(),
                 super::MIGRATOR.iter().count()
             )?;

@@ -30,7 +30,7 @@ impl Stored {
     /// Whether this is an adopted vector that may stand for `chunk`, the only chunk of a
     /// source whose text was last changed at `read_at`: its row was written at or after
     /// that (without a timestamp, as `untimed` says). Never for a source split in several.
-    pub fn adoptable(&self, read_at: chrono::DateTime<chrono::Utc>, untimed: bool) -> bool {
+    pub(crate) fn adoptable(&self, read_at: chrono::DateTime<chrono::Utc>, untimed: bool) -> bool {
         self.hash.is_empty()
             && match self.updated_at {
                 Some(at) => at >= read_at,

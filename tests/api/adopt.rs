@@ -635,9 +635,174 @@ async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothi
     let (code, out, err) = cli(&["verify"]);
     assert_eq!(code, 0, "{out}\n{err}");
 
+    // The design's own checks on the adopted table: an orphan is refused; as the app's user,
+    // only that user's session embeddings (and the templates') are visible.
+    let orphan = sqlx::raw_sql(
+        "INSERT INTO rag_embeddings (source_type, source_id, content_hash, embedding, dimensions,
+                                     token_count)
+         VALUES ('session', gen_random_uuid(), 'h', array_fill(0.1::real, ARRAY[1536])::vector,
+                 1536, 1)",
+    )
+    .execute(&t.admin)
+    .await;
+    assert!(orphan.is_err(), "an orphan embedding was accepted");
+    let user = "00000000-0000-0000-0000-000000000001";
+    let seen: (i64, i64, i64) = {
+        let mut tx = t.admin.begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL ROLE app_user; SELECT set_config('request.jwt.claim.sub', '{user}', true)"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let seen = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE source_type = 'session'),
+                    count(*) FILTER (WHERE source_type = 'session' AND source_id NOT IN
+                                     (SELECT id FROM sessions WHERE user_id = $1::uuid)),
+                    count(*) FILTER (WHERE source_type = 'template')
+               FROM rag_embeddings",
+        )
+        .bind(user)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        tx.rollback().await.unwrap();
+        seen
+    };
+    let own = count(
+        &t.admin,
+        "SELECT count(*) FROM sessions WHERE user_id = '00000000-0000-0000-0000-000000000001'",
+    )
+    .await;
+    assert_eq!(
+        seen,
+        (own, 0, 10),
+        "(own sessions, others' sessions, templates) seen"
+    );
+    // Search ranks through the app's index, and labels hits from the app's columns.
+    let (code, out, err) = cli(&[
+        "search",
+        "How would you voice a chord in bar 3?",
+        "--source-type",
+        "template",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("through index idx_rag_embeddings_vector"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[template harmony] Question (technical, harmony)"),
+        "{out}"
+    );
+    // The statement search sends can use that index (40 rows: a scan and a sort are cheaper,
+    // so both are turned off to see whether the index applies at all).
+    let spec = embed_worker::model_index::IndexSpec::new(
+        model,
+        1536,
+        embed_worker::config::IndexPrecision::Auto,
+    )
+    .unwrap();
+    let sql = embed_worker::search::search_sql(&spec, 5, None, false, true);
+    let mut tx = t.admin.begin().await.unwrap();
+    sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .bind(pgvector::Vector::from(vec![0.01f32; 1536]))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("Index Scan using idx_rag_embeddings_vector"),
+        "{plan}"
+    );
+    tx.rollback().await.unwrap();
+
     // A second migrate changes nothing.
     let catalog = whole_catalog(&t.admin).await;
     let (code, out, err) = cli(&["migrate"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(whole_catalog(&t.admin).await, catalog);
+}
+
+#[tokio::test]
+async fn adopting_migrate_killed_at_any_step_leaves_the_apps_table_and_finishes_when_run_again() {
+    let env = |c: &mut Command, t: &TestDb| {
+        c.env("DATABASE_URL", &t.url)
+            .env("EMBED_WORKER__RENDER__TEMPLATE", APP_TEMPLATE)
+            .arg("migrate");
+    };
+    // A reference: one uninterrupted adoption.
+    let clean = with_schema(APP_SCHEMA).await;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+    env(&mut c, &clean);
+    let (code, out, err) = output(&mut c);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let want = catalog_shape(&clean.admin).await;
+
+    let t = with_schema(APP_SCHEMA).await;
+    let before = vectors(&t).await;
+    // SIGKILL at each step of the preparation, then inside the one transaction (its lock on
+    // the app's table held).
+    let steps = [
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attname = 'content_hash'
+                           AND attrelid = to_regclass('public.rag_embeddings'))",
+        "SELECT count(*) >= 2 FROM pg_constraint
+          WHERE conname LIKE 'embed_worker_adopted_%' AND convalidated",
+        "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'embed_worker_adopted_key')",
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+                         WHERE c.relname = 'rag_embeddings' AND c.relkind = 'r'
+                           AND l.mode = 'AccessExclusiveLock' AND l.granted
+                           AND l.pid <> pg_backend_pid())",
+    ];
+    let mut landed = 0;
+    for step in steps {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+        env(&mut c, &t);
+        let mut child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        loop {
+            let reached: bool = sqlx::query_scalar(step).fetch_one(&t.admin).await.unwrap();
+            if reached || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        // Until the commit the app's table is where it was, its vectors as they were.
+        let still_the_apps: bool = sqlx::query_scalar(
+            "SELECT relkind = 'r' FROM pg_class WHERE oid = 'public.rag_embeddings'::regclass",
+        )
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+        if still_the_apps {
+            landed += 1;
+            assert_eq!(vectors(&t).await, before);
+        }
+    }
+    assert!(
+        landed > 0,
+        "no kill landed before the commit; nothing was tested"
+    );
+    let mut c = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+    env(&mut c, &t);
+    let (code, out, err) = output(&mut c);
+    assert_eq!(code, 0, "after {landed} kills:\n{out}\n{err}");
+    let got = catalog_shape(&t.admin).await;
+    let extra: Vec<&String> = got.iter().filter(|l| !want.contains(l)).collect();
+    let lacking: Vec<&String> = want.iter().filter(|l| !got.contains(l)).collect();
+    assert!(
+        extra.is_empty() && lacking.is_empty(),
+        "killed {landed} times, then run again: not the clean result.\nonly after the kills: \
+         {extra:#?}\nonly in the clean one: {lacking:#?}"
+    );
+    assert_eq!(vectors(&t).await, before);
 }
