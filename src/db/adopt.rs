@@ -59,6 +59,8 @@ pub struct AppColumn {
     pub not_null: bool,
     /// Its default expression.
     pub default: Option<String>,
+    /// attidentity: `a` or `d` for an identity column, empty otherwise.
+    pub identity: String,
 }
 
 /// The columns the worker's table has, what it makes when the app's table lacks one (constant
@@ -84,7 +86,7 @@ pub async fn inspect(
         "SELECT a.attname::text AS name, format_type(a.atttypid, a.atttypmod) AS shown,
                 t.typname::text AS type_name, t.typtype::text AS type_type,
                 a.atttypmod AS typmod, a.attnotnull AS not_null,
-                pg_get_expr(d.adbin, d.adrelid) AS default
+                pg_get_expr(d.adbin, d.adrelid) AS default, a.attidentity::text AS identity
            FROM pg_attribute a
            JOIN pg_type t ON t.oid = a.atttypid
            LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -351,6 +353,29 @@ pub fn steps(t: &AppTable) -> Vec<String> {
             missing.join(", ")
         ));
     }
+    let shown = |n: &str| {
+        t.columns
+            .iter()
+            .find(|c| c.name == n)
+            .map(|c| c.shown.clone())
+            .unwrap_or_default()
+    };
+    s.push(format!(
+        "  the parent takes its types (id {}, source_type {}); embedding becomes vector \
+         without a size, as the parent's (catalog only: the index keeps the size)",
+        shown("id"),
+        shown("source_type")
+    ));
+    if t.columns
+        .iter()
+        .any(|c| c.name == "id" && !c.identity.is_empty())
+    {
+        s.push(
+            "  its id identity moves to the parent (a partition may not have one): new rows \
+             are numbered after its highest id"
+                .into(),
+        );
+    }
     s.push(match &t.hnsw {
         Some(ix) => format!("  keeps its HNSW index {ix} as the model's index (none is built)"),
         None => "  has no HNSW index on embedding (cosine): the worker builds one".into(),
@@ -553,6 +578,14 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
     )))
     .await
     .context("the app's table: embedding as vector, embedding_model NOT NULL")?;
+    // A partition may not have an identity column: the parent's identity numbers new rows
+    // (after the app's highest id, below).
+    if col("id").is_some_and(|c| !c.identity.is_empty()) {
+        conn.execute(ddl(format!(
+            "ALTER TABLE public.{p} ALTER COLUMN id DROP IDENTITY"
+        )))
+        .await?;
+    }
     // The parent's primary key is (id, embedding_model); the app's table keeps its own.
     conn.execute("ALTER TABLE public.rag_embeddings DROP CONSTRAINT IF EXISTS rag_embeddings_pkey")
         .await?;

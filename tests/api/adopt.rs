@@ -806,3 +806,84 @@ async fn adopting_migrate_killed_at_any_step_leaves_the_apps_table_and_finishes_
     );
     assert_eq!(vectors(&t).await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bigint_ids_an_enum_source_type_an_untyped_vector_and_no_token_count_are_adopted() {
+    // The review's schema, its rag_embeddings made otherwise: bigint identity ids, source_type
+    // an ENUM of the app's, `vector` without a size, no token_count (nor updated_at: the rows
+    // have no usable timestamp, so freshness.adopt_untimed decides).
+    let variant = APP_SCHEMA
+        .replace(
+            "CREATE TABLE rag_embeddings (\n    id           uuid PRIMARY KEY DEFAULT gen_random_uuid(),\n    source_type  text NOT NULL, ",
+            "CREATE TYPE app_source AS ENUM ('session', 'template');\nCREATE TABLE rag_embeddings (\n    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n    source_type  app_source NOT NULL, ",
+        )
+        .replace("embedding    vector(1536) NOT NULL,", "embedding    vector NOT NULL,")
+        // A column without a size is indexed through a cast (as the worker's own are).
+        .replace(
+            "USING hnsw (embedding vector_cosine_ops)",
+            "USING hnsw ((embedding::vector(1536)) vector_cosine_ops)",
+        )
+        .replace(
+            "  ADD COLUMN embedding_model VARCHAR(100) DEFAULT 'text-embedding-ada-002',\n  ADD COLUMN updated_at TIMESTAMPTZ DEFAULT NOW(),\n  ADD COLUMN token_count INTEGER;",
+            "  ADD COLUMN embedding_model VARCHAR(100) DEFAULT 'text-embedding-ada-002';",
+        )
+        .replace(
+            "INSERT INTO rag_embeddings (source_type, source_id, content, embedding, updated_at)\nSELECT 'template', q.id, q.question_text,\n       array_fill(0.01::real, ARRAY[1536])::vector, q.updated_at + interval '1 minute'",
+            "INSERT INTO rag_embeddings (source_type, source_id, content, embedding)\nSELECT 'template', q.id, q.question_text,\n       array_fill(0.01::real, ARRAY[1536])::vector",
+        )
+        .replace(
+            "INSERT INTO rag_embeddings (source_type, source_id, content, embedding, updated_at)\nSELECT 'session', s.id, s.title, array_fill(0.02::real, ARRAY[1536])::vector,\n       s.updated_at + interval '1 minute'",
+            "INSERT INTO rag_embeddings (source_type, source_id, content, embedding)\nSELECT 'session', s.id, s.title, array_fill(0.02::real, ARRAY[1536])::vector",
+        );
+    assert!(
+        variant.contains("bigint GENERATED ALWAYS")
+            && !variant.contains("ADD COLUMN token_count")
+            && !variant.contains("embedding    vector(1536)")
+    );
+    for (untimed, billed) in [("true", 10), ("false", 50)] {
+        let t = with_schema(&variant).await;
+        let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
+        let cli = |args: &[&str]| {
+            output(
+                worker_command(&t, &fake.base_url())
+                    .env("EMBED_WORKER__RENDER__TEMPLATE", APP_TEMPLATE)
+                    .env("EMBED_WORKER__FRESHNESS__ADOPT_UNTIMED", untimed)
+                    .args(args),
+            )
+        };
+        let before = vectors(&t).await;
+        let max_id = count(&t.admin, "SELECT max(id) FROM rag_embeddings").await;
+        let (code, out, err) = cli(&["migrate"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let types: Vec<String> = sqlx::query_scalar(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+              WHERE attrelid = 'public.rag_embeddings'::regclass
+                AND attname IN ('id', 'source_type', 'embedding') ORDER BY attname",
+        )
+        .fetch_all(&t.admin)
+        .await
+        .unwrap();
+        assert_eq!(types, ["vector", "bigint", "app_source"]);
+        let (code, out, err) = cli(&["enqueue-stale"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let (code, out, err) = cli(&["run", "--until-empty"]);
+        assert_eq!(code, 0, "{out}\n{err}");
+        let inputs: usize = fake.requests().iter().map(|r| r.inputs).sum();
+        // Untimed kept: only the 10 never embedded; untimed embedded again: all 50.
+        assert_eq!(inputs, billed, "adopt_untimed = {untimed}");
+        let after = vectors(&t).await;
+        assert_eq!(after.len(), 50);
+        let kept = before.iter().filter(|b| after.contains(b)).count();
+        assert_eq!(kept, if untimed == "true" { 40 } else { 0 });
+        // New rows take ids after the app's.
+        assert_eq!(
+            count(
+                &t.admin,
+                "SELECT count(*) FROM rag_embeddings WHERE id <= 40 AND content IS NULL"
+            )
+            .await,
+            0
+        );
+        assert!(max_id == 40);
+    }
+}
