@@ -479,3 +479,83 @@ async fn count_tokens(
         .map(|c| c.tokens as u64)
         .sum())
 }
+
+/// What adopting the app's own `rag_embeddings` would save, read before `migrate` (nothing of
+/// the worker's exists yet): every source of the app's tables, its vector adoptable when its
+/// row was written at or after the source's text (`freshness.adopt_untimed` for rows without
+/// `updated_at`). Streams the sources and prices them 1,000 at a time, as [`survey`] does.
+pub struct Adoption {
+    /// The app's vectors that the first run would keep: their sources and tokens not paid.
+    pub kept: Estimate,
+    /// Sources without a vector to keep (never embedded, or changed since): to embed.
+    pub to_embed: Estimate,
+}
+
+/// [`Adoption`] of the app's `rag_embeddings` (present, not yet adopted).
+pub async fn adoption_estimate(
+    pool: &PgPool,
+    settings: &crate::config::Settings,
+) -> anyhow::Result<Adoption> {
+    use futures::TryStreamExt;
+    let timed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.rag_embeddings'::regclass
+                          AND attname = 'updated_at' AND NOT attisdropped)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let row_time = if timed {
+        "e.updated_at"
+    } else {
+        "NULL::timestamptz"
+    };
+    let sql = format!(
+        "WITH src AS (
+             SELECT 'session'::text AS t, id, updated_at FROM public.{sessions}
+             UNION ALL
+             SELECT 'template', id, updated_at FROM public.{templates})
+         SELECT src.t, src.id,
+                coalesce(bool_or({row_time} >= src.updated_at OR ({row_time} IS NULL AND $1)), false)
+           FROM src LEFT JOIN public.rag_embeddings e
+             ON e.source_type::text = src.t AND e.source_id = src.id
+          GROUP BY 1, 2",
+        sessions = SourceType::Session.table(),
+        templates = SourceType::Template.table(),
+    );
+    let own = pool
+        .options()
+        .clone()
+        .connect_lazy_with((*pool.connect_options()).clone());
+    let mut rows = sqlx::query_as::<_, (String, Uuid, bool)>(sqlx::AssertSqlSafe(sql))
+        .bind(settings.freshness.adopt_untimed)
+        .fetch(&own);
+    let chunker = crate::pipeline::chunk::Chunker::for_model(&settings.model)?;
+    let (mut kept, mut embed) = ((0usize, 0u64), (0usize, 0u64));
+    let (mut keep_batch, mut embed_batch) = (Vec::new(), Vec::new());
+    loop {
+        let row = rows.try_next().await?;
+        let end = row.is_none();
+        if let Some((t, id, adoptable)) = row
+            && let Some(source) = EmbedSource::from_row((t, id))
+        {
+            if adoptable {
+                keep_batch.push(source);
+            } else {
+                embed_batch.push(source);
+            }
+        }
+        for (batch, acc) in [(&mut keep_batch, &mut kept), (&mut embed_batch, &mut embed)] {
+            if batch.len() >= SURVEY_BATCH || (end && !batch.is_empty()) {
+                acc.0 += batch.len();
+                acc.1 += count_tokens(pool, settings, &chunker, batch).await?;
+                batch.clear();
+            }
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(Adoption {
+        kept: Estimate::priced(kept.0, kept.1, &settings.model),
+        to_embed: Estimate::priced(embed.0, embed.1, &settings.model),
+    })
+}

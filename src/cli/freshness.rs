@@ -61,6 +61,21 @@ pub(crate) async fn backfill(
 
 /// `embed-worker estimate`.
 pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
+    // Before `migrate` on the app's database: what adopting its rag_embeddings saves.
+    let login = db::connect_as_login(&settings.database.url).await?;
+    if db::adopt::pending(&mut *login.acquire().await?).await? {
+        let a = freshness::adoption_estimate(&login, settings).await?;
+        println!(
+            "the app's rag_embeddings, adopted in place by `migrate`: its vectors of sources \
+             unchanged since are kept at no cost: {}",
+            a.kept
+        );
+        println!(
+            "to embed (never embedded, or changed since): {}",
+            a.to_embed
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let pool = db::connect(&settings.database).await?;
     // Not yet embedded by the active model: what changed since is not counted here.
     let survey = freshness::survey(
@@ -68,13 +83,29 @@ pub(crate) async fn estimate(settings: &Settings) -> anyhow::Result<ExitCode> {
         settings,
         &settings.model.name,
         &Scope::default(),
-        |r| r != freshness::StaleReason::Outdated,
+        |r| {
+            !matches!(
+                r,
+                freshness::StaleReason::Outdated | freshness::StaleReason::Adopted
+            )
+        },
     )
     .await?;
     println!(
         "not yet embedded by {}: {}",
         settings.model.name, survey.estimate
     );
+    let adopted = survey
+        .counts
+        .get(&freshness::StaleReason::Adopted)
+        .copied()
+        .unwrap_or(0);
+    if adopted > 0 {
+        println!(
+            "adopted with the app's table, not yet verified: {adopted} sources (kept at no cost \
+             by the next run where unchanged)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -119,6 +119,9 @@ pub(crate) async fn status(settings: &Settings, failures: i64) -> anyhow::Result
         "{}",
         embed_worker::model_index::lifecycle::sample(&pool).await?
     );
+    if let Some(line) = db::adopt::status(&pool).await.unwrap_or(None) {
+        println!("{line}");
+    }
     println!(
         "reading: the {}",
         embed_worker::replica::describe(&pool).await?

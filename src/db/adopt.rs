@@ -782,3 +782,28 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
     .await?;
     Ok(())
 }
+
+/// `status`'s line on an adopted table: when, how many rows, how many not yet verified by a
+/// run (their sources not yet seen since). `None` where nothing was adopted.
+pub async fn status(pool: &sqlx::PgPool) -> sqlx::Result<Option<String>> {
+    let rows: Vec<(String, i64, chrono::DateTime<chrono::Utc>, i64)> = sqlx::query_as(
+        "SELECT a.model::text, a.rows, a.adopted_at,
+                (SELECT count(*) FROM rag_embeddings e
+                  WHERE e.embedding_model = a.model AND e.content_hash = '')
+           FROM embed_worker.adoptions a ORDER BY a.adopted_at",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok((!rows.is_empty()).then(|| {
+        rows.iter()
+            .map(|(model, n, at, unverified)| {
+                format!(
+                    "adopted: the app's rag_embeddings, {n} vectors of {model} ({}); {unverified} \
+                     not yet verified by a run",
+                    at.format("%Y-%m-%d %H:%M UTC")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }))
+}

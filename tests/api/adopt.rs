@@ -534,6 +534,14 @@ async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothi
     .unwrap();
     assert_eq!(unchanged.len(), 35);
 
+    // Before migrate, estimate says what adoption saves: 35 sources kept, 15 to embed.
+    let (code, out, err) = cli(&["estimate"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("are kept at no cost: 35 sources, ")
+            && out.contains("to embed (never embedded, or changed since): 15 sources, "),
+        "{out}"
+    );
     let (code, plan, err) = cli(&["migrate", "--plan"]);
     assert_eq!(code, 0, "{plan}\n{err}");
     assert!(
@@ -606,6 +614,13 @@ async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothi
         "every adopted vector verified: its hash and tokens recorded"
     );
     assert_eq!(files(&t, &part).await, before_files);
+    let (code, out, err) = cli(&["status"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("adopted: the app's rag_embeddings, 40 vectors of text-embedding-ada-002")
+            && out.contains("; 0 not yet verified by a run"),
+        "{out}"
+    );
 
     // verify names the app's index. The review's sessions have no row-level security, and
     // the worker's app_user may read them: verify says so and how to fix it, as the owner.
