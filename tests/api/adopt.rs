@@ -902,3 +902,103 @@ async fn bigint_ids_an_enum_source_type_an_untyped_vector_and_no_token_count_are
         assert!(max_id == 40);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_of_migrations_1_to_16_with_data_upgrades_with_nothing_lost() {
+    let t = TestDb::empty().await;
+    // The worker as it was: apalis's schema, then migrations 1-16 (sqlx's own runner over the
+    // first 16 files; the fields are semver-exempt, which a test may live with).
+    apalis_postgres::PostgresStorage::setup(&t.admin)
+        .await
+        .unwrap();
+    let all = &embed_worker::db::MIGRATOR;
+    let old = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(all.migrations[..16].to_vec()),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    let mut conn = t.admin.acquire().await.unwrap();
+    sqlx::raw_sql("SET embed_worker.creating_sessions = on")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    old.run(&mut *conn).await.unwrap();
+    drop(conn);
+    // Its data: 30 sessions (their jobs queued by that version's capture), the model, and the
+    // vectors of 20 of them with that version's hashes.
+    let user = uuid::Uuid::new_v4();
+    let sources = insert_sessions(&t.admin, user, 30, |i| 3 + i % 5).await;
+    let s = t.settings();
+    let model = s.model.name.clone();
+    register(&t, &model, s.model.dimensions).await;
+    let loaded = embed_worker::pipeline::load::load(&t.admin, &s.render, &sources[..20])
+        .await
+        .unwrap();
+    for (source, l) in &loaded {
+        let hash = embed_worker::pipeline::chunk::content_hash(&l.text, &model, s.model.dimensions);
+        sqlx::query(
+            "INSERT INTO rag_embeddings (source_type, source_id, chunk_index, content_hash,
+                                         embedding, embedding_model, dimensions, token_count)
+             VALUES ('session', $1, 0, $2, array_fill(0.03::real, ARRAY[$3])::vector, $4, $3, 7)",
+        )
+        .bind(source.source_id)
+        .bind(hash)
+        .bind(s.model.dimensions as i32)
+        .bind(&model)
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    }
+    let jobs = count(&t.admin, "SELECT count(*) FROM apalis.jobs").await;
+    assert!(
+        jobs >= 30,
+        "that version's capture queued the sessions: {jobs}"
+    );
+    let rows = |t: &TestDb| {
+        let pool = t.admin.clone();
+        async move {
+            sqlx::query_as::<_, (uuid::Uuid, String, String, i32)>(
+                "SELECT source_id, content_hash, embedding::text, token_count FROM rag_embeddings
+                  ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let before = rows(&t).await;
+    assert_eq!(before.len(), 20);
+
+    let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
+    let (code, out, err) = output(worker_command(&t, &fake.base_url()).arg("migrate"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "migrations: {} of {} to apply, each in its own transaction",
+            all.iter().count() - 16,
+            all.iter().count()
+        )),
+        "{out}"
+    );
+    assert_eq!(rows(&t).await, before, "the upgrade changed stored vectors");
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM apalis.jobs").await,
+        jobs
+    );
+    // Its queued jobs run after the upgrade: the 10 sessions without a vector are embedded,
+    // the 20 with one cost nothing.
+    let (code, out, err) =
+        output(worker_command(&t, &fake.base_url()).args(["run", "--until-empty"]));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let inputs: usize = fake.requests().iter().map(|r| r.inputs).sum();
+    assert_eq!(inputs, 10);
+    let after = rows(&t).await;
+    assert_eq!(after.len(), 30);
+    for b in &before {
+        let a = after.iter().find(|a| a.0 == b.0).unwrap();
+        assert_eq!(
+            (&a.1, &a.2),
+            (&b.1, &b.2),
+            "an unchanged vector was replaced"
+        );
+    }
+}
