@@ -119,6 +119,8 @@ struct Table {
     kind: String,
     owner: String,
     owned: bool,
+    /// Row-level security on.
+    rls: bool,
     /// The planner's estimate; `None` before the first ANALYZE.
     rows: Option<i64>,
 }
@@ -426,6 +428,14 @@ pub async fn plan(
             rows(&t),
             t.owner
         ));
+        if ty == SourceType::Session && !t.rls {
+            plan.steps.push(
+                "  note: row-level security is off on sessions, and app_user is granted SELECT \
+                 on it: that role would read every user's sessions. `verify` fails until the \
+                 owner turns it on, and prints the statements"
+                    .into(),
+            );
+        }
         plan.steps.push(format!(
             "change capture on {table}: fires when {} change ({key})",
             fields.join(", ")
@@ -547,7 +557,7 @@ fn check_owner(plan: &mut Plan, table: &str, t: &Table, user: &str) {
 async fn table_of(conn: &mut PgConnection, table: &str) -> sqlx::Result<Option<Table>> {
     sqlx::query_as(
         "SELECT c.relkind::text AS kind, pg_get_userbyid(c.relowner)::text AS owner,
-                pg_has_role(c.relowner, 'MEMBER') AS owned,
+                pg_has_role(c.relowner, 'MEMBER') AS owned, c.relrowsecurity AS rls,
                 CASE WHEN c.relkind = 'p'
                      THEN (SELECT coalesce(sum(greatest(p.reltuples, 0)), 0)::bigint
                              FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid
