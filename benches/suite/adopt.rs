@@ -34,16 +34,17 @@ async fn load(pool: &PgPool, rows: usize) -> Vec<Uuid> {
                 .iter()
                 .map(|x| x + rng.random_range(-0.02..0.02))
                 .collect();
-            enc.row(3);
+            enc.row(4);
             enc.field(b"session");
             enc.field(id.as_bytes());
+            enc.field(b"the text the app embedded");
             enc.vector(&v);
         }
         let buf = enc.finish();
         let mut conn = pool.acquire().await.unwrap();
         let mut copy = conn
             .copy_in_raw(
-                "COPY rag_embeddings (source_type, source_id, embedding) FROM STDIN (FORMAT binary)",
+                "COPY rag_embeddings (source_type, source_id, content, embedding) FROM STDIN (FORMAT binary)",
             )
             .await
             .unwrap();

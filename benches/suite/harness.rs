@@ -6,7 +6,8 @@ use super::*;
 // The tests' harness: the dev server's URL and a free port are one function each, shared.
 pub(crate) use crate::helpers::{admin_url, free_port};
 
-pub(crate) async fn fresh_db(tag: &str) -> (String, PgPool) {
+/// A new database `bench_<tag>_<pid>`, nothing in it.
+pub(crate) async fn empty_db(tag: &str) -> (String, PgPool) {
     let name = format!("bench_{tag}_{}", std::process::id());
     let server = db::connect_as_login(&admin_url()).await.unwrap();
     for stmt in [
@@ -31,6 +32,12 @@ pub(crate) async fn fresh_db(tag: &str) -> (String, PgPool) {
     })
     .await
     .unwrap();
+    (url, pool)
+}
+
+/// [`empty_db`], migrated, capture off, the bench model registered.
+pub(crate) async fn fresh_db(tag: &str) -> (String, PgPool) {
+    let (url, pool) = empty_db(tag).await;
     db::migrate(&pool).await.unwrap();
     db::apply_capture(&pool, false, false).await.unwrap();
     // The bench model's partition (rows are COPYed in before any worker registers it).

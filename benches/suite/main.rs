@@ -284,7 +284,7 @@ async fn main() {
     }
     if want("adopt") {
         eprintln!("adopt of {} rows …", a.adopt_rows);
-        let (url, pool) = fresh_db("adopt").await;
+        let (url, pool) = empty_db("adopt").await;
         bench_adopt(&mut report, &url, &pool, a.adopt_rows).await;
         pool.close().await;
         drop_db(&url).await;
