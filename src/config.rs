@@ -783,10 +783,24 @@ pub struct RenderSettings {
     pub session: String,
     /// How a template becomes text.
     pub template: String,
+    /// The column of `sessions` holding its owner's id (uuid, `auth.uid()`'s): row-level
+    /// security on embeddings, the app's enqueue check and search as a user read it.
+    pub session_owner: String,
 }
 
 impl RenderSettings {
     fn check(&self, c: &mut Checks) {
+        let o = &self.session_owner;
+        c.check(
+            o.chars()
+                .next()
+                .is_some_and(|ch| ch.is_ascii_lowercase() || ch == '_')
+                && o.chars()
+                    .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_'),
+            "render.session_owner",
+            &format!("{o:?}"),
+            "a column name of sessions (lower-case letters, digits, _)",
+        );
         for (key, format) in [
             ("render.session", &self.session),
             ("render.template", &self.template),

@@ -83,6 +83,8 @@ pub struct SearchOptions {
     pub ef_search: u32,
     /// With `as_user`: rank exactly when the user can see at most this many rows.
     pub exact_below: i64,
+    /// The column of sessions holding its owner (`render.session_owner`).
+    pub session_owner: String,
 }
 
 impl Default for SearchOptions {
@@ -93,6 +95,7 @@ impl Default for SearchOptions {
             as_user: None,
             ef_search: 100,
             exact_below: 5000,
+            session_owner: "user_id".into(),
         }
     }
 }
@@ -101,7 +104,13 @@ impl Default for SearchOptions {
 /// `sessions.user_id`, and the embedded templates whose ids are bound as `$2` (when
 /// `templates`). Under row-level security only leakproof conditions (uuid and text equality;
 /// not enum equality) may become index conditions, hence ids rather than `source_type`.
-fn exact_visible_sql(spec: &IndexSpec, k: i64, sessions: bool, templates: bool) -> String {
+fn exact_visible_sql(
+    spec: &IndexSpec,
+    k: i64,
+    sessions: bool,
+    templates: bool,
+    owner: &str,
+) -> String {
     let lit = crate::model_index::quote_literal(&spec.model);
     let dimensions = spec.dimensions;
     let mut parts = Vec::new();
@@ -110,7 +119,7 @@ fn exact_visible_sql(spec: &IndexSpec, k: i64, sessions: bool, templates: bool) 
             "SELECT e.source_type, e.source_id, e.chunk_index, e.embedding
                FROM sessions s
                JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
-              WHERE s.user_id = auth.uid() AND e.embedding_model = {lit}"
+              WHERE s.{owner} = auth.uid() AND e.embedding_model = {lit}"
         ));
     }
     if templates {
@@ -129,15 +138,17 @@ fn exact_visible_sql(spec: &IndexSpec, k: i64, sessions: bool, templates: bool) 
     )
 }
 
-/// How many of `model`'s rows `user` can see, counted up to `cap` + 1 (a bounded index walk).
+/// How many of `model`'s rows `user` can see, counted up to `cap` + 1 (a bounded index walk);
+/// `owner`: the column of sessions holding its owner.
 pub async fn visible_rows(
     pool: &PgPool,
     model: &str,
     user: Uuid,
     source_type: Option<SourceType>,
     cap: i64,
+    owner: &str,
 ) -> sqlx::Result<i64> {
-    let (sessions, templates) = visible(pool, model, user, source_type, cap).await?;
+    let (sessions, templates) = visible(pool, model, user, source_type, cap, owner).await?;
     Ok(sessions + templates.len() as i64)
 }
 
@@ -150,6 +161,7 @@ async fn visible(
     user: Uuid,
     source_type: Option<SourceType>,
     cap: i64,
+    owner: &str,
 ) -> sqlx::Result<(i64, Vec<Uuid>)> {
     let sessions = if source_type == Some(SourceType::Template) {
         "false"
@@ -164,7 +176,7 @@ async fn visible(
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT (SELECT count(*) FROM (SELECT 1 FROM sessions s
                    JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
-                  WHERE {sessions} AND s.user_id = $1 AND e.embedding_model = $2 LIMIT $3 + 1) a),
+                  WHERE {sessions} AND s.{owner} = $1 AND e.embedding_model = $2 LIMIT $3 + 1) a),
                 ARRAY(SELECT source_id FROM rag_embeddings
                   WHERE {templates} AND source_type = 'template' AND embedding_model = $2 LIMIT $3 + 1)"
     )))
@@ -241,8 +253,15 @@ pub async fn search(
     // As a user who sees few rows: rank them exactly; templates on that path are looked up by id.
     let (exact, template_ids, seen) = match opts.as_user {
         Some(user) => {
-            let (sessions, mut templates) =
-                visible(pool, model, user, opts.source_type, opts.exact_below).await?;
+            let (sessions, mut templates) = visible(
+                pool,
+                model,
+                user,
+                opts.source_type,
+                opts.exact_below,
+                &opts.session_owner,
+            )
+            .await?;
             let seen = sessions + templates.len() as i64;
             let exact = seen <= opts.exact_below;
             templates.sort_unstable();
@@ -292,7 +311,13 @@ pub async fn search(
                 path,
             });
         }
-        exact_visible_sql(spec, opts.k, sessions, !template_ids.is_empty())
+        exact_visible_sql(
+            spec,
+            opts.k,
+            sessions,
+            !template_ids.is_empty(),
+            &opts.session_owner,
+        )
     } else {
         let plain = matches!(&path, SearchPath::Index(name)
             if indexes.iter().any(|ix| &ix.name == name && crate::model_index::is_plain(ix)));
@@ -331,12 +356,13 @@ pub async fn labels(
         })
         .collect();
     let texts = crate::pipeline::load::load(pool, render, &sources).await?;
-    let heads: Vec<(Uuid, String)> = sqlx::query_as(
+    let heads: Vec<(Uuid, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT id, '[template ' || focus || ']' FROM question_templates WHERE id = ANY($1)
          UNION ALL
-         SELECT id, '[session, user …' || right(user_id::text, 4) || ']'
+         SELECT id, '[session, user …' || right({owner}::text, 4) || ']'
            FROM sessions WHERE id = ANY($1)",
-    )
+        owner = render.session_owner
+    )))
     .bind(&ids)
     .fetch_all(pool)
     .await?;

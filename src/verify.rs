@@ -191,14 +191,14 @@ pub async fn verify(
     .await?
     .unwrap_or(false);
     if sessions_open {
-        problems.push(
+        problems.push(format!(
             "row-level security is off on sessions while app_user can select it: every user \
              reads every user's sessions. Fix (as the table's owner): ALTER TABLE sessions \
              ENABLE ROW LEVEL SECURITY; CREATE POLICY sessions_read_own ON sessions FOR SELECT \
-             TO app_user USING (user_id = auth.uid()); CREATE POLICY sessions_worker_read ON \
-             sessions FOR SELECT TO embed_worker USING (true);"
-                .into(),
-        );
+             TO app_user USING ({} = auth.uid()); CREATE POLICY sessions_worker_read ON \
+             sessions FOR SELECT TO embed_worker USING (true);",
+            settings.render.session_owner
+        ));
     }
     let trigger: Option<(bool,)> = sqlx::query_as(
         "SELECT tgenabled <> 'D' FROM pg_trigger

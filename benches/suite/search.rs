@@ -251,7 +251,7 @@ async fn filtered_and_lookups(
     owner: Uuid,
     ids: &[Uuid],
 ) {
-    let visible = embed_worker::search::visible_rows(pool, MODEL, owner, None, 5000)
+    let visible = embed_worker::search::visible_rows(pool, MODEL, owner, None, 5000, "user_id")
         .await
         .unwrap();
     for (label, exact_below) in [

@@ -45,11 +45,16 @@ pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Res
     }
     let spec = model_index::IndexSpec::from_settings(settings)?;
     model_index::lifecycle::check_dimensions(&pool, &spec).await?;
-    db::migrate_adopting(&pool, plan.adopt.as_ref()).await?;
+    db::migrate_adopting(&pool, plan.adopt.as_ref(), &settings.render.session_owner).await?;
     db::register_queue(&pool, &settings.queue.name).await?;
     for line in db::render::follow_render(&pool, &settings.render).await? {
         println!("{line}");
     }
+    let owner = &settings.render.session_owner;
+    if let Some(line) = db::render::follow_owner(&pool, owner).await? {
+        println!("{line}");
+    }
+    db::render::drop_owner_placeholder(&pool, owner).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;

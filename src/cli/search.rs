@@ -35,6 +35,7 @@ pub(crate) async fn search(
         source_type,
         as_user,
         ef_search,
+        session_owner: settings.render.session_owner.clone(),
         ..Default::default()
     };
     let started = std::time::Instant::now();

@@ -297,16 +297,18 @@ pub fn quote_ident(s: &str) -> String {
 /// apalis-postgres's migrations (schema `apalis`), then ours, then the worker role's grants on
 /// the queue schema. Idempotent: a second run changes nothing.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    migrate_adopting(pool, None).await
+    migrate_adopting(pool, None, "user_id").await
 }
 
-/// [`migrate`], adopting the app's own `rag_embeddings` when `adopt` says what it is
+/// [`migrate`] for sessions whose owner column is `session_owner` ([`render::owner_alias`]),
+/// adopting the app's own `rag_embeddings` when `adopt` says what it is
 /// ([`adopt`]): its preparation first, then the migrations and the attach in one transaction
 /// (the app reads its table until the commit and the partitioned one after it; a run killed
 /// before the commit leaves the app's table as it was, prepared, and runs again the same way).
 pub async fn migrate_adopting(
     pool: &PgPool,
     adopt: Option<&adopt::AppTable>,
+    session_owner: &str,
 ) -> anyhow::Result<()> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
@@ -314,6 +316,7 @@ pub async fn migrate_adopting(
     // Migration 7 turns row-level security on for `sessions` only where this project creates
     // the table; whether it will is known only before migration 1 runs.
     let mut conn = pool.acquire().await?;
+    render::owner_alias(&mut conn, session_owner).await?;
     let creating_sessions = creating_sessions(&mut conn).await?;
     if creating_sessions {
         conn.execute("SET embed_worker.creating_sessions = on")

@@ -72,11 +72,6 @@ const SESSIONS: &[Need] = &[
         why: "the source id in jobs and in rag_embeddings.source_id",
     },
     Need {
-        column: "user_id",
-        kind: Kind::Uuid,
-        why: "the owner, for row-level security and the app's enqueue checks",
-    },
-    Need {
         column: "updated_at",
         kind: Kind::Time,
         why: "when the text last changed: staleness and change capture",
@@ -404,6 +399,21 @@ pub async fn plan(
         };
         let columns = columns_of(conn, table).await?;
         check_columns(&mut plan, table, &columns, needs);
+        if ty == SourceType::Session {
+            let owner = &render.session_owner;
+            check_owner_column(&mut plan, &columns, owner);
+            if owner != "user_id"
+                && !columns.iter().any(|c| c.name == "user_id")
+                && super::render::needs_owner_alias(conn).await?
+            {
+                plan.steps.push(format!(
+                    "  adds sessions.user_id, a placeholder (nullable: catalog only, no \
+                     rewrite) for migrations 1, 2 and 13, which read that column; the worker's \
+                     checks are then pointed at {owner}, the placeholder dropped, and \
+                     idx_sessions_user_id built on ({owner}) CONCURRENTLY"
+                ));
+            }
+        }
         for f in &fields {
             if !columns.iter().any(|c| c.name == *f) {
                 plan.conflicts.push(Conflict {
@@ -516,6 +526,28 @@ fn check_app_embeddings(plan: &mut Plan, columns: &[Column], t: &Table) {
                  of the app's own is not adopted: embed-worker needs a database without it or \
                  with its own"
             .into(),
+    });
+}
+
+/// `render.session_owner`: a uuid column of the app's sessions.
+fn check_owner_column(plan: &mut Plan, columns: &[Column], owner: &str) {
+    let found = match columns.iter().find(|c| c.name == owner) {
+        None => "no such column".to_string(),
+        Some(c) if c.type_name == "uuid" => return,
+        Some(c) => format!("of type {}", c.shown),
+    };
+    plan.conflicts.push(Conflict {
+        place: format!("sessions.{owner}"),
+        found,
+        needed: format!(
+            "uuid, the owner (auth.uid()), named by render.session_owner \
+             (EMBED_WORKER__RENDER__SESSION_OWNER; this table has {})",
+            columns
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     });
 }
 

@@ -229,3 +229,153 @@ pub(super) async fn columns_of(
     .fetch_all(&mut *conn)
     .await
 }
+
+/// What `render.session_owner` names in the worker's SQL: the session-embeddings policy and
+/// the app's enqueue check compare `s.<owner> = auth.uid()`. Made for `user_id` by the
+/// migrations, re-made here (by `migrate`) when the setting names another column; the column
+/// they were made for is the enqueue function's comment. One transaction; nothing when they
+/// already follow it.
+pub async fn follow_owner(pool: &PgPool, owner: &str) -> anyhow::Result<Option<String>> {
+    let enqueue = "embed_worker.enqueue_many(embedding_source[], uuid[], text, integer, integer)";
+    let made_for: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT obj_description('{enqueue}'::regprocedure, 'pg_proc')"
+    )))
+    .fetch_one(pool)
+    .await?;
+    let old = made_for
+        .as_deref()
+        .and_then(|c| c.strip_prefix("embed-worker session owner: "))
+        .unwrap_or("user_id")
+        .to_string();
+    if old == owner {
+        return Ok(None);
+    }
+    let (def, policy): (String, String) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT pg_get_functiondef('{enqueue}'::regprocedure),
+                (SELECT qual FROM pg_policies WHERE schemaname = 'public'
+                    AND tablename = 'rag_embeddings'
+                    AND policyname = 'rag_embeddings_read_own_sessions')"
+    )))
+    .fetch_one(pool)
+    .await
+    .context("reading the enqueue check and the session-embeddings policy")?;
+    // Unquoted: the setting is checked to be a lower-case identifier, and a name after `s.`
+    // may be any keyword.
+    let (from_fn, to_fn) = (format!("s.{old} = uid"), format!("s.{owner} = uid"));
+    let (from_pol, to_pol) = (
+        format!("(s.{old} = auth.uid())"),
+        format!("(s.{owner} = auth.uid())"),
+    );
+    anyhow::ensure!(
+        def.contains(&from_fn) && policy.contains(&from_pol),
+        "the enqueue check or the session-embeddings policy no longer compares sessions.{old} \
+         with the user: not re-made for render.session_owner = {owner:?}"
+    );
+    let sql = format!(
+        "{function};
+         COMMENT ON FUNCTION {enqueue} IS 'embed-worker session owner: {owner}';
+         DROP POLICY rag_embeddings_read_own_sessions ON public.rag_embeddings;
+         CREATE POLICY rag_embeddings_read_own_sessions ON public.rag_embeddings FOR SELECT
+             TO app_user USING ({qual});",
+        function = def.replace(&from_fn, &to_fn),
+        qual = policy.replace(&from_pol, &to_pol),
+    );
+    let mut tx = pool.begin().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&mut *tx)
+        .await
+        .with_context(|| format!("re-making the owner checks for sessions.{owner}"))?;
+    tx.commit().await?;
+    Ok(Some(format!(
+        "session owner: row-level security and the app's enqueue check read sessions.{owner}"
+    )))
+}
+
+/// Where the app's sessions name their owner otherwise (`render.session_owner`) and have no
+/// `user_id`: migrations 1, 2 and 13, as released, index and compare `sessions.user_id`, so a
+/// placeholder column of that name is added for them (nullable, no default: catalog only, no
+/// rewrite; PostgreSQL 18's virtual columns cannot be indexed, which migration 1 does).
+/// Until [`follow_owner`] points the worker's checks at the owner column, they compare the
+/// placeholder's NULLs and let no user see a session's embeddings: closed, not open. Then
+/// [`drop_owner_placeholder`] drops it. Idempotent; `false` when nothing was needed.
+pub async fn owner_alias(conn: &mut sqlx::PgConnection, owner: &str) -> anyhow::Result<bool> {
+    use sqlx::Executor;
+    if owner == "user_id" || !needs_owner_alias(conn).await? {
+        return Ok(false);
+    }
+    conn.execute(
+        "ALTER TABLE public.sessions ADD COLUMN IF NOT EXISTS user_id uuid;
+         COMMENT ON COLUMN public.sessions.user_id IS 'embed-worker placeholder'",
+    )
+    .await
+    .context("adding the placeholder sessions.user_id")?;
+    Ok(true)
+}
+
+/// After [`follow_owner`]: the placeholder `sessions.user_id` and migration 1's index on it
+/// dropped, and an index of that name on the owner column built `CONCURRENTLY` (the worker's
+/// row-level security and searches look sessions up by owner). Idempotent.
+pub async fn drop_owner_placeholder(pool: &PgPool, owner: &str) -> anyhow::Result<bool> {
+    let placeholder: bool = sqlx::query_scalar(
+        "SELECT coalesce(col_description('public.sessions'::regclass,
+                    (SELECT attnum FROM pg_attribute WHERE attrelid = 'public.sessions'::regclass
+                        AND attname = 'user_id' AND NOT attisdropped)) = 'embed-worker placeholder',
+                false)",
+    )
+    .fetch_one(pool)
+    .await?;
+    if placeholder {
+        sqlx::raw_sql(
+            "DROP INDEX IF EXISTS public.idx_sessions_user_id;
+             ALTER TABLE public.sessions DROP COLUMN user_id",
+        )
+        .execute(pool)
+        .await
+        .context("dropping the placeholder sessions.user_id")?;
+    }
+    if owner == "user_id" {
+        return Ok(placeholder);
+    }
+    sqlx::raw_sql(
+        "DO $$ BEGIN
+             IF EXISTS (SELECT 1 FROM pg_index
+                         WHERE indexrelid = to_regclass('public.idx_sessions_user_id')
+                           AND NOT indisvalid) THEN
+                 DROP INDEX public.idx_sessions_user_id;
+             END IF;
+         END $$",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_sessions_user_id ON public.sessions ({owner})"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(placeholder)
+}
+
+/// Whether the app's sessions lack `user_id` while a migration that reads it is still to run.
+pub(super) async fn needs_owner_alias(conn: &mut sqlx::PgConnection) -> sqlx::Result<bool> {
+    let (sessions, has_user_id, recorded): (bool, bool, bool) = sqlx::query_as(
+        "SELECT to_regclass('public.sessions') IS NOT NULL,
+                EXISTS (SELECT 1 FROM pg_attribute
+                         WHERE attrelid = to_regclass('public.sessions') AND attname = 'user_id'
+                           AND NOT attisdropped),
+                to_regclass('public._sqlx_migrations') IS NOT NULL",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !sessions || has_user_id {
+        return Ok(false);
+    }
+    if !recorded {
+        return Ok(true);
+    }
+    sqlx::query_scalar(
+        "SELECT NOT EXISTS (SELECT 1 FROM public._sqlx_migrations
+                             WHERE version = 20261129000013 AND success)",
+    )
+    .fetch_one(conn)
+    .await
+}

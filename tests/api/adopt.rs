@@ -1002,3 +1002,136 @@ async fn an_install_of_migrations_1_to_16_with_data_upgrades_with_nothing_lost()
         );
     }
 }
+
+/// `sql` as the app's user `user` (app_user, `auth.uid()` = user), rolled back.
+async fn as_app_user<T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>>(
+    t: &TestDb,
+    user: &str,
+    sql: &str,
+) -> Result<Vec<T>, String> {
+    let mut tx = t.admin.begin().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SET LOCAL ROLE app_user; SELECT set_config('request.jwt.claim.sub', '{user}', true)"
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let r = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| e.to_string());
+    tx.rollback().await.unwrap();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_owner_column_is_a_setting_read_by_rls_the_enqueue_check_and_search() {
+    // The app calls its sessions' owner `owner_id`.
+    let t = with_schema(&APP_SCHEMA.replace("user_id", "owner_id")).await;
+    let fake = fake(embed_worker::fake_openai::FakeConfig::default()).await;
+    let cli = |args: &[&str], owner: &str| {
+        output(
+            worker_command(&t, &fake.base_url())
+                .env("EMBED_WORKER__RENDER__TEMPLATE", APP_TEMPLATE)
+                .env("EMBED_WORKER__RENDER__SESSION_OWNER", owner)
+                .args(args),
+        )
+    };
+    let (code, plan, _) = cli(&["migrate", "--plan"], "user_id");
+    assert_eq!(code, 1, "{plan}");
+    assert!(
+        plan.contains("    - sessions.user_id: no such column; needed: uuid, the owner (auth.uid()), named by render.session_owner"),
+        "{plan}"
+    );
+    let (code, out, err) = cli(&["migrate"], "owner_id");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(
+            "session owner: row-level security and the app's enqueue check read sessions.owner_id"
+        ),
+        "{out}"
+    );
+    // The placeholder user_id the released migrations needed is gone; the index is on owner_id.
+    let (has_user_id, index): (bool, String) = sqlx::query_as(
+        "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'public.sessions'::regclass
+                          AND attname = 'user_id' AND NOT attisdropped),
+                pg_get_indexdef('public.idx_sessions_user_id'::regclass)",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert!(!has_user_id);
+    assert!(index.ends_with("USING btree (owner_id)"), "{index}");
+    let (code, out, err) = cli(&["enqueue-stale"], "owner_id");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = cli(&["run", "--until-empty"], "owner_id");
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    let user = "00000000-0000-0000-0000-000000000001";
+    let own = count(
+        &t.admin,
+        "SELECT count(*) FROM sessions WHERE owner_id = '00000000-0000-0000-0000-000000000001'",
+    )
+    .await;
+    let seen: Vec<(i64, i64)> = as_app_user(
+        &t,
+        user,
+        &format!(
+            "SELECT count(*) FILTER (WHERE source_type = 'session'),
+                    count(*) FILTER (WHERE source_type = 'session' AND source_id NOT IN
+                        (SELECT id FROM sessions WHERE owner_id = '{user}'))
+               FROM rag_embeddings"
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen, [(own, 0)], "own session embeddings only");
+    // The app's enqueue: its own session accepted, another user's refused.
+    let (mine, theirs): (uuid::Uuid, uuid::Uuid) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT id FROM sessions WHERE owner_id = '{user}' LIMIT 1),
+                (SELECT id FROM sessions WHERE owner_id <> '{user}' LIMIT 1)"
+    )))
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    let ok: Result<Vec<(i64,)>, String> = as_app_user(
+        &t,
+        user,
+        &format!("SELECT embed_worker.enqueue('session', '{mine}')::int::int8"),
+    )
+    .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    let refused: Result<Vec<(i64,)>, String> = as_app_user(
+        &t,
+        user,
+        &format!("SELECT embed_worker.enqueue('session', '{theirs}')::int::int8"),
+    )
+    .await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("are not yours")),
+        "{refused:?}"
+    );
+    // Search as that user sees only their sessions.
+    let (code, out, err) = cli(
+        &[
+            "search",
+            "notes of session",
+            "--as-user",
+            user,
+            "--source-type",
+            "session",
+        ],
+        "owner_id",
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    let hits: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("[session, user …"))
+        .collect();
+    assert!(!hits.is_empty(), "{out}");
+    assert!(hits.iter().all(|l| l.contains("user …0001]")), "{out}");
+    // A second migrate leaves the owner checks as they are.
+    let (code, out, err) = cli(&["migrate"], "owner_id");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("session owner:"), "{out}");
+}

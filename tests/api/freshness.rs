@@ -563,13 +563,13 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .collect();
     assert_eq!(theirs.len(), 50);
     assert_eq!(
-        search::visible_rows(&t.admin, model, heavy, None, 5000)
+        search::visible_rows(&t.admin, model, heavy, None, 5000, "user_id")
             .await
             .unwrap(),
         50
     );
     assert_eq!(
-        search::visible_rows(&t.admin, model, others[0], None, 10)
+        search::visible_rows(&t.admin, model, others[0], None, 10, "user_id")
             .await
             .unwrap(),
         11,
@@ -617,7 +617,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     .await
     .unwrap();
     assert_eq!(
-        search::visible_rows(&t.admin, model, heavy, None, 5000)
+        search::visible_rows(&t.admin, model, heavy, None, 5000, "user_id")
             .await
             .unwrap(),
         51
