@@ -284,10 +284,7 @@ async fn main() {
     }
     if want("adopt") {
         eprintln!("adopt of {} rows …", a.adopt_rows);
-        let (url, pool) = empty_db("adopt").await;
-        bench_adopt(&mut report, &url, &pool, a.adopt_rows).await;
-        pool.close().await;
-        drop_db(&url).await;
+        bench_adopt(&mut report, a.adopt_rows).await;
     }
     let total = started.elapsed();
 
