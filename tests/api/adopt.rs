@@ -735,6 +735,13 @@ async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothi
         "{plan}"
     );
     tx.rollback().await.unwrap();
+    // What the app reads to write its own query says the same: the plain column.
+    let expression: String =
+        sqlx::query_scalar("SELECT index_expression FROM embed_worker.serving_model()")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(expression, "embedding");
 
     // A second migrate changes nothing.
     let catalog = whole_catalog(&t.admin).await;
