@@ -626,21 +626,7 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
     // source_type in the app's type: the policies that name it are made again around the change.
     let st = col("source_type").expect("inspected");
     if st.shown != "embedding_source" {
-        let policies: Vec<(String, String)> = sqlx::query_as(
-            "SELECT polname::text,
-                    format('CREATE POLICY %I ON public.rag_embeddings AS %s FOR %s TO %s%s%s',
-                           polname,
-                           CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
-                           CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
-                                       WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
-                           (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
-                              FROM unnest(polroles) r),
-                           ' USING (' || pg_get_expr(polqual, polrelid) || ')',
-                           ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')')
-               FROM pg_policy WHERE polrelid = 'public.rag_embeddings'::regclass",
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+        let policies = policies_sql(conn, "public.rag_embeddings", "rag_embeddings", false).await?;
         for (name, _) in &policies {
             conn.execute(ddl(format!(
                 "DROP POLICY {} ON public.rag_embeddings",
@@ -725,26 +711,8 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
     for g in grants {
         conn.execute(ddl(g)).await?;
     }
-    let policies: Vec<String> = sqlx::query_scalar(
-        "SELECT format('CREATE POLICY %I ON public.rag_embeddings AS %s FOR %s TO %s%s%s',
-                       polname,
-                       CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
-                       CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
-                                   WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
-                       (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
-                          FROM unnest(polroles) r),
-                       ' USING (' || replace(pg_get_expr(polqual, polrelid), $2 || '.', 'rag_embeddings.') || ')',
-                       ' WITH CHECK (' || replace(pg_get_expr(polwithcheck, polrelid), $2 || '.', 'rag_embeddings.') || ')')
-           FROM pg_policy
-          WHERE polrelid = $1::regclass
-            AND polname NOT IN (SELECT polname FROM pg_policy
-                                 WHERE polrelid = 'public.rag_embeddings'::regclass)",
-    )
-    .bind(format!("public.{p}"))
-    .bind(part)
-    .fetch_all(&mut *conn)
-    .await?;
-    for create in policies {
+    let policies = policies_sql(conn, &format!("public.{p}"), part, true).await?;
+    for (_, create) in policies {
         conn.execute(ddl(create)).await?;
     }
     // The validated CHECKs take the names of the parent's (ATTACH matches them by name).
@@ -806,6 +774,38 @@ pub async fn attach(conn: &mut PgConnection, t: &AppTable, part: &str) -> anyhow
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// The policies of `table` as `CREATE POLICY … ON public.rag_embeddings` statements, by name:
+/// references to `table_name.` rewritten to `rag_embeddings.`; with `new_only`, those whose
+/// name the parent has already left out.
+async fn policies_sql(
+    conn: &mut PgConnection,
+    table: &str,
+    table_name: &str,
+    new_only: bool,
+) -> sqlx::Result<Vec<(String, String)>> {
+    sqlx::query_as(
+        "SELECT polname::text,
+                format('CREATE POLICY %I ON public.rag_embeddings AS %s FOR %s TO %s%s%s',
+                       polname,
+                       CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                       CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
+                                   WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                       (SELECT string_agg(CASE WHEN r = 0 THEN 'public' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
+                          FROM unnest(polroles) r),
+                       ' USING (' || replace(pg_get_expr(polqual, polrelid), $2 || '.', 'rag_embeddings.') || ')',
+                       ' WITH CHECK (' || replace(pg_get_expr(polwithcheck, polrelid), $2 || '.', 'rag_embeddings.') || ')')
+           FROM pg_policy
+          WHERE polrelid = $1::regclass
+            AND NOT ($3 AND polname IN (SELECT polname FROM pg_policy
+                                         WHERE polrelid = 'public.rag_embeddings'::regclass))",
+    )
+    .bind(table)
+    .bind(table_name)
+    .bind(new_only)
+    .fetch_all(conn)
+    .await
 }
 
 /// `status`'s line on an adopted table: when, how many rows, how many not yet verified by a
