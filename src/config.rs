@@ -69,6 +69,33 @@ pub struct SearchSettings {
     /// worker's writes, queue and locks always stay on the primary.
     #[serde(serialize_with = "redacted_url")]
     pub database_url: String,
+    /// `hnsw.ef_search` of a model `tune` has not tuned (`embed_worker.search_settings`).
+    pub ef_search: u32,
+    /// `hnsw.max_scan_tuples` of an untuned model: how far an iterative scan walks for a
+    /// filtered search.
+    pub max_scan_tuples: u32,
+    /// A caller who sees at most this many rows has them ranked exactly, not through the index.
+    pub exact_below: u32,
+    /// The recall probe runs every this many minutes (on the leader); 0: never.
+    pub probe_minutes: u64,
+    /// Queries per probe scope: stored vectors of the serving model, each ranked exactly too.
+    pub probe_queries: u32,
+    /// Recall@k the probe and `tune` hold the index to (alert `EmbedWorkerSearchRecallLow`).
+    pub recall_target: f64,
+    /// k of the probe and of `tune`.
+    pub probe_k: u32,
+}
+
+impl SearchSettings {
+    fn check(&self, c: &mut Checks) {
+        c.within("search.ef_search", self.ef_search, 1, 1000);
+        c.within("search.max_scan_tuples", self.max_scan_tuples, 1, 100_000_000);
+        c.within("search.exact_below", self.exact_below, 0, 1_000_000);
+        c.within("search.probe_minutes", self.probe_minutes, 0, 10_080);
+        c.within("search.probe_queries", self.probe_queries, 1, 1000);
+        c.within("search.recall_target", self.recall_target, 0.0, 1.0);
+        c.within("search.probe_k", self.probe_k, 1, 100);
+    }
 }
 
 /// The setting that names the primary, as errors cite it.
@@ -97,6 +124,13 @@ impl std::fmt::Debug for SearchSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SearchSettings")
             .field("database_url", &crate::redact::url(&self.database_url))
+            .field("ef_search", &self.ef_search)
+            .field("max_scan_tuples", &self.max_scan_tuples)
+            .field("exact_below", &self.exact_below)
+            .field("probe_minutes", &self.probe_minutes)
+            .field("probe_queries", &self.probe_queries)
+            .field("recall_target", &self.recall_target)
+            .field("probe_k", &self.probe_k)
             .finish()
     }
 }
@@ -990,6 +1024,7 @@ impl Settings {
         self.bulk.check(&mut c);
         self.index.check(&mut c);
         c.within("write.streams", self.write.streams, 1, 16);
+        self.search.check(&mut c);
         c.within(
             "alerts.replica_lag_secs",
             self.alerts.replica_lag_secs,

@@ -1,24 +1,25 @@
-//! Search: what the embeddings are for. Top-k cosine through the serving model's HNSW index
-//! ([`search_serving`]; `embed_worker.models` says which), optionally as an app user under
-//! row-level security; plus the design's two other lookups.
+//! Search: what the embeddings are for. The search itself is SQL, `embed_worker.search(query,
+//! k)` (migration 22), so the app and `embed-worker search` run one statement: the serving
+//! model (`embed_worker.models` says which, read on each call), its partition and index, its
+//! tuned `ef_search`. This module calls it, says which way it went ([`SearchPath`]), and labels
+//! hits for people.
 //!
 //! Why iterative index scans: a plain HNSW scan yields `hnsw.ef_search` candidates and only then
 //! applies filters (the model is the partition the plan is pruned to, but RLS and `source_type`
-//! are filters). A
-//! user who owns 0.1% of the rows would get almost nothing back. pgvector 0.8's
+//! are filters). A user who owns 0.1% of the rows would get almost nothing back. pgvector 0.8's
 //! `hnsw.iterative_scan` keeps scanning until k rows pass the filters (up to
 //! `hnsw.max_scan_tuples`). `relaxed_order` is fastest; the outer query re-sorts exactly.
 //!
 //! Why an exact path too: when a user's own rows are few and all far from the query (they sit in
-//! other clusters), the iterative scan walks `hnsw.max_scan_tuples` (20,000) tuples and still
-//! comes back short for a user who owns a tiny share of the rows (docs/decisions.md).
-//! So a search as a user first counts what that user can see (index lookups, capped); at most
-//! `exact_below` rows are ranked exactly through the `sessions.user_id` and source indexes —
-//! always k rows, the true nearest, in milliseconds — and only a larger set uses the HNSW index.
+//! other clusters), the iterative scan walks `hnsw.max_scan_tuples` tuples and still comes back
+//! short for a user who owns a tiny share of the rows (docs/decisions.md). So a search as a user
+//! first counts what that user can see (index lookups, capped); at most `search.exact_below`
+//! rows are ranked exactly through the owner column and the templates' ids — always k rows, the
+//! true nearest, in milliseconds — and only a larger set uses the HNSW index.
 //!
 //! Why a model without a ready index still answers: its index is deferred until its backfill
-//! drains, or building. The search then ranks the model's rows exactly (a sequential scan at
-//! full precision) and says so in [`Found::path`]; it never fails for want of an index.
+//! drains, or building. The planner then ranks the model's rows by a scan, and [`Found::path`]
+//! says so; it never fails for want of an index.
 
 use pgvector::Vector;
 use sqlx::PgPool;
@@ -70,176 +71,139 @@ pub struct Found {
     pub path: SearchPath,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 /// How to search.
 pub struct SearchOptions {
-    /// Results wanted.
+    /// Results wanted (1 to 1,000).
     pub k: i64,
     /// Only this source type.
     pub source_type: Option<SourceType>,
     /// Run as `app_user` with `auth.uid()` = this user (RLS applies).
     pub as_user: Option<Uuid>,
-    /// `hnsw.ef_search`.
-    pub ef_search: u32,
-    /// With `as_user`: rank exactly when the user can see at most this many rows.
-    pub exact_below: i64,
-    /// The column of sessions holding its owner (`render.session_owner`).
-    pub session_owner: String,
+    /// `hnsw.ef_search` for this search instead of the model's tuned one.
+    pub ef_search: Option<u32>,
+    /// `hnsw.max_scan_tuples` for this search instead of the model's tuned one.
+    pub max_scan_tuples: Option<u32>,
 }
 
-impl Default for SearchOptions {
-    fn default() -> Self {
+impl SearchOptions {
+    /// The top `k`, with the model's own settings.
+    pub fn top(k: i64) -> Self {
         SearchOptions {
-            k: 5,
-            source_type: None,
-            as_user: None,
-            ef_search: 100,
-            exact_below: 5000,
-            session_owner: "user_id".into(),
+            k,
+            ..Default::default()
         }
     }
 }
 
-/// The statement ranking exactly the rows `auth.uid()` can see: own sessions, reached through
-/// `sessions.user_id`, and the embedded templates whose ids are bound as `$2` (when
-/// `templates`). Under row-level security only leakproof conditions (uuid and text equality;
-/// not enum equality) may become index conditions, hence ids rather than `source_type`.
-fn exact_visible_sql(
-    spec: &IndexSpec,
-    k: i64,
-    sessions: bool,
-    templates: bool,
-    owner: &str,
-) -> String {
-    let lit = crate::model_index::quote_literal(&spec.model);
-    let dimensions = spec.dimensions;
-    let mut parts = Vec::new();
-    if sessions {
-        parts.push(format!(
-            "SELECT e.source_type, e.source_id, e.chunk_index, e.embedding
-               FROM sessions s
-               JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
-              WHERE s.{owner} = auth.uid() AND e.embedding_model = {lit}"
-        ));
-    }
-    if templates {
-        parts.push(format!(
-            "SELECT source_type, source_id, chunk_index, embedding FROM rag_embeddings
-              WHERE source_id = ANY($2) AND source_type = 'template' AND embedding_model = {lit}"
-        ));
-    }
-    format!(
-        "SELECT source_type::text AS source_type, source_id, chunk_index,
-                (embedding::vector({dimensions}) <=> $1) AS distance
-           FROM ({}) visible
-          ORDER BY distance LIMIT {k}",
-        parts.join(" UNION ALL "),
-        k = k.max(1)
-    )
+/// How `embed_worker.search_route` (migration 22) answers for the caller.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Route {
+    /// The model searched.
+    pub model: String,
+    /// Its dimensions.
+    pub dimensions: i32,
+    /// The statement `embed_worker.search` runs (`$1` the query, `$2` template ids); none when
+    /// the caller can see nothing of what was asked.
+    pub statement: Option<String>,
+    /// The `hnsw.ef_search` it runs with unless the call names one.
+    pub ef_search: i32,
+    /// The `hnsw.max_scan_tuples` it runs with unless the call names one.
+    pub max_scan_tuples: i32,
+    /// Ranked exactly: the caller sees at most `search.exact_below` rows.
+    pub exact: bool,
+    /// Rows the caller sees, counted up to the cap (only with `auth.uid()` set).
+    pub visible: Option<i64>,
 }
 
-/// How many of `model`'s rows `user` can see, counted up to `cap` + 1 (a bounded index walk);
-/// `owner`: the column of sessions holding its owner.
+/// Sets the role and the JWT subject of `user` for the rest of `tx`: what an app's request
+/// does before it searches.
+async fn act_as(tx: &mut sqlx::PgConnection, user: Option<Uuid>) -> sqlx::Result<()> {
+    if let Some(user) = user {
+        sqlx::query("SET LOCAL ROLE app_user").execute(&mut *tx).await?;
+        sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The route `embed_worker.search` takes for `user` (none: the connection's own role) on
+/// `model` (none: the serving one).
+pub async fn route(
+    pool: &PgPool,
+    model: Option<&str>,
+    k: i64,
+    source_type: Option<SourceType>,
+    user: Option<Uuid>,
+) -> sqlx::Result<Route> {
+    let mut tx = pool.begin().await?;
+    act_as(&mut tx, user).await?;
+    let route = sqlx::query_as(
+        "SELECT model, dimensions, statement, ef_search, max_scan_tuples, exact, visible
+           FROM embed_worker.search_route($1, $2, $3)",
+    )
+    .bind(source_type.map(|t| t.as_str()))
+    .bind(k as i32)
+    .bind(model)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(route)
+}
+
+/// The statement the search runs on `model`'s index for a caller without `auth.uid()` (what an
+/// EXPLAIN should look at): `$1` is the query.
+pub async fn index_statement(
+    pool: &PgPool,
+    model: &str,
+    k: i64,
+    source_type: Option<SourceType>,
+) -> anyhow::Result<String> {
+    route(pool, Some(model), k, source_type, None)
+        .await?
+        .statement
+        .ok_or_else(|| anyhow::anyhow!("no statement for model {model}"))
+}
+
+/// How many of `model`'s rows `user` can see, as the search counts them: up to
+/// `search.exact_below` + 1 session rows and as many template rows.
 pub async fn visible_rows(
     pool: &PgPool,
     model: &str,
     user: Uuid,
     source_type: Option<SourceType>,
-    cap: i64,
-    owner: &str,
 ) -> sqlx::Result<i64> {
-    let (sessions, templates) = visible(pool, model, user, source_type, cap, owner).await?;
-    Ok(sessions + templates.len() as i64)
+    Ok(route(pool, Some(model), 1, source_type, Some(user))
+        .await?
+        .visible
+        .unwrap_or(0))
 }
 
-/// What `user` can see of `model`'s rows, in one round trip: the number of their session rows
-/// and the source id of each template row (templates are visible to every user), each capped at
-/// `cap` + 1 rows.
-async fn visible(
-    pool: &PgPool,
-    model: &str,
-    user: Uuid,
-    source_type: Option<SourceType>,
-    cap: i64,
-    owner: &str,
-) -> sqlx::Result<(i64, Vec<Uuid>)> {
-    let sessions = if source_type == Some(SourceType::Template) {
-        "false"
-    } else {
-        "true"
-    };
-    let templates = if source_type == Some(SourceType::Session) {
-        "false"
-    } else {
-        "true"
-    };
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT (SELECT count(*) FROM (SELECT 1 FROM sessions s
-                   JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
-                  WHERE {sessions} AND s.{owner} = $1 AND e.embedding_model = $2 LIMIT $3 + 1) a),
-                ARRAY(SELECT source_id FROM rag_embeddings
-                  WHERE {templates} AND source_type = 'template' AND embedding_model = $2 LIMIT $3 + 1)"
-    )))
-    .bind(user)
-    .bind(model)
-    .bind(cap)
-    .fetch_one(pool)
-    .await
-}
-
-/// The search statement for `spec`'s model: the model as a literal, so the plan is pruned to its
-/// partition at planning time, and the expression of that partition's index, so the planner can
-/// use it; `exact` ranks at full precision instead (no index applies). `k` and the source-type filter are written into the statement, not bound:
-/// with a bound LIMIT, a cached generic plan does not know the limit is small and prefers a
-/// sequential scan and sort (docs/decisions.md). `plain`: the model's index is on the column
-/// itself (an adopted table's), so the distance is written on the column.
-pub fn search_sql(
-    spec: &IndexSpec,
-    k: i64,
-    source_type: Option<SourceType>,
-    exact: bool,
-    plain: bool,
-) -> String {
-    let filter = source_type
-        .map(|t| format!(" AND source_type = '{}'", t.as_str()))
-        .unwrap_or_default();
-    let distance = if exact {
-        format!("embedding::vector({}) <=> $1", spec.dimensions)
-    } else if plain {
-        "embedding <=> $1".to_string()
-    } else {
-        format!("{} <=> {}", spec.key(), spec.query_param())
-    };
+/// Ground truth: the exact top-k of `spec`'s rows at full precision, no index (`$1` the
+/// query). What recall is measured against.
+pub fn exact_sql(spec: &IndexSpec, k: i64) -> String {
     format!(
-        "SELECT source_type::text AS source_type, source_id, chunk_index, distance::float8 AS distance FROM (
-             SELECT source_type, source_id, chunk_index, ({distance}) AS distance
-               FROM rag_embeddings
-              WHERE embedding_model = {lit}{filter}
-              ORDER BY {distance}
-              LIMIT {k}
-         ) hits ORDER BY distance",
+        "SELECT source_type::text AS source_type, source_id, chunk_index,
+                (embedding::vector({d}) <=> $1)::float8 AS distance
+           FROM rag_embeddings WHERE embedding_model = {lit}
+          ORDER BY distance LIMIT {k}",
+        d = spec.dimensions,
         lit = crate::model_index::quote_literal(&spec.model),
         k = k.max(1)
     )
 }
 
-/// Top-k nearest chunks to `query` (a vector of the serving model) among the serving model's
-/// vectors: what an app should call. The serving model is read from `embed_worker.models` on
-/// each call, so a promotion takes effect at once.
+/// Top-k nearest chunks to `query` among the serving model's vectors, through
+/// `embed_worker.search`: what an app calls. The serving model is read on each call, so a
+/// promotion takes effect at once.
 pub async fn search_serving(
     pool: &PgPool,
     query: Vec<f32>,
     opts: &SearchOptions,
 ) -> anyhow::Result<Found> {
-    let spec = crate::model_index::lifecycle::serving_spec(pool).await?;
-    anyhow::ensure!(
-        query.len() == spec.dimensions,
-        "the query has {} dimensions; the serving model {} has {}",
-        query.len(),
-        spec.model,
-        spec.dimensions
-    );
-    search(pool, &spec, query, opts).await
+    search_model(pool, None, query, opts).await
 }
 
 /// Top-k nearest chunks to `query` among the vectors of `spec`'s model.
@@ -249,32 +213,27 @@ pub async fn search(
     query: Vec<f32>,
     opts: &SearchOptions,
 ) -> anyhow::Result<Found> {
-    let model = spec.model.as_str();
-    // As a user who sees few rows: rank them exactly; templates on that path are looked up by id.
-    let (exact, template_ids, seen) = match opts.as_user {
-        Some(user) => {
-            let (sessions, mut templates) = visible(
-                pool,
-                model,
-                user,
-                opts.source_type,
-                opts.exact_below,
-                &opts.session_owner,
-            )
-            .await?;
-            let seen = sessions + templates.len() as i64;
-            let exact = seen <= opts.exact_below;
-            templates.sort_unstable();
-            templates.dedup();
-            (exact, if exact { templates } else { Vec::new() }, seen)
-        }
-        None => (false, Vec::new(), 0),
-    };
-    let indexes = crate::model_index::vector_indexes(pool).await?;
-    let path = if exact {
-        SearchPath::ExactVisible(seen)
+    search_model(pool, Some(&spec.model), query, opts).await
+}
+
+async fn search_model(
+    pool: &PgPool,
+    model: Option<&str>,
+    query: Vec<f32>,
+    opts: &SearchOptions,
+) -> anyhow::Result<Found> {
+    let k = if opts.k == 0 { 5 } else { opts.k };
+    let route = route(pool, model, k, opts.source_type, opts.as_user).await?;
+    let path = if route.exact {
+        SearchPath::ExactVisible(route.visible.unwrap_or(0))
     } else {
-        match crate::model_index::find(&indexes, spec) {
+        let models = crate::model_index::lifecycle::models(pool).await?;
+        let spec = models
+            .iter()
+            .find(|m| m.name == route.model)
+            .map(IndexSpec::of)
+            .ok_or_else(|| anyhow::anyhow!("model {} is not registered", route.model))?;
+        match crate::model_index::state(pool, &spec).await? {
             crate::model_index::IndexState::Ready(name) => SearchPath::Index(name),
             crate::model_index::IndexState::Building(name) => {
                 SearchPath::ExactNoIndex(format!("{name} is being built"))
@@ -289,53 +248,41 @@ pub async fn search(
         }
     };
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), set_config('hnsw.ef_search', $1, true)")
-        .bind(opts.ef_search.to_string())
-        .execute(&mut *tx)
-        .await?;
-    if let Some(user) = opts.as_user {
-        sqlx::query("SET LOCAL ROLE app_user")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
-            .bind(user.to_string())
-            .execute(&mut *tx)
-            .await?;
-    }
-    // Row-level security applies on both paths: the exact one only narrows what is read.
-    let sql = if exact {
-        let sessions = opts.source_type != Some(SourceType::Template);
-        if !sessions && template_ids.is_empty() {
-            return Ok(Found {
-                hits: Vec::new(),
-                path,
-            });
-        }
-        exact_visible_sql(
-            spec,
-            opts.k,
-            sessions,
-            !template_ids.is_empty(),
-            &opts.session_owner,
-        )
-    } else {
-        let plain = matches!(&path, SearchPath::Index(name)
-            if indexes.iter().any(|ix| &ix.name == name && crate::model_index::is_plain(ix)));
-        search_sql(
-            spec,
-            opts.k,
-            opts.source_type,
-            matches!(path, SearchPath::ExactNoIndex(_)),
-            plain,
-        )
-    };
-    let mut q = sqlx::query_as::<_, Hit>(sqlx::AssertSqlSafe(sql)).bind(Vector::from(query));
-    if exact && !template_ids.is_empty() {
-        q = q.bind(template_ids);
-    }
-    let hits = q.fetch_all(&mut *tx).await?;
+    act_as(&mut tx, opts.as_user).await?;
+    let hits = sqlx::query_as::<_, Hit>(
+        "SELECT source_type, source_id, chunk_index, distance
+           FROM embed_worker.search($1, $2, $3::embedding_source, $4, $5, $6)",
+    )
+    .bind(Vector::from(query))
+    .bind(k as i32)
+    .bind(opts.source_type.map(|t| t.as_str()))
+    .bind(opts.ef_search.map(|v| v as i32))
+    .bind(opts.max_scan_tuples.map(|v| v as i32))
+    .bind(model)
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(Found { hits, path })
+}
+
+/// Writes `[search]`'s settings and `render.session_owner` where `embed_worker.search` reads
+/// them (`migrate`).
+pub async fn apply_settings(
+    pool: &PgPool,
+    search: &crate::config::SearchSettings,
+    session_owner: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.search_settings
+            SET session_owner = $1, exact_below = $2, ef_search = $3, max_scan_tuples = $4",
+    )
+    .bind(session_owner)
+    .bind(search.exact_below as i32)
+    .bind(search.ef_search as i32)
+    .bind(search.max_scan_tuples as i32)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// A short human label per hit: a template's focus, a session's owner, and the head of the

@@ -86,7 +86,7 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
     let queries: Vec<Vec<f32>> = (0..100).map(|i| clustered(10_000_000 + i)).collect();
     let mut exact: Vec<HashSet<Uuid>> = Vec::new();
     {
-        let sql = embed_worker::search::search_sql(&full, 5, None, true, false);
+        let sql = embed_worker::search::exact_sql(&full, 5);
         let mut conn = pool.acquire().await.unwrap();
         sqlx::raw_sql("SET enable_indexscan = off; SET enable_bitmapscan = off; SET max_parallel_workers_per_gather = 2").execute(&mut *conn).await.unwrap();
         for q in &queries {
@@ -182,7 +182,16 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
         warm(name.clone()).await;
         // The model's partition (a partitioned table has no storage of its own).
         warm(model_index::partition_name(&spec.model)).await;
-        let sql = embed_worker::search::search_sql(&spec, 5, None, false, false);
+        // The statement embed_worker.search runs, with the registry saying this precision.
+        sqlx::query("UPDATE embed_worker.models SET index_type = $1 WHERE name = $2")
+            .bind(spec.type_name())
+            .bind(&spec.model)
+            .execute(pool)
+            .await
+            .unwrap();
+        let sql = embed_worker::search::index_statement(pool, &spec.model, 5, None)
+            .await
+            .unwrap();
         let _ = run(sql.clone(), 200, 1).await;
         for ef in [40u32, 100, 200, 400, 800] {
             for clients in [1usize, 4] {
@@ -225,7 +234,14 @@ pub(crate) async fn bench_search(report: &mut Report, pool: &PgPool, n: usize) {
             None,
         );
         warm(name).await;
-        let sql = embed_worker::search::search_sql(&full, 5, None, false, false);
+        sqlx::query("UPDATE embed_worker.models SET index_type = 'vector' WHERE name = $1")
+            .bind(&full.model)
+            .execute(pool)
+            .await
+            .unwrap();
+        let sql = embed_worker::search::index_statement(pool, &full.model, 5, None)
+            .await
+            .unwrap();
         let _ = run(sql.clone(), 200, 1).await;
         let (lat, found) = run(sql, 100, 1).await;
         let (_, p95, _) = ms_stats(lat);
@@ -251,7 +267,7 @@ async fn filtered_and_lookups(
     owner: Uuid,
     ids: &[Uuid],
 ) {
-    let visible = embed_worker::search::visible_rows(pool, MODEL, owner, None, 5000, "user_id")
+    let visible = embed_worker::search::visible_rows(pool, MODEL, owner, None)
         .await
         .unwrap();
     for (label, exact_below) in [
@@ -261,6 +277,11 @@ async fn filtered_and_lookups(
         ),
         ("HNSW iterative scan only".to_string(), 0),
     ] {
+        sqlx::query("UPDATE embed_worker.search_settings SET exact_below = $1")
+            .bind(exact_below)
+            .execute(pool)
+            .await
+            .unwrap();
         let mut lat = Vec::new();
         let mut full = 0;
         for q in queries.iter().take(50) {
@@ -272,8 +293,7 @@ async fn filtered_and_lookups(
                 &embed_worker::search::SearchOptions {
                     k: 5,
                     as_user: Some(owner),
-                    ef_search: 40,
-                    exact_below,
+                    ef_search: Some(40),
                     ..Default::default()
                 },
             )
@@ -300,6 +320,10 @@ async fn filtered_and_lookups(
             (exact_below > 0).then_some(full == 50),
         );
     }
+    sqlx::query("UPDATE embed_worker.search_settings SET exact_below = 5000")
+        .execute(pool)
+        .await
+        .unwrap();
     embed_worker::seed::seed_templates(
         pool,
         &embed_worker::seed::read_templates(std::path::Path::new(concat!(

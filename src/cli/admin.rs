@@ -55,6 +55,7 @@ pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Res
         println!("{line}");
     }
     db::render::drop_owner_placeholder(&pool, owner).await?;
+    embed_worker::search::apply_settings(&pool, &settings.search, owner).await?;
     db::apply_capture(&pool, settings.capture.sessions, settings.capture.templates).await?;
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;

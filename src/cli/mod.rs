@@ -144,8 +144,9 @@ pub(crate) enum Command {
         source_type: Option<embed_worker::source::SourceType>,
         #[arg(long)]
         as_user: Option<uuid::Uuid>,
-        #[arg(long, default_value_t = 100)]
-        ef_search: u32,
+        /// hnsw.ef_search for this search (default: the model's tuned one, else search.ef_search).
+        #[arg(long)]
+        ef_search: Option<u32>,
     },
 }
 

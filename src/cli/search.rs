@@ -16,7 +16,7 @@ pub(crate) async fn search(
     k: i64,
     source_type: Option<SourceType>,
     as_user: Option<uuid::Uuid>,
-    ef_search: u32,
+    ef_search: Option<u32>,
 ) -> anyhow::Result<ExitCode> {
     // The read URL (a standby, say) when one is configured; nothing here writes.
     let pool = db::connect_reads(settings, false).await?;
@@ -35,11 +35,10 @@ pub(crate) async fn search(
         source_type,
         as_user,
         ef_search,
-        session_owner: settings.render.session_owner.clone(),
-        ..Default::default()
+        max_scan_tuples: None,
     };
     let started = std::time::Instant::now();
-    let found = embed_worker::search::search(&pool, &spec, query, &opts).await?;
+    let found = embed_worker::search::search_serving(&pool, query, &opts).await?;
     let hits = found.hits;
     let took = started.elapsed();
     let labels = embed_worker::search::labels(&pool, &settings.render, &hits).await?;

@@ -718,7 +718,9 @@ async fn the_apps_table_is_adopted_in_place_and_its_unchanged_vectors_cost_nothi
         embed_worker::config::IndexPrecision::Auto,
     )
     .unwrap();
-    let sql = embed_worker::search::search_sql(&spec, 5, None, false, true);
+    let sql = embed_worker::search::index_statement(&t.admin, &spec.model, 5, None)
+        .await
+        .unwrap();
     let mut tx = t.admin.begin().await.unwrap();
     sqlx::raw_sql("SET LOCAL enable_seqscan = off; SET LOCAL enable_sort = off")
         .execute(&mut *tx)

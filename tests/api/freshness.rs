@@ -521,7 +521,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     let opts = search::SearchOptions {
         k: 5,
         as_user: Some(owner),
-        ef_search: 40,
+        ef_search: Some(40),
         ..Default::default()
     };
     let hits = search::search(&t.admin, &spec(model, dims), q.clone(), &opts)
@@ -563,18 +563,20 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .collect();
     assert_eq!(theirs.len(), 50);
     assert_eq!(
-        search::visible_rows(&t.admin, model, heavy, None, 5000, "user_id")
+        search::visible_rows(&t.admin, model, heavy, None)
             .await
             .unwrap(),
         50
     );
+    set_exact_below(&t, 10).await;
     assert_eq!(
-        search::visible_rows(&t.admin, model, others[0], None, 10, "user_id")
+        search::visible_rows(&t.admin, model, others[0], None)
             .await
             .unwrap(),
         11,
         "the count stops past the cap"
     );
+    set_exact_below(&t, 5000).await;
     let cosine_distance = |a: &[f32], b: &[f32]| {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -617,7 +619,7 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
     .await
     .unwrap();
     assert_eq!(
-        search::visible_rows(&t.admin, model, heavy, None, 5000, "user_id")
+        search::visible_rows(&t.admin, model, heavy, None)
             .await
             .unwrap(),
         51
@@ -660,18 +662,16 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .unwrap();
 
     // Forced onto the HNSW path: still only their rows.
-    let hits = search::search(
-        &t.admin,
-        &spec(model, dims),
-        q.clone(),
-        &search::SearchOptions {
-            exact_below: 0,
-            ..heavy_opts
-        },
-    )
-    .await
-    .unwrap()
-    .hits;
+    set_exact_below(&t, 0).await;
+    let found = search::search(&t.admin, &spec(model, dims), q.clone(), &heavy_opts)
+        .await
+        .unwrap();
+    assert!(
+        matches!(found.path, search::SearchPath::Index(_)),
+        "{:?}",
+        found.path
+    );
+    let hits = found.hits;
     assert_eq!(hits.len(), 5);
     let ids_of_theirs: std::collections::HashSet<Uuid> = theirs.iter().map(|(id, _)| *id).collect();
     assert!(hits.iter().all(|h| ids_of_theirs.contains(&h.source_id)));
@@ -686,13 +686,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .execute(&mut *tx)
         .await
         .unwrap();
-    let plain: Vec<search::Hit> = sqlx::query_as(sqlx::AssertSqlSafe(search::search_sql(
-        &spec(model, dims),
-        5,
-        None,
-        false,
-        false,
-    )))
+    let sql = search::index_statement(&t.admin, model, 5, None)
+        .await
+        .unwrap();
+    let plain: Vec<search::Hit> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
     .bind(pgvector::Vector::from(q))
     .fetch_all(&mut *tx)
     .await
@@ -804,4 +801,13 @@ async fn a_survey_streams_past_one_round_and_prices_only_what_it_is_asked_to() {
         .await
         .unwrap();
     assert_eq!(alone.estimate, counted);
+}
+
+/// `search.exact_below` as `migrate` writes it to the database, where embed_worker.search reads it.
+async fn set_exact_below(t: &TestDb, rows: i32) {
+    sqlx::query("UPDATE embed_worker.search_settings SET exact_below = $1")
+        .bind(rows)
+        .execute(&t.admin)
+        .await
+        .unwrap();
 }

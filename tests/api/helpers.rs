@@ -402,10 +402,10 @@ pub async fn explain(
             .execute(&mut *tx)
             .await?;
     }
-    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "EXPLAIN {}",
-        embed_worker::search::search_sql(spec, 5, None, false, false)
-    )))
+    let sql = embed_worker::search::index_statement(pool, &spec.model, 5, None)
+        .await
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
     .bind(pgvector::Vector::from(query))
     .fetch_all(&mut *tx)
     .await?;

@@ -51,6 +51,8 @@ async fn the_app_role_reaches_exactly_the_intended_functions_and_tables() {
             "embed_worker.check_placeholders(text,jsonb)",
             "embed_worker.enqueue(embedding_source,uuid,text)",
             "embed_worker.enqueue_many(embedding_source[],uuid[],text,integer,integer)",
+            "embed_worker.search(vector,integer,embedding_source,integer,integer,text)",
+            "embed_worker.search_route(text,integer,text)",
             "embed_worker.serving_model()",
         ],
         "app_user can call exactly these"
