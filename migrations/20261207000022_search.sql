@@ -29,6 +29,28 @@ CREATE TABLE IF NOT EXISTS embed_worker.search_settings (
 INSERT INTO embed_worker.search_settings DEFAULT VALUES ON CONFLICT DO NOTHING;
 GRANT SELECT ON embed_worker.search_settings TO embed_worker;
 
+-- The recall probe's results (search::probe): per model and scope (`all`, `small_user`,
+-- `large_user`), index top-k against exact top-k on a sample of the model's own vectors. Every
+-- replica exports the latest as embed_worker_search_recall; the probe's turn is claimed by one
+-- replica at a time through probe_claimed_at (a row update, not an advisory lock the app could
+-- take).
+CREATE TABLE IF NOT EXISTS embed_worker.search_recall (
+    model       varchar(100) NOT NULL,
+    scope       text NOT NULL CHECK (scope IN ('all', 'small_user', 'large_user')),
+    k           integer NOT NULL,
+    queries     integer NOT NULL,
+    recall      double precision NOT NULL,
+    ef_search   integer NOT NULL,
+    p50_ms      double precision NOT NULL,
+    p95_ms      double precision NOT NULL,
+    visible     bigint,
+    probed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (model, scope)
+);
+ALTER TABLE embed_worker.search_settings ADD COLUMN IF NOT EXISTS probe_claimed_at timestamptz;
+GRANT SELECT, INSERT, UPDATE, DELETE ON embed_worker.search_recall TO embed_worker;
+GRANT UPDATE (probe_claimed_at) ON embed_worker.search_settings TO embed_worker;
+
 -- A search's hit.
 DO $$ BEGIN
     IF to_regtype('embed_worker.search_hit') IS NULL THEN

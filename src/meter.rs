@@ -87,6 +87,12 @@ pub const DB_WORKER_POOLS: &str = "embed_worker_db_worker_pools_connections";
 pub const CAPTURED: &str = "embed_worker_captured_changes_total";
 /// Vectors of the app's adopted table kept for unchanged sources (no tokens paid), by model.
 pub const ADOPTED: &str = "embed_worker_adopted_vectors_total";
+/// Recall@k of the serving model's index, by model and scope, from the last probe.
+pub const SEARCH_RECALL: &str = "embed_worker_search_recall";
+/// The recall the index is held to (`search.recall_target`).
+pub const SEARCH_RECALL_TARGET: &str = "embed_worker_search_recall_target";
+/// One index search of the recall probe, by scope.
+pub const SEARCH_PROBE_LATENCY: &str = "embed_worker_search_probe_latency_seconds";
 
 /// Every exported name, for the tests that check dashboards and alerts against the binary.
 pub const ALL: &[&str] = &[
@@ -126,6 +132,9 @@ pub const ALL: &[&str] = &[
     DB_SERVER_OPEN,
     DB_WORKER_POOLS,
     CAPTURED,
+    SEARCH_RECALL,
+    SEARCH_RECALL_TARGET,
+    SEARCH_PROBE_LATENCY,
 ];
 
 static COST: Mutex<BTreeMap<(String, &'static str), f64>> = Mutex::new(BTreeMap::new());
@@ -171,6 +180,21 @@ pub fn describe() {
         TOKENS_SAVED,
         Unit::Count,
         "Tokens not sent because the stored content hash matched"
+    );
+    describe_gauge!(
+        SEARCH_RECALL,
+        Unit::Count,
+        "Recall@k of the model's index against exact search, from the last recall probe"
+    );
+    describe_gauge!(
+        SEARCH_RECALL_TARGET,
+        Unit::Count,
+        "The recall the index is held to (search.recall_target)"
+    );
+    describe_histogram!(
+        SEARCH_PROBE_LATENCY,
+        Unit::Seconds,
+        "One index search of the recall probe"
     );
     describe_counter!(
         ADOPTED,
@@ -360,6 +384,19 @@ pub fn replica_lag(replicas: &[crate::replica::ReplicaLag], alert_secs: u64) {
     );
     BYTES.sample(REPLICA_LAG_BYTES, by_name(|r| r.lag_bytes));
     gauge!(REPLICA_LAG_ALERT).set(alert_secs as f64);
+}
+
+/// The recall probe's stored results `(model, scope, recall)` and the target.
+pub fn search_recall(results: &[(String, String, f64)], target: f64) {
+    for (model, scope, recall) in results {
+        gauge!(SEARCH_RECALL, "model" => model.clone(), "scope" => scope.clone()).set(*recall);
+    }
+    gauge!(SEARCH_RECALL_TARGET).set(target);
+}
+
+/// One index search of the recall probe took `secs`.
+pub fn search_probe_latency(scope: &'static str, secs: f64) {
+    histogram!(SEARCH_PROBE_LATENCY, "scope" => scope).record(secs);
 }
 
 /// A model became the serving one.

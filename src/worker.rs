@@ -180,6 +180,11 @@ impl Worker {
             self.settings.clone(),
             stop_rx.clone(),
         ));
+        let prober = tokio::spawn(probe_recall(
+            self.pool.clone(),
+            self.settings.clone(),
+            stop_rx.clone(),
+        ));
         // In sync mode too: batches still open from batch mode are collected, and the batch
         // lane's waiting jobs move to the sync queue.
         let lane = Some(tokio::spawn(
@@ -237,6 +242,7 @@ impl Worker {
         // A build in progress is cancelled by its own task on the stop signal; a batch round
         // in progress ends at its next step (its records let the next process resume it).
         let _ = tokio::time::timeout(Duration::from_secs(10), indexer).await;
+        prober.abort();
         if let Some(lane) = lane {
             let _ = tokio::time::timeout(Duration::from_secs(10), lane).await;
         }
@@ -447,6 +453,50 @@ async fn build_indexes(
                     last_error = Some(msg);
                 }
             }
+        }
+    }
+}
+
+/// The recall probe (`search::probe`): every minute, the stored results are exported; once a
+/// `search.probe_minutes` period, the replica that claims it probes. Its own task: an exact scan
+/// of a large model takes seconds and must not hold up the readiness pings.
+async fn probe_recall(
+    pool: PgPool,
+    settings: Arc<Settings>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let s = &settings.search;
+    let mut last_error: Option<String> = None;
+    loop {
+        match crate::search::probe::run_if_due(&pool, s).await {
+            Ok(Some(results)) => {
+                last_error = None;
+                for m in &results {
+                    tracing::info!(
+                        scope = m.scope.as_str(),
+                        recall = m.recall,
+                        queries = m.queries.len(),
+                        p95_ms = m.p95_ms,
+                        "recall probe"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if last_error.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!(error = %msg, "recall probe failed");
+                    last_error = Some(msg);
+                }
+            }
+        }
+        match crate::search::probe::stored(&pool).await {
+            Ok(results) => crate::meter::search_recall(&results, s.recall_target),
+            Err(e) => tracing::debug!(error = %e, "reading probe results failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+            _ = stop.wait_for(|v| *v) => return,
         }
     }
 }

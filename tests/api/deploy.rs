@@ -87,7 +87,7 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("9 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("10 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -174,7 +174,32 @@ tests:
             exp_annotations:
               summary: "Replica standby is +Inf behind the primary"
               description: "DESCRIPTION"
+  # A probe finding recall 0.91 for the large user (target 0.95) fires after 5 minutes; the
+  # next probe, after `tune`, finds 0.97 and it clears. The everyone scope stays quiet.
+  - interval: 1m
+    input_series:
+      - series: 'embed_worker_search_recall_target{instance="w1"}'
+        values: '0.95x90'
+      - series: 'embed_worker_search_recall{model="m",scope="large_user",instance="w1"}'
+        values: '0.99x9 0.91x50 0.97x30'
+      - series: 'embed_worker_search_recall{model="m",scope="all",instance="w1"}'
+        values: '0.99x90'
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: EmbedWorkerSearchRecallLow
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: EmbedWorkerSearchRecallLow
+        exp_alerts:
+          - exp_labels: {severity: warning, model: m, scope: large_user}
+            exp_annotations:
+              summary: "Search recall of m (large_user) is 91%, under its target"
+              description: "RECALL_DESCRIPTION"
+      - eval_time: 70m
+        alertname: EmbedWorkerSearchRecallLow
+        exp_alerts: []
 "#;
+    let cases = cases.replace("RECALL_DESCRIPTION", "Searches miss some of the nearest chunks. `embed-worker tune` sweeps ef_search (and max_scan_tuples for user scopes) and stores the smallest setting that meets the target; `embed-worker tune --candidate m=32` compares a denser index on a sample. A user scope alone: the filter is selective (iterative scans stop at max_scan_tuples).");
     let cases = cases.replace("NAN_SERIES", &vec!["NaN"; 1561].join(" "));
     let cases = cases.replace("INF_SERIES", &vec!["+Inf"; 16].join(" "));
     let cases = cases.replace("DESCRIPTION", "Embeddings written on the primary are not searchable there yet. On the standby: is replay paused (SELECT pg_is_wal_replay_paused()), or a long query holding it back (max_standby_streaming_delay)? `embed-worker status` on the primary lists each replica's lag. +Inf: a replica seen streaming has disconnected and answers as of its last replay (if it was removed on purpose, restart the workers).");

@@ -21,6 +21,8 @@
 //! drains, or building. The planner then ranks the model's rows by a scan, and [`Found::path`]
 //! says so; it never fails for want of an index.
 
+pub mod probe;
+
 use pgvector::Vector;
 use sqlx::PgPool;
 use uuid::Uuid;
