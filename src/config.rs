@@ -89,7 +89,12 @@ pub struct SearchSettings {
 impl SearchSettings {
     fn check(&self, c: &mut Checks) {
         c.within("search.ef_search", self.ef_search, 1, 1000);
-        c.within("search.max_scan_tuples", self.max_scan_tuples, 1, 100_000_000);
+        c.within(
+            "search.max_scan_tuples",
+            self.max_scan_tuples,
+            1,
+            100_000_000,
+        );
         c.within("search.exact_below", self.exact_below, 0, 1_000_000);
         c.within("search.probe_minutes", self.probe_minutes, 0, 10_080);
         c.within("search.probe_queries", self.probe_queries, 1, 1000);

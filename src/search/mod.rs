@@ -122,7 +122,9 @@ pub struct Route {
 /// does before it searches.
 async fn act_as(tx: &mut sqlx::PgConnection, user: Option<Uuid>) -> sqlx::Result<()> {
     if let Some(user) = user {
-        sqlx::query("SET LOCAL ROLE app_user").execute(&mut *tx).await?;
+        sqlx::query("SET LOCAL ROLE app_user")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("SELECT set_config('request.jwt.claim.sub', $1, true)")
             .bind(user.to_string())
             .execute(&mut *tx)
@@ -184,14 +186,15 @@ pub async fn visible_rows(
 }
 
 /// Ground truth: the exact top-k of `spec`'s rows at full precision, no index (`$1` the
-/// query). What recall is measured against.
+/// query). What recall is measured against. `cosine_distance()`, not `<=>`: only the operator
+/// matches an HNSW index, and PostgreSQL 18 plans a disabled index scan over a sort even with
+/// `enable_indexscan` off.
 pub fn exact_sql(spec: &IndexSpec, k: i64) -> String {
     format!(
         "SELECT source_type::text AS source_type, source_id, chunk_index,
-                (embedding::vector({d}) <=> $1)::float8 AS distance
+                cosine_distance(embedding, $1)::float8 AS distance
            FROM rag_embeddings WHERE embedding_model = {lit}
           ORDER BY distance LIMIT {k}",
-        d = spec.dimensions,
         lit = crate::model_index::quote_literal(&spec.model),
         k = k.max(1)
     )

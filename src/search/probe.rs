@@ -158,18 +158,15 @@ async fn exact(
     user: Option<Uuid>,
     q: &Vector,
 ) -> sqlx::Result<Vec<(Uuid, i32)>> {
+    // cosine_distance(), not `<=>`: the planner matches only the operator to an HNSW index,
+    // and PostgreSQL 18 chose the index even with enable_indexscan off (a "disabled" node).
     let mut tx = pool.begin().await?;
-    // The exact statement's expression may be the one the index is on: no index scan.
-    sqlx::query("SET LOCAL enable_indexscan = off")
-        .execute(&mut *tx)
-        .await?;
-    let d = p.spec.dimensions;
     let k = p.k + 1;
     let rows: Vec<(Uuid, i32)> = match user {
         None => {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT source_id, chunk_index FROM rag_embeddings WHERE embedding_model = $2
-                  ORDER BY embedding::vector({d}) <=> $1 LIMIT {k}"
+                  ORDER BY cosine_distance(embedding, $1) LIMIT {k}"
             )))
             .bind(q)
             .bind(&p.spec.model)
@@ -186,7 +183,7 @@ async fn exact(
                      UNION ALL
                      SELECT source_id, chunk_index, embedding FROM rag_embeddings
                       WHERE source_type = 'template' AND embedding_model = $2) v
-                  ORDER BY embedding::vector({d}) <=> $1 LIMIT {k}"
+                  ORDER BY cosine_distance(embedding, $1) LIMIT {k}"
             )))
             .bind(q)
             .bind(&p.spec.model)
@@ -279,12 +276,7 @@ async fn measure(
 }
 
 /// A user's rows, up to `cap` + 1 counted, and a sample of them as queries.
-async fn users_rows(
-    pool: &PgPool,
-    p: &Probe,
-    owner: &str,
-    user: Uuid,
-) -> sqlx::Result<Vec<Row>> {
+async fn users_rows(pool: &PgPool, p: &Probe, owner: &str, user: Uuid) -> sqlx::Result<Vec<Row>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT e.source_id, e.chunk_index, e.embedding::vector, s.{owner} FROM sessions s
            JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id
@@ -319,11 +311,18 @@ pub async fn run(pool: &PgPool, p: &Probe) -> anyhow::Result<Vec<Measured>> {
         tracing::info!("recall probe: this login is not a member of app_user; user scopes skipped");
         return Ok(out);
     }
-    // The sample's owners (at most ten), each with their rows counted up to a cap.
-    let mut owners: Vec<Uuid> = rows.iter().filter_map(|r| r.3).collect();
-    owners.sort_unstable();
-    owners.dedup();
-    owners.truncate(10);
+    // The sample's owners, the five most and the five least frequent in it (a user with many
+    // rows is likely sampled often), each with their rows counted up to a cap.
+    let mut seen: std::collections::BTreeMap<Uuid, usize> = Default::default();
+    for owner in rows.iter().filter_map(|r| r.3) {
+        *seen.entry(owner).or_default() += 1;
+    }
+    let mut owners: Vec<(usize, Uuid)> = seen.into_iter().map(|(u, n)| (n, u)).collect();
+    owners.sort_unstable_by(|a, b| b.cmp(a));
+    if owners.len() > 10 {
+        owners.drain(5..owners.len() - 5);
+    }
+    let owners = owners.into_iter().map(|(_, u)| u);
     let mut counted = Vec::new();
     for user in owners {
         let n = super::visible_rows(pool, &p.spec.model, user, None).await?;

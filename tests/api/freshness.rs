@@ -690,10 +690,10 @@ async fn search_as_a_user_owning_a_tenth_of_a_percent_returns_k_of_their_rows() 
         .await
         .unwrap();
     let plain: Vec<search::Hit> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-    .bind(pgvector::Vector::from(q))
-    .fetch_all(&mut *tx)
-    .await
-    .unwrap();
+        .bind(pgvector::Vector::from(q))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
     assert!(
         plain.len() < 5,
         "a plain HNSW scan returned {} rows",

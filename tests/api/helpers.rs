@@ -406,9 +406,9 @@ pub async fn explain(
         .await
         .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
     let rows: Vec<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
-    .bind(pgvector::Vector::from(query))
-    .fetch_all(&mut *tx)
-    .await?;
+        .bind(pgvector::Vector::from(query))
+        .fetch_all(&mut *tx)
+        .await?;
     Ok(rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n"))
 }
 

@@ -24,5 +24,6 @@ mod queue;
 mod replica;
 mod resilience;
 mod schema;
+mod search;
 mod security;
 mod shutdown;
