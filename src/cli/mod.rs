@@ -135,6 +135,29 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: Option<ModelsAction>,
     },
+    /// The smallest hnsw.ef_search (and max_scan_tuples for users under RLS) that meets a
+    /// recall target on the serving model's own vectors, stored for the model; with
+    /// --candidate, other HNSW parameters compared with today's on a sample copy.
+    Tune {
+        /// Recall@k to meet (default: search.recall_target).
+        #[arg(long)]
+        target: Option<f64>,
+        /// k (default: search.probe_k).
+        #[arg(long)]
+        k: Option<u32>,
+        /// Queries per scope (default: search.probe_queries).
+        #[arg(long)]
+        queries: Option<u32>,
+        /// Print the sweep and store nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// HNSW parameters to compare with today's (m=16, ef_construction=64), e.g. 'm=32'.
+        #[arg(long)]
+        candidate: Option<String>,
+        /// Rows copied for --candidate.
+        #[arg(long, default_value_t = 20_000)]
+        sample: i64,
+    },
     /// Semantic search with the serving model (as an app user under RLS with --as-user).
     Search {
         text: String,
@@ -228,6 +251,27 @@ pub(crate) async fn dispatch(command: Command, settings: Settings) -> anyhow::Re
             as_user,
             ef_search,
         } => search::search(&settings, text, k, source_type, as_user, ef_search).await,
+        Command::Tune {
+            target,
+            k,
+            queries,
+            dry_run,
+            candidate,
+            sample,
+        } => {
+            search::tune(
+                &settings,
+                search::TuneArgs {
+                    target,
+                    k,
+                    queries,
+                    dry_run,
+                    candidate,
+                    sample,
+                },
+            )
+            .await
+        }
         Command::Budget { action } => admin::budget(&settings, action).await,
         Command::PruneJobs => queue::prune_jobs(&settings).await,
         Command::SeedSessions { count } => seed::seed_sessions(&settings, count).await,

@@ -22,6 +22,7 @@
 //! says so; it never fails for want of an index.
 
 pub mod probe;
+pub mod tune;
 
 use pgvector::Vector;
 use sqlx::PgPool;

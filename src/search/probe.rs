@@ -213,41 +213,73 @@ fn without(rows: Vec<(Uuid, i32)>, me: (Uuid, i32), k: i64) -> Vec<(Uuid, i32)> 
         .collect()
 }
 
-/// Measures one scope on `rows` as queries.
-async fn measure(
+/// A scope's queries with their exact answers: computed once, measured against any setting.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// Which callers.
+    pub scope: Scope,
+    /// The user (user scopes).
+    pub user: Option<Uuid>,
+    /// How many rows that user sees, as the search counts (user scopes).
+    pub visible: Option<i64>,
+    /// `(row, vector, exact top k without the row)`.
+    pub queries: Vec<((Uuid, i32), Vec<f32>, Vec<(Uuid, i32)>)>,
+}
+
+/// The exact answers for `rows` as queries.
+async fn truth(
     pool: &PgPool,
     p: &Probe,
     owner: &str,
     scope: Scope,
     user: Option<Uuid>,
     rows: &[Row],
+) -> sqlx::Result<Sample> {
+    let mut queries = Vec::new();
+    for (source_id, chunk_index, v, _) in rows {
+        let me = (*source_id, *chunk_index);
+        let exact = without(exact(pool, p, owner, user, v).await?, me, p.k);
+        queries.push((me, v.to_vec(), exact));
+    }
+    Ok(Sample {
+        scope,
+        user,
+        visible: None,
+        queries,
+    })
+}
+
+/// The index's answers to `sample` through `embed_worker.search` with `p`'s settings, and the
+/// recall; none when no query has an exact answer (a scope of one row).
+pub async fn measure(
+    pool: &PgPool,
+    p: &Probe,
+    sample: &Sample,
 ) -> anyhow::Result<Option<Measured>> {
     let opts = SearchOptions {
         k: p.k + 1,
-        as_user: user,
+        as_user: sample.user,
         ef_search: p.ef_search,
         max_scan_tuples: p.max_scan_tuples,
         source_type: None,
     };
     let mut queries = Vec::new();
-    for (source_id, chunk_index, v, _) in rows {
-        let vector = v.to_vec();
+    for (me, vector, exact) in &sample.queries {
         let started = Instant::now();
         let found = super::search(pool, &p.spec, vector.clone(), &opts).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let me = (*source_id, *chunk_index);
+        crate::meter::search_probe_latency(sample.scope.as_str(), ms / 1000.0);
         let index = found
             .hits
             .iter()
             .map(|h| (h.source_id, h.chunk_index))
             .collect();
-        let exact = exact(pool, p, owner, user, v).await?;
         queries.push(Query {
-            source_id: *source_id,
-            chunk_index: *chunk_index,
-            vector,
-            index: without(index, me, p.k),
-            exact: without(exact, me, p.k),
+            source_id: me.0,
+            chunk_index: me.1,
+            vector: vector.clone(),
+            index: without(index, *me, p.k),
+            exact: exact.clone(),
             ms,
         });
     }
@@ -261,13 +293,10 @@ async fn measure(
     let mut ms: Vec<f64> = queries.iter().map(|q| q.ms).collect();
     ms.sort_by(f64::total_cmp);
     let at = |f: f64| ms[((ms.len() - 1) as f64 * f).round() as usize];
-    for q in &queries {
-        crate::meter::search_probe_latency(scope.as_str(), q.ms / 1000.0);
-    }
     Ok(Some(Measured {
-        scope,
-        user,
-        visible: None,
+        scope: sample.scope,
+        user: sample.user,
+        visible: sample.visible,
         recall: recalls.iter().sum::<f64>() / recalls.len() as f64,
         p50_ms: at(0.5),
         p95_ms: at(0.95),
@@ -298,15 +327,23 @@ async fn can_act_as_app_user(pool: &PgPool) -> sqlx::Result<bool> {
         .await
 }
 
-/// Runs the probe: every scope it can measure. A user scope is measured only where the
-/// connection may act as `app_user` and the sample holds an owner with more than k rows.
+/// Runs the probe: every scope it can measure, with `p`'s settings.
 pub async fn run(pool: &PgPool, p: &Probe) -> anyhow::Result<Vec<Measured>> {
+    let mut out = Vec::new();
+    for sample in prepare(pool, p).await? {
+        if let Some(m) = measure(pool, p, &sample).await? {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// The probe's queries and their exact answers, per scope. A user scope is prepared only where
+/// the connection may act as `app_user` and the sample holds an owner with more than k rows.
+pub async fn prepare(pool: &PgPool, p: &Probe) -> anyhow::Result<Vec<Sample>> {
     let owner = owner_column(pool).await?;
     let rows = sample(pool, p, &owner).await?;
-    let mut out = Vec::new();
-    if let Some(m) = measure(pool, p, &owner, Scope::All, None, &rows).await? {
-        out.push(m);
-    }
+    let mut out = vec![truth(pool, p, &owner, Scope::All, None, &rows).await?];
     if !can_act_as_app_user(pool).await? {
         tracing::info!("recall probe: this login is not a member of app_user; user scopes skipped");
         return Ok(out);
@@ -322,9 +359,8 @@ pub async fn run(pool: &PgPool, p: &Probe) -> anyhow::Result<Vec<Measured>> {
     if owners.len() > 10 {
         owners.drain(5..owners.len() - 5);
     }
-    let owners = owners.into_iter().map(|(_, u)| u);
     let mut counted = Vec::new();
-    for user in owners {
+    for (_, user) in owners {
         let n = super::visible_rows(pool, &p.spec.model, user, None).await?;
         counted.push((n, user));
     }
@@ -334,10 +370,9 @@ pub async fn run(pool: &PgPool, p: &Probe) -> anyhow::Result<Vec<Measured>> {
     for (scope, pick) in [(Scope::SmallUser, small), (Scope::LargeUser, large)] {
         let Some((n, user)) = pick else { continue };
         let theirs = users_rows(pool, p, &owner, user).await?;
-        if let Some(mut m) = measure(pool, p, &owner, scope, Some(user), &theirs).await? {
-            m.visible = Some(n);
-            out.push(m);
-        }
+        let mut sample = truth(pool, p, &owner, scope, Some(user), &theirs).await?;
+        sample.visible = Some(n);
+        out.push(sample);
     }
     Ok(out)
 }

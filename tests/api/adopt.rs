@@ -8,29 +8,6 @@ use crate::helpers::*;
 
 const APP_SCHEMA: &str = include_str!("../data/app_schema_0012_0014.sql");
 
-/// `embed-worker <args>` against `t`: (exit code, stdout, stderr).
-fn cli(t: &TestDb, args: &[&str]) -> (i32, String, String) {
-    output(
-        Command::new(env!("CARGO_BIN_EXE_embed-worker"))
-            .env("DATABASE_URL", &t.url)
-            .args(args),
-    )
-}
-
-/// Runs `cmd` to its end: (exit code, stdout, stderr).
-fn output(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 async fn with_schema(sql: &str) -> TestDb {
     let t = TestDb::empty().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))

@@ -306,6 +306,29 @@ pub async fn seed_templates(pool: &PgPool) {
         .unwrap();
 }
 
+/// `embed-worker <args>` against `t`: (exit code, stdout, stderr).
+pub fn cli(t: &TestDb, args: &[&str]) -> (i32, String, String) {
+    output(
+        std::process::Command::new(env!("CARGO_BIN_EXE_embed-worker"))
+            .env("DATABASE_URL", &t.url)
+            .args(args),
+    )
+}
+
+/// Runs `cmd` to its end: (exit code, stdout, stderr).
+pub fn output(cmd: &mut std::process::Command) -> (i32, String, String) {
+    let out = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
 /// The real `embed-worker` binary against this database and `base_url`, in small batches with
 /// 1 s heartbeats (3 missed = orphaned) and no rate limit; the caller adds args.
 pub fn worker_command(t: &TestDb, base_url: &str) -> std::process::Command {

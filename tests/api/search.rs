@@ -298,32 +298,18 @@ async fn the_recall_probe_agrees_with_recall_computed_independently() {
     embed_worker::db::apply_capture(&t.admin, false, false)
         .await
         .unwrap();
-    // Unclustered 128-d vectors: the hard case for HNSW, so a low ef_search misses some.
-    let (model, dims, n) = ("test-p", 128usize, 3000usize);
-    // One user owns half the rows; 50 others about 30 each.
-    let large = Uuid::new_v4();
-    let others: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
-    let owners: Vec<Uuid> = (0..n)
-        .map(|i| if i % 2 == 0 { large } else { others[i % 50] })
-        .collect();
-    let ids = sessions(&t, &owners).await;
-    let vectors: Vec<Vec<f32>> = (0..n)
-        .map(|i| embed_worker::fake_openai::fake_vector(&format!("random {i}"), dims))
-        .collect();
-    register(&t, model, dims).await;
-    put(&t, model, "session", &ids, vectors.clone()).await;
-    build_index(&t, model, dims).await;
-    promote(&t, model).await;
-    sqlx::query("ANALYZE rag_embeddings")
-        .execute(&t.admin)
-        .await
-        .unwrap();
-    // The large user (1,500 rows) on the index path; a small one (about 30) ranked exactly.
-    sqlx::query("UPDATE embed_worker.search_settings SET exact_below = 100")
-        .execute(&t.admin)
-        .await
-        .unwrap();
-
+    let (model, dims) = (hard_model(&t, 3000).await, 128usize);
+    // What is stored, read back: the recall here is computed from it.
+    let stored: Vec<(Uuid, Uuid, Vector)> = sqlx::query_as(
+        "SELECT s.id, s.user_id, e.embedding FROM sessions s
+           JOIN rag_embeddings e ON e.source_type = 'session' AND e.source_id = s.id",
+    )
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
+    let ids: Vec<Uuid> = stored.iter().map(|r| r.0).collect();
+    let owners: Vec<Uuid> = stored.iter().map(|r| r.1).collect();
+    let vectors: Vec<Vec<f32>> = stored.iter().map(|r| r.2.to_vec()).collect();
     let p = probe::Probe {
         spec: spec(model, dims),
         k: 5,
@@ -416,4 +402,149 @@ async fn the_recall_probe_agrees_with_recall_computed_independently() {
         !probe::claim(&t.admin, 60).await.unwrap(),
         "the period is taken"
     );
+}
+
+/// Random 128-d vectors, the hard case for HNSW, for a model of `n` rows: half one user's,
+/// the rest 50 others'. Serving, indexed, analysed; exact_below 100 puts the large user on the
+/// index path. Returns the model.
+async fn hard_model(t: &TestDb, n: usize) -> &'static str {
+    let (model, dims) = ("test-p", 128usize);
+    let large = Uuid::new_v4();
+    let others: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
+    let owners: Vec<Uuid> = (0..n)
+        .map(|i| if i % 2 == 0 { large } else { others[i % 50] })
+        .collect();
+    let ids = sessions(t, &owners).await;
+    let vectors: Vec<Vec<f32>> = (0..n)
+        .map(|i| embed_worker::fake_openai::fake_vector(&format!("random {i}"), dims))
+        .collect();
+    register(t, model, dims).await;
+    put(t, model, "session", &ids, vectors).await;
+    build_index(t, model, dims).await;
+    promote(t, model).await;
+    sqlx::query("ANALYZE rag_embeddings")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE embed_worker.search_settings SET exact_below = 100")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    model
+}
+
+#[tokio::test]
+async fn tune_stores_the_smallest_ef_search_that_meets_the_target_where_the_default_does_not() {
+    let t = TestDb::migrated().await;
+    embed_worker::db::apply_capture(&t.admin, false, false)
+        .await
+        .unwrap();
+    let model = hard_model(&t, 3000).await;
+    // A deployment whose configured default is ef_search 10.
+    sqlx::query("UPDATE embed_worker.search_settings SET ef_search = 10")
+        .execute(&t.admin)
+        .await
+        .unwrap();
+    let p = probe::Probe {
+        spec: spec(model, 128),
+        k: 5,
+        queries: 20,
+        seed: 1,
+        ef_search: None,
+        max_scan_tuples: None,
+    };
+    let before = probe::run(&t.admin, &p).await.unwrap();
+    let worst = |r: &[probe::Measured]| r.iter().map(|m| m.recall).fold(1.0f64, f64::min);
+    assert!(worst(&before) < 0.99, "the default misses: {before:?}");
+
+    // Bad arguments are refused before anything is measured or stored.
+    let (code, _, err) = cli(&t, &["tune", "--candidate", "m=1"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("m = 1 is out of range (2..=100)"), "{err}");
+    let (code, _, err) = cli(&t, &["tune", "--target", "2"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--target 2 is not a recall"), "{err}");
+    let stored: Option<i32> =
+        sqlx::query_scalar("SELECT ef_search FROM embed_worker.models WHERE name = $1")
+            .bind(model)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(stored, None);
+
+    let (code, out, err) = cli(
+        &t,
+        &[
+            "tune",
+            "--target",
+            "0.99",
+            "--queries",
+            "20",
+            "--candidate",
+            "m=32",
+            "--sample",
+            "2000",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let first = out
+        .lines()
+        .find(|l| l.contains("ef_search=10:"))
+        .expect(&out);
+    assert!(first.contains("all "), "{out}");
+    let stored: Option<i32> =
+        sqlx::query_scalar("SELECT ef_search FROM embed_worker.models WHERE name = $1")
+            .bind(model)
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    let ef = stored.expect("a setting stored");
+    assert!(ef > 10, "{out}");
+    assert!(
+        out.contains(&format!("stored for {model}: ef_search={ef}")),
+        "{out}"
+    );
+    // The smallest: the setting before it in the sweep fell short.
+    let at = embed_worker::search::tune::EF_SEARCH
+        .iter()
+        .position(|e| *e == ef as u32)
+        .unwrap();
+    let below = embed_worker::search::tune::EF_SEARCH[at - 1];
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("ef_search={below}:")))
+        .expect(&out);
+    let recalls: Vec<f64> = line
+        .split(", ")
+        .filter_map(|part| part.split_whitespace().nth(1).and_then(|r| r.parse().ok()))
+        .collect();
+    assert!(
+        !recalls.is_empty() && recalls.iter().any(|r| *r < 0.99),
+        "{line}"
+    );
+    // The search now uses it: the same probe with the model's own setting meets the target.
+    let after = probe::run(&t.admin, &p).await.unwrap();
+    assert!(worst(&after) >= 0.99, "{after:?}");
+    assert_eq!(after.len(), before.len());
+
+    // The candidate beside today's index, on the same 2,000 copied rows; nothing left behind.
+    assert!(
+        out.contains("indexes on a sample copy of 2000 rows"),
+        "{out}"
+    );
+    let size = |params: &str| -> f64 {
+        let line = out.lines().find(|l| l.contains(params)).expect(&out);
+        let mb = line.split(", ").nth(2).unwrap().trim_end_matches(" MB");
+        mb.parse().unwrap()
+    };
+    assert!(
+        size("m=32, ef_construction=64:") > size("m=16, ef_construction=64:"),
+        "{out}"
+    );
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE 'tune_sample%'")
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
 }
