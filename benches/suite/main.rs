@@ -1,4 +1,4 @@
-//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace,capture,adopt]`.
+//! The benchmark suite: `cargo bench --bench suite [-- --large] [-- --only e2e,quota,queue,collect,search,replicas,prune,build,insert,switch,pace,capture,adopt,real] [--real-rows 20000]`.
 //!
 //! Why a harness of our own and not criterion: what matters here is whole-system throughput
 //! against real PostgreSQL 18 + pgvector and the ceilings beside it (a raw binary COPY into the
@@ -41,6 +41,7 @@ mod insert;
 mod prune;
 mod queue;
 mod quota;
+mod real;
 mod replicas;
 mod report;
 mod search;
@@ -57,6 +58,7 @@ use insert::*;
 use prune::*;
 use queue::*;
 use quota::*;
+use real::*;
 use replicas::*;
 use report::*;
 use search::*;
@@ -74,6 +76,7 @@ struct Args {
     collect_inputs: usize,
     prune_rows: usize,
     adopt_rows: usize,
+    real_rows: usize,
     build_rows: Vec<usize>,
     insert_rows: Vec<usize>,
 }
@@ -113,6 +116,9 @@ fn args() -> Args {
         adopt_rows: get("--adopt-rows")
             .and_then(|v| v.parse().ok())
             .unwrap_or(500_000),
+        real_rows: get("--real-rows")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20_000),
         build_rows: list(get("--build-rows"), &[20_000, 100_000]),
         insert_rows: list(
             get("--insert-rows"),
@@ -281,6 +287,10 @@ async fn main() {
         bench_prune(&mut report, &pool, a.prune_rows).await;
         pool.close().await;
         drop_db(&url).await;
+    }
+    if want("real") {
+        eprintln!("real vectors, {} rows …", a.real_rows);
+        bench_real(&mut report, a.real_rows).await;
     }
     if want("adopt") {
         eprintln!("adopt of {} rows …", a.adopt_rows);
