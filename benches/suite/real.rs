@@ -2,8 +2,8 @@
 //! text, beside synthetic vectors of the same count and size. Every other search figure is on
 //! generated vectors, unlike what a deployment stores.
 //!
-//! The corpus is Debian's package descriptions (`apt-cache dumpavail`: tens of thousands of
-//! paragraphs, offline here), embedded once with the local model (all-MiniLM-L6-v2, 384-d) and
+//! The corpus is Debian's package descriptions (`apt-cache dumpavail`, offline here: 63,697
+//! one-line synopses, about 57,000 distinct — short real English, not paragraphs), embedded once with the local model (all-MiniLM-L6-v2, 384-d) and
 //! cached under `.dev/real-vectors/`. Both sets are loaded as one model's sessions, half of them
 //! one user's (the "large user" scope under RLS), indexed with the design's m = 16,
 //! ef_construction = 64, and measured by the worker's own probe and `tune` sweep: the default
@@ -15,7 +15,8 @@ use embed_worker::search::{probe, tune};
 const REAL_MODEL: &str = "all-MiniLM-L6-v2";
 const REAL_DIMS: usize = 384;
 
-/// Up to `n` distinct package descriptions (synopsis and long text), 80 characters or more.
+/// Up to `n` distinct package descriptions, 20 characters or more. Debian's Packages files hold
+/// only each package's one-line synopsis (the long text is in Translation files, absent here).
 fn debian_descriptions(n: usize) -> Vec<String> {
     let out = Command::new("apt-cache")
         .arg("dumpavail")
@@ -27,7 +28,7 @@ fn debian_descriptions(n: usize) -> Vec<String> {
     let mut current: Option<String> = None;
     let mut finish = |d: Option<String>, all: &mut Vec<String>| {
         if let Some(d) = d
-            && d.len() >= 80
+            && d.len() >= 20
             && seen.insert(d.clone())
         {
             all.push(d);
@@ -203,7 +204,7 @@ pub(crate) async fn bench_real(report: &mut Report, rows: usize) {
     let real = embed_cached(&texts).await;
     report.add(
         &section,
-        "corpus: Debian package descriptions, all-MiniLM-L6-v2 384-d (cached after the first run)",
+        "corpus: Debian package synopses, all-MiniLM-L6-v2 384-d (cached after the first run)",
         format!("{rows} texts, vectors in {:.1} s", started.elapsed().as_secs_f64()),
         "",
         None,

@@ -253,6 +253,19 @@ async fn search_model(
             )),
         }
     };
+    let hits = hits(pool, model, query, opts).await?;
+    Ok(Found { hits, path })
+}
+
+/// The hits alone: one call of `embed_worker.search`, as the app makes it (as `opts.as_user`
+/// when set), on `model` (none: the serving one).
+pub async fn hits(
+    pool: &PgPool,
+    model: Option<&str>,
+    query: Vec<f32>,
+    opts: &SearchOptions,
+) -> anyhow::Result<Vec<Hit>> {
+    let k = if opts.k == 0 { 5 } else { opts.k };
     let mut tx = pool.begin().await?;
     act_as(&mut tx, opts.as_user).await?;
     let hits = sqlx::query_as::<_, Hit>(
@@ -268,7 +281,7 @@ async fn search_model(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Found { hits, path })
+    Ok(hits)
 }
 
 /// Writes `[search]`'s settings and `render.session_owner` where `embed_worker.search` reads
