@@ -150,10 +150,12 @@ async fn load(pool: &PgPool, model: &str, vectors: &[Vec<f32>]) -> f64 {
     model_index::lifecycle::promote(&mut pool.acquire().await.unwrap(), model, true, false)
         .await
         .unwrap();
-    sqlx::raw_sql("ANALYZE rag_embeddings; UPDATE embed_worker.search_settings SET exact_below = 1000")
-        .execute(pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "ANALYZE rag_embeddings; UPDATE embed_worker.search_settings SET exact_below = 1000",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
     secs
 }
 
@@ -167,7 +169,20 @@ async fn measure(report: &mut Report, section: &str, pool: &PgPool, model: &str,
         ef_search: None,
         max_scan_tuples: None,
     };
-    for m in probe::run(pool, &p).await.unwrap() {
+    let started = Instant::now();
+    let results = probe::run(pool, &p).await.unwrap();
+    report.add(
+        section,
+        format!(
+            "{kind}: one probe run ({} queries × {} scopes, exact side included)",
+            p.queries,
+            results.len()
+        ),
+        format!("{:.1} s", started.elapsed().as_secs_f64()),
+        "",
+        None,
+    );
+    for m in results {
         report.add(
             section,
             format!(
@@ -183,7 +198,10 @@ async fn measure(report: &mut Report, section: &str, pool: &PgPool, model: &str,
         let tuned = tune::sweep(pool, &p, target).await.unwrap();
         let value = match tuned.chosen.map(|i| &tuned.steps[i]) {
             Some(step) => step.line(),
-            None => format!("none up to ef_search 1000 ({})", tuned.steps.last().unwrap().line()),
+            None => format!(
+                "none up to ef_search 1000 ({})",
+                tuned.steps.last().unwrap().line()
+            ),
         };
         report.add(
             section,
@@ -199,13 +217,20 @@ pub(crate) async fn bench_real(report: &mut Report, rows: usize) {
     let section = format!("real vectors {rows}");
     eprintln!("real: reading package descriptions …");
     let texts = debian_descriptions(rows);
-    assert_eq!(texts.len(), rows, "apt-cache dumpavail has fewer descriptions");
+    assert_eq!(
+        texts.len(),
+        rows,
+        "apt-cache dumpavail has fewer descriptions"
+    );
     let started = Instant::now();
     let real = embed_cached(&texts).await;
     report.add(
         &section,
         "corpus: Debian package synopses, all-MiniLM-L6-v2 384-d (cached after the first run)",
-        format!("{rows} texts, vectors in {:.1} s", started.elapsed().as_secs_f64()),
+        format!(
+            "{rows} texts, vectors in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
         "",
         None,
     );

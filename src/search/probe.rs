@@ -213,6 +213,9 @@ fn without(rows: Vec<(Uuid, i32)>, me: (Uuid, i32), k: i64) -> Vec<(Uuid, i32)> 
         .collect()
 }
 
+/// A query row `(source_id, chunk_index)`, its vector, and the exact top k without it.
+pub type Truth = ((Uuid, i32), Vec<f32>, Vec<(Uuid, i32)>);
+
 /// A scope's queries with their exact answers: computed once, measured against any setting.
 #[derive(Debug, Clone)]
 pub struct Sample {
@@ -223,7 +226,7 @@ pub struct Sample {
     /// How many rows that user sees, as the search counts (user scopes).
     pub visible: Option<i64>,
     /// `(row, vector, exact top k without the row)`.
-    pub queries: Vec<((Uuid, i32), Vec<f32>, Vec<(Uuid, i32)>)>,
+    pub queries: Vec<Truth>,
 }
 
 /// The exact answers for `rows` as queries.
@@ -270,10 +273,7 @@ pub async fn measure(
         let found = super::hits(pool, Some(&p.spec.model), vector.clone(), &opts).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         crate::meter::search_probe_latency(sample.scope.as_str(), ms / 1000.0);
-        let index = found
-            .iter()
-            .map(|h| (h.source_id, h.chunk_index))
-            .collect();
+        let index = found.iter().map(|h| (h.source_id, h.chunk_index)).collect();
         queries.push(Query {
             source_id: me.0,
             chunk_index: me.1,
