@@ -114,20 +114,37 @@ async fn owner_column(pool: &PgPool) -> sqlx::Result<String> {
     Ok(crate::db::quote_ident(&owner))
 }
 
-/// Up to `n` of the model's rows, picked by `seed`: a block sample sized from the planner's row
-/// estimate (so not every row is read), then a hash order over what it gave.
-async fn sample(pool: &PgPool, p: &Probe, owner: &str) -> sqlx::Result<Vec<Row>> {
+/// The TABLESAMPLE SYSTEM percentage of `spec`'s partition expected to hold `rows` rows, from the
+/// planner's estimate (100 when it has none).
+pub(crate) async fn sample_percent<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    spec: &IndexSpec,
+    rows: f64,
+) -> sqlx::Result<f64> {
     let estimate: f64 = sqlx::query_scalar(
         "SELECT coalesce(max(reltuples), 0)::float8 FROM pg_class WHERE relname = $1",
     )
-    .bind(p.spec.partition())
-    .fetch_one(pool)
+    .bind(spec.partition())
+    .fetch_one(db)
     .await?;
-    let mut percent = if estimate > 0.0 {
-        (100.0 * 20.0 * p.queries as f64 / estimate).clamp(0.01, 100.0)
+    Ok(if estimate > 0.0 {
+        (100.0 * rows / estimate).clamp(0.01, 100.0)
     } else {
         100.0
-    };
+    })
+}
+
+/// p50 and p95 of `ms` (not empty).
+pub(crate) fn p50_p95(mut ms: Vec<f64>) -> (f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    let at = |f: f64| ms[((ms.len() - 1) as f64 * f).round() as usize];
+    (at(0.5), at(0.95))
+}
+
+/// Up to `n` of the model's rows, picked by `seed`: a block sample sized from the planner's row
+/// estimate (so not every row is read), then a hash order over what it gave.
+async fn sample(pool: &PgPool, p: &Probe, owner: &str) -> sqlx::Result<Vec<Row>> {
+    let mut percent = sample_percent(pool, &p.spec, 20.0 * p.queries as f64).await?;
     loop {
         let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT e.source_id, e.chunk_index, e.embedding::vector, s.{owner}
@@ -290,16 +307,14 @@ pub async fn measure(
     if recalls.is_empty() {
         return Ok(None);
     }
-    let mut ms: Vec<f64> = queries.iter().map(|q| q.ms).collect();
-    ms.sort_by(f64::total_cmp);
-    let at = |f: f64| ms[((ms.len() - 1) as f64 * f).round() as usize];
+    let (p50_ms, p95_ms) = p50_p95(queries.iter().map(|q| q.ms).collect());
     Ok(Some(Measured {
         scope: sample.scope,
         user: sample.user,
         visible: sample.visible,
         recall: recalls.iter().sum::<f64>() / recalls.len() as f64,
-        p50_ms: at(0.5),
-        p95_ms: at(0.95),
+        p50_ms,
+        p95_ms,
         queries,
     }))
 }

@@ -250,17 +250,7 @@ pub async fn candidate(
 ) -> anyhow::Result<(i64, Vec<Built>)> {
     let mut conn = pool.acquire().await?;
     let ty = spec.index_type();
-    let estimate: f64 = sqlx::query_scalar(
-        "SELECT coalesce(max(reltuples), 0)::float8 FROM pg_class WHERE relname = $1",
-    )
-    .bind(spec.partition())
-    .fetch_one(&mut *conn)
-    .await?;
-    let percent = if estimate > 0.0 {
-        (100.0 * 1.5 * rows as f64 / estimate).clamp(0.01, 100.0)
-    } else {
-        100.0
-    };
+    let percent = probe::sample_percent(&mut *conn, spec, 1.5 * rows as f64).await?;
     sqlx::raw_sql("DROP TABLE IF EXISTS pg_temp.tune_sample")
         .execute(&mut *conn)
         .await?;
@@ -346,15 +336,14 @@ pub async fn candidate(
         sqlx::raw_sql("RESET hnsw.ef_search; DROP INDEX pg_temp.tune_sample_hnsw")
             .execute(&mut *conn)
             .await?;
-        ms.sort_by(f64::total_cmp);
-        let at = |f: f64| ms[((ms.len() - 1) as f64 * f).round() as usize];
+        let (p50_ms, p95_ms) = probe::p50_p95(ms);
         out.push(Built {
             params,
             build_secs,
             bytes,
             recall: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
-            p50_ms: at(0.5),
-            p95_ms: at(0.95),
+            p50_ms,
+            p95_ms,
         });
     }
     sqlx::raw_sql("DROP TABLE pg_temp.tune_sample")

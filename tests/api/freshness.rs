@@ -456,15 +456,7 @@ async fn a_model_switch_serves_the_old_model_until_promotion_then_rolls_back_and
 
 /// Clustered vectors (HNSW on uniform noise says little): 20 centres, small spread.
 fn clustered(i: usize, dims: usize) -> Vec<f32> {
-    let centre = embed_worker::fake_openai::fake_vector(&format!("centre {}", i % 20), dims);
-    let noise = embed_worker::fake_openai::fake_vector(&format!("noise {i}"), dims);
-    let v: Vec<f32> = centre
-        .iter()
-        .zip(&noise)
-        .map(|(c, n)| c + 0.3 * n)
-        .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / norm).collect()
+    clustered_vector(i, dims, 0.3)
 }
 
 #[tokio::test]

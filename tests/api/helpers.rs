@@ -837,3 +837,17 @@ pub async fn catalog_shape(pool: &PgPool) -> Vec<String> {
         })
         .collect()
 }
+
+/// A unit vector near one of 20 centres, `spread` the noise's weight (real embeddings cluster
+/// by topic).
+pub fn clustered_vector(i: usize, dims: usize, spread: f32) -> Vec<f32> {
+    let centre = embed_worker::fake_openai::fake_vector(&format!("centre {}", i % 20), dims);
+    let noise = embed_worker::fake_openai::fake_vector(&format!("noise {i}"), dims);
+    let v: Vec<f32> = centre
+        .iter()
+        .zip(&noise)
+        .map(|(c, n)| c + spread * n)
+        .collect();
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / norm).collect()
+}

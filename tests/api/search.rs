@@ -10,15 +10,7 @@ use uuid::Uuid;
 
 /// A unit vector near one of 20 centres (real embeddings cluster by topic).
 fn clustered(i: usize, dims: usize) -> Vec<f32> {
-    let centre = embed_worker::fake_openai::fake_vector(&format!("centre {}", i % 20), dims);
-    let noise = embed_worker::fake_openai::fake_vector(&format!("noise {i}"), dims);
-    let v: Vec<f32> = centre
-        .iter()
-        .zip(&noise)
-        .map(|(c, n)| c + 0.5 * n)
-        .collect();
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / norm).collect()
+    clustered_vector(i, dims, 0.5)
 }
 
 /// Sessions of `owners` (one each, in order); their ids.
