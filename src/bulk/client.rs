@@ -9,9 +9,7 @@ use std::time::Duration;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::InputSource;
-use async_openai::types::batches::{
-    Batch, BatchCompletionWindow, BatchEndpoint, BatchRequest, BatchStatus,
-};
+use async_openai::types::batches::{Batch, BatchCompletionWindow, BatchEndpoint, BatchRequest};
 use async_openai::types::files::{CreateFileRequest, FileInput, FilePurpose};
 use secrecy::ExposeSecret;
 
@@ -19,6 +17,39 @@ use crate::config::ApiSettings;
 
 /// The metadata key that ties a provider's batch to its record (`embed_worker.batches.id`).
 pub(crate) const RECORD_KEY: &str = "embed_worker_batch";
+
+/// The metadata key that ties a provider's batch to the database that made it
+/// (`embed_worker.installation.id`).
+pub(crate) const INSTALLATION_KEY: &str = "embed_worker_installation";
+
+/// What the batch list says of one batch, read field by field.
+#[derive(Debug, Clone)]
+pub(crate) struct Listed {
+    /// The provider's id.
+    pub id: String,
+    /// Its status, as a word.
+    pub status: String,
+    input_file_id: String,
+    created_at: i64,
+    metadata: serde_json::Value,
+}
+
+impl Listed {
+    /// The entry, or `None` when it lacks an id, a status or a creation time.
+    fn read(v: &serde_json::Value) -> Option<Listed> {
+        Some(Listed {
+            id: v["id"].as_str()?.to_string(),
+            status: v["status"].as_str()?.to_string(),
+            input_file_id: v["input_file_id"].as_str().unwrap_or_default().to_string(),
+            created_at: v["created_at"].as_i64()?,
+            metadata: v["metadata"].clone(),
+        })
+    }
+
+    fn metadata(&self, key: &str) -> Option<&str> {
+        self.metadata[key].as_str()
+    }
+}
 
 /// A Batch API client for `api.base_url`.
 pub(crate) struct BatchClient {
@@ -170,16 +201,28 @@ impl BatchClient {
         Ok(f.id)
     }
 
-    /// Creates the batch of `/v1/embeddings` requests in `file_id`, tagged with its record id.
-    pub(crate) async fn create(&self, file_id: &str, record: i64) -> Result<Batch, BatchError> {
+    /// Creates the batch of `/v1/embeddings` requests in `file_id`, tagged with its record id
+    /// and this database's installation id.
+    pub(crate) async fn create(
+        &self,
+        file_id: &str,
+        record: i64,
+        installation: uuid::Uuid,
+    ) -> Result<Batch, BatchError> {
         let req = BatchRequest {
             input_file_id: file_id.to_string(),
             endpoint: BatchEndpoint::V1Embeddings,
             completion_window: BatchCompletionWindow::W24H,
-            metadata: Some(HashMap::from([(
-                RECORD_KEY.to_string(),
-                serde_json::Value::String(record.to_string()),
-            )])),
+            metadata: Some(HashMap::from([
+                (
+                    RECORD_KEY.to_string(),
+                    serde_json::Value::String(record.to_string()),
+                ),
+                (
+                    INSTALLATION_KEY.to_string(),
+                    serde_json::Value::String(installation.to_string()),
+                ),
+            ])),
             output_expires_after: None,
         };
         self.client
@@ -189,51 +232,98 @@ impl BatchClient {
             .map_err(|e| self.err("creating the batch", e))
     }
 
-    /// The provider's batch created for `record`, if there is one that has not failed (a
-    /// submitter that died between creating it and recording its id). Pages through the list,
-    /// newest first, until it passes `since` (the record's creation, less a minute of clock
-    /// skew): another tenant's newer batches do not hide ours.
+    /// The provider's batch created for `record` of this installation from `file_id`, if there
+    /// is one that has not failed (a submitter that died between creating it and recording its
+    /// id). All three must match: another database on the same account (staging, a restored
+    /// copy) numbers its records alike, and a restored copy has our installation id but never
+    /// our uploads. Pages through the list, newest first, until it passes `since` (the
+    /// record's creation, less a minute of clock skew): another tenant's newer batches do not
+    /// hide ours. Each entry is read on its own: one the provider lists in a shape we cannot
+    /// read is skipped (and counted in the log), not a failure of every later create.
     pub(crate) async fn find(
         &self,
         record: i64,
+        installation: uuid::Uuid,
+        file_id: &str,
         since: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Option<Batch>, BatchError> {
-        use async_openai::traits::RequestOptionsBuilder;
-        let want = record.to_string();
+    ) -> Result<Option<Listed>, BatchError> {
+        let (want, ours) = (record.to_string(), installation.to_string());
         let oldest = (since - chrono::Duration::seconds(60)).timestamp();
         let mut after: Option<String> = None;
+        let mut unreadable = 0usize;
         for _ in 0..1000 {
             let mut query = vec![("limit", "100".to_string())];
             if let Some(a) = &after {
                 query.push(("after", a.clone()));
             }
-            let page = self
-                .client
-                .batches()
-                .query(&query)
-                .map_err(|e| self.err("listing batches", e))?
-                .list()
-                .await
-                .map_err(|e| self.err("listing batches", e))?;
-            let past = page
-                .data
+            let page = self.get_json("batches", &query, "listing batches").await?;
+            let data = page["data"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            let listed: Vec<Listed> = data.iter().filter_map(Listed::read).collect();
+            unreadable += data.len() - listed.len();
+            let past = listed.last().is_none_or(|b| b.created_at < oldest);
+            after = data
                 .last()
-                .is_none_or(|b| (b.created_at as i64) < oldest);
-            after = page.data.last().map(|b| b.id.clone());
-            let found = page.data.into_iter().find(|b| {
-                !matches!(
-                    b.status,
-                    BatchStatus::Failed | BatchStatus::Expired | BatchStatus::Cancelled
-                ) && serde_json::to_value(&b.metadata)
-                    .ok()
-                    .and_then(|m| m.get(RECORD_KEY).cloned())
-                    .is_some_and(|v| v.as_str() == Some(want.as_str()))
+                .and_then(|b| b["id"].as_str())
+                .map(str::to_string);
+            let found = listed.into_iter().find(|b| {
+                !matches!(b.status.as_str(), "failed" | "expired" | "cancelled")
+                    && b.metadata(RECORD_KEY) == Some(want.as_str())
+                    && b.metadata(INSTALLATION_KEY) == Some(ours.as_str())
+                    && b.input_file_id == file_id
+                    && b.created_at >= oldest
             });
-            if found.is_some() || past || !page.has_more {
+            let more = page["has_more"].as_bool().unwrap_or(false);
+            if found.is_some() || past || !more || after.is_none() {
+                if unreadable > 0 {
+                    tracing::warn!(
+                        record,
+                        unreadable,
+                        "the provider's batch list held entries that could not be read; skipped"
+                    );
+                }
                 return Ok(found);
             }
         }
         Ok(None)
+    }
+
+    /// `GET {base_url}/{path}?{query}` as JSON, errors as [`BatchError`]s with the provider's
+    /// message, key masked.
+    async fn get_json(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        what: &str,
+    ) -> Result<serde_json::Value, BatchError> {
+        let mut req = self
+            .http
+            .get(format!("{}/{path}", self.base_url))
+            .query(query);
+        if let Some(key) = &self.key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        let response = req.send().await.map_err(|e| {
+            BatchError::Transient(format!("{what}: {}", self.masked(&e.to_string())))
+        })?;
+        let status = response.status();
+        let body = response.text().await.map_err(|e| {
+            BatchError::Transient(format!("{what}: {}", self.masked(&e.to_string())))
+        })?;
+        let json = serde_json::from_str::<serde_json::Value>(&body);
+        if !status.is_success() {
+            let message = json
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(body.chars().take(200).collect());
+            return Err(BatchError::from_status(
+                status,
+                format!("{what}: {status}: {}", self.masked(&message)),
+            ));
+        }
+        json.map_err(|e| BatchError::Transient(format!("{what}: the answer is not JSON: {e}")))
     }
 
     /// The batch now.

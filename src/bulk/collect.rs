@@ -349,8 +349,14 @@ impl Lane {
     /// idempotent (content hashes) and ended jobs are not touched twice.
     async fn collect(&self, rec: &BatchRecord, b: &Batch) -> anyhow::Result<()> {
         let s = &self.settings;
+        // As the model that submitted it: its partition, its size, its price.
+        let (model, live) = super::batch_model(&self.pool, s, rec).await?;
+        if !live {
+            return self.collect_orphan(rec, b).await;
+        }
+        let budget = self.pipeline.batch_budget_of(&model);
         let items = records::items(&self.pool, rec.id).await?;
-        let mut c = Collection::new(rec.id, s.model.dimensions, items);
+        let mut c = Collection::new(rec.id, model.dimensions, items);
         let mut by_source: HashMap<EmbedSource, JobResult> = HashMap::new();
         let mut written = 0usize;
         for file in [&b.output_file_id, &b.error_file_id].into_iter().flatten() {
@@ -360,14 +366,18 @@ impl Lane {
                 if c.part_due() {
                     let part = c.take_part();
                     written += part.len();
-                    self.pipeline.write(&part, &mut by_source).await?;
+                    self.pipeline
+                        .write_model(&model.name, model.dimensions, &part, &mut by_source)
+                        .await?;
                 }
             }
         }
         c.settle_unanswered(b);
         let part = c.take_part();
         written += part.len();
-        self.pipeline.write(&part, &mut by_source).await?;
+        self.pipeline
+            .write_model(&model.name, model.dimensions, &part, &mut by_source)
+            .await?;
         for src in &c.sources {
             if let Some(e) = &src.failure {
                 by_source.insert(src.source, Err(e.clone()));
@@ -378,18 +388,14 @@ impl Lane {
             &by_source,
         );
         crate::job::end_unacked(&self.pool, &s.retry, &results).await?;
-        let usd = self.budget.cost(c.billed);
+        let usd = budget.cost(c.billed);
         if c.counted > 0 {
-            self.budget.observe_billing(c.counted, c.billed);
+            budget.observe_billing(c.counted, c.billed);
         }
-        if let Err(e) = self.budget.settle(rec.reservation(), Some(c.billed)).await {
+        if let Err(e) = budget.settle(rec.reservation(), Some(c.billed)).await {
             tracing::warn!(batch = rec.id, error = %e, "settling the batch's spend failed");
         }
-        crate::meter::batch_tokens(
-            &s.model.name,
-            c.billed,
-            s.model.batch_usd_per_million_tokens,
-        );
+        crate::meter::batch_tokens(&model.name, c.billed, model.batch_usd_per_million_tokens);
         self.pipeline
             .stats
             .tokens_embedded
@@ -431,6 +437,7 @@ impl Lane {
         .await?;
         tracing::info!(
             batch = rec.id,
+            model = %model.name,
             state = state.as_str(),
             written,
             not_written = errors,
@@ -438,6 +445,37 @@ impl Lane {
             usd,
             "batch collected"
         );
+        Ok(())
+    }
+}
+
+impl Lane {
+    /// A batch whose model has been pruned since it was submitted: its vectors have no
+    /// partition to go to and are not of the model that writes now, so nothing is written; its
+    /// jobs go back to the queue (no attempt used) for the next batch, of the writing model;
+    /// its reservation stands as spent (the provider ran it); its files are deleted.
+    async fn collect_orphan(&self, rec: &BatchRecord, b: &Batch) -> anyhow::Result<()> {
+        let why = format!(
+            "batch {} was submitted with model {}, which is no longer registered (pruned): \
+             nothing of it was written; its jobs went back to the queue",
+            rec.id, rec.model
+        );
+        tracing::warn!(batch = rec.id, model = %rec.model, "{why}");
+        let rec = BatchRecord {
+            output_file_id: b.output_file_id.clone(),
+            error_file_id: b.error_file_id.clone(),
+            ..rec.clone()
+        };
+        super::end_batch(
+            &self.pool,
+            &self.settings,
+            &self.client,
+            &super::batch_budget(&self.pool, &self.settings, &rec).await?,
+            &rec,
+            BatchState::Abandoned,
+            &why,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -127,7 +127,7 @@ impl Lane {
             &self.pool,
             &self.settings,
             &self.client,
-            &self.budget,
+            &batch_budget(&self.pool, &self.settings, rec).await?,
             rec,
             BatchState::Failed,
             &format!("batch {} ended: {why}", rec.id),
@@ -236,6 +236,42 @@ async fn delete_files<'a>(
     }
 }
 
+/// The model batch `rec` was submitted with, at its own size and price (the one this worker is
+/// configured with may have changed since: a batch stays open up to 24 h), and whether its
+/// partition still exists (when it does not, nothing of the batch can be written).
+async fn batch_model(
+    pool: &PgPool,
+    settings: &Settings,
+    rec: &BatchRecord,
+) -> anyhow::Result<(crate::config::ModelSettings, bool)> {
+    use crate::model_index::lifecycle;
+    let registered = lifecycle::models(pool)
+        .await?
+        .into_iter()
+        .find(|m| m.name == rec.model);
+    let dims = registered
+        .as_ref()
+        .map_or(settings.model.dimensions, |m| m.dimensions as usize);
+    let live = registered.is_some() && lifecycle::partition_exists(pool, &rec.model).await?;
+    let m = lifecycle::settings_for(pool, &settings.model, &rec.model, dims).await?;
+    Ok((m, live))
+}
+
+/// The budget batch `rec` counts against: its own model's, as `<model> (batch)` at that
+/// model's Batch API price (the label its reservation was made under).
+async fn batch_budget(
+    pool: &PgPool,
+    settings: &Settings,
+    rec: &BatchRecord,
+) -> anyhow::Result<Budget> {
+    let (m, _) = batch_model(pool, settings, rec).await?;
+    Ok(Budget::new(
+        pool.clone(),
+        &format!("{} (batch)", m.name),
+        m.batch_usd_per_million_tokens,
+    ))
+}
+
 /// Ends batch `rec` without its results: its jobs retried with an attempt used (`Failed`) or
 /// released untouched (`Abandoned`) with `why`; the reservation refunded if the provider never
 /// had the batch, else standing as spent; the batch cancelled at the provider and its files
@@ -296,11 +332,7 @@ pub async fn abandon(pool: &PgPool, settings: &Settings, id: i64) -> anyhow::Res
         anyhow::bail!("batch {id} has already ended ({})", rec.state);
     }
     let client = client::BatchClient::new(&settings.api)?;
-    let budget = Budget::new(
-        pool.clone(),
-        &format!("{} (batch)", rec.model),
-        settings.model.batch_usd_per_million_tokens,
-    );
+    let budget = batch_budget(pool, settings, &rec).await?;
     let jobs = end_batch(
         pool,
         settings,

@@ -134,6 +134,16 @@ impl BatchRecord {
     }
 }
 
+/// This database's installation id (`embed_worker.installation`, made by `migrate`): every
+/// batch it creates carries it, and only a batch carrying it is ever adopted.
+pub async fn installation(pool: &PgPool) -> anyhow::Result<Uuid> {
+    use anyhow::Context;
+    sqlx::query_scalar("SELECT id FROM embed_worker.installation")
+        .fetch_one(pool)
+        .await
+        .context("reading embed_worker.installation (run `embed-worker migrate`)")
+}
+
 const COLUMNS: &str = "id, provider_id, state, provider_status, model, input_file_id, \
     output_file_id, error_file_id, requests, inputs, tokens_estimate, \
     usd_reserved::float8 AS usd_reserved, spend_month, tokens_billed, usd_billed::float8 AS usd_billed, \

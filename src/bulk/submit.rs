@@ -352,12 +352,13 @@ impl Lane {
         file_id: &str,
         since: chrono::DateTime<chrono::Utc>,
     ) -> anyhow::Result<()> {
-        if let Some(found) = self.client.find(id, since).await? {
+        let installation = records::installation(&self.pool).await?;
+        if let Some(found) = self.client.find(id, installation, file_id, since).await? {
             tracing::info!(batch = id, provider = %found.id, "batch found at the provider; resuming it");
-            records::set_submitted(&self.pool, id, &found.id, &status_str(&found.status)).await?;
+            records::set_submitted(&self.pool, id, &found.id, &found.status).await?;
             return Ok(());
         }
-        let created = self.client.create(file_id, id).await?;
+        let created = self.client.create(file_id, id, installation).await?;
         tracing::info!(batch = id, provider = %created.id, "batch created");
         records::set_submitted(&self.pool, id, &created.id, &status_str(&created.status)).await?;
         Ok(())
@@ -394,7 +395,10 @@ impl Lane {
                         "the batch was never uploaded; back to the queue",
                     )
                     .await?;
-                    self.budget.settle(rec.reservation(), Some(0)).await?;
+                    super::batch_budget(&self.pool, &self.settings, &rec)
+                        .await?
+                        .settle(rec.reservation(), Some(0))
+                        .await?;
                     records::delete(&self.pool, rec.id).await?;
                     tracing::warn!(
                         batch = rec.id,

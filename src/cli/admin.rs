@@ -60,6 +60,7 @@ pub(crate) async fn migrate(settings: &Settings, plan_only: bool) -> anyhow::Res
     db::apply_listen(&pool, settings.queue.listen).await?;
     embed_worker::guard::budget::set(&pool, settings.budget.monthly_usd).await?;
     let roles = model_index::lifecycle::on_migrate(&mut *pool.acquire().await?, &spec).await?;
+    model_index::lifecycle::record_price(&pool, &settings.model).await?;
     let index = model_index::build::on_migrate(&pool, settings).await?;
     println!(
         "migrations applied; change capture sessions={} templates={}; notify={}; {roles}; {index}",

@@ -449,6 +449,16 @@ fn batch_json(b: &FakeBatch) -> Value {
     })
 }
 
+/// The batch as retrieved and listed: [`Hostile::UnreadableBatch`]'s batches with a status
+/// no client can read, in the list too (as a provider's new field or state would be).
+fn shown(cfg: &FakeConfig, b: &FakeBatch) -> Value {
+    let mut json = batch_json(b);
+    if cfg.hostile == Some(Hostile::UnreadableBatch) && b.ordinal < cfg.hostile_batches {
+        json["status"] = json!(42);
+    }
+    json
+}
+
 /// Moves a running batch on: in progress until `batch_delay` has passed, then it ends.
 fn advance(store: &Store, cfg: &FakeConfig, b: &mut FakeBatch) {
     if !matches!(b.status, "validating" | "in_progress") {
@@ -602,11 +612,7 @@ async fn retrieve(
     match batches.iter_mut().find(|b| b.id == id) {
         Some(b) => {
             advance(&inner.batch, &cfg, b);
-            let mut json = batch_json(b);
-            if cfg.hostile == Some(Hostile::UnreadableBatch) && b.ordinal < cfg.hostile_batches {
-                json["status"] = json!(42);
-            }
-            Json(json).into_response()
+            Json(shown(&cfg, b)).into_response()
         }
         None => not_found("batch", &id),
     }
@@ -662,7 +668,7 @@ async fn list(
         .take(limit)
         .map(|b| {
             advance(&inner.batch, &cfg, b);
-            batch_json(b)
+            shown(&cfg, b)
         })
         .collect();
     Json(json!({

@@ -18,6 +18,7 @@ use anyhow::Context;
 use sqlx::{PgConnection, PgPool};
 
 use super::{IndexSpec, IndexState};
+use crate::config::ModelSettings;
 
 /// One row of `embed_worker.models`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -74,6 +75,67 @@ pub async fn serving_spec(pool: &PgPool) -> anyhow::Result<IndexSpec> {
         "no serving model is registered in embed_worker.models: run `embed-worker migrate`",
     )?;
     Ok(IndexSpec::of(&m))
+}
+
+/// OpenAI's list price per million tokens of the embedding models it publishes (sync; the
+/// Batch API bills half): what a model registered before prices were recorded costs.
+fn list_price(model: &str) -> Option<f64> {
+    match model {
+        "text-embedding-ada-002" => Some(0.10),
+        "text-embedding-3-small" => Some(0.02),
+        "text-embedding-3-large" => Some(0.13),
+        _ => None,
+    }
+}
+
+/// `migrate`: the configured model's prices, recorded in its registry row so that whatever is
+/// embedded with it later (a batch it left open, the serving model's dual-write) is charged at
+/// its price, whichever model the collecting worker is configured with.
+pub async fn record_price(pool: &PgPool, m: &ModelSettings) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE embed_worker.models
+            SET usd_per_million_tokens = $2, batch_usd_per_million_tokens = $3
+          WHERE name = $1",
+    )
+    .bind(&m.name)
+    .bind(m.usd_per_million_tokens)
+    .bind(m.batch_usd_per_million_tokens)
+    .execute(pool)
+    .await
+    .with_context(|| format!("recording model {}'s price", m.name))?;
+    Ok(())
+}
+
+/// `base`'s settings for registered model `name` at `dimensions`, at that model's price: the
+/// one `migrate` recorded, else OpenAI's list price for the name, else `base`'s own.
+pub async fn settings_for(
+    pool: &PgPool,
+    base: &ModelSettings,
+    name: &str,
+    dimensions: usize,
+) -> anyhow::Result<ModelSettings> {
+    let mut m = base.for_model(name, dimensions);
+    if name == base.name {
+        return Ok(m);
+    }
+    let recorded: Option<(Option<f64>, Option<f64>)> = sqlx::query_as(
+        "SELECT usd_per_million_tokens, batch_usd_per_million_tokens
+           FROM embed_worker.models WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .with_context(|| format!("reading model {name}'s price"))?;
+    let (usd, batch) = recorded.unwrap_or_default();
+    match (usd.or_else(|| list_price(name)), batch) {
+        (Some(usd), batch) => {
+            m.usd_per_million_tokens = usd;
+            m.batch_usd_per_million_tokens = batch.unwrap_or(usd / 2.0);
+        }
+        (None, Some(batch)) => m.batch_usd_per_million_tokens = batch,
+        (None, None) => {}
+    }
+    Ok(m)
 }
 
 /// `migrate`'s first check, before it changes anything: the configured model, when registered

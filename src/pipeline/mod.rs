@@ -171,7 +171,14 @@ impl Pipeline {
     /// The monthly budget at the Batch API's price, spending as `<model> (batch)`: the sync
     /// lane's guard with its observed billing ratio.
     pub fn batch_budget(&self) -> crate::guard::budget::Budget {
-        let m = &self.settings.model;
+        self.batch_budget_of(&self.settings.model)
+    }
+
+    /// [`Pipeline::batch_budget`] for model `m` (a batch another model submitted), at its price.
+    pub fn batch_budget_of(
+        &self,
+        m: &crate::config::ModelSettings,
+    ) -> crate::guard::budget::Budget {
         self.caller.budget().at_price(
             &format!("{} (batch)", m.name),
             m.batch_usd_per_million_tokens,
@@ -282,7 +289,10 @@ impl Pipeline {
             return Ok(None);
         }
         let mut settings = (*self.settings).clone();
-        settings.model = m.for_model(&name, dims as usize);
+        // At the serving model's own price: its tokens are billed at it.
+        settings.model =
+            crate::model_index::lifecycle::settings_for(&self.pool, m, &name, dims as usize)
+                .await?;
         let embedder = Embedder::from_settings(&settings.api, &settings.model)?;
         let mut p = Pipeline::new(
             self.pool.clone(),
@@ -503,12 +513,25 @@ impl Pipeline {
         writes: &[SourceWrite],
         results: &mut HashMap<EmbedSource, JobResult>,
     ) -> anyhow::Result<()> {
+        let m = &self.settings.model;
+        self.write_model(&m.name, m.dimensions, writes, results)
+            .await
+    }
+
+    /// [`Pipeline::write`] into `model`'s partition at its `dimensions`: a batch is written as
+    /// the model that submitted it, whichever model this worker is configured with.
+    pub async fn write_model(
+        &self,
+        model: &str,
+        dimensions: usize,
+        writes: &[SourceWrite],
+        results: &mut HashMap<EmbedSource, JobResult>,
+    ) -> anyhow::Result<()> {
         let s = &self.settings;
-        let model = s.model.name.as_str();
         let started = std::time::Instant::now();
         let to = write::Target {
             model,
-            dimensions: s.model.dimensions,
+            dimensions,
             queue: &s.queue.name,
             max_attempts: s.queue.max_attempts,
             touch: self.touch_unchanged,
@@ -535,18 +558,18 @@ impl Pipeline {
         if let Err(e) = paid::clear(&self.pool, model, &written_kept).await {
             tracing::warn!(error = %e, "could not clear kept chunks; retention removes them");
         }
-        self.answers(writes, &outcomes, results);
+        self.answers(model, writes, &outcomes, results);
         Ok(())
     }
 
     /// Answers: each written source's outcome, and the write metrics.
     fn answers(
         &self,
+        model: &str,
         writes: &[SourceWrite],
         outcomes: &HashMap<EmbedSource, WriteOutcome>,
         results: &mut HashMap<EmbedSource, JobResult>,
     ) {
-        let model = self.settings.model.name.as_str();
         let mut written_chunks = 0u64;
         for w in writes {
             let outcome = match outcomes.get(&w.source) {

@@ -3,7 +3,8 @@
 //! read, shifted indexes, repeated and foreign lines, billing far above our count, our batch
 //! paged out of the list by another tenant's, a transient failure. For each: the other batches
 //! and new bulk jobs complete, the bad batch ends with its reason, nothing is written under a
-//! wrong source, and no batch is created twice.
+//! wrong source, and no batch is created twice. And round 3: two databases on one provider
+//! account, and a batch of the old model still open when the model switches.
 
 use std::time::{Duration, Instant};
 
@@ -30,11 +31,18 @@ fn lane_settings(t: &TestDb, fake: &FakeServer) -> Settings {
 
 /// Rows whose vector is not the one the provider gives for their own source's text.
 async fn wrong_vectors(t: &TestDb, s: &Settings) -> usize {
-    let rows: Vec<(Uuid, pgvector::Vector)> =
-        sqlx::query_as("SELECT source_id, embedding FROM rag_embeddings")
-            .fetch_all(&t.admin)
-            .await
-            .unwrap();
+    wrong_vectors_of(t, s, &s.model.name, s.model.dimensions).await
+}
+
+/// [`wrong_vectors`] among `model`'s rows, whose vectors must have `dims` dimensions.
+async fn wrong_vectors_of(t: &TestDb, s: &Settings, model: &str, dims: usize) -> usize {
+    let rows: Vec<(Uuid, pgvector::Vector)> = sqlx::query_as(
+        "SELECT source_id, embedding FROM rag_embeddings WHERE embedding_model = $1",
+    )
+    .bind(model)
+    .fetch_all(&t.admin)
+    .await
+    .unwrap();
     let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
     let sources = session_sources(&ids);
     let texts = embed_worker::pipeline::load::load(&t.admin, &s.render, &sources)
@@ -43,11 +51,12 @@ async fn wrong_vectors(t: &TestDb, s: &Settings) -> usize {
     rows.iter()
         .zip(&sources)
         .filter(|((_, v), src)| {
-            let want = fake_vector(&texts[src].text, s.model.dimensions);
-            v.as_slice()
-                .iter()
-                .zip(&want)
-                .any(|(a, b)| (a - b).abs() > 1e-6)
+            let want = fake_vector(&texts[src].text, dims);
+            v.as_slice().len() != dims
+                || v.as_slice()
+                    .iter()
+                    .zip(&want)
+                    .any(|(a, b)| (a - b).abs() > 1e-6)
         })
         .count()
 }
@@ -396,4 +405,193 @@ async fn switching_bulk_mode_to_sync_drains_every_bulk_job_of_the_batch_lane() {
     )
     .await;
     assert_eq!(left, 0, "every bulk job moved to the sync queue");
+}
+
+/// Waits until `t` has at least one batch and none is `preparing`: every submitted batch is at
+/// the provider.
+async fn submitted(t: &TestDb, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let (all, preparing): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'preparing') FROM embed_worker.batches",
+        )
+        .fetch_one(&t.admin)
+        .await
+        .unwrap();
+        let waiting = count(
+            &t.admin,
+            "SELECT count(*) FROM apalis.jobs WHERE job_type = 'embed.batch' AND status = 'Pending'",
+        )
+        .await;
+        if all > 0 && preparing == 0 && waiting == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "batches not submitted after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The provider ids `t` recorded.
+async fn provider_ids(t: &TestDb) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT provider_id FROM embed_worker.batches WHERE provider_id IS NOT NULL ORDER BY 1",
+    )
+    .fetch_all(&t.admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_databases_on_one_provider_account_never_adopt_each_others_batches() {
+    // Staging and production on one account: both number their batch records from 1, and
+    // each batch stays open at the provider for 3 s, so each database's submitter looks for
+    // "its" record 1, 2, 3 while the other's are listed.
+    let fake = fake(FakeConfig {
+        batch_delay: Duration::from_secs(3),
+        ..FakeConfig::default()
+    })
+    .await;
+    let (a, b) = (quiet_db().await, quiet_db().await);
+    insert_sessions(&a.admin, Uuid::new_v4(), 300, |i| 3 + i % 20).await;
+    // Other texts in the other database: a vector of A's text under B's source shows.
+    insert_sessions(&b.admin, Uuid::new_v4(), 300, |i| 30 + i % 7).await;
+    let (sa, sb) = (lane_settings(&a, &fake), lane_settings(&b, &fake));
+    assert_eq!(backfill_stale(&a, &sa).await, 300);
+    assert_eq!(backfill_stale(&b, &sb).await, 300);
+    let wa = RunningWorker::start(sa.clone()).await;
+    let wb = RunningWorker::start(sb.clone()).await;
+    settled(&a, Duration::from_secs(90)).await;
+    settled(&b, Duration::from_secs(90)).await;
+    wa.stop().await;
+    wb.stop().await;
+
+    let (ia, ib) = (provider_ids(&a).await, provider_ids(&b).await);
+    assert!(ia.len() >= 3 && ib.len() >= 3, "{ia:?} {ib:?}");
+    assert!(
+        ia.iter().all(|id| !ib.contains(id)),
+        "no batch recorded by both: {ia:?} {ib:?}"
+    );
+    assert_eq!(
+        fake.batches_created(),
+        batches_recorded(&a).await + batches_recorded(&b).await,
+        "each database created its own batches"
+    );
+    for (t, s) in [(&a, &sa), (&b, &sb)] {
+        assert_eq!(
+            count(&t.admin, "SELECT count(*) FROM rag_embeddings").await,
+            300
+        );
+        assert_eq!(wrong_vectors(t, s).await, 0, "nothing of the other's texts");
+        let dead = count(&t.admin, "SELECT count(*) FROM embed_worker.failed_jobs").await;
+        assert_eq!(dead, 0);
+    }
+    assert_eq!(
+        fake.files_stored(),
+        0,
+        "each deleted its own files, all of them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_models_batch_open_at_a_switch_is_written_to_its_own_partition_at_its_price() {
+    use embed_worker::model_index::{self, lifecycle};
+    let t = quiet_db().await;
+    let fake = fake(FakeConfig {
+        batch_delay: Duration::from_secs(4),
+        ..FakeConfig::default()
+    })
+    .await;
+    insert_sessions(&t.admin, Uuid::new_v4(), 300, |i| 3 + i % 20).await;
+    // Before: text-embedding-3-small at 64 dimensions writes and serves; its backfill goes out
+    // as three batches, which are still running at the provider when the worker stops.
+    let mut old = lane_settings(&t, &fake);
+    old.model.usd_per_million_tokens = 0.02;
+    old.model.batch_usd_per_million_tokens = 0.01;
+    old.index.auto_build = false;
+    let w = RunningWorker::start(old.clone()).await;
+    lifecycle::record_price(&t.admin, &old.model).await.unwrap();
+    assert_eq!(backfill_stale(&t, &old).await, 300);
+    submitted(&t, Duration::from_secs(60)).await;
+    w.stop().await;
+    let open = count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.batches WHERE finished_at IS NULL",
+    )
+    .await;
+    assert!(open >= 1, "the old model's batches are open at the switch");
+
+    // The switch, as `migrate` makes it: text-embedding-3-large at 128 writes (another size).
+    let mut new = old.clone();
+    new.model.name = "text-embedding-3-large".into();
+    new.model.dimensions = 128;
+    new.model.usd_per_million_tokens = 0.13;
+    new.model.batch_usd_per_million_tokens = 0.065;
+    lifecycle::on_migrate(
+        &mut t.admin.acquire().await.unwrap(),
+        &spec(&new.model.name, 128),
+    )
+    .await
+    .unwrap();
+    lifecycle::record_price(&t.admin, &new.model).await.unwrap();
+    model_index::build::on_migrate(&t.admin, &new)
+        .await
+        .unwrap();
+    let w = RunningWorker::start(new.clone()).await;
+    settled(&t, Duration::from_secs(90)).await;
+    w.stop().await;
+
+    // The old model's vectors in its own partition at its size; none in the new one's.
+    let old_rows = count(
+        &t.admin,
+        "SELECT count(*) FROM rag_embeddings WHERE embedding_model = 'text-embedding-3-small'",
+    )
+    .await;
+    assert_eq!(old_rows, 300);
+    assert_eq!(wrong_vectors_of(&t, &old, &old.model.name, 64).await, 0);
+    let new_rows = count(
+        &t.admin,
+        "SELECT count(*) FROM rag_embeddings WHERE embedding_model = 'text-embedding-3-large'",
+    )
+    .await;
+    assert_eq!(
+        new_rows, 0,
+        "nothing of the old batches counts as the new model's"
+    );
+    let dead = count(&t.admin, "SELECT count(*) FROM embed_worker.failed_jobs").await;
+    assert_eq!(dead, 0, "no job killed for its size");
+    let serving = lifecycle::serving(&t.admin).await.unwrap().unwrap().name;
+    assert_eq!(
+        serving, "text-embedding-3-small",
+        "the new model was not promoted on no rows"
+    );
+    // Spent as the old model at the Batch API price; the reservation settled, nothing charged
+    // to the new model.
+    let (tokens, usd): (i64, f64) = sqlx::query_as(
+        "SELECT coalesce(sum(tokens), 0)::int8, coalesce(sum(usd), 0)::float8
+           FROM embed_worker.spend WHERE model = 'text-embedding-3-small (batch)'",
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(tokens as u64, fake.batch_tokens_billed());
+    assert!(tokens > 0);
+    assert!(
+        (usd - tokens as f64 * 0.01 / 1e6).abs() < 1e-9,
+        "${usd} for {tokens} tokens at $0.01 per million"
+    );
+    let charged_new = count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.spend WHERE model LIKE 'text-embedding-3-large%' AND usd <> 0",
+    )
+    .await;
+    assert_eq!(charged_new, 0);
+    let not_completed = count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.batches WHERE state <> 'completed' OR finished_at IS NULL",
+    )
+    .await;
+    assert_eq!(not_completed, 0);
 }
