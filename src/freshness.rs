@@ -3,8 +3,8 @@
 //! Why in SQL: the stale set is a join of the sources with their embeddings for the active
 //! model; the database answers it in one pass however many rows there are, and the queueing
 //! ([`enqueue_stale`], one statement) skips sources that already have an open job, so a scan is
-//! idempotent and safe to run from a CronJob and from every replica (one at a time, under an
-//! advisory lock).
+//! idempotent and safe to run from a CronJob and from every replica (one at a time, under a
+//! row lock the app's role cannot take).
 //!
 //! Reasons, in order of precedence:
 //! - `missing`: no embedding at all;
@@ -261,20 +261,16 @@ SELECT NULL, 0, 0, (SELECT coalesce(n, 0) FROM q)::int8"#,
 /// One periodic stale scan (`freshness.scan_interval_secs`), if no other replica is scanning.
 /// Returns jobs queued, or `None` when another replica holds the lock.
 ///
-/// The lock is transaction-level, on the connection that runs the scan: a session lock held on
-/// one connection while the scan took a second from the pool needed two at once, and at a pool
-/// of two the leader (whose lock holds the other) had none left.
+/// The lock is the `stale-scan` lease's row ([`crate::db::locks::try_lock_in`]), for the scan's
+/// transaction, on the connection that runs the scan: a session lock held on one connection
+/// while the scan took a second from the pool needed two at once, and at a pool of two the
+/// leader (whose lock held the other) had none left.
 pub async fn scan_stale(
     pool: &PgPool,
     settings: &crate::config::Settings,
 ) -> anyhow::Result<Option<i64>> {
-    let key: i64 = 0x656d_6265_6473_6361; // "embedsca"
     let mut tx = pool.begin().await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(key)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !got {
+    if !crate::db::locks::try_lock_in(&mut tx, "stale-scan").await? {
         return Ok(None);
     }
     let scope = Scope {

@@ -6,7 +6,7 @@
 //! only when no interactive job is due), or into `<queue>.batch` (batch: OpenAI's Batch API,
 //! billed at half price from a separate rate-limit pool), which no apalis worker claims.
 //!
-//! The batch lane, one leader across replicas (advisory lock), every `bulk.poll_secs`:
+//! The batch lane, one leader across replicas (a lease, [`crate::db::locks::Lease`]), every `bulk.poll_secs`:
 //! 1. resume: records left `preparing` by a dead submitter, or by a transient failure at the
 //!    provider (`submit`);
 //! 2. poll: each submitted batch; an ended one is collected (`collect`);
@@ -39,6 +39,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use crate::config::{BulkMode, Settings};
+use crate::db::locks::Lease;
 use crate::guard::budget::Budget;
 use crate::job::{JobError, JobResult};
 use crate::pipeline::Pipeline;
@@ -46,8 +47,8 @@ use crate::pipeline::Pipeline;
 use client::BatchError;
 use records::{BatchRecord, BatchState};
 
-/// `pg_advisory_lock` key of the batch lane's leader ("embbat").
-const LEADER_LOCK: i64 = 0x656d_6262_6174;
+/// The batch lane leader's lease in `embed_worker.leases`.
+const LEADER_LEASE: &str = "batch-leader";
 /// Rounds in a row a batch's call may fail transiently before the batch is ended.
 const MAX_FAILURES: i32 = 5;
 /// Times a batch the provider failed for a transient reason is created again.
@@ -136,40 +137,39 @@ impl Lane {
         Ok(())
     }
 
-    /// Runs rounds every `bulk.poll_secs` until `stop`, when this process holds the lane's
-    /// leader lock (taken on a connection of its own, released if the process dies).
+    /// Runs rounds every `bulk.poll_secs` until `stop`, while this process holds the lane's
+    /// lease (`batch-leader`). A leader that dies is replaced once its lease lapses: four
+    /// rounds, at least 10 s, which is nothing against a batch's 24-hour window.
     pub async fn lead(self, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(self.settings.bulk.poll_secs));
+        let poll = Duration::from_secs(self.settings.bulk.poll_secs);
+        let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut leader: Option<sqlx::pool::PoolConnection<sqlx::Postgres>> = None;
+        let lease = Lease::new(LEADER_LEASE, (poll * 4).max(Duration::from_secs(10)));
+        let _renewing = lease.keep(&self.pool);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = stop.wait_for(|v| *v) => return,
+                _ = stop.wait_for(|v| *v) => break,
             }
-            if leader.is_none() {
-                leader = match self.pool.acquire().await {
-                    Ok(mut c) => {
-                        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                            .bind(LEADER_LOCK)
-                            .fetch_one(&mut *c)
-                            .await
-                            .unwrap_or(false);
-                        got.then_some(c)
-                    }
-                    Err(_) => None,
-                };
-            }
+            let leading = match lease.hold(&self.pool, None).await {
+                Ok(held) => held,
+                Err(e) => {
+                    tracing::warn!(error = %e, "batch lane: the leader lease could not be read");
+                    false
+                }
+            };
             if let Ok((by_state, oldest)) = records::sample(&self.pool).await {
                 crate::meter::batches(&by_state, oldest);
             }
-            if leader.is_none() {
+            if !leading {
                 continue;
             }
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %format!("{e:#}"), "batch lane round failed; trying again next round");
             }
         }
+        // Another replica leads from its next round, not after the lease lapses.
+        lease.release(&self.pool).await;
     }
 }
 

@@ -22,6 +22,7 @@ use crate::config::DatabaseSettings;
 pub mod adopt;
 pub mod conflict;
 pub mod connections;
+pub mod locks;
 pub mod plan;
 pub mod render;
 

@@ -8,14 +8,15 @@
 //! incremental path: nothing here runs for it.
 //!
 //! Who builds: `run` checks every `index.check_interval_secs`; `migrate` and
-//! `models build-index` build at once. All take one advisory lock, so one build runs across
-//! replicas, and whoever holds it knows an invalid index of the spec is a dead build's leftover
-//! (a killed worker's: `client_connection_check_interval` makes its backend stop) and drops it.
+//! `models build-index` build at once. All take one lease (`index-build`, naming the backend that
+//! builds), so one build runs across replicas, and whoever holds it knows an invalid index of the
+//! spec is a dead build's leftover (a killed worker's: `client_connection_check_interval` makes
+//! its backend stop, and the lease is free once that backend is gone) and drops it.
 //! `CREATE INDEX` needs the table's owner: the build runs on its own connection as the login role
 //! (not the worker's `SET ROLE`); a login that is not the owner is told so and the operator runs
 //! `models build-index` as the owner (deploy/base has a CronJob for that).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sqlx::PgPool;
@@ -23,9 +24,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection};
 
 use super::{IndexSpec, IndexState};
 use crate::config::{IndexSettings, Settings};
+use crate::db::locks::Lease;
 
-/// `pg_advisory_lock` key of index builds ("embidx").
-const BUILD_LOCK: i64 = 0x656d_6269_6478;
+/// The index builds' lease in `embed_worker.leases`.
+const BUILD_LEASE: &str = "index-build";
 
 /// What a build attempt did.
 #[derive(Debug, Clone, PartialEq)]
@@ -233,23 +235,23 @@ pub async fn build(
     let mut conn = crate::db::login_conn(pool)
         .await
         .context("index build: a connection")?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(BUILD_LOCK)
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&mut *conn)
         .await?;
-    if !locked {
+    let lease = Lease::new(BUILD_LEASE, Duration::from_secs(60));
+    if !lease.hold(pool, Some(pid)).await? {
         return Ok(BuildOutcome::Busy);
     }
+    let renewing = lease.keep(pool);
     let local = parallel_workers(cfg.build_parallel_workers, &pool.connect_options());
     let result = build_locked(&mut conn, local, spec, cfg, stop).await;
-    // A cancelled build's connection is mid-statement: closed on drop, which ends the session
-    // and its lock (through a session pooler too: PgBouncer drops a server link whose client
-    // left mid-query, and its reset `DISCARD ALL` unlocks an idle one).
+    drop(renewing);
+    // A cancelled build's connection is mid-statement: closed on drop, and its backend stops
+    // within `client_connection_check_interval`. The lease names that backend, so it is free
+    // once the backend is gone, not before (a next build must not drop an index still being
+    // built).
     if !matches!(result, Ok(BuildOutcome::Cancelled)) {
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(BUILD_LOCK)
-            .execute(&mut *conn)
-            .await;
+        lease.release(pool).await;
     }
     result
 }

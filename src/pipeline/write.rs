@@ -5,8 +5,9 @@
 //!   once over as many connections) and bulk statements — new vectors streamed by binary COPY into a
 //!   temporary staging table and upserted from it, the rest as UNNEST arrays — so the database
 //!   sees a handful of statements per batch rather than one per row;
-//! - a transaction-scoped advisory lock per source, taken in sorted order (no deadlocks), so two
-//!   workers writing the same source serialize and leave exactly one consistent set of chunks;
+//! - a transaction-scoped lock per source (a row of `embed_worker.source_locks`, which the app's
+//!   role cannot lock), taken in a fixed order (no deadlocks), so two workers writing the same
+//!   source serialize and leave exactly one consistent set of chunks;
 //! - newest wins: under the lock the source's `updated_at` is compared with the one the text was
 //!   read at; a source changed since is not written (a fresh job is queued for it instead), so
 //!   an old text can never overwrite a newer one's vectors;
@@ -56,20 +57,6 @@ pub enum WriteOutcome {
     Superseded,
     /// The source no longer exists.
     Gone,
-}
-
-fn lock_key(s: &EmbedSource) -> i64 {
-    // Stable 64-bit key; Postgres' advisory-lock space is shared, so prefix by purpose.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in b"embed-worker:"
-        .iter()
-        .chain(s.source_type.as_str().as_bytes())
-        .chain(s.source_id.as_bytes())
-    {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h as i64
 }
 
 /// The COPY target of one connection's writes: temporary (no WAL, local buffers) and emptied
@@ -259,17 +246,10 @@ async fn write_one(
 
 type Tx<'c> = sqlx::Transaction<'c, sqlx::Postgres>;
 
-/// A transaction-scoped advisory lock per source, in sorted order (no deadlocks): two workers
-/// writing the same source serialize.
+/// Per-source locks for the transaction, in a fixed order (no deadlocks): two workers writing
+/// the same source serialize ([`crate::db::locks::lock_sources`]).
 async fn lock_sources(tx: &mut Tx<'_>, writes: &[&SourceWrite]) -> sqlx::Result<()> {
-    let mut keys: Vec<i64> = writes.iter().map(|w| lock_key(&w.source)).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    sqlx::query("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) AS k")
-        .bind(&keys)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    crate::db::locks::lock_sources(tx, writes.iter().map(|w| w.source)).await
 }
 
 /// Newest wins, compared under the lock: a source gone since is `Gone`; one whose `updated_at`

@@ -326,3 +326,131 @@ async fn settle_spend_settles_only_reservations_that_exist() {
     .unwrap_err();
     assert!(err.to_string().contains("no open reservation"), "{err}");
 }
+
+/// The advisory-lock key the worker once took per source: FNV-1a of `embed-worker:`, the type
+/// and the id's 16 bytes.
+fn old_source_key(id: Uuid) -> i64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in b"embed-worker:session".iter().chain(id.as_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_app_role_holding_every_key_the_worker_used_stalls_nothing() {
+    use embed_worker::config::BulkMode;
+    use embed_worker::fake_openai::FakeConfig;
+    use embed_worker::model_index::{self, IndexState};
+    use std::time::{Duration, Instant};
+
+    let t = quiet_db().await;
+    let fake = fake(FakeConfig::default()).await;
+    let mut s = worker_settings(&t, &fake);
+    s.model.name = "text-embedding-3-small".into();
+    s.model.dimensions = 64;
+    s.model.send_dimensions = true;
+    s.bulk.mode = BulkMode::Batch;
+    s.bulk.poll_secs = 1;
+    s.index.check_interval_secs = 1;
+    let spec = model_index::IndexSpec::from_settings(&s).unwrap();
+    register(&t, &s.model.name, 64).await;
+    // 200 sessions for the batch lane (its leader), then eight of the app's user for the sync
+    // lane; then the model's index (the build).
+    insert_sessions(&t.admin, Uuid::new_v4(), 200, |i| 3 + i % 20).await;
+    assert_eq!(backfill_stale(&t, &s).await, 200);
+    let user = Uuid::new_v4();
+    let own = insert_sessions(&t.admin, user, 8, |i| 3 + i).await;
+
+    // The app's role, on a session of its own, holds what it saw (as seen first): the per-source
+    // keys of its eight sessions, the index-build, batch-leader and stale-scan keys.
+    let mut app = t.admin.acquire().await.unwrap().detach();
+    sqlx::query("SET ROLE app_user")
+        .execute(&mut app)
+        .await
+        .unwrap();
+    let mut keys: Vec<i64> = own.iter().map(|s| old_source_key(s.source_id)).collect();
+    keys.extend([0x656d_6269_6478, 0x656d_6262_6174, 0x656d_6265_6473_6361]);
+    let held: i64 =
+        sqlx::query_scalar("SELECT count(pg_advisory_lock(k)) FROM unnest($1::int8[]) k")
+            .bind(&keys)
+            .fetch_one(&mut app)
+            .await
+            .unwrap();
+    assert_eq!(held, 11);
+    // The rows the worker locks now: refused at once, not waited on.
+    for sql in [
+        "SELECT * FROM embed_worker.leases FOR UPDATE",
+        "SELECT * FROM embed_worker.source_locks FOR KEY SHARE",
+        "UPDATE embed_worker.leases SET expires_at = 'infinity'",
+        "LOCK TABLE embed_worker.leases",
+    ] {
+        let err = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SET LOCAL lock_timeout = '2s'; {sql}; COMMIT"
+        )))
+        .execute(&mut app)
+        .await
+        .unwrap_err()
+        .to_string();
+        let _ = sqlx::query("ROLLBACK").execute(&mut app).await;
+        assert!(err.contains("permission denied"), "{sql}: {err}");
+    }
+
+    // Two workers.
+    let interactive = enqueue(&t.admin, &own).await;
+    assert_eq!(interactive, 8);
+    let a = RunningWorker::start(s.clone()).await;
+    let b = RunningWorker::start(s.clone()).await;
+    let started = Instant::now();
+    loop {
+        let rows = count(
+            &t.admin,
+            "SELECT count(DISTINCT source_id) FROM rag_embeddings",
+        )
+        .await;
+        let state = model_index::state(&t.admin, &spec).await.unwrap();
+        let open = embed_worker::queue::open_jobs(&t.admin, "embed")
+            .await
+            .unwrap();
+        if rows == 208 && open == 0 && matches!(state, IndexState::Ready(_)) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "stalled: {rows} of 208 sources written, {open} jobs open, index {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.stop().await;
+    b.stop().await;
+    let batches = count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.batches WHERE state = 'completed'",
+    )
+    .await;
+    assert!(
+        batches >= 1,
+        "the batch lane led: {batches} batches completed"
+    );
+    let own_rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM rag_embeddings WHERE source_id = ANY($1)")
+            .bind(own.iter().map(|s| s.source_id).collect::<Vec<_>>())
+            .fetch_one(&t.admin)
+            .await
+            .unwrap();
+    assert_eq!(own_rows, 8, "the app's locked sessions were written");
+    // And the stale scan runs while the app holds its old key.
+    let scanned = embed_worker::freshness::scan_stale(&t.admin, &s)
+        .await
+        .unwrap();
+    assert!(scanned.is_some(), "the scan ran");
+    // The app still holds every key: nothing above waited for it to let go.
+    let still: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut app)
+    .await
+    .unwrap();
+    assert_eq!(still, 11);
+}
