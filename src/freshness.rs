@@ -142,6 +142,26 @@ SELECT src.t, src.id,
     )
 }
 
+/// Sources with text that `model` has no current row for, as (missing, outdated): the stale
+/// scan's own set (missing or only another model's rows; edited since written), so coverage
+/// is a set and not a count: rows of a source without text, or a source's extra chunk, offset
+/// nothing. Promotion needs both to be zero.
+pub async fn uncovered<'e>(db: impl sqlx::PgExecutor<'e>, model: &str) -> sqlx::Result<(i64, i64)> {
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE reason IN ('missing', 'other_model')),
+                count(*) FILTER (WHERE reason = 'outdated')
+           FROM ({}) x",
+        stale_sql()
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(model)
+        .bind(None::<&str>)
+        .bind(None::<chrono::DateTime<chrono::Utc>>)
+        .bind(0.0_f64)
+        .fetch_one(db)
+        .await
+}
+
 /// Sources needing (re-)embedding for `model` (with `include_fresh`, every source), all in
 /// memory: for tests and small scopes; the commands use [`survey`], which streams.
 pub async fn find_stale(pool: &PgPool, model: &str, scope: &Scope) -> sqlx::Result<Vec<Stale>> {

@@ -36,8 +36,10 @@ impl SourceType {
         }
     }
 
-    /// SQL that is true when row `alias` of [`SourceType::table`] has text to embed (one of its
-    /// text columns named by the render settings is not empty or whitespace). Rows without
+    /// SQL that is true when row `alias` of [`SourceType::table`] has text to embed: one of the
+    /// columns the render settings name is not empty once trimmed of [`WHITE_SPACE`], as the
+    /// worker renders it (an enum such as a session's focus counts: the worker embeds a
+    /// focus-only session, so the database counts it too). Rows without
     /// text get no job. The test is a function `migrate` makes from the render settings
     /// (migration 19, `db::follow_render`); the planner inlines it into column tests, each
     /// column alone, shortest first: trimming their concatenation detoasted and copied every
@@ -54,6 +56,22 @@ impl SourceType {
             SourceType::Template => "template_has_text",
         }
     }
+}
+
+/// The characters a field's value is trimmed of before it counts as text: Unicode's
+/// White_Space, which is what Rust's `str::trim` (the worker's rendering) trims. The SQL test of
+/// "has text" trims the same set ([`white_space_sql`]), so the database and the worker agree on
+/// which sources have text: a session whose only text was U+3000 used to be text to SQL and
+/// empty to the worker, and its model could never be promoted.
+pub const WHITE_SPACE: &[char] = &[
+    '\u{9}', '\u{a}', '\u{b}', '\u{c}', '\u{d}', ' ', '\u{85}', '\u{a0}', '\u{1680}', '\u{2000}',
+    '\u{2001}', '\u{2002}', '\u{2003}', '\u{2004}', '\u{2005}', '\u{2006}', '\u{2007}', '\u{2008}',
+    '\u{2009}', '\u{200a}', '\u{2028}', '\u{2029}', '\u{202f}', '\u{205f}', '\u{3000}',
+];
+
+/// [`WHITE_SPACE`] as a SQL string literal, for `btrim(value, <this>)`.
+pub fn white_space_sql() -> String {
+    format!("'{}'", WHITE_SPACE.iter().collect::<String>())
 }
 
 /// The ids of the `sources` of type `ty`, in order.
@@ -127,4 +145,19 @@ pub async fn count_with_text<'e>(db: impl sqlx::PgExecutor<'e>) -> sqlx::Result<
     )))
     .fetch_one(db)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn white_space_is_exactly_what_rust_trims() {
+        let ours: Vec<char> = (0..=0x10ffff_u32)
+            .filter_map(char::from_u32)
+            .filter(|c| c.is_whitespace())
+            .collect();
+        assert_eq!(ours, WHITE_SPACE);
+        assert!(!white_space_sql()[1..white_space_sql().len() - 1].contains('\''));
+    }
 }

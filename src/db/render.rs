@@ -105,6 +105,30 @@ pub async fn capture_behind(
     Ok(out)
 }
 
+/// The comment on a has-text function made by this version's [`text_test`]; a function without
+/// it (an older definition: ASCII white space, text columns only) is made again by `migrate`.
+const TEXT_TEST_VERSION: &str =
+    "embed-worker text test 2: every render column, Unicode white space";
+
+fn is_text_type(ty: &str) -> bool {
+    matches!(ty, "text" | "varchar" | "bpchar")
+}
+
+/// SQL true when `value` (a column of type `ty`) renders as text: not NULL and not empty once
+/// trimmed of the white space the worker trims. JSON renders nothing for null, `[]`, `{}` and
+/// `""` (a nested empty value, such as `[""]`, is counted as text here and renders empty: the
+/// worker then ends that source's job as without text).
+fn text_test(value: &str, ty: &str) -> String {
+    let ws = crate::source::white_space_sql();
+    match ty {
+        t if is_text_type(t) => format!("btrim({value}, {ws}) <> ''"),
+        "json" | "jsonb" => {
+            format!("btrim({value}::text, {ws}) NOT IN ('', 'null', '[]', '{{}}', '\"\"')")
+        }
+        _ => format!("btrim({value}::text, {ws}) <> ''"),
+    }
+}
+
 fn trigger_prefix(ty: SourceType) -> &'static str {
     match ty {
         SourceType::Session => "trg_sessions",
@@ -134,7 +158,8 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
                 "SELECT (SELECT obj_description(g.oid, 'pg_trigger') FROM pg_trigger g
                       WHERE g.tgrelid = 'public.{table}'::regclass
                         AND g.tgname = '{prefix}_capture_update'),
-                    to_regprocedure('embed_worker.{function}(public.{table})') IS NOT NULL"
+                    obj_description(to_regprocedure('embed_worker.{function}(public.{table})'),
+                                    'pg_proc') IS NOT DISTINCT FROM '{TEXT_TEST_VERSION}'"
             )))
             .fetch_one(&mut *conn)
             .await?;
@@ -150,23 +175,23 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
             new.join(", "),
             old.join(", ")
         );
-        // Text columns are tested as they are; with none named, every named column as text.
-        let text: Vec<&String> = fields
+        // Every named column, as the worker renders it ([`text_test`]); text columns first (the
+        // planner tries the tests in order, and most rows have text there).
+        let mut named_columns: Vec<(&String, &str)> = fields
             .iter()
-            .filter(|f| {
-                columns.iter().any(|c| {
-                    c.name == **f && matches!(c.type_name.as_str(), "text" | "varchar" | "bpchar")
-                })
+            .map(|f| {
+                let ty = columns
+                    .iter()
+                    .find(|c| c.name == *f)
+                    .map_or("text", |c| c.type_name.as_str());
+                (f, ty)
             })
             .collect();
-        let tests: Vec<String> = if text.is_empty() {
-            fields.iter().collect::<Vec<_>>()
-        } else {
-            text
-        }
-        .into_iter()
-        .map(|f| format!("btrim({x}.{}::text, E' \\t\\n\\r') <> ''", q(f)))
-        .collect();
+        named_columns.sort_by_key(|(_, ty)| !is_text_type(ty));
+        let tests: Vec<String> = named_columns
+            .into_iter()
+            .map(|(f, ty)| text_test(&format!("{x}.{}", q(f)), ty))
+            .collect();
         let sql = format!(
             "CREATE OR REPLACE TRIGGER {prefix}_capture_update BEFORE UPDATE ON public.{table}
                  FOR EACH ROW WHEN {when} EXECUTE FUNCTION embed_worker.capture_{kind}_update();
@@ -175,6 +200,7 @@ pub async fn follow_render(pool: &PgPool, render: &RenderSettings) -> anyhow::Re
              COMMENT ON TRIGGER {prefix}_capture_update ON public.{table} IS '{signature}';
              CREATE OR REPLACE FUNCTION embed_worker.{function}({x} public.{table})
                  RETURNS boolean LANGUAGE sql STABLE AS $f$ SELECT {tests} $f$;
+             COMMENT ON FUNCTION embed_worker.{function}(public.{table}) IS '{TEXT_TEST_VERSION}';
              REVOKE EXECUTE ON FUNCTION embed_worker.{function}(public.{table}) FROM PUBLIC;
              GRANT EXECUTE ON FUNCTION embed_worker.{function}(public.{table}) TO embed_worker;",
             tests = tests.join(" OR "),

@@ -376,6 +376,19 @@ pub async fn not_ready(
             )),
         ));
     }
+    // The count passed (cheap, checked on every round of a switch); the set decides.
+    let (missing, outdated) = crate::freshness::uncovered(&mut *db, &model.name).await?;
+    if missing + outdated > 0 {
+        let share = ratio(total - missing - outdated, total);
+        return Ok((
+            share,
+            Some(format!(
+                "{} has no current row for {} of {total} sources with text ({missing} missing,                  {outdated} edited since it wrote them; with it as model.name they are                  re-embedded: `embed-worker enqueue-stale`); promotion needs every one",
+                model.name,
+                missing + outdated,
+            )),
+        ));
+    }
     let spec = IndexSpec::of(model);
     let state = super::find(&super::vector_indexes(&mut *db).await?, &spec);
     let why = match state {
@@ -489,6 +502,10 @@ pub async fn promote_if_due(
     if writing.name == serving.name || writing.name != s.model.name {
         return Ok(None);
     }
+    if let Some(how) = displaced_by_hand(pool, &writing.name).await? {
+        tracing::debug!(model = %writing.name, how, "not auto-promoted: an operator promoted another model over it");
+        return Ok(None);
+    }
     let mut conn = pool.acquire().await?;
     if not_ready(&mut conn, writing).await?.1.is_some() {
         return Ok(None);
@@ -508,6 +525,20 @@ pub async fn promote_if_due(
         }
         Err(e) => Err(e.context(format!("promoting {} to serving", writing.name))),
     }
+}
+
+/// How `model` was last displaced from serving when an operator did it (`manual`, `forced`):
+/// a rollback (`models promote <old>`) is not undone by the worker's auto-promotion of the model
+/// it rolled back from. `models promote <model>` (or a `migrate` to another model) decides again.
+pub async fn displaced_by_hand(pool: &PgPool, model: &str) -> anyhow::Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT how FROM (SELECT how, previous FROM embed_worker.model_promotions
+                            ORDER BY id DESC LIMIT 1) last
+          WHERE previous = $1 AND how IN ('manual', 'forced')",
+    )
+    .bind(model)
+    .fetch_optional(pool)
+    .await?)
 }
 
 /// Drops `old`'s partition (its rows and index): `DETACH PARTITION … CONCURRENTLY`, then `DROP

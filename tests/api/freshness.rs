@@ -122,7 +122,7 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
     let old = insert_session(&t.admin, user, "d", "too old").await;
     let fresh = insert_session(&t.admin, user, "e", "fresh").await;
     let _empty = insert_session(&t.admin, user, "", "  ").await;
-    // Text only in the transcript is text; whitespace in every column is not.
+    // Text only in the transcript is text; white space (or nothing) in every column is not.
     let transcript_only = insert_session(&t.admin, user, "", "").await;
     let blank = insert_session(&t.admin, user, "\t", "\r\n").await;
     sqlx::query("UPDATE sessions SET transcript = $2 WHERE id = $1")
@@ -131,11 +131,14 @@ async fn every_stale_reason_is_found_and_a_second_scan_queues_nothing() {
         .execute(&t.admin)
         .await
         .unwrap();
-    sqlx::query("UPDATE sessions SET transcript = ' ' WHERE id = $1")
-        .bind(blank)
-        .execute(&t.admin)
-        .await
-        .unwrap();
+    // Every render column: a focus or depth alone renders ("Focus: harmony") and is text.
+    sqlx::query(
+        "UPDATE sessions SET transcript = ' ', focus = NULL, depth = NULL WHERE id = ANY($1)",
+    )
+    .bind([blank, _empty])
+    .execute(&t.admin)
+    .await
+    .unwrap();
     sqlx::query("UPDATE sessions SET updated_at = now() - interval '30 days'")
         .execute(&t.admin)
         .await

@@ -90,6 +90,10 @@ pub async fn migrate_as_the_cli(t: &TestDb) {
 async fn migrate_with_default_model(t: &TestDb, roles: bool) {
     db::migrate(&t.admin).await.expect("migrate");
     let s = t.settings();
+    // The render columns' has-text functions, as `migrate` makes them.
+    db::render::follow_render(&t.admin, &s.render)
+        .await
+        .expect("the render columns' functions");
     let spec = embed_worker::model_index::IndexSpec::from_settings(&s).unwrap();
     if roles {
         embed_worker::model_index::lifecycle::on_migrate(
