@@ -230,6 +230,10 @@ pub async fn enqueue_stale<'e>(
 ) -> sqlx::Result<Queued> {
     // Running jobs have given up their dedup key, so open jobs are matched by payload: an
     // enqueue that relied on the key made a second job per source for every running batch.
+    // Only jobs for this model (or for none: whatever the worker writes) count: another
+    // model's open job does not embed this one's: a pending one is made this model's by
+    // enqueue_jobs, a running one gets a job after it (migration 25). The jobs name `model`,
+    // so a worker writing another model gives them back.
     let sql = format!(
         r#"WITH stale AS MATERIALIZED (
     SELECT t, id, reason FROM ({stale}) x
@@ -238,13 +242,14 @@ pub async fn enqueue_stale<'e>(
     SELECT DISTINCT p ->> 'source_type' AS t, p ->> 'source_id' AS id
       FROM (SELECT embed_worker.job_payload(job) AS p FROM apalis.jobs
              WHERE job_type = ANY($7) AND {open}) j
+     WHERE p ->> 'model' IS NULL OR p ->> 'model' = $1
 ), marked AS MATERIALIZED (
     SELECT s.t, s.id, s.reason,
            EXISTS (SELECT 1 FROM open o WHERE o.t = s.t AND o.id = s.id::text) AS is_open
       FROM stale s
 ), q AS MATERIALIZED (
     SELECT embed_worker.enqueue_jobs(array_agg(t::embedding_source ORDER BY t, id),
-                                     array_agg(id ORDER BY t, id), $8, $9, $10) AS n
+                                     array_agg(id ORDER BY t, id), $8, $9, $10, $1) AS n
       FROM marked WHERE NOT is_open
 )
 SELECT reason, count(*), count(*) FILTER (WHERE is_open), (SELECT coalesce(n, 0) FROM q)::int8

@@ -20,14 +20,30 @@ pub struct Job {
     pub id: String,
     /// Which source to embed.
     pub source: EmbedSource,
+    /// The model it is for, when it names one (backfill and stale jobs: migration 25); `None`
+    /// (change capture, the app's enqueue) is for whatever the handling worker writes.
+    pub model: Option<String>,
+}
+
+/// A job's payload: its source, and the model when it names one.
+#[derive(serde::Deserialize)]
+struct Payload {
+    #[serde(flatten)]
+    source: EmbedSource,
+    #[serde(default)]
+    model: Option<String>,
 }
 
 impl Job {
     /// The job `id` whose payload is `payload`; a payload of the wrong shape is this job's
     /// permanent failure, with the payload in its reason (both lanes decode jobs here).
     pub fn from_payload(id: String, payload: &serde_json::Value) -> Result<Job, JobError> {
-        match serde_json::from_value::<EmbedSource>(payload.clone()) {
-            Ok(source) => Ok(Job { id, source }),
+        match serde_json::from_value::<Payload>(payload.clone()) {
+            Ok(p) => Ok(Job {
+                id,
+                source: p.source,
+                model: p.model,
+            }),
             Err(e) => Err(JobError::dead(format!("bad job payload {payload}: {e}"))),
         }
     }
@@ -35,8 +51,12 @@ impl Job {
     /// [`Job::from_payload`] from the payload's stored bytes (the batch lane claims them raw:
     /// a `serde_json::Value` per job was 50 MB for a 50,000-job batch).
     pub fn from_bytes(id: String, payload: &[u8]) -> Result<Job, JobError> {
-        match serde_json::from_slice::<EmbedSource>(payload) {
-            Ok(source) => Ok(Job { id, source }),
+        match serde_json::from_slice::<Payload>(payload) {
+            Ok(p) => Ok(Job {
+                id,
+                source: p.source,
+                model: p.model,
+            }),
             Err(_) => {
                 let value = serde_json::from_slice(payload).unwrap_or_else(|_| {
                     serde_json::Value::String(String::from_utf8_lossy(payload).into())

@@ -163,18 +163,22 @@ pub async fn open_sources(
     Ok(rows.into_iter().filter_map(EmbedSource::from_row).collect())
 }
 
-/// Claims up to `limit` due bulk jobs of `queue` for the batch lane (highest priority, oldest
-/// first; `Running`, not locked by an apalis worker: the batch record owns them from here) and
+/// Claims up to `limit` due bulk jobs of `queue` for the batch lane; those naming a model (a
+/// backfill of the writing model) only when the lane `writes_the_writing_model` (a leader left
+/// on an older config does not embed the new model's backfill with its own; highest priority,
+/// oldest first; `Running`, not locked by an apalis worker: the batch record owns them from here) and
 /// clears their dedup keys, as a started sync job's are. Returns (id, payload bytes).
 pub async fn claim_batch_jobs(
     pool: &PgPool,
     queue: &str,
+    writes_the_writing_model: bool,
     limit: i64,
 ) -> sqlx::Result<Vec<(String, Vec<u8>)>> {
     sqlx::query_as(
         "WITH due AS (SELECT id FROM apalis.jobs
                        WHERE job_type = $1 AND run_at <= now()
                          AND (status = 'Pending' OR (status = 'Failed' AND attempts < max_attempts))
+                         AND ($3 OR embed_worker.job_payload(job) ->> 'model' IS NULL)
                        ORDER BY priority DESC, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)
          UPDATE apalis.jobs j SET status = 'Running', lock_at = now(), lock_by = NULL,
                                   idempotency_key = NULL
@@ -183,6 +187,7 @@ pub async fn claim_batch_jobs(
     )
     .bind(batch_lane_job_type(queue))
     .bind(limit)
+    .bind(writes_the_writing_model)
     .fetch_all(pool)
     .await
 }

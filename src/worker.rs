@@ -194,8 +194,14 @@ impl Worker {
         // apalis-postgres 1.0's Monitor can return an error when the database restarts: run it
         // again (with fresh worker names) until shutdown is requested.
         loop {
+            // A worker whose model is neither written nor served claims nothing: its queue
+            // consumer does not run (a rolling deploy's old pods, once the switch is promoted).
+            if !self.wait_until_not_idle(stop_rx.clone()).await {
+                break;
+            }
             let mut stop = stop_rx.clone();
             let (health, drain) = (health.clone(), drain.clone());
+            let pipeline = self.pipeline.clone();
             let restart_health = health.clone();
             let result = Monitor::new()
                 .register(make_worker.clone())
@@ -212,7 +218,15 @@ impl Worker {
                 // After our drain only apalis's own acknowledgements remain to be flushed.
                 .shutdown_timeout(Duration::from_secs(5))
                 .run_with_signal(async move {
-                    let _ = stop.wait_for(|v| *v).await;
+                    tokio::select! {
+                        _ = stop.wait_for(|v| *v) => {}
+                        why = became_idle(&pipeline) => {
+                            if health.set_idle(Some(why.clone())) {
+                                tracing::warn!(reason = %why, "not taking jobs: the queue consumer stops");
+                            }
+                            return Ok(());
+                        }
+                    }
                     health.set_shutting_down();
                     tracing::info!("shutdown requested: finishing in-flight batches");
                     if tokio::time::timeout(grace, drain.drain()).await.is_err() {
@@ -228,6 +242,9 @@ impl Worker {
                     tracing::warn!(error = %e, "monitor ended with an error during shutdown");
                 }
                 break;
+            }
+            if self.health.is_idle() {
+                continue;
             }
             match result {
                 Err(e) => {
@@ -248,6 +265,48 @@ impl Worker {
         }
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Resolves with the reason once this worker's model is neither the writing nor the serving
+/// one (checked every 5 s).
+async fn became_idle(pipeline: &Pipeline) -> String {
+    loop {
+        if let Some(why) = pipeline.idle_reason().await {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+impl Worker {
+    /// Waits while this worker's model is neither written nor served (every 5 s, `/readyz`
+    /// saying why); `false` when shutdown came first.
+    async fn wait_until_not_idle(&self, mut stop: tokio::sync::watch::Receiver<bool>) -> bool {
+        loop {
+            if *stop.borrow() {
+                return false;
+            }
+            match self.pipeline.idle_reason().await {
+                None => {
+                    if self.health.set_idle(None) {
+                        tracing::info!(
+                            "taking jobs again: model.name is the writing or the serving model"
+                        );
+                    }
+                    return true;
+                }
+                Some(why) => {
+                    if self.health.set_idle(Some(why.clone())) {
+                        tracing::warn!(reason = %why, "not taking jobs");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = stop.wait_for(|v| *v) => return false,
+            }
+        }
     }
 }
 

@@ -40,9 +40,14 @@ impl Lane {
             return Ok(None);
         }
         // The claim clears the jobs' dedup keys (a change from now on queues a new job).
+        let writing: Option<String> =
+            sqlx::query_scalar("SELECT name::text FROM embed_worker.models WHERE writing")
+                .fetch_optional(&self.pool)
+                .await?;
         let claimed = crate::queue::claim_batch_jobs(
             &self.pool,
             &s.queue.name,
+            writing.is_none_or(|w| w == s.model.name),
             s.bulk.max_sources_per_batch as i64,
         )
         .await?;

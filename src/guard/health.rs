@@ -13,6 +13,7 @@ pub struct Health {
     shutting_down: AtomicBool,
     db_down: Mutex<Option<String>>,
     models: Mutex<Option<String>>,
+    idle: Mutex<Option<String>>,
     /// Whether API calls may go out (quota, a refused key, the budget).
     pub api: super::gate::ApiGate,
 }
@@ -38,6 +39,20 @@ impl Health {
         *self.models.lock().unwrap() = line;
     }
 
+    /// This worker takes no job, and why (`Some`), or takes them again (`None`). Returns whether
+    /// that changed, so the caller logs the change once.
+    pub fn set_idle(&self, why: Option<String>) -> bool {
+        let mut idle = self.idle.lock().unwrap();
+        let changed = *idle != why;
+        *idle = why;
+        changed
+    }
+
+    /// Whether this worker takes no job now ([`Health::set_idle`]).
+    pub fn is_idle(&self) -> bool {
+        self.idle.lock().unwrap().is_some()
+    }
+
     /// What `/readyz` adds below its verdict: the serving and writing models.
     pub fn detail(&self) -> Option<String> {
         self.models.lock().unwrap().clone()
@@ -51,6 +66,9 @@ impl Health {
         }
         if let Some(e) = &*self.db_down.lock().unwrap() {
             why.push(format!("database unreachable: {e}"));
+        }
+        if let Some(idle) = self.idle.lock().unwrap().clone() {
+            why.push(format!("not taking jobs: {idle}"));
         }
         if let Some(reason) = self.api.reason() {
             why.push(format!("API calls stopped: {reason}"));

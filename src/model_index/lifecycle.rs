@@ -383,7 +383,9 @@ pub async fn not_ready(
         return Ok((
             share,
             Some(format!(
-                "{} has no current row for {} of {total} sources with text ({missing} missing,                  {outdated} edited since it wrote them; with it as model.name they are                  re-embedded: `embed-worker enqueue-stale`); promotion needs every one",
+                "{} has no current row for {} of {total} sources with text ({missing} missing, \
+                 {outdated} edited since it wrote them; with it as model.name they are \
+                 re-embedded: `embed-worker enqueue-stale`); promotion needs every one",
                 model.name,
                 missing + outdated,
             )),

@@ -64,23 +64,40 @@ impl Batcher {
     /// Submits one job and waits for its result.
     pub(crate) async fn submit(&self, job: Job) -> JobResult {
         if self.draining.load(Ordering::SeqCst) {
-            return self.release_one(job).await;
+            return self.give_back(job, released(), Duration::ZERO).await;
+        }
+        // A worker whose model is neither written nor served takes no job: it gives each back
+        // at once and holds the handler's slot a while, so with every slot held apalis claims
+        // none (instead of claiming them straight back).
+        if let Some(why) = self.pipeline.idle_reason().await {
+            if self.pipeline.health.set_idle(Some(why.clone())) {
+                tracing::warn!(reason = %why, "not taking jobs");
+            }
+            crate::meter::job("idle", job.source.source_type.as_str());
+            let r = self
+                .give_back(job, JobError::release(why, Duration::ZERO), Duration::ZERO)
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return r;
+        }
+        if self.pipeline.health.set_idle(None) {
+            tracing::info!("taking jobs again: model.name is the writing or the serving model");
         }
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.tx.send(Submitted { job, reply }).await {
-            return self.release_one(e.0.job).await;
+            return self.give_back(e.0.job, released(), Duration::ZERO).await;
         }
         rx.await.unwrap_or_else(|_| Err(released()))
     }
 
-    async fn release_one(&self, job: Job) -> JobResult {
-        let e = released();
-        if let Err(e) =
-            queue::release_jobs(&self.pipeline.pool, &[job.id], Duration::ZERO, &e.reason).await
+    /// Puts `job` back in the queue untouched (no attempt used), due `after` from now.
+    async fn give_back(&self, job: Job, e: JobError, after: Duration) -> JobResult {
+        if let Err(err) =
+            queue::release_jobs(&self.pipeline.pool, &[job.id], after, &e.reason).await
         {
-            tracing::warn!(error = %e, "could not release a job; it will be rescued after the heartbeat timeout");
+            tracing::warn!(error = %err, "could not release a job; it will be rescued after the heartbeat timeout");
         }
-        Err(released())
+        Err(e)
     }
 
     /// Stops forming batches, releases unstarted jobs, waits for running batches.

@@ -51,8 +51,14 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// The serving model's pipeline while it is not the writing one (dual-write).
     serving: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
+    /// The writing model's pipeline while this worker's config names another (a rolling
+    /// deploy): the jobs that name a model are a backfill of the writing model.
+    writing_pipeline: tokio::sync::Mutex<Option<Arc<Pipeline>>>,
     /// Whether a write marks unchanged chunks as verified (false for the serving model's).
     touch_unchanged: bool,
+    /// The registry's writing and serving models as last read, and when.
+    #[allow(clippy::type_complexity)]
+    registry: std::sync::Mutex<Option<(std::time::Instant, (Option<String>, Option<String>))>>,
 }
 
 /// One source read and split.
@@ -164,7 +170,9 @@ impl Pipeline {
             health,
             stats,
             serving: tokio::sync::Mutex::new(None),
+            writing_pipeline: tokio::sync::Mutex::new(None),
             touch_unchanged: true,
+            registry: std::sync::Mutex::new(None),
         })
     }
 
@@ -186,7 +194,94 @@ impl Pipeline {
     }
 
     /// Processes one batch of jobs (the sync lane); returns every job's result by job id.
+    ///
+    /// A job naming a model is a backfill of the registry's writing model (migration 25). When
+    /// that is not this worker's model (a worker left on an older config in a rolling deploy),
+    /// those jobs run through the writing model's pipeline (its dimensions and price from the
+    /// registry): ended against this worker's own model's rows, as they were, they were no-ops
+    /// and the new model's backfill stopped at 140 of 3,024. Giving them back instead made this
+    /// worker, whose fetch loop runs while it finds jobs, claim them straight back.
     pub async fn process(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
+        if jobs.iter().any(|j| j.model.is_some())
+            && let Some(writing) = self.writing_pipeline().await
+        {
+            let (theirs, ours): (Vec<Job>, Vec<Job>) =
+                jobs.iter().cloned().partition(|j| j.model.is_some());
+            let mut results = self.process_own(&ours).await;
+            results.extend(writing.process_own(&theirs).await);
+            return results;
+        }
+        self.process_own(jobs).await
+    }
+
+    /// The writing model's pipeline when it is registered and not this one (read afresh: a
+    /// `migrate` seconds ago counts), else `None` (and with the local provider, which embeds
+    /// with one model only).
+    async fn writing_pipeline(&self) -> Option<Arc<Pipeline>> {
+        let writing: Option<(String, i32)> =
+            sqlx::query_as("SELECT name::text, dimensions FROM embed_worker.models WHERE writing")
+                .fetch_optional(&self.pool)
+                .await
+                .ok()
+                .flatten();
+        let m = &self.settings.model;
+        let (name, dims) = writing.filter(|(name, _)| *name != m.name)?;
+        if m.provider == crate::config::Provider::Local {
+            return None;
+        }
+        let mut slot = self.writing_pipeline.lock().await;
+        if let Some(p) = slot.as_ref()
+            && p.settings.model.name == name
+            && p.settings.model.dimensions == dims as usize
+        {
+            return Some(p.clone());
+        }
+        match self.pipeline_for(&name, dims as usize, true).await {
+            Ok(p) => {
+                tracing::warn!(configured = %m.name, writing = %name,
+                    "jobs of the writing model's backfill are embedded with it: this worker's \
+                     model.name is not the writing model (roll it out with the current configuration)");
+                *slot = Some(p.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), writing = %name, "no pipeline for the writing model");
+                None
+            }
+        }
+    }
+
+    /// A pipeline like this one for registered model `name` at `dims`, at its own price.
+    async fn pipeline_for(
+        &self,
+        name: &str,
+        dims: usize,
+        touch_unchanged: bool,
+    ) -> anyhow::Result<Arc<Pipeline>> {
+        let mut settings = (*self.settings).clone();
+        settings.model = crate::model_index::lifecycle::settings_for(
+            &self.pool,
+            &self.settings.model,
+            name,
+            dims,
+        )
+        .await?;
+        let embedder = Embedder::from_settings(&settings.api, &settings.model)?;
+        let mut p = Pipeline::new(
+            self.pool.clone(),
+            Arc::new(settings),
+            embedder,
+            self.health.clone(),
+        )?;
+        p.touch_unchanged = touch_unchanged;
+        Ok(Arc::new(p))
+    }
+
+    /// [`Pipeline::process`] of jobs all for this pipeline's model.
+    async fn process_own(&self, jobs: &[Job]) -> HashMap<String, JobResult> {
+        if jobs.is_empty() {
+            return HashMap::new();
+        }
         let by_source = match self.process_batch(jobs).await {
             Ok(by_source) => by_source,
             Err(e) => {
@@ -288,24 +383,51 @@ impl Pipeline {
             }
             return Ok(None);
         }
-        let mut settings = (*self.settings).clone();
         // At the serving model's own price: its tokens are billed at it.
-        settings.model =
-            crate::model_index::lifecycle::settings_for(&self.pool, m, &name, dims as usize)
-                .await?;
-        let embedder = Embedder::from_settings(&settings.api, &settings.model)?;
-        let mut p = Pipeline::new(
-            self.pool.clone(),
-            Arc::new(settings),
-            embedder,
-            self.health.clone(),
-        )?;
-        p.touch_unchanged = false;
-        let p = Arc::new(p);
+        let p = self.pipeline_for(&name, dims as usize, false).await?;
         tracing::info!(writing = %m.name, serving = %name,
             "dual-write: changed text is embedded with the serving model too until the switch ends");
         *slot = Some(p.clone());
         Ok(Some(p))
+    }
+
+    /// The registry's (writing, serving) models, read at most every 5 s (every handled job
+    /// asks) unless `fresh`; `(None, None)` when none is registered or it cannot be read now.
+    async fn registry(&self, fresh: bool) -> (Option<String>, Option<String>) {
+        const FOR: std::time::Duration = std::time::Duration::from_secs(5);
+        if let Some((at, roles)) = self.registry.lock().unwrap().as_ref()
+            && at.elapsed() < FOR
+            && !fresh
+        {
+            return roles.clone();
+        }
+        let roles: (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT (SELECT name::text FROM embed_worker.models WHERE writing),
+                    (SELECT name::text FROM embed_worker.models WHERE serving)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .unwrap_or((None, None));
+        *self.registry.lock().unwrap() = Some((std::time::Instant::now(), roles.clone()));
+        roles
+    }
+
+    /// Why this worker takes no job now, if it does not: its model (`model.name`) is neither
+    /// the writing nor the serving one, so what it wrote would be read by no search and the
+    /// models that are would miss it (a worker left on an older config after a switch).
+    pub async fn idle_reason(&self) -> Option<String> {
+        let own = &self.settings.model.name;
+        match self.registry(false).await {
+            (None, None) => None,
+            (w, s) if w.as_ref() == Some(own) || s.as_ref() == Some(own) => None,
+            (w, s) => Some(format!(
+                "model.name = {own} is neither the writing ({}) nor the serving ({}) model: this \
+                 worker takes no job (its jobs go back to the queue); roll it out with the current \
+                 configuration",
+                w.as_deref().unwrap_or("none"),
+                s.as_deref().unwrap_or("none"),
+            )),
+        }
     }
 
     /// Start: clear the jobs' dedup keys (a change from now on queues a new job); when each job

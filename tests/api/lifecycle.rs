@@ -753,3 +753,130 @@ async fn promotion_takes_the_set_of_sources_with_text_and_a_rollback_is_not_undo
         .unwrap();
     assert_eq!((p.model.as_str(), p.how), (NEW, "manual"));
 }
+
+/// Pending jobs whose payload names `model`.
+async fn jobs_for(t: &TestDb, model: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM apalis.jobs
+          WHERE status = 'Pending' AND embed_worker.job_payload(job) ->> 'model' = $1",
+    )
+    .bind(model)
+    .fetch_one(&t.admin)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn old_and_new_config_workers_side_by_side_leave_every_model_job_to_its_model() {
+    const THIRD: &str = "text-embedding-3-large";
+    let t = quiet_db().await;
+    let fake = fake(FakeConfig::default()).await;
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 200, |i| 3 + i % 10).await;
+    let mut old = worker_settings(&t, &fake);
+    old.index.check_interval_secs = 1;
+    let w = RunningWorker::start(old.clone()).await;
+    backfill_stale(&t, &old).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    w.stop().await;
+    assert_eq!(rows_of(&t, OLD).await, 200);
+    let for_model = |name: &str, dims: usize| {
+        let mut s = old.clone();
+        s.model.name = name.into();
+        s.model.dimensions = dims;
+        s.model.send_dimensions = true;
+        s
+    };
+
+    // `migrate` to 3-small and its backfill; before any worker runs, `migrate` to 3-large and
+    // its backfill: the pending jobs become the third model's (as seen first: deduplicated
+    // against the second's, the third stopped at 2,197 of 3,020).
+    lifecycle::on_migrate(&mut t.admin.acquire().await.unwrap(), &spec(NEW, 64))
+        .await
+        .unwrap();
+    assert_eq!(backfill_stale(&t, &for_model(NEW, 64)).await, 200);
+    assert_eq!(jobs_for(&t, NEW).await, 200);
+    let third = for_model(THIRD, 32);
+    lifecycle::on_migrate(&mut t.admin.acquire().await.unwrap(), &spec(THIRD, 32))
+        .await
+        .unwrap();
+    backfill_stale(&t, &third).await;
+    assert_eq!(
+        (jobs_for(&t, NEW).await, jobs_for(&t, THIRD).await),
+        (0, 200)
+    );
+
+    // Only a worker still on the ada-002 config (a rolling deploy's old pod): it embeds the
+    // backfill with the writing model (as seen first: it ended 2,973 of 3,011 as no-ops).
+    let old_worker = RunningWorker::start(old.clone()).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    assert_eq!(freshness::uncovered(&t.admin, THIRD).await.unwrap(), (0, 0));
+    assert_eq!(
+        rows_of(&t, NEW).await,
+        0,
+        "nobody wrote the abandoned second model"
+    );
+    assert_eq!(rows_of(&t, OLD).await, 200);
+
+    // The new config's worker builds the index and promotes 3-large; the ada-002 worker is then
+    // neither writing nor serving: it takes no job and /readyz says why.
+    let new_worker = RunningWorker::start(third.clone()).await;
+    let started = Instant::now();
+    loop {
+        let idle = old_worker
+            .worker
+            .health
+            .readiness()
+            .err()
+            .unwrap_or_default()
+            .join("; ");
+        if idle.contains("not taking jobs") {
+            assert!(
+                idle.contains(
+                    "model.name = text-embedding-ada-002 is neither the writing \
+                     (text-embedding-3-large) nor the serving (text-embedding-3-large) model"
+                ),
+                "{idle}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the ada-002 worker still takes jobs; serving: {:?}",
+            lifecycle::serving(&t.admin).await.unwrap().map(|m| m.name)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Edits queued while only the idle worker runs, then taken by the current one: ada-002
+    // (read by no search now) is not written.
+    new_worker.stop().await;
+    let edit_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "UPDATE sessions SET notes = notes || ' edited' WHERE id = ANY($1) RETURNING now()",
+    )
+    .bind(
+        sources[..20]
+            .iter()
+            .map(|s| s.source_id)
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    enqueue(&t.admin, &sources[..20]).await;
+    let new_worker = RunningWorker::start(third.clone()).await;
+    wait_drained(&t.admin, Duration::from_secs(60)).await;
+    new_worker.stop().await;
+    old_worker.stop().await;
+    assert_eq!(freshness::uncovered(&t.admin, THIRD).await.unwrap(), (0, 0));
+    let old_rewritten: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM rag_embeddings WHERE embedding_model = $1 AND updated_at >= $2",
+    )
+    .bind(OLD)
+    .bind(edit_at)
+    .fetch_one(&t.admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        old_rewritten, 0,
+        "the ada-002 worker wrote a model nothing reads"
+    );
+}
