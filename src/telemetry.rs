@@ -28,3 +28,12 @@ pub fn init(format: LogFormat) {
         LogFormat::Human => builder.try_init(),
     };
 }
+
+/// A unique name for this process (apalis's worker name, a lease's holder): the host (pod)
+/// name plus a random suffix, so a restarted pod is a new name and the logs say which pod.
+pub fn worker_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()))
+        .unwrap_or_else(|_| "embed-worker".into());
+    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}

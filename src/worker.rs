@@ -21,13 +21,7 @@ use crate::job::Job;
 use crate::pipeline::Pipeline;
 use crate::pipeline::batcher::Batcher;
 
-/// A unique worker name: host (pod) name plus a random suffix.
-pub fn worker_name() -> String {
-    let host = std::env::var("HOSTNAME")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()))
-        .unwrap_or_else(|_| "embed-worker".into());
-    format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
+pub use crate::telemetry::worker_name;
 
 /// The handler takes the payload as raw JSON so that a payload of the wrong shape is this job's
 /// failure, with its reason, and not a decoding error that stops the whole worker.

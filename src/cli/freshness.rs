@@ -21,6 +21,7 @@ pub(crate) async fn enqueue_stale(
     source_type: Option<SourceType>,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(&settings.database).await?;
+    refuse_unless_writing(&pool, settings).await?;
     let scope = Scope {
         source_type,
         limit,
@@ -41,6 +42,26 @@ pub(crate) async fn enqueue_stale(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Queueing for a model that is not the writing one is refused, having queued nothing: its
+/// jobs would be a backfill of the writing model (a job naming a model is, migration 25), not
+/// of the configured one. The way is `migrate` with this configuration first.
+async fn refuse_unless_writing(pool: &PgPool, settings: &Settings) -> anyhow::Result<()> {
+    let writing: Option<String> =
+        sqlx::query_scalar("SELECT name::text FROM embed_worker.models WHERE writing")
+            .fetch_optional(pool)
+            .await?;
+    if let Some(writing) = writing.filter(|w| *w != settings.model.name) {
+        anyhow::bail!(
+            "refusing to queue for model.name = {}: the writing model is {writing}; run \
+             `embed-worker migrate` with this configuration first (it makes {} the writing \
+             model); nothing was queued",
+            settings.model.name,
+            settings.model.name
+        );
+    }
+    Ok(())
+}
+
 /// `embed-worker backfill`.
 pub(crate) async fn backfill(
     settings: &Settings,
@@ -50,6 +71,7 @@ pub(crate) async fn backfill(
     wait: bool,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(&settings.database).await?;
+    refuse_unless_writing(&pool, settings).await?;
     let scope = embed_worker::freshness::Scope {
         source_type,
         since,

@@ -92,7 +92,7 @@ impl Lease {
     pub fn new(name: &'static str, ttl: Duration) -> Arc<Lease> {
         Arc::new(Lease {
             name,
-            holder: crate::worker::worker_name(),
+            holder: crate::telemetry::worker_name(),
             ttl,
             held: AtomicBool::new(false),
         })

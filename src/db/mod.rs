@@ -6,8 +6,8 @@
 //!
 //! Why the pooler check: a transaction-mode pooler (PgBouncer `pool_mode = transaction`, Neon's
 //! `-pooler` endpoint, Supabase's port 6543) hands each transaction to any server connection.
-//! apalis-postgres and sqlx use named prepared statements, `LISTEN` and session advisory
-//! locks, none of which survive that; the first symptom was `prepared statement "sqlx_s_1"
+//! apalis-postgres and sqlx use named prepared statements and `LISTEN` (and apalis a session
+//! advisory lock on each worker's random name), none of which survive that; the first symptom was `prepared statement "sqlx_s_1"
 //! already exists`. So every connection is checked first and refused, naming the fix
 //! (docs/decisions.md, "Transaction poolers are refused").
 

@@ -384,8 +384,8 @@ pub async fn not_ready(
             share,
             Some(format!(
                 "{} has no current row for {} of {total} sources with text ({missing} missing, \
-                 {outdated} edited since it wrote them; with it as model.name they are \
-                 re-embedded: `embed-worker enqueue-stale`); promotion needs every one",
+                 {outdated} edited since it wrote them: `migrate` with it as model.name makes \
+                 it the writing model, whose stale scan re-embeds them); promotion needs every one",
                 model.name,
                 missing + outdated,
             )),
