@@ -312,18 +312,24 @@ impl BatchClient {
         let body = response.text().await.map_err(|e| {
             BatchError::Transient(format!("{what}: {}", self.masked(&e.to_string())))
         })?;
-        let json = serde_json::from_str::<serde_json::Value>(&body);
         if !status.is_success() {
-            let message = json
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(body.chars().take(200).collect());
-            return Err(BatchError::from_status(
-                status,
-                format!("{what}: {status}: {}", self.masked(&message)),
-            ));
+            return Err(self.refused(what, status, &body));
         }
-        json.map_err(|e| BatchError::Transient(format!("{what}: the answer is not JSON: {e}")))
+        serde_json::from_str::<serde_json::Value>(&body)
+            .map_err(|e| BatchError::Transient(format!("{what}: the answer is not JSON: {e}")))
+    }
+
+    /// A refusal's error: OpenAI's `error.message` when the body is its error object, else the
+    /// body's first 200 characters; secrets masked.
+    fn refused(&self, what: &str, status: reqwest::StatusCode, body: &str) -> BatchError {
+        let message = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(body.chars().take(200).collect());
+        BatchError::from_status(
+            status,
+            format!("{what}: {status}: {}", self.masked(&message)),
+        )
     }
 
     /// The batch now.
@@ -359,14 +365,7 @@ impl BatchClient {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or(body.chars().take(200).collect());
-            return Err(BatchError::from_status(
-                status,
-                format!("{what}: {status}: {}", self.masked(&message)),
-            ));
+            return Err(self.refused(&what, status, &body));
         }
         Ok(Lines {
             response,
