@@ -110,8 +110,12 @@ impl Lane {
             self.pipeline.write(part, &mut batch.results).await?;
         }
         let job_of: HashMap<EmbedSource, &str> = ids().map(|(id, src)| (src, id)).collect();
-        // Cut to what the month's budget has left (at the billing ratio seen so far).
-        let affordable = self.budget.affordable().await?;
+        // Cut to what the month's budget has left (at the billing ratio seen so far; before the
+        // provider's first bill, as if it billed 100×, or one request).
+        let affordable = self
+            .budget
+            .affordable_at_once(self.settings.api.max_tokens_per_request as u64)
+            .await?;
         let (built, left_out) = self.build(&batch, &job_of, affordable);
         let mut by_source = batch.results;
         let over_budget = built.is_none() && affordable.is_some();

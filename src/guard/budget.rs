@@ -47,7 +47,12 @@ pub struct Budget {
     /// Billed tokens per counted token, as last seen (≥ 1), × 1,000,000; shared by the guards
     /// of one provider and model (the sync lane's and the batch lane's).
     billing_ratio_ppm: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Whether this process has seen the provider bill (shared like the ratio).
+    billed_once: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The highest billing ratio accepted (billed tokens per counted token), × 1,000,000.
+const MAX_RATIO_PPM: u64 = 100_000_000;
 
 impl Budget {
     /// A guard for `model` at `usd_per_million` tokens.
@@ -57,6 +62,7 @@ impl Budget {
             model: model.to_string(),
             usd_per_million,
             billing_ratio_ppm: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000_000)),
+            billed_once: Default::default(),
         }
     }
 
@@ -68,21 +74,42 @@ impl Budget {
             model: model.to_string(),
             usd_per_million,
             billing_ratio_ppm: self.billing_ratio_ppm.clone(),
+            billed_once: self.billed_once.clone(),
         }
     }
 
     /// Tokens of ours whose expected bill fits what is left of the month's budget; `None` when
     /// there is no budget.
     pub async fn affordable(&self) -> sqlx::Result<Option<u64>> {
+        let ppm = self
+            .billing_ratio_ppm
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.affordable_at(ppm).await
+    }
+
+    /// [`Budget::affordable`] for a spend that is billed all at once (a batch): before this
+    /// process has seen the provider bill, at most what fits if it billed the highest ratio
+    /// accepted (100× our count) or, when that is less, one request of `request_tokens`. A
+    /// provider billing 100× took a $1.00 budget to $19.01 with its first batch; now it goes
+    /// over by at most one request.
+    pub async fn affordable_at_once(&self, request_tokens: u64) -> sqlx::Result<Option<u64>> {
+        let seen = self.affordable().await?;
+        if self.billed_once.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(seen);
+        }
+        let cautious = self.affordable_at(MAX_RATIO_PPM).await?;
+        Ok(seen
+            .zip(cautious)
+            .map(|(seen, cautious)| seen.min(cautious.max(request_tokens))))
+    }
+
+    async fn affordable_at(&self, ppm: u64) -> sqlx::Result<Option<u64>> {
         let (spent, budget) = month(&self.pool).await?;
         if budget <= 0.0 {
             return Ok(None);
         }
         let usd_left = (budget - spent).max(0.0);
         let billed = usd_left / self.usd_per_million.max(f64::MIN_POSITIVE) * 1e6;
-        let ppm = self
-            .billing_ratio_ppm
-            .load(std::sync::atomic::Ordering::Relaxed);
         Ok(Some((billed * 1e6 / ppm as f64).floor() as u64))
     }
 
@@ -90,9 +117,11 @@ impl Budget {
     pub fn observe_billing(&self, counted: u64, billed: u64) {
         if let Some(ppm) = billed.saturating_mul(1_000_000).checked_div(counted) {
             self.billing_ratio_ppm.store(
-                ppm.clamp(1_000_000, 100_000_000),
+                ppm.clamp(1_000_000, MAX_RATIO_PPM),
                 std::sync::atomic::Ordering::Relaxed,
             );
+            self.billed_once
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -595,3 +595,53 @@ async fn an_old_models_batch_open_at_a_switch_is_written_to_its_own_partition_at
     .await;
     assert_eq!(not_completed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_batch_on_a_provider_billing_100_times_stays_within_the_budget() {
+    let t = quiet_db().await;
+    let fake = fake(FakeConfig {
+        billing_multiplier: 100.0,
+        ..FakeConfig::default()
+    })
+    .await;
+    let sources = insert_sessions(&t.admin, Uuid::new_v4(), 400, |_| 10).await;
+    let mut s = lane_settings(&t, &fake);
+    s.bulk.max_open_batches = 1;
+    let first = freshness::estimate(&t.admin, &s, &sources[..100])
+        .await
+        .unwrap();
+    // One request holds about ten sources; the budget is what half the first batch costs
+    // billed ×100 (as seen first: the whole batch went out, 2× the budget).
+    s.api.max_tokens_per_request = (first.tokens / 10) as usize;
+    let budget = first.batch_usd * 100.0 * 0.5;
+    embed_worker::guard::budget::set(&t.admin, budget)
+        .await
+        .unwrap();
+    backfill_stale(&t, &s).await;
+    let w = RunningWorker::start(s.clone()).await;
+    let started = Instant::now();
+    while count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.batches WHERE finished_at IS NOT NULL",
+    )
+    .await
+        < 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no batch ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Rounds after the first bill: the rest waits for budget.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    w.stop().await;
+    let (spent, month_budget) = embed_worker::guard::budget::month(&t.admin).await.unwrap();
+    assert!(
+        spent <= month_budget * (1.0 + 1e-9),
+        "spent {spent} of {month_budget}"
+    );
+    let rows = count(&t.admin, "SELECT count(*) FROM rag_embeddings").await;
+    assert!((40..=50).contains(&rows), "half a batch's worth: {rows}");
+    assert_eq!(fake.batches_created(), 1, "no batch past the budget");
+}
