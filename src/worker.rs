@@ -158,10 +158,13 @@ impl Worker {
             shutdown.await;
             let _ = stop_tx.send(true);
         });
+        // This process's row in embed_worker.workers (its model, for `models prune`).
+        let presence = crate::telemetry::worker_name();
         let maintenance = tokio::spawn(maintain(
             self.pool.clone(),
             self.settings.clone(),
             self.health.clone(),
+            presence.clone(),
             stop_rx.clone(),
         ));
         let drainer = tokio::spawn(drain_captured(
@@ -249,6 +252,8 @@ impl Worker {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         maintenance.abort();
+        let _ = maintenance.await;
+        crate::model_index::lifecycle::left(&self.pool, &presence).await;
         drainer.abort();
         // A build in progress is cancelled by its own task on the stop signal; a batch round
         // in progress ends at its next step (its records let the next process resume it).
@@ -305,23 +310,37 @@ impl Worker {
 }
 
 /// Background upkeep while running: database reachability for `/readyz`, the queue and replica
-/// gauges (every 2 s), the models' coverage (every 30 s) and retention of finished jobs (every
-/// `retention.interval_secs`).
+/// gauges (every 2 s), this worker's model in `embed_worker.workers` (every 10 s), the models'
+/// coverage (every 30 s) and retention of finished jobs (every `retention.interval_secs`).
 async fn maintain(
     pool: PgPool,
     settings: Arc<Settings>,
     health: Arc<crate::guard::health::Health>,
+    presence: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let mut last_prune: Option<std::time::Instant> = None;
     let mut last_scan: Option<std::time::Instant> = None;
     let mut last_models: Option<std::time::Instant> = None;
+    let mut last_seen: Option<std::time::Instant> = None;
     let r = &settings.retention;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.wait_for(|v| *v) => return,
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.wait_for(|v| *v) => true,
+        };
+        if stopping {
+            return;
+        }
+        // This worker's model, for `models prune` to refuse while it runs (every 10 s).
+        if last_seen.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            last_seen = Some(std::time::Instant::now());
+            if let Err(e) =
+                crate::model_index::lifecycle::seen(&pool, &presence, &settings.model.name).await
+            {
+                tracing::debug!(error = %e, "presence not recorded");
+            }
         }
         let ping = tokio::time::timeout(
             Duration::from_secs(2),

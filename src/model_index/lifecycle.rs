@@ -543,6 +543,31 @@ pub async fn displaced_by_hand(pool: &PgPool, model: &str) -> anyhow::Result<Opt
     .await?)
 }
 
+/// Records that worker `name` runs with `model` (`embed_worker.workers`), for [`prune`].
+pub async fn seen(pool: &PgPool, name: &str, model: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO embed_worker.workers (name, model) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET model = EXCLUDED.model, seen_at = now()",
+    )
+    .bind(name)
+    .bind(model)
+    .execute(pool)
+    .await?;
+    // Rows of workers gone for a day: nobody reads them.
+    sqlx::query("DELETE FROM embed_worker.workers WHERE seen_at < now() - interval '1 day'")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Worker `name` stopped (best effort: an unremoved row lapses after 60 s).
+pub async fn left(pool: &PgPool, name: &str) {
+    let _ = sqlx::query("DELETE FROM embed_worker.workers WHERE name = $1")
+        .bind(name)
+        .execute(pool)
+        .await;
+}
+
 /// Drops `old`'s partition (its rows and index): `DETACH PARTITION … CONCURRENTLY`, then `DROP
 /// TABLE`, then its registration. Refuses the serving and the writing model. Needs the table's
 /// owner. Returns the rows the partition held.
@@ -558,6 +583,30 @@ pub async fn prune(pool: &PgPool, old: &str) -> anyhow::Result<i64> {
         anyhow::ensure!(
             !m.writing,
             "refusing to prune {old}: it is the writing model (model.name)"
+        );
+    }
+    let live: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT name, extract(epoch FROM now() - seen_at)::float8 FROM embed_worker.workers
+          WHERE model = $1 AND seen_at > now() - interval '60 seconds' ORDER BY name",
+    )
+    .bind(old)
+    .fetch_all(pool)
+    .await?;
+    if !live.is_empty() {
+        let who: Vec<String> = live
+            .iter()
+            .map(|(name, ago)| format!("{name} (seen {ago:.0} s ago)"))
+            .collect();
+        anyhow::bail!(
+            "refusing to prune {old}: {} running with model.name = {old}: {}; roll them out with \
+             the current configuration first (a worker's presence lapses 60 s after it stops); \
+             nothing was changed",
+            if live.len() == 1 {
+                "a worker is"
+            } else {
+                "workers are"
+            },
+            who.join(", ")
         );
     }
     let part = super::partition_name(old);

@@ -880,3 +880,62 @@ async fn old_and_new_config_workers_side_by_side_leave_every_model_job_to_its_mo
         "the ada-002 worker wrote a model nothing reads"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prune_is_refused_while_a_worker_runs_with_that_model_and_allowed_once_it_stopped() {
+    let t = TestDb::migrated().await;
+    let fake = fake(FakeConfig::default()).await;
+    insert_sessions(&t.admin, Uuid::new_v4(), 20, |i| 3 + i).await;
+    let old = worker_settings(&t, &fake);
+    let mut admin = t.admin.acquire().await.unwrap();
+    lifecycle::on_migrate(&mut admin, &spec(OLD, 1536))
+        .await
+        .unwrap();
+    lifecycle::on_migrate(&mut admin, &spec(NEW, 64))
+        .await
+        .unwrap();
+    lifecycle::promote(&mut admin, NEW, true, false)
+        .await
+        .unwrap();
+    drop(admin);
+    // A worker still on the ada-002 config (as seen first: prune dropped the partition under it,
+    // its connection desynced and 179 edits stayed stale).
+    let w = RunningWorker::start(old).await;
+    let started = Instant::now();
+    while count(
+        &t.admin,
+        "SELECT count(*) FROM embed_worker.workers WHERE model = 'text-embedding-ada-002'",
+    )
+    .await
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no presence row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = lifecycle::prune(&t.admin, OLD)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.starts_with(
+            "refusing to prune text-embedding-ada-002: a worker is running with model.name = \
+             text-embedding-ada-002"
+        ) && refused.ends_with("nothing was changed"),
+        "{refused}"
+    );
+    assert!(
+        lifecycle::partition_exists(&t.admin, OLD).await.unwrap(),
+        "the refusal changed nothing"
+    );
+    w.stop().await;
+    assert_eq!(
+        count(&t.admin, "SELECT count(*) FROM embed_worker.workers").await,
+        0,
+        "a stopped worker's presence is gone"
+    );
+    lifecycle::prune(&t.admin, OLD).await.unwrap();
+    assert!(!lifecycle::partition_exists(&t.admin, OLD).await.unwrap());
+}
