@@ -663,6 +663,17 @@ mod tests {
     }
 
     #[test]
+    fn a_megabyte_of_spaces_then_a_letter_is_counted_where_tiktoken_panics() {
+        // tiktoken-rs 0.12.1 and Python tiktoken panic on it (issue 34, item 10). The pieces are
+        // the run of spaces less one, then " a" (cl100k's `\s+(?!\S)`), counted apart.
+        let spaces = 1 << 20;
+        let text = " ".repeat(spaces) + "a";
+        let n = count(&text);
+        assert_eq!(n, count(&" ".repeat(spaces - 1)) + count(" a"));
+        assert!(n > 0 && n < spaces / 8, "{n}");
+    }
+
+    #[test]
     fn random_text_from_the_hard_characters_matches_tiktoken() {
         let alphabet: Vec<char> = "aZsdmtlvreSDLL'’ \t\r\n\u{b}\u{a0}\u{85}\u{3000}0123²½Ⅻ.,!?-–—()[]{}\"#$%&*+/:;<=>@\\^_`|~éèü\u{301}\u{308}ſK語日本Приветعربيةהעברית🎹🎶👍🏽\u{200d}\u{feff}"
             .chars()

@@ -307,8 +307,10 @@ async fn the_recall_probe_agrees_with_recall_computed_independently() {
         k: 5,
         queries: 20,
         seed: 7,
-        // Low, so the index misses some: a recall of 1.0 everywhere would agree with anything.
-        ef_search: Some(6),
+        // Low, so the index misses some: a recall of 1.0 everywhere would agree with anything
+        // (at 6, one run of the full suite saw 1.0 over the 20 queries: the graph differs
+        // from build to build).
+        ef_search: Some(2),
         max_scan_tuples: None,
     };
     let results = probe::run(&t.admin, &p).await.unwrap();
@@ -341,7 +343,7 @@ async fn the_recall_probe_agrees_with_recall_computed_independently() {
                 None => t.admin.begin().await.unwrap(),
             };
             let found: Vec<(Uuid,)> =
-                sqlx::query_as("SELECT source_id FROM embed_worker.search($1, 6, NULL, 6)")
+                sqlx::query_as("SELECT source_id FROM embed_worker.search($1, 6, NULL, 2)")
                     .bind(Vector::from(q.vector.clone()))
                     .fetch_all(&mut *tx)
                     .await
@@ -378,7 +380,7 @@ async fn the_recall_probe_agrees_with_recall_computed_independently() {
         "the large user is on the index path"
     );
     let all = &results[0];
-    assert!(all.recall < 1.0, "ef_search 6 misses some: {}", all.recall);
+    assert!(all.recall < 1.0, "ef_search 2 misses some: {}", all.recall);
 
     // Stored and claimed: one replica per period.
     probe::store(&t.admin, &p, &results).await.unwrap();
@@ -506,7 +508,10 @@ async fn tune_stores_the_smallest_ef_search_that_meets_the_target_where_the_defa
         .lines()
         .find(|l| l.contains(&format!("ef_search={below}:")))
         .expect(&out);
-    let recalls: Vec<f64> = line
+    // "  ef_search=64: all 0.980 (…), small_user 1.000 (…), …": each scope's figure (the first
+    // follows the "ef_search=N: " prefix, which hid it from a split on ", " alone).
+    let scopes = line.split_once(": ").map_or(line, |(_, rest)| rest);
+    let recalls: Vec<f64> = scopes
         .split(", ")
         .filter_map(|part| part.split_whitespace().nth(1).and_then(|r| r.parse().ok()))
         .collect();
