@@ -901,6 +901,85 @@ pub struct LogSettings {
 }
 
 /// `EMBED_WORKER_CONFIG_DIR`, else the source tree's `config/` (development), else `./config`.
+/// Where each setting's value came from, for `embed-worker config`: the environment
+/// (`EMBED_WORKER__SECTION__KEY`, or `DATABASE_URL` for `database.url`), the `--config` file,
+/// `config/default.toml`, or derived from others (the Batch API price is half the sync one's).
+pub struct Origins {
+    file: Option<(PathBuf, config::Config)>,
+    defaults: Option<config::Config>,
+}
+
+impl Origins {
+    /// The sources [`Settings::load`] read, with `extra_file` as its `--config`.
+    pub fn new(extra_file: Option<&Path>) -> Origins {
+        let read = |path: &Path| {
+            config::Config::builder()
+                .add_source(config::File::from(path))
+                .build()
+                .ok()
+        };
+        Origins {
+            file: extra_file.and_then(|p| Some((p.to_path_buf(), read(p)?))),
+            defaults: read(&config_dir().join("default.toml")),
+        }
+    }
+
+    /// Where dotted `key` (`model.name`) came from.
+    pub fn of(&self, key: &str) -> String {
+        if key == "database.url" && std::env::var_os("DATABASE_URL").is_some() {
+            return "env DATABASE_URL".into();
+        }
+        let env = format!("EMBED_WORKER__{}", key.replace('.', "__").to_uppercase());
+        if std::env::var_os(&env).is_some() {
+            return format!("env {env}");
+        }
+        let has = |c: &config::Config| c.get::<config::Value>(key).is_ok();
+        match (&self.file, &self.defaults) {
+            (Some((path, c)), _) if has(c) => format!("file {}", path.display()),
+            (_, Some(c)) if has(c) => "config/default.toml".into(),
+            _ => "derived".into(),
+        }
+    }
+}
+
+/// `toml` (the settings as `config` prints them) with a comment above each value saying where
+/// it came from ([`Origins::of`]); still TOML that reads back as the same settings.
+pub fn with_origins(toml: &str, origins: &Origins) -> String {
+    let mut out = String::with_capacity(toml.len() * 2);
+    let mut section = String::new();
+    let mut in_multiline: Option<&str> = None;
+    for line in toml.lines() {
+        if let Some(quote) = in_multiline {
+            if line.contains(quote) {
+                in_multiline = None;
+            }
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim_matches(['[', ']']).to_string();
+        } else if let Some((key, value)) = line.split_once(" = ") {
+            let key = key.trim().trim_matches('"');
+            let full = if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            };
+            let origin = origins.of(&full);
+            if origin == "derived" {
+                out.push_str("# derived\n");
+            } else {
+                out.push_str(&format!("# from {origin}\n"));
+            }
+            for quote in ["\"\"\"", "'''"] {
+                if value.starts_with(quote) && value[3..].matches(quote).count() == 0 {
+                    in_multiline = Some(quote);
+                }
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 fn config_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("EMBED_WORKER_CONFIG_DIR") {
         return PathBuf::from(dir);

@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
     telemetry::init(cli.log_format.unwrap_or(settings.log.format));
     let json_logs = cli.log_format.unwrap_or(settings.log.format) == LogFormat::Json;
     let migrating = matches!(cli.command, cli::Command::Migrate { .. });
-    match cli::dispatch(cli.command, settings).await {
+    match cli::dispatch(cli.command, settings, cli.config.as_deref()).await {
         Ok(code) => code,
         Err(e) => {
             // Once: as a JSON log event where logs are JSON, else as a plain line.

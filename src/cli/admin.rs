@@ -9,9 +9,17 @@ use super::{BudgetAction, ModelsAction};
 
 /// `embed-worker config`: the settings in effect (defaults, the file, the environment, and what
 /// is derived from them), as TOML, the form `config/` holds, so it can be read back with
-/// `--config`; passwords masked, the API key only said to be set.
-pub(crate) async fn config(settings: &Settings) -> anyhow::Result<ExitCode> {
-    print!("{}", toml::to_string(settings)?);
+/// `--config`, each value under a comment saying where it came from; passwords masked, the API
+/// key only said to be set.
+pub(crate) async fn config(
+    settings: &Settings,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let origins = embed_worker::config::Origins::new(file);
+    print!(
+        "{}",
+        embed_worker::config::with_origins(&toml::to_string(settings)?, &origins)
+    );
     let key = match settings.api.api_key {
         Some(_) => "[REDACTED]",
         None => "not set",

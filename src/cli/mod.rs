@@ -215,9 +215,13 @@ pub(crate) enum BatchesAction {
 }
 
 /// Runs one subcommand.
-pub(crate) async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+pub(crate) async fn dispatch(
+    command: Command,
+    settings: Settings,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Config => admin::config(&settings).await,
+        Command::Config => admin::config(&settings, file).await,
         Command::Migrate { plan } => admin::migrate(&settings, plan).await,
         Command::Verify => admin::verify(&settings).await,
         Command::Run { until_empty } => queue::run(settings, until_empty).await,

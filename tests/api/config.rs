@@ -199,8 +199,36 @@ fn config_prints_toml_that_reads_back_as_the_same_settings() {
         &[("OPENAI_API_KEY", "sk-never-printed")],
     );
     assert_eq!(code, 0, "read back: {second}");
+    // Each value says where it came from (issue 34, item 10).
+    for (text, said) in [
+        (
+            &first,
+            "# from env EMBED_WORKER__QUEUE__FETCH_BATCH\nfetch_batch = 77\n".to_string(),
+        ),
+        (
+            &first,
+            "[queue]\n# from config/default.toml\nname = \"embed\"\n".to_string(),
+        ),
+        (
+            &first,
+            "# derived\nbatch_usd_per_million_tokens = ".to_string(),
+        ),
+        (
+            &second,
+            format!("# from file {}\nfetch_batch = 77\n", file.display()),
+        ),
+    ] {
+        assert!(text.contains(&said), "{said:?} in:\n{text}");
+    }
+    let values = |t: &str| -> String {
+        t.lines()
+            .filter(|l| !l.starts_with("# from ") && *l != "# derived")
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert_eq!(
-        first, second,
+        values(&first),
+        values(&second),
         "the printed settings read back as themselves"
     );
 }
