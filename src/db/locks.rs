@@ -121,6 +121,24 @@ impl Lease {
         Ok(got.is_some())
     }
 
+    /// Renews the lease only while this process still holds it (the keep-alive: a renewal in
+    /// flight at a release must not take the lease back for a holder that is done with it).
+    async fn renew(&self, pool: &PgPool) -> sqlx::Result<bool> {
+        let got: Option<String> = sqlx::query_scalar(
+            "UPDATE embed_worker.leases
+                SET expires_at = clock_timestamp() + make_interval(secs => $3)
+              WHERE name = $1 AND holder = $2
+             RETURNING name",
+        )
+        .bind(self.name)
+        .bind(&self.holder)
+        .bind(self.ttl.as_secs_f64())
+        .fetch_optional(pool)
+        .await?;
+        self.held.store(got.is_some(), Ordering::Relaxed);
+        Ok(got.is_some())
+    }
+
     /// Whether the last [`hold`](Self::hold) took or renewed it.
     pub fn is_held(&self) -> bool {
         self.held.load(Ordering::Relaxed)
@@ -138,7 +156,7 @@ impl Lease {
             loop {
                 tick.tick().await;
                 if lease.is_held()
-                    && let Err(e) = lease.hold(&pool, None).await
+                    && let Err(e) = lease.renew(&pool).await
                 {
                     tracing::warn!(lease = lease.name, error = %e, "lease renewal failed; trying again");
                 }
