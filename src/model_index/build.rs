@@ -244,7 +244,7 @@ pub async fn build(
     }
     let renewing = lease.keep(pool);
     let local = parallel_workers(cfg.build_parallel_workers, &pool.connect_options());
-    let result = build_locked(&mut conn, local, spec, cfg, stop).await;
+    let result = build_locked(&mut conn, pid, local, spec, cfg, stop).await;
     drop(renewing);
     // A cancelled build's connection is mid-statement: closed on drop, and its backend stops
     // within `client_connection_check_interval`. The lease names that backend, so it is free
@@ -258,6 +258,7 @@ pub async fn build(
 
 async fn build_locked(
     conn: &mut PgConnection,
+    pid: i32,
     workers: Option<u32>,
     spec: &IndexSpec,
     cfg: &IndexSettings,
@@ -295,9 +296,6 @@ async fn build_locked(
     )))
     .execute(&mut *conn)
     .await?;
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *conn)
-        .await?;
     let name = spec.name();
     tracing::info!(index = %name, model = %spec.model, rows, maintenance_work_mem_mb = mem,
         index_type = %spec.index_type(), "building HNSW index (CONCURRENTLY)");

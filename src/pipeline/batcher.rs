@@ -64,7 +64,7 @@ impl Batcher {
     /// Submits one job and waits for its result.
     pub(crate) async fn submit(&self, job: Job) -> JobResult {
         if self.draining.load(Ordering::SeqCst) {
-            return self.give_back(job, released(), Duration::ZERO).await;
+            return self.give_back(job, released()).await;
         }
         // A worker whose model is neither written nor served takes no job: it gives each back
         // at once and holds the handler's slot a while, so with every slot held apalis claims
@@ -75,7 +75,7 @@ impl Batcher {
             }
             crate::meter::job("idle", job.source.source_type.as_str());
             let r = self
-                .give_back(job, JobError::release(why, Duration::ZERO), Duration::ZERO)
+                .give_back(job, JobError::release(why, Duration::ZERO))
                 .await;
             tokio::time::sleep(Duration::from_secs(5)).await;
             return r;
@@ -85,15 +85,15 @@ impl Batcher {
         }
         let (reply, rx) = oneshot::channel();
         if let Err(e) = self.tx.send(Submitted { job, reply }).await {
-            return self.give_back(e.0.job, released(), Duration::ZERO).await;
+            return self.give_back(e.0.job, released()).await;
         }
         rx.await.unwrap_or_else(|_| Err(released()))
     }
 
-    /// Puts `job` back in the queue untouched (no attempt used), due `after` from now.
-    async fn give_back(&self, job: Job, e: JobError, after: Duration) -> JobResult {
+    /// Puts `job` back in the queue untouched (no attempt used), due again at once.
+    async fn give_back(&self, job: Job, e: JobError) -> JobResult {
         if let Err(err) =
-            queue::release_jobs(&self.pipeline.pool, &[job.id], after, &e.reason).await
+            queue::release_jobs(&self.pipeline.pool, &[job.id], Duration::ZERO, &e.reason).await
         {
             tracing::warn!(error = %err, "could not release a job; it will be rescued after the heartbeat timeout");
         }

@@ -392,12 +392,11 @@ impl Pipeline {
     }
 
     /// The registry's (writing, serving) models, read at most every 5 s (every handled job
-    /// asks) unless `fresh`; `(None, None)` when none is registered or it cannot be read now.
-    async fn registry(&self, fresh: bool) -> (Option<String>, Option<String>) {
+    /// asks); `(None, None)` when none is registered or it cannot be read now.
+    async fn registry(&self) -> (Option<String>, Option<String>) {
         const FOR: std::time::Duration = std::time::Duration::from_secs(5);
         if let Some((at, roles)) = self.registry.lock().unwrap().as_ref()
             && at.elapsed() < FOR
-            && !fresh
         {
             return roles.clone();
         }
@@ -417,7 +416,7 @@ impl Pipeline {
     /// models that are would miss it (a worker left on an older config after a switch).
     pub async fn idle_reason(&self) -> Option<String> {
         let own = &self.settings.model.name;
-        match self.registry(false).await {
+        match self.registry().await {
             (None, None) => None,
             (w, s) if w.as_ref() == Some(own) || s.as_ref() == Some(own) => None,
             (w, s) => Some(format!(
